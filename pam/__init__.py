@@ -1,0 +1,13 @@
+"""pam: piecewise-affine (multiplication-free) float32 arithmetic for PyTorch.
+
+Multiply two float32 by adding their bit patterns as integers (Mogami's PAM); likewise
+division, exp2/log2 and everything built from them. CPU kernels (Numba) and CUDA kernels
+(numba-cuda) compile the same scalar definitions (:mod:`pam.bits`), so results agree bit
+for bit across devices.
+"""
+from .ops import (BACKWARD_MODES, div, exp, exp2, linear, log, log2, matmul, mul, pow,
+                  sqrt)
+
+__version__ = "0.1.0"
+__all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
+           "BACKWARD_MODES"]

@@ -1,0 +1,311 @@
+"""Scalar semantics of piecewise-affine float32 arithmetic, on bit patterns.
+
+This module is the single source of truth. Every function is a plain Python function
+registered with ``numba.extending.register_jitable``, so the same lines compile into the
+CPU kernels (``numba.njit``) and the CUDA kernels (``numba.cuda.jit``, also under the CUDA
+simulator). CPU and CUDA results are bit-identical because they run the same definitions.
+
+Conventions
+-----------
+* A float32 is handled as its bit pattern, a signed int32 widened to int64 for the
+  arithmetic (Numba widens int32 + int32 to int64 anyway). Results are returned as int64
+  values inside the int32 range, so storing them into an int32 array never wraps.
+* ``off`` is an offset folded into the integer constant: ``bits(offset) - 0x3F800000``
+  (0 means no offset).
+* Zero and subnormal inputs count as zero; a result whose magnitude pattern falls below
+  the smallest normal (0x00800000) is a zero of the result's sign; at or above 0x7F800000
+  it is an infinity of the result's sign. IEEE rules for zeros, infinities and NaN
+  otherwise. No float multiplication or division is used anywhere.
+"""
+import math
+
+import numpy as np
+from numba.extending import register_jitable
+
+ONE = 0x3F800000          # bits of 1.0f
+MANT_MASK = 0x007FFFFF
+EXP_MASK = 0x7F800000
+ABS_MASK = 0x7FFFFFFF
+MIN_NORMAL = 0x00800000   # bits of the smallest normal float32
+INF = 0x7F800000
+QNAN = 0x7FC00000
+SIGN = -2147483648        # the sign bit as a (negative) int64 value inside the int32 range
+
+
+@register_jitable(inline="always")
+def f32_to_bits(x):
+    """Bit pattern of float32 ``x`` as an int64 value in the int32 range."""
+    return np.int64(np.float32(x).view(np.int32))
+
+
+@register_jitable(inline="always")
+def bits_to_f32(i):
+    """The float32 whose bit pattern is ``i`` (an integer in the int32 range)."""
+    return np.int32(i).view(np.float32)
+
+
+@register_jitable(inline="always")
+def _sign_of_product(ia, ib):
+    """SIGN if exactly one of the two patterns has its sign bit set, else 0."""
+    return SIGN if (ia ^ ib) < 0 else 0
+
+
+@register_jitable(inline="always")
+def _finish(mag, sign):
+    """Flush below-normal magnitudes to zero, saturate to infinity, attach the sign."""
+    if mag < MIN_NORMAL:
+        return np.int64(sign)
+    if mag >= INF:
+        return np.int64(INF | sign)
+    return np.int64(mag | sign)
+
+
+@register_jitable
+def offset_bits(offset):
+    """The integer constant that folds a PAM offset (a positive normal float32)."""
+    return f32_to_bits(offset) - ONE
+
+
+@register_jitable(inline="always")
+def mul_bits(ia, ib, off):
+    """PAM(a, b; offset): bits(|c|) = bits(|a|) + bits(|b|) - 0x3F800000 + off.
+
+    0 * inf and NaN inputs give NaN; inf * nonzero gives a signed infinity. Written with
+    selects rather than early returns so that LLVM vectorizes the matmul inner loop.
+    """
+    ia = np.int64(ia)
+    ib = np.int64(ib)
+    sign = SIGN if (ia ^ ib) < 0 else 0
+    ua = ia & ABS_MASK
+    ub = ib & ABS_MASK
+    r = ua + ub - ONE + off
+    mag = INF if r >= INF else r
+    zero_in = (ua < MIN_NORMAL) | (ub < MIN_NORMAL)
+    inf_in = (ua == INF) | (ub == INF)
+    mag = INF if inf_in else mag
+    mag = 0 if (zero_in | (mag < MIN_NORMAL)) else mag
+    nan = (ua > INF) | (ub > INF) | (zero_in & inf_in)
+    return np.int64(QNAN) if nan else np.int64(mag | sign)
+
+
+@register_jitable
+def div_bits(ia, ib, off):
+    """PAD(a, b; offset): bits(|c|) = bits(|a|) - bits(|b|) + 0x3F800000 - off.
+
+    0/0 and inf/inf give NaN; x/0 is a signed infinity; x/inf and 0/x are signed zeros.
+    """
+    ia = np.int64(ia)
+    ib = np.int64(ib)
+    sign = _sign_of_product(ia, ib)
+    ua = ia & ABS_MASK
+    ub = ib & ABS_MASK
+    if ua > INF or ub > INF:
+        return np.int64(QNAN)
+    a_zero = ua < MIN_NORMAL
+    b_zero = ub < MIN_NORMAL
+    if ua == INF:
+        if ub == INF:
+            return np.int64(QNAN)
+        return np.int64(INF | sign)
+    if ub == INF:
+        return np.int64(sign)
+    if b_zero:
+        if a_zero:
+            return np.int64(QNAN)
+        return np.int64(INF | sign)
+    if a_zero:
+        return np.int64(sign)
+    return _finish(ua - ub + ONE - off, sign)
+
+
+@register_jitable
+def _power_of_two_bits(mag_pattern, sign):
+    """Sign-carrying power of two whose exponent field is that of ``mag_pattern``.
+
+    Patterns below the smallest normal flush to a signed zero, at or above the infinity
+    pattern saturate to a signed infinity.
+    """
+    if mag_pattern < MIN_NORMAL:
+        return np.int64(sign)
+    if mag_pattern >= INF:
+        return np.int64(INF | sign)
+    return np.int64((mag_pattern & EXP_MASK) | sign)
+
+
+@register_jitable
+def mul_slope_bits(ia, ib, off):
+    """Exact derivative of PAM(a, b; offset) with respect to ``a``.
+
+    Equals sign(b) * 2^(Eb + carry) (times the offset's power of two), where carry is 1
+    when Ma + Mb (+ offset mantissa) reaches 1: always a power of two. At a zero or
+    subnormal ``a`` the one-sided limit from the normal range (Ma = 0) is used, so that a
+    weight that is exactly zero still receives a gradient. Zero ``b`` gives a zero slope.
+    """
+    ia = np.int64(ia)
+    ib = np.int64(ib)
+    sign = SIGN if ib < 0 else 0
+    ua = ia & ABS_MASK
+    ub = ib & ABS_MASK
+    if ua > INF or ub > INF:
+        return np.int64(QNAN)
+    if ub == INF:
+        return np.int64(INF | sign)
+    if ub < MIN_NORMAL:
+        return np.int64(sign)
+    ma = ua & MANT_MASK if ua >= MIN_NORMAL else 0
+    # |PAM(1.Ma, b)| carries exactly the exponent E(c) - E(a) of the slope.
+    return _power_of_two_bits(ma + ub + off, sign)
+
+
+@register_jitable
+def div_slope_num_bits(ia, ib, off):
+    """Exact derivative of PAD(a, b; offset) with respect to the numerator ``a``.
+
+    sign(b) * 2^(E(c) - E(a)); at a zero ``a`` the one-sided limit (Ma = 0) is used.
+    Infinite ``b`` gives zero; zero ``b`` gives infinity.
+    """
+    ia = np.int64(ia)
+    ib = np.int64(ib)
+    sign = SIGN if ib < 0 else 0
+    ua = ia & ABS_MASK
+    ub = ib & ABS_MASK
+    if ua > INF or ub > INF:
+        return np.int64(QNAN)
+    if ub == INF:
+        return np.int64(sign)
+    if ub < MIN_NORMAL:
+        return np.int64(INF | sign)
+    ma = ua & MANT_MASK if ua >= MIN_NORMAL else 0
+    # |PAD(1.Ma, b)| = (ONE + Ma) - ub + ONE - off carries the exponent E(c) - E(a).
+    return _power_of_two_bits(ma + ONE - ub + ONE - off, sign)
+
+
+@register_jitable
+def div_slope_den_bits(ia, ib, off):
+    """Exact derivative of PAD(a, b; offset) with respect to the denominator ``b``.
+
+    -sign(a) * 2^(E(c) - E(b)): raising bits(|b|) by one lowers bits(|c|) by one.
+    Zero where the quotient is zero (zero ``a`` or infinite ``b``); NaN at zero ``b``.
+    """
+    ia = np.int64(ia)
+    ib = np.int64(ib)
+    sign = 0 if ia < 0 else SIGN
+    ua = ia & ABS_MASK
+    ub = ib & ABS_MASK
+    if ua > INF or ub > INF or ub < MIN_NORMAL:
+        return np.int64(QNAN)
+    if ua < MIN_NORMAL or ub == INF:
+        return np.int64(sign)
+    if ua == INF:
+        return np.int64(INF | sign)
+    uc = ua - ub + ONE - off
+    if uc < MIN_NORMAL:
+        return np.int64(sign)
+    if uc >= INF:
+        return np.int64(INF | sign)
+    # 2^(E(c) - E(b)) has exponent field E(c) + 127 - (E(b) + 127) + 127.
+    field = (uc >> 23) - (ub >> 23) + 127
+    return _power_of_two_bits(field << 23, sign)
+
+
+@register_jitable
+def log2_bits(ix):
+    """pa_log2(x) = E + M read from the bit pattern: float32 of (bits(x) - 0x3F800000) / 2^23.
+
+    Rounded once (nearest even) by the integer-to-float conversion; the division by 2^23
+    is an exact exponent decrement. 0 and subnormals give -inf, x < 0 gives NaN, +inf
+    gives +inf, NaN gives NaN.
+    """
+    ix = np.int64(ix)
+    ux = ix & ABS_MASK
+    if ux > INF:
+        return np.int64(QNAN)
+    if ux < MIN_NORMAL:
+        return np.int64(INF | SIGN)
+    if ix < 0:
+        return np.int64(QNAN)
+    if ux == INF:
+        return np.int64(INF)
+    d = ux - ONE
+    if d == 0:
+        return np.int64(0)
+    rounded = f32_to_bits(np.float32(d))
+    return rounded - (23 << 23)
+
+
+@register_jitable
+def exp2_bits(iy):
+    """pa_exp2(y) = 2^floor(y) * fl32(1 + (y - floor(y))).
+
+    The subtraction is exact and the addition rounded once. Results below the smallest
+    normal are +0, too large ones +inf; -inf gives +0, +inf gives +inf, NaN gives NaN.
+    """
+    iy = np.int64(iy)
+    uy = iy & ABS_MASK
+    if uy > INF:
+        return np.int64(QNAN)
+    y = bits_to_f32(iy)
+    if y >= np.float32(128.0):
+        return np.int64(INF)
+    if y < np.float32(-200.0):
+        return np.int64(0)
+    n = np.int64(math.floor(y))
+    frac = y - np.float32(n)
+    t = np.float32(1.0) + frac
+    r = f32_to_bits(t) + (n << 23)
+    if r < MIN_NORMAL:
+        return np.int64(0)
+    if r >= INF:
+        return np.int64(INF)
+    return r
+
+
+@register_jitable
+def exp2_slope_bits(iy):
+    """Exact derivative of pa_exp2 at y: 2^floor(y) (0 where the result flushes to 0)."""
+    iy = np.int64(iy)
+    uy = iy & ABS_MASK
+    if uy > INF:
+        return np.int64(QNAN)
+    y = bits_to_f32(iy)
+    if y >= np.float32(128.0):
+        return np.int64(INF)
+    if y < np.float32(-200.0):
+        return np.int64(0)
+    n = np.int64(math.floor(y))
+    if exp2_bits(iy) == 0:
+        return np.int64(0)
+    field = n + 127
+    if field <= 0:
+        return np.int64(0)
+    if field >= 255:
+        return np.int64(INF)
+    return field << 23
+
+
+@register_jitable
+def log2_slope_bits(ix):
+    """Exact derivative of pa_log2 at x > 0: 2^-E(x) (the rounding of E + M ignored).
+
+    Zero and subnormal x give +inf, negative x and NaN give NaN, +inf gives 0.
+    """
+    ix = np.int64(ix)
+    ux = ix & ABS_MASK
+    if ux > INF or (ix < 0 and ux >= MIN_NORMAL):
+        return np.int64(QNAN)
+    if ux < MIN_NORMAL:
+        return np.int64(INF)
+    if ux == INF:
+        return np.int64(0)
+    field = 254 - (ux >> 23)
+    if field <= 0:
+        return np.int64(0)
+    if field >= 255:
+        return np.int64(INF)
+    return field << 23
+
+
+@register_jitable
+def mul_f32(a, b, off):
+    """PAM on float32 values (convenience for kernels that hold floats)."""
+    return bits_to_f32(mul_bits(f32_to_bits(a), f32_to_bits(b), off))

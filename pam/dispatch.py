@@ -1,0 +1,97 @@
+"""From torch tensors to kernels: argument checks, broadcasting, zero-copy launch.
+
+Kernels see int32 views of float32 data (the bit patterns). On CPU the views are NumPy
+arrays sharing the tensors' memory (``tensor.numpy()``); on CUDA the tensors are handed to
+:mod:`pam.kernels.cuda`, which wraps them with ``__cuda_array_interface__`` and launches on
+torch's current stream. Both backends expose kernels with the same names and signatures.
+"""
+import numpy as np
+import torch
+
+from . import bits
+
+__all__ = ["check_float32", "check_same_device", "offset_constant", "launch",
+           "binary_map", "unary_map", "as_bits"]
+
+
+def check_float32(x, name):
+    """Raise a clear error unless ``x`` is a float32 torch tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype torch.float32, "
+                        f"got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must have dtype torch.float32, got {x.dtype} "
+                        f"(convert explicitly with .float() if that is intended)")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {x.device}")
+    return x
+
+
+def check_same_device(**tensors):
+    """Raise if the named tensors are not all on one device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+
+
+def as_operand(x, name, like):
+    """A Python number becomes a float32 scalar tensor on ``like``'s device."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return torch.tensor(float(x), dtype=torch.float32, device=like.device)
+    return check_float32(x, name)
+
+
+def offset_constant(offset):
+    """The integer folded into PAM/PAD for ``offset`` (None means no offset)."""
+    if offset is None:
+        return 0
+    value = float(offset)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"offset must be a positive finite number or None, got {offset!r}")
+    if np.float32(value) < np.finfo(np.float32).tiny:
+        raise ValueError(f"offset must be a normal float32, got {offset!r}")
+    return int(np.float32(value).view(np.int32)) - bits.ONE
+
+
+def as_bits(x):
+    """A contiguous int32 view of float32 tensor ``x`` (its bit patterns), detached."""
+    return x.detach().contiguous().view(torch.int32)
+
+
+def _backend(device):
+    if device.type == "cpu":
+        from .kernels import cpu
+        return cpu
+    from .kernels import cuda
+    return cuda
+
+
+def launch(name, device, *args):
+    """Run kernel ``name`` on ``device``; tensor arguments are passed zero-copy."""
+    backend = _backend(device)
+    kernel = getattr(backend, name)
+    if device.type == "cpu":
+        args = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
+    return kernel(*args)
+
+
+def binary_map(name, a, b, off):
+    """Elementwise kernel ``name`` over broadcast a, b (float32 tensors) -> float32 tensor."""
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    out = torch.empty(shape, dtype=torch.int32, device=a.device)
+    if out.numel() == 0:
+        return out.view(torch.float32)
+    ab = as_bits(a.expand(shape)).reshape(-1)
+    bb = as_bits(b.expand(shape)).reshape(-1)
+    launch(name, a.device, ab, bb, off, out.view(-1))
+    return out.view(torch.float32)
+
+
+def unary_map(name, x):
+    """Elementwise kernel ``name`` over float32 tensor x -> float32 tensor."""
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    if out.numel() == 0:
+        return out.view(torch.float32)
+    launch(name, x.device, as_bits(x).reshape(-1), out.view(-1))
+    return out.view(torch.float32)
