@@ -1,0 +1,524 @@
+"""ReversibleStack: BDIA forward, bit-exact inverse and a backward pass that recomputes.
+
+Given residual branches h_0 .. h_{K-1} (each ``nn.Module`` maps x to h_k(x), the branch,
+not x + h(x)), the stack computes on the 2^-l grid (:mod:`bdia_pam.quant`, X = x 2^l):
+
+    x_0 = Q_l[input]
+    x_1 = x_0 + Q_l[h_0(x_0)]
+    x_{k+1} = Q_l[g_k (x_{k-1} + s_{k-1} 2^-l)] + Q_l[(1 - g_k) x_k + (1 + g_k) h_k(x_k)]
+
+for k = 1 .. K-1, with g_k = +-0.5 per sample and s_{k-1} the parity bit of X_{k-1}. The
+first term is an exact integer shift (X_{k-1} + s_{k-1} is even); the second is rounded
+once, half to even, from its exact real value (:func:`bdia_pam.quant.bdia_combine`). So
+
+    X_{k-1} = (X_{k+1} - Q_l[(1 - g_k) x_k + (1 + g_k) h_k(x_k)]) / g_k - s_{k-1}
+
+recovers every activation from (x_K, x_{K-1}), the side bits and gamma, provided each
+h_k(x_k) is recomputed bit for bit. Training therefore keeps only those (a
+:class:`ForwardRecord`) and recomputes the rest during the backward pass. Eval mode uses
+E[g] = 0: x_{k+1} = x_k + Q_l[h_k(x_k)].
+
+Gradients use the straight-through rule for every rounding (dQ(u)/du = 1):
+dx_{k+1}/dx_{k-1} = g_k, dx_{k+1}/dx_k = (1 - g_k) + (1 + g_k) dh_k/dx_k. Scaling by 0.5
+is an exponent decrement (exact), by 1.5 is one correctly rounded float32 result; no float
+multiply or divide is issued by the stack's own code (blocks run whatever they run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import quant
+from .quant import GridRangeError
+
+__all__ = ["ReversibleStack", "ForwardRecord", "NonDeterministicBlockError", "GridRangeError"]
+
+
+class NonDeterministicBlockError(RuntimeError):
+    """Recomputing a block during the backward pass (or inverse) did not reproduce its bits."""
+
+
+@dataclass
+class ForwardRecord:
+    """Everything needed to invert a BDIA forward pass, and nothing else.
+
+    x_last, x_prev: x_K and x_{K-1} (float32, exactly on the 2^-l grid; x_prev is x_0 when
+    K = 1). side_bits: uint8 (K-1, ceil(numel/8)), row k-1 holds s_{k-1} (parity of
+    X_{k-1}) packed 8 per byte. gamma_bits: uint8 (K-1, ceil(batch/8)), bit set where
+    gamma = +0.5. checksums: int64 (K+1,), :func:`bdia_pam.quant.checksum` of X_0 .. X_K.
+    rng_states: per block, the (CPU, CUDA-or-None) RNG states captured just before the
+    block ran, or None when RNG preservation was off. frac_bits: the grid.
+    """
+    x_last: Optional[torch.Tensor]
+    x_prev: torch.Tensor
+    side_bits: torch.Tensor
+    gamma_bits: torch.Tensor
+    checksums: torch.Tensor
+    rng_states: Optional[list]
+    frac_bits: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.checksums.numel() - 1
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """Unpacked gamma, float32 (batch, K-1) of +-0.5."""
+        batch = self.x_prev.shape[0]
+        rows = [quant.unpack_bits(row, batch) for row in self.gamma_bits]
+        if not rows:
+            return torch.zeros(batch, 0, device=self.x_prev.device)
+        bits = torch.stack(rows, dim=1)
+        half = torch.full(bits.shape, 0.5, device=bits.device)
+        return torch.where(bits.bool(), half, -half)
+
+    def side_bit_tensor(self, k: int) -> torch.Tensor:
+        """s_k (parity of X_k) as an int64 tensor shaped like x, for k = 0 .. K-2."""
+        return quant.unpack_bits(self.side_bits[k], self.x_prev.numel()).view(self.x_prev.shape)
+
+
+def _gamma_pos_rows(gamma_bits: torch.Tensor, batch: int, ndim: int):
+    """Per block k >= 1, a bool tensor (batch, 1, ..., 1) that is True where gamma = +0.5."""
+    shape = (batch,) + (1,) * (ndim - 1)
+    return [quant.unpack_bits(row, batch).bool().view(shape) for row in gamma_bits]
+
+
+def _half(a: torch.Tensor) -> torch.Tensor:
+    return quant.ldexp_exact(a, -1)
+
+
+def _one_and_half(a: torch.Tensor) -> torch.Tensor:
+    """float32(1.5 a), correctly rounded (= a * 1.5 in float32), without a float multiply."""
+    a64 = a.to(torch.float64)
+    return (a64 + quant._ldexp64(a64, -1)).to(a.dtype)
+
+
+def _bdia_grads(a: torch.Tensor, gp: torch.Tensor):
+    """(g a, (1 - g) a, (1 + g) a) for g = +0.5 where gp else -0.5."""
+    h, oh = _half(a), _one_and_half(a)
+    return torch.where(gp, h, -h), torch.where(gp, h, oh), torch.where(gp, oh, h)
+
+
+# --- straight-through autograd steps (stored-activation reference and eval mode) ---------
+
+class _QuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, frac_bits, what):
+        ctx.dtype = x.dtype
+        return quant.from_grid(quant.to_grid(x, frac_bits, what), frac_bits)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype), None, None
+
+
+class _ResidualSTE(torch.autograd.Function):
+    """x + Q_l[h] on the grid; gradient 1 to both."""
+
+    @staticmethod
+    def forward(ctx, x, h, frac_bits, what):
+        X = quant.to_grid(x, frac_bits, what)
+        return quant.from_grid(quant.residual_step(X, h, frac_bits, what), frac_bits)
+
+    @staticmethod
+    def backward(ctx, a):
+        return a, a, None, None
+
+
+class _BDIAStepSTE(torch.autograd.Function):
+    """Q_l[g (x_prev + s 2^-l)] + Q_l[(1 - g) x + (1 + g) h] with straight-through gradients."""
+
+    @staticmethod
+    def forward(ctx, x_prev, x, h, gp, frac_bits, what):
+        Xp = quant.to_grid(x_prev, frac_bits, what)
+        X = quant.to_grid(x, frac_bits, what)
+        out = quant.gamma_term(Xp, quant.parity(Xp), gp) + quant.bdia_combine(X, h, gp, frac_bits, what)
+        quant.check_grid(out, frac_bits, what)
+        ctx.save_for_backward(gp)
+        return quant.from_grid(out, frac_bits)
+
+    @staticmethod
+    def backward(ctx, a):
+        (gp,) = ctx.saved_tensors
+        ga, ma, pa = _bdia_grads(a, gp)
+        return ga, ma, pa, None, None, None
+
+
+# --- the reversible autograd function ---------------------------------------------------
+
+class _ReversibleFunction(torch.autograd.Function):
+    """Inputs: (stack, gamma_bits, block_param_index, x0, *params). Output: x_K.
+
+    Saves only the :class:`ForwardRecord` (x_K through save_for_backward). The backward
+    walks the blocks from last to first, recovering x_{k-1} exactly and re-running
+    h_k(x_k) with grad enabled for its vector-Jacobian product."""
+
+    @staticmethod
+    def forward(ctx, stack, gamma_bits, param_index, x0, *params):
+        record = stack._run_forward(x0, gamma_bits)
+        y = record.x_last
+        record.x_last = None  # the output is saved below; avoids a reference cycle
+        ctx.stack, ctx.record, ctx.param_index = stack, record, param_index
+        ctx.x0_dtype = x0.dtype
+        ctx.n_params = len(params)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        stack, record = ctx.stack, ctx.record
+        grads: List[Optional[torch.Tensor]] = [None] * ctx.n_params
+        a0 = stack._reverse_walk(y, record, grad_y, ctx.param_index, grads)
+        ctx.record = None
+        return (None, None, None, a0.to(ctx.x0_dtype), *grads)
+
+
+def _accumulate(grads, index, new):
+    for i, g in zip(index, new):
+        if g is None:
+            continue
+        grads[i] = g if grads[i] is None else grads[i] + g
+
+
+class ReversibleStack(nn.Module):
+    """A stack of residual branches run as a BDIA exact bit-level reversible network.
+
+    Args:
+        blocks: non-empty sequence of ``nn.Module``; block k computes the residual branch
+            h_k(x) (same shape as x, float32), not x + h_k(x).
+        frac_bits: l, the grid 2^-l (int, 1..20; the paper uses 9). Activations must stay
+            below 2^(24 - l) in magnitude (32768 at l = 9); beyond that a
+            :class:`GridRangeError` names the block.
+        reversible: True (default) recomputes activations in the backward pass; False keeps
+            ordinary autograd with stored activations (same forward bits, same straight-
+            through gradients up to float summation order): the reference for debugging.
+        generator / seed: source of the training-mode gammas (at most one). Without either,
+            gamma is drawn from torch's global RNG.
+        preserve_rng_state: capture the RNG state before each block (about 5 KB per block
+            on CPU) and restore it when the block is recomputed, so dropout replays.
+        check_determinism: verify every recovered activation against the forward
+            checksums and raise :class:`NonDeterministicBlockError` naming the block.
+
+    Train mode: gamma = +-0.5 per sample (dim 0 of x) per block k >= 1, or pass ``gamma=``
+    (shape (batch, K-1)). Eval mode: gamma = 0, x_{k+1} = x_k + Q_l[h_k(x_k)].
+
+    Why gradients equal the stored-activation ones only up to rounding: both compute the
+    same straight-through chain rule from bit-identical activations and block VJPs, but the
+    three contributions to dL/dx_k (from x_{k+1} directly, through h_k, and from x_{k+2})
+    are summed in a fixed order here and in autograd's engine order in the reference;
+    float32 addition is not associative, so the results can differ in the last bits
+    (relative differences around 1e-7 per step).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], frac_bits: int = 9, reversible: bool = True,
+                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                 preserve_rng_state: bool = True, check_determinism: bool = True):
+        super().__init__()
+        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise TypeError("blocks must be a sequence of nn.Module (e.g. a list), got a single "
+                            f"{type(blocks).__name__}")
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("blocks must contain at least one nn.Module, got an empty sequence")
+        for k, b in enumerate(blocks):
+            if not isinstance(b, nn.Module):
+                raise TypeError(f"blocks[{k}] must be an nn.Module, got {type(b).__name__}")
+        self.blocks = nn.ModuleList(blocks)
+        self.frac_bits = quant.check_frac_bits(frac_bits)
+        self.reversible = bool(reversible)
+        if generator is not None and seed is not None:
+            raise ValueError("pass at most one of generator= and seed=")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an int, got {seed!r}")
+            generator = torch.Generator().manual_seed(seed)
+        self.generator = generator
+        self.preserve_rng_state = bool(preserve_rng_state)
+        self.check_determinism = bool(check_determinism)
+
+    def extra_repr(self) -> str:
+        return f"frac_bits={self.frac_bits}, reversible={self.reversible}"
+
+    # -- argument handling -----------------------------------------------------------------
+    def _check_input(self, x0):
+        if not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+        if not x0.is_floating_point():
+            raise TypeError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
+        if x0.dim() < 1 or x0.shape[0] == 0:
+            raise ValueError(f"x0 must have a non-empty batch dimension 0, got shape {tuple(x0.shape)}")
+
+    def sample_gamma(self, batch: int, device=None) -> torch.Tensor:
+        """Draw gamma (batch, K-1), each +-0.5 with probability 1/2 (from ``generator``)."""
+        bits = torch.randint(0, 2, (batch, len(self.blocks) - 1), generator=self.generator)
+        half = torch.full(bits.shape, 0.5)
+        return torch.where(bits.bool(), half, -half).to(device)
+
+    def _gamma_bits(self, gamma, x0) -> torch.Tensor:
+        K, batch = len(self.blocks), x0.shape[0]
+        if not isinstance(gamma, torch.Tensor):
+            raise TypeError(f"gamma must be a torch.Tensor of shape (batch, len(blocks) - 1) = "
+                            f"({batch}, {K - 1}), got {type(gamma).__name__}")
+        if tuple(gamma.shape) != (batch, K - 1):
+            raise ValueError(f"gamma must have shape (batch, len(blocks) - 1) = ({batch}, {K - 1}), "
+                             f"got {tuple(gamma.shape)}")
+        if not gamma.is_floating_point():
+            raise TypeError(f"gamma must be a float tensor of +-0.5, got dtype {gamma.dtype}")
+        pos, neg = gamma == 0.5, gamma == -0.5
+        if not bool((pos | neg).all()):
+            bad = gamma[~(pos | neg)]
+            raise ValueError(f"gamma values must be +0.5 or -0.5, got e.g. {float(bad[0])!r}")
+        pos = pos.to(x0.device)
+        if K == 1:
+            return torch.zeros(0, 1, dtype=torch.uint8, device=x0.device)
+        return torch.stack([quant.pack_bits(pos[:, k]) for k in range(K - 1)])
+
+    def _check_branch(self, k, h, x):
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"block {k} must return a tensor, got {type(h).__name__}")
+        if h.shape != x.shape:
+            raise ValueError(f"block {k} returned shape {tuple(h.shape)}; the residual branch "
+                             f"must keep the input shape {tuple(x.shape)}")
+        if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"block {k} returned dtype {h.dtype}; expected float32")
+
+    # -- RNG ---------------------------------------------------------------------------------
+    def _capture_rng(self, device):
+        if not self.preserve_rng_state:
+            return None
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return (torch.get_rng_state(), cuda)
+
+    def _call_block(self, k, x, rng_state, device):
+        block = self.blocks[k]
+        if rng_state is None:
+            h = block(x)
+        else:
+            devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.set_rng_state(rng_state[0])
+                if rng_state[1] is not None:
+                    torch.cuda.set_rng_state(rng_state[1], device)
+                h = block(x)
+        self._check_branch(k, h, x)
+        return h
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x0: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Train mode: the BDIA forward (gamma drawn unless given); eval mode: gamma = 0."""
+        self._check_input(x0)
+        if not self.training:
+            if gamma is not None:
+                raise ValueError("gamma is only used in train mode; eval mode uses gamma = 0")
+            return self._eval_forward(x0)
+        if gamma is None:
+            gamma = self.sample_gamma(x0.shape[0], x0.device)
+        gamma_bits = self._gamma_bits(gamma, x0)
+        if not self.reversible:
+            return self._stored_forward(x0, gamma_bits)
+        params, param_index = self._flat_params()
+        needs_grad = torch.is_grad_enabled() and (x0.requires_grad or bool(params))
+        if not needs_grad:
+            with torch.no_grad():
+                return self._run_forward(x0, gamma_bits).x_last
+        return _ReversibleFunction.apply(self, gamma_bits, param_index, x0, *params)
+
+    def _flat_params(self):
+        params, where, index = [], {}, []
+        for block in self.blocks:
+            idx = []
+            for p in block.parameters():
+                if not p.requires_grad:
+                    continue
+                if id(p) not in where:
+                    where[id(p)] = len(params)
+                    params.append(p)
+                idx.append(where[id(p)])
+            index.append(idx)
+        return params, index
+
+    def _eval_forward(self, x0):
+        l = self.frac_bits
+        if not torch.is_grad_enabled():
+            X = quant.to_grid(x0, l, "input x0")
+            for k in range(len(self.blocks)):
+                h = self._call_block(k, quant.from_grid(X, l), None, x0.device)
+                X = quant.residual_step(X, h, l, self._what(k))
+            return quant.from_grid(X, l)
+        x = _QuantizeSTE.apply(x0, l, "input x0")
+        for k in range(len(self.blocks)):
+            h = self._call_block(k, x, None, x0.device)
+            x = _ResidualSTE.apply(x, h, l, self._what(k))
+        return x
+
+    def _stored_forward(self, x0, gamma_bits):
+        """Reference: plain autograd through the same quantized forward (activations stored)."""
+        l, K = self.frac_bits, len(self.blocks)
+        gps = _gamma_pos_rows(gamma_bits, x0.shape[0], x0.dim())
+        x = _QuantizeSTE.apply(x0, l, "input x0")
+        h = self._call_block(0, x, None, x0.device)
+        x_prev, x = x, _ResidualSTE.apply(x, h, l, self._what(0))
+        for k in range(1, K):
+            h = self._call_block(k, x, None, x0.device)
+            x_prev, x = x, _BDIAStepSTE.apply(x_prev, x, h, gps[k - 1], l, self._what(k))
+        return x
+
+    def _what(self, k):
+        return (f"activation x_{k + 1} (output of block {k}, limit |x| < "
+                f"{quant.grid_limit(self.frac_bits):g})")
+
+    @torch.no_grad()
+    def forward_record(self, x0: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> ForwardRecord:
+        """Run the BDIA forward (no autograd) and return its :class:`ForwardRecord`.
+
+        ``gamma``: (batch, K-1) of +-0.5; drawn like in train mode when omitted. The blocks
+        run in whatever mode (train/eval) they are in; :meth:`inverse` must see the same."""
+        self._check_input(x0)
+        if gamma is None:
+            gamma = self.sample_gamma(x0.shape[0], x0.device)
+        return self._run_forward(x0, self._gamma_bits(gamma, x0))
+
+    def _run_forward(self, x0, gamma_bits) -> ForwardRecord:
+        l, K, device = self.frac_bits, len(self.blocks), x0.device
+        gps = _gamma_pos_rows(gamma_bits, x0.shape[0], x0.dim())
+        X = quant.to_grid(x0, l, "input x0")
+        nbytes = (X.numel() + 7) // 8
+        side = torch.empty((K - 1, nbytes), dtype=torch.uint8, device=device)
+        sums = [quant.checksum(X)]
+        rng = [] if self.preserve_rng_state else None
+        state = self._capture_rng(device)
+        if rng is not None:
+            rng.append(state)
+        h = self._call_block(0, quant.from_grid(X, l), None, device)
+        X_prev, X = X, quant.residual_step(X, h, l, self._what(0))
+        del h
+        sums.append(quant.checksum(X))
+        for k in range(1, K):
+            state = self._capture_rng(device)
+            if rng is not None:
+                rng.append(state)
+            h = self._call_block(k, quant.from_grid(X, l), None, device)
+            gp = gps[k - 1]
+            s = quant.parity(X_prev)
+            side[k - 1] = quant.pack_bits(s)
+            X_new = quant.gamma_term(X_prev, s, gp) + quant.bdia_combine(X, h, gp, l, self._what(k))
+            del h, s
+            quant.check_grid(X_new, l, self._what(k))
+            X_prev, X = X, X_new
+            sums.append(quant.checksum(X))
+        return ForwardRecord(x_last=quant.from_grid(X, l), x_prev=quant.from_grid(X_prev, l),
+                             side_bits=side, gamma_bits=gamma_bits,
+                             checksums=torch.tensor(sums, dtype=torch.int64), rng_states=rng,
+                             frac_bits=l)
+
+    # -- inverse and backward ------------------------------------------------------------------
+    def _not_deterministic(self, k, which, detail=""):
+        return NonDeterministicBlockError(
+            f"block {k} is not deterministic: recomputed activations differ from the forward "
+            f"pass (recovered x_{which} does not match its forward checksum{detail}). Every "
+            f"block must reproduce its output bit for bit: use deterministic kernels, draw "
+            f"randomness only from torch's global RNG (replayed when preserve_rng_state=True), "
+            f"and do not change parameters between forward and backward.")
+
+    def _check_record(self, record):
+        if not isinstance(record, ForwardRecord):
+            raise TypeError(f"record must be a ForwardRecord, got {type(record).__name__}")
+        K = len(self.blocks)
+        if record.num_blocks != K:
+            raise ValueError(f"record was made by a stack of {record.num_blocks} blocks, "
+                             f"this one has {K}")
+        if record.frac_bits != self.frac_bits:
+            raise ValueError(f"record uses frac_bits={record.frac_bits}, this stack "
+                             f"frac_bits={self.frac_bits}")
+
+    @torch.no_grad()
+    def inverse(self, record: ForwardRecord, check: bool = True) -> torch.Tensor:
+        """Recover Q_l[x0] (float32, bit for bit) from a :class:`ForwardRecord`.
+
+        Re-runs blocks K-1 .. 1 (block 0 is not needed). With ``check`` every recovered x_k
+        is compared with the forward checksum; a mismatch raises
+        :class:`NonDeterministicBlockError` naming the block whose recomputation (or the
+        record, if it was altered) is at fault. ``check=False`` returns whatever the
+        arithmetic gives (e.g. to see the effect of a flipped side bit)."""
+        self._check_record(record)
+        if record.x_last is None:
+            raise ValueError("record.x_last is missing")
+        l, K = self.frac_bits, len(self.blocks)
+        device = record.x_prev.device
+        gps = _gamma_pos_rows(record.gamma_bits, record.x_prev.shape[0], record.x_prev.dim())
+        X_next = quant.to_grid(record.x_last, l, "record.x_last")
+        X_cur = quant.to_grid(record.x_prev, l, "record.x_prev")
+        for k in range(K - 1, 0, -1):
+            rng = record.rng_states[k] if record.rng_states is not None else None
+            h = self._call_block(k, quant.from_grid(X_cur, l), rng, device)
+            X_rec = self._recover(k, X_next, X_cur, h, gps[k - 1], record)
+            if check and quant.checksum(X_rec) != int(record.checksums[k - 1]):
+                raise self._not_deterministic(k, k - 1, " or the record was modified")
+            X_next, X_cur = X_cur, X_rec
+        return quant.from_grid(X_cur, l)
+
+    def _recover(self, k, X_next, X_cur, h, gp, record):
+        l = self.frac_bits
+        R = quant.bdia_combine(X_cur, h.detach(), gp, l, self._what(k))
+        s = record.side_bit_tensor(k - 1)
+        X_rec = quant.gamma_term_inverse(X_next - R, s, gp)
+        if bool((X_rec.abs() >= quant.MANTISSA_LIMIT).any()):
+            raise self._not_deterministic(k, k - 1, "; it left the grid range")
+        return X_rec
+
+    def _block_vjp(self, k, x, h, v, param_index, grads):
+        """dL/dx through h_k given v = dL/dh_k; accumulates parameter gradients."""
+        if not h.requires_grad:
+            return None
+        params = [p for p in self.blocks[k].parameters() if p.requires_grad]
+        out = torch.autograd.grad(h, [x] + params, v, allow_unused=True)
+        # param_index[k] lists the same parameters in the same order (a parameter shared
+        # by several blocks appears in each list and its gradients are summed)
+        _accumulate(grads, param_index[k], out[1:])
+        return out[0]
+
+    def _reverse_walk(self, y, record, grad_y, param_index, grads):
+        l, K = self.frac_bits, len(self.blocks)
+        device = y.device
+        gps = _gamma_pos_rows(record.gamma_bits, y.shape[0], y.dim())
+        X_next = quant.to_grid(y, l, "x_K")
+        X_cur = quant.to_grid(record.x_prev, l, "x_{K-1}")
+        a_next = grad_y.to(torch.float32)
+        a_cur = torch.zeros_like(a_next)
+        check = self.check_determinism
+        for k in range(K - 1, 0, -1):
+            rng = record.rng_states[k] if record.rng_states is not None else None
+            x = quant.from_grid(X_cur, l).requires_grad_(True)
+            with torch.enable_grad():
+                h = self._call_block(k, x, rng, device)
+            X_rec = self._recover(k, X_next, X_cur, h, gps[k - 1], record)
+            if check and quant.checksum(X_rec) != int(record.checksums[k - 1]):
+                raise self._not_deterministic(k, k - 1)
+            ga, ma, pa = _bdia_grads(a_next, gps[k - 1])
+            gx = self._block_vjp(k, x, h, pa, param_index, grads)
+            del h, x, pa
+            a_k = a_cur + ma
+            if gx is not None:
+                a_k = a_k + gx
+            a_next, a_cur = a_k, ga
+            X_next, X_cur = X_cur, X_rec
+        # block 0: x_1 = x_0 + Q_l[h_0(x_0)]; its recomputation is checked against x_1.
+        rng = record.rng_states[0] if record.rng_states is not None else None
+        x = quant.from_grid(X_cur, l).requires_grad_(True)
+        with torch.enable_grad():
+            h = self._call_block(0, x, rng, device)
+        if check and not torch.equal(quant.residual_step(X_cur, h.detach(), l, self._what(0)), X_next):
+            raise self._not_deterministic(0, 1, "; x_0 + Q[h_0(x_0)] != x_1")
+        gx = self._block_vjp(0, x, h, a_next, param_index, grads)
+        a0 = a_cur + a_next
+        if gx is not None:
+            a0 = a0 + gx
+        return a0
+
