@@ -191,25 +191,36 @@ def log2(x, backward="exact"):
 
 
 def exp(x, backward="exact"):
-    """e^x as pa_exp2(PAM(x, log2 e))."""
+    """e^x as pa_exp2(PAM(x, log2 e)).
+
+    The PAM error of x log2 e lands in the exponent: measured on [-5, 5] the relative
+    error is -29 % .. +43 % (exact at x = 0).
+    """
     x = D.check_float32(x, "x")
     return exp2(mul(x, LOG2_E, backward=backward), backward=backward)
 
 
 def log(x, backward="exact"):
-    """ln x as PAD(pa_log2(x), log2 e)."""
+    """ln x as PAD(pa_log2(x), log2 e). Measured on [0.01, 10]: absolute error <= 0.345."""
     x = D.check_float32(x, "x")
     return div(log2(x, backward=backward), LOG2_E, backward=backward)
 
 
 def pow(a, b, backward="exact"):
-    """a^b as pa_exp2(PAM(pa_log2(a), b)), for a >= 0 (negative a gives NaN; 0^b = 0 for b > 0)."""
+    """a^b as pa_exp2(PAM(pa_log2(a), b)), for a >= 0 (negative a gives NaN; 0^b = 0 for b > 0).
+
+    Crude away from b = 0.5: measured for b = 1.5 on [0.01, 10], relative error -29 % .. +100 %.
+    """
     a = D.check_float32(a, "a")
     return exp2(mul(log2(a, backward=backward), b, backward=backward), backward=backward)
 
 
 def sqrt(a, backward="exact"):
-    """sqrt(a) = pow(a, 0.5); PAM by 0.5 is exact, so this is pa_exp2(pa_log2(a) / 2)."""
+    """sqrt(a) = pow(a, 0.5); PAM by 0.5 is exact, so this is pa_exp2(pa_log2(a) / 2).
+
+    Never below the true root; measured on [0.01, 10] at most 6.1 % above (exact at even
+    powers of two). sqrt(0) = 0.
+    """
     return pow(a, 0.5, backward=backward)
 
 
@@ -291,7 +302,8 @@ def matmul(a, b, offset=None, backward="exact"):
     if b2.dim() == 2:
         # Shared right operand: fold every batch dimension of a into its rows (no copies).
         batch = a2.shape[:-2]
-        c = _Matmul.apply(a2.reshape(1, -1, k), b2.unsqueeze(0), off, mode)
+        rows = math.prod(batch) * n
+        c = _Matmul.apply(a2.reshape(1, rows, k), b2.unsqueeze(0), off, mode)
         c = c.reshape(*batch, n, m)
     else:
         try:
