@@ -44,13 +44,17 @@ def bits_to_f32(i):
     return np.int32(i).view(np.float32)
 
 
-@register_jitable(inline="always")
+# forceinline=True (LLVM-level inlining on CPU and CUDA), not inline="always" (Numba
+# IR-level): numba-cuda 0.30 fails to compile IR-inlined functions that branch (mul_bits:
+# TypingError "xor(omitted...)"; div_bits: AssertionError in postproc). CPU code and speed
+# are unchanged (the matmul inner loop still inlines and vectorizes).
+@register_jitable(forceinline=True)
 def _sign_of_product(ia, ib):
     """SIGN if exactly one of the two patterns has its sign bit set, else 0."""
     return SIGN if (ia ^ ib) < 0 else 0
 
 
-@register_jitable(inline="always")
+@register_jitable(forceinline=True)
 def _finish(mag, sign):
     """Flush below-normal magnitudes to zero, saturate to infinity, attach the sign."""
     if mag < MIN_NORMAL:
@@ -66,7 +70,7 @@ def offset_bits(offset):
     return f32_to_bits(offset) - ONE
 
 
-@register_jitable(inline="always")
+@register_jitable(forceinline=True)
 def mul_bits(ia, ib, off):
     """PAM(a, b; offset): bits(|c|) = bits(|a|) + bits(|b|) - 0x3F800000 + off.
 
