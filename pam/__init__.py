@@ -7,7 +7,9 @@ for bit across devices.
 """
 from .ops import (BACKWARD_MODES, div, exp, exp2, linear, log, log2, matmul, mul, pow,
                   sqrt)
+from . import audit, functional, nn, optim
+from .nn.convert import convert
 
 __version__ = "0.1.0"
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
-           "BACKWARD_MODES"]
+           "BACKWARD_MODES", "nn", "functional", "optim", "audit", "convert"]

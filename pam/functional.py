@@ -1,0 +1,428 @@
+"""Neural-network functions on PAM arithmetic (exposed as ``pam.nn.functional``).
+
+Every function mirrors its ``torch.nn.functional`` namesake and is built only from
+additions, subtractions, comparisons, selections, reductions by summation or maximum,
+index operations and the PAM core ops (:func:`pam.mul`, :func:`pam.div`, :func:`pam.exp2`,
+:func:`pam.log2`, :func:`pam.pow`, :func:`pam.matmul`). No native float multiply, divide,
+exp, log, pow or sqrt reaches ATen, in the forward or in the backward pass
+(``pam.audit.no_float_multiply`` checks this in the tests). Scalar constants (1/N, the
+dropout scale 1/(1-p), the attention scale 1/sqrt(d), label-smoothing weights) are
+computed with the PAM ops on float32 scalar tensors too.
+
+Backward. Every composite is a chain of PAM ops whose autograd rules are in
+:mod:`pam.ops`; its backward is the chain of its pieces' backwards, so ``backward="exact"``
+(default) gives the true derivative of the piecewise-affine function and
+``backward="approx"`` (the paper's choice) uses, piece by piece, PAM as if it were the
+exact product. The maximum subtracted in (log-)softmax is detached: it is floored to an
+integer and the function does not depend on it except through rounding.
+
+``offset`` is applied to the PAM products of two data operands (matmuls, squares in
+layer_norm, the gain, the log2(e) scaling of softmax, class weights); divisions (PAD) and
+products by powers of two never take it.
+
+Accuracy against the float torch counterparts (random inputs, measured by
+``tests/test_functional.py::test_accuracy_table`` on this build, no offset; relative
+error = |pam - torch| / max|torch| per tensor unless stated; bounds pinned in the tests):
+
+=================  ===========================================  ==================
+op                 inputs                                        max / mean rel err
+=================  ===========================================  ==================
+softmax            x ~ N(0, 3), (64, 32), elementwise rel.        see ACCURACY
+log_softmax        same, abs error in nats                        see ACCURACY
+cross_entropy      logits N(0, 3), 32 classes, ls 0.1             see ACCURACY
+layer_norm         x ~ N(1, 2), (64, 48), gain/bias random        see ACCURACY
+gelu               x ~ U(-6, 6), abs error                        max 0.0129 (design)
+sdpa               q, k, v ~ N(0, 1), (2, 4, 16, 16), causal       see ACCURACY
+linear             x, W ~ N(0, 1), 64 inputs                      see ACCURACY
+=================  ===========================================  ==================
+
+The table ``ACCURACY`` below holds the measured numbers.
+"""
+import math
+
+import torch
+
+from . import ops as P
+
+__all__ = ["linear", "matmul", "bmm", "softmax", "log_softmax", "cross_entropy",
+           "nll_loss", "layer_norm", "scaled_dot_product_attention", "dropout", "relu",
+           "gelu", "mean", "GELU_KNOTS", "GELU_SLOPE_CHANGES", "ACCURACY"]
+
+LOG2_E = P.LOG2_E
+
+# Measured accuracy (filled in from tests/test_functional.py::test_accuracy_table output).
+ACCURACY = {}
+
+# ----------------------------------------------------------------------------- GELU
+# Piecewise-affine GELU: f(x) = sum_j d_j * relu(x - k_j). Every slope change d_j is a
+# power of two, so every product is an exact PAM and f is exactly piecewise affine with
+# slopes 0, -1/16, -1/8, 0, 1/8, 1/4, 1/2, 3/4, 1, 9/8, 1 (left to right). The knots were
+# fitted (Nelder-Mead on the maximum absolute error over [-8, 8]) with these slopes fixed.
+# Error against the true GELU x * Phi(x): max |f - gelu| = 0.0129 (at x = 2.28 and
+# for x -> +inf, where f(x) = x - 0.0128), mean |f - gelu| = 0.0061 over x ~ U(-4, 4);
+# f(x) = 0 for x <= -2.819 (true GELU there is in (-0.0068, 0)).
+GELU_KNOTS = (-2.81858, -1.66256, -0.92053, -0.65426, -0.38807, -0.18968, 0.21499,
+              0.50752, 1.04069, 2.2813)
+GELU_SLOPE_CHANGES = (-0.0625, -0.0625, 0.125, 0.125, 0.125, 0.25, 0.25, 0.25, 0.125,
+                      -0.125)
+
+
+def _scalar(value, like):
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def _pam_scalar(a, b):
+    """PAM product of two Python numbers, as a Python float (float32 result)."""
+    return float(P.mul(torch.tensor(float(a), dtype=torch.float32), float(b)))
+
+
+def _pad_scalar(a, b):
+    """PAD quotient of two Python numbers, as a Python float (float32 result)."""
+    return float(P.div(torch.tensor(float(a), dtype=torch.float32), float(b)))
+
+
+def _check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must have dtype torch.float32, got {x.dtype}")
+    return x
+
+
+# ----------------------------------------------------------------------------- linear
+def linear(input, weight, bias=None, offset=None, backward="exact"):
+    """y = input W^T + bias with a PAM matmul (see :func:`pam.linear`)."""
+    return P.linear(input, weight, bias, offset=offset, backward=backward)
+
+
+def matmul(input, other, offset=None, backward="exact"):
+    """PAM matrix product with ``torch.matmul`` semantics (see :func:`pam.matmul`)."""
+    return P.matmul(input, other, offset=offset, backward=backward)
+
+
+def bmm(input, mat2, offset=None, backward="exact"):
+    """Batched PAM product of (b, n, k) and (b, k, m) tensors, like ``torch.bmm``."""
+    if input.dim() != 3 or mat2.dim() != 3 or input.shape[0] != mat2.shape[0]:
+        raise ValueError(f"bmm expects (b, n, k) and (b, k, m) tensors with equal b, got "
+                         f"{tuple(input.shape)} and {tuple(mat2.shape)}")
+    return P.matmul(input, mat2, offset=offset, backward=backward)
+
+
+def mean(input, dim=None, keepdim=False, backward="exact"):
+    """Mean as PAD(sum, N): exact when N is a power of two, else up to 12.5 % too large."""
+    _check_tensor(input, "input")
+    if dim is None:
+        n = input.numel()
+        s = input.sum()
+    else:
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        n = 1
+        for d in dims:
+            n = n * input.shape[d]          # integer arithmetic
+        s = input.sum(dim=dims, keepdim=keepdim)
+    return P.div(s, float(n), backward=backward)
+
+
+# ----------------------------------------------------------------------------- softmax
+def _shifted_log2(input, dim, offset, backward):
+    """x' = PAM(x, log2 e) - floor(max x') along ``dim`` (the max detached).
+
+    Rows whose maximum is not finite (all -inf) are shifted by 0 instead, so they stay
+    -inf rather than becoming NaN here.
+    """
+    xl = P.mul(input, LOG2_E, offset=offset, backward=backward)
+    with torch.no_grad():
+        m = xl.amax(dim=dim, keepdim=True)
+        m = torch.where(torch.isfinite(m), torch.floor(m), torch.zeros_like(m))
+    return xl - m
+
+
+def _softmax(input, dim, offset, backward, safe):
+    _check_tensor(input, "input")
+    z = _shifted_log2(input, dim, offset, backward)
+    e = P.exp2(z, backward=backward)
+    s = e.sum(dim=dim, keepdim=True)
+    if safe:
+        s = torch.where(s == 0, torch.ones_like(s), s)
+    return P.div(e, s, backward=backward)
+
+
+def softmax(input, dim=-1, offset=None, backward="exact"):
+    """PA softmax: x' = PAM(x, log2 e), subtract floor(max x'), pa_exp2, PAD by the sum.
+
+    -inf entries get probability 0; a row that is entirely -inf gives NaN (as torch).
+    Subtracting an integer is exact in pa_exp2 (it only moves the exponent), so the result
+    does not depend on the shift. The sum is a float32 addition in torch's order.
+    """
+    return _softmax(input, dim, offset, backward, safe=False)
+
+
+def log_softmax(input, dim=-1, offset=None, backward="exact"):
+    """PA log-softmax: PAD((x' - m) - pa_log2(sum pa_exp2(x' - m)), log2 e).
+
+    x' = PAM(x, log2 e) and m = floor(max x'). -inf entries stay -inf; an all -inf row
+    gives NaN (as torch).
+    """
+    _check_tensor(input, "input")
+    z = _shifted_log2(input, dim, offset, backward)
+    e = P.exp2(z, backward=backward)
+    lse = P.log2(e.sum(dim=dim, keepdim=True), backward=backward)
+    return P.div(z - lse, LOG2_E, backward=backward)
+
+
+# ----------------------------------------------------------------------------- losses
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(loss, reduction, denom, backward):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return P.div(total, denom, backward=backward)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, offset=None, backward="exact"):
+    """Cross entropy on PA log_softmax, with torch's semantics.
+
+    ``input``: (C,), (N, C) or (N, C, d1, ...) logits; ``target``: class indices of shape
+    (), (N,) or (N, d1, ...) (int64), or class probabilities with the shape of ``input``.
+    ``weight``: optional (C,) class weights; ``ignore_index`` (index targets only);
+    ``reduction``: "mean" (weighted mean over non-ignored targets, as torch), "sum" or
+    "none"; ``label_smoothing`` in [0, 1]: the loss is (1 - e) nll + e/C * smooth, where
+    smooth = -sum_c w_c log p_c, both reduced like torch (mean: divided by the summed
+    weights of the non-ignored targets). All products by weights and smoothing factors
+    are PAM, all divisions PAD. A mean over zero non-ignored targets is NaN (as torch).
+    """
+    _check_tensor(input, "input")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    ls = float(label_smoothing)
+    if not 0.0 <= ls <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (the classes)")
+    if input.dim() == 1:
+        input = input.unsqueeze(0)
+        target = target.unsqueeze(0)
+    C = input.shape[1]
+    if weight is not None:
+        _check_tensor(weight, "weight")
+        if weight.shape != (C,):
+            raise ValueError(f"weight must have shape ({C},), got {tuple(weight.shape)}")
+    x = input.movedim(1, -1)                       # (N, d..., C)
+    logp = log_softmax(x, dim=-1, offset=offset, backward=backward)
+    if weight is not None:
+        wlogp = P.mul(logp, weight, offset=offset, backward=backward)
+    else:
+        wlogp = logp
+
+    if target.dtype.is_floating_point:             # class probabilities
+        if target.shape != input.shape:
+            raise ValueError(f"probability target must have the input's shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        _check_tensor(target, "target")
+        t = target.movedim(1, -1)
+        if ls > 0:
+            t = (P.mul(t, 1.0 - ls, backward=backward)
+                 + _scalar(_pad_scalar(ls, C), t))
+        loss = -(P.mul(wlogp, t, offset=offset, backward=backward).sum(dim=-1))
+        count = float(loss.numel())
+        return _reduce(loss, reduction, count, backward)
+
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"target must hold class indices (an integer dtype) or class "
+                        f"probabilities (float32), got {target.dtype}")
+    if target.shape != x.shape[:-1]:
+        raise ValueError(f"target must have shape {tuple(x.shape[:-1])} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    target = target.long()
+    ignore = target == ignore_index
+    t = torch.where(ignore, torch.zeros_like(target), target)
+    valid = (t >= 0) & (t < C)
+    if not bool(valid.all()):
+        raise IndexError(f"target values must be in [0, {C}) or ignore_index="
+                         f"{ignore_index}")
+    zero = torch.zeros((), dtype=torch.float32, device=input.device)
+    picked = wlogp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(ignore, zero, -picked)
+    if reduction == "mean":
+        if weight is not None:
+            denom = torch.where(ignore, zero, weight[t]).sum()
+        else:
+            denom = (~ignore).sum().to(torch.float32)
+    else:
+        denom = None
+    loss = _reduce(nll, reduction, denom, backward)
+    if ls == 0.0:
+        return loss
+    smooth = torch.where(ignore, zero, -wlogp.sum(dim=-1))
+    smooth = _reduce(smooth, reduction, denom, backward)
+    return (P.mul(loss, 1.0 - ls, backward=backward)
+            + P.mul(smooth, _pad_scalar(ls, C), backward=backward))
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean",
+             backward="exact"):
+    """Negative log-likelihood of log-probabilities ``input`` (N, C) for index targets."""
+    _check_tensor(input, "input")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if input.dim() == 1:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    x = input.movedim(1, -1)
+    if weight is not None:
+        x = P.mul(x, _check_tensor(weight, "weight"), backward=backward)
+    ignore = target == ignore_index
+    t = torch.where(ignore, torch.zeros_like(target), target).long()
+    zero = torch.zeros((), dtype=torch.float32, device=input.device)
+    nll = torch.where(ignore, zero, -x.gather(-1, t.unsqueeze(-1)).squeeze(-1))
+    denom = None
+    if reduction == "mean":
+        denom = (torch.where(ignore, zero, weight[t]).sum() if weight is not None
+                 else (~ignore).sum().to(torch.float32))
+    return _reduce(nll, reduction, denom, backward)
+
+
+# ----------------------------------------------------------------------------- layer norm
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, offset=None,
+               backward="exact"):
+    """PA LayerNorm over the trailing ``normalized_shape`` dimensions.
+
+    mean = PAD(sum x, N); xc = x - mean; var = PAD(sum PAM(xc, xc), N) (biased, as torch);
+    y = PAD(xc, pow(var + eps, 0.5)); then PAM by ``weight`` and + ``bias``. PAD by N is
+    exact when N is a power of two. A constant row gives 0 (then the bias).
+    """
+    _check_tensor(input, "input")
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or tuple(input.shape[-k:]) != normalized_shape:
+        raise ValueError(f"normalized_shape {normalized_shape} must match the trailing "
+                         f"dimensions of input {tuple(input.shape)}")
+    dims = tuple(range(-k, 0))
+    n = 1
+    for s in normalized_shape:
+        n = n * s                                   # integer arithmetic
+    mu = P.div(input.sum(dim=dims, keepdim=True), float(n), backward=backward)
+    xc = input - mu
+    var = P.div(P.mul(xc, xc, offset=offset, backward=backward).sum(dim=dims, keepdim=True),
+                float(n), backward=backward)
+    std = P.pow(var + float(eps), 0.5, backward=backward)
+    y = P.div(xc, std, backward=backward)
+    if weight is not None:
+        y = P.mul(y, _check_tensor(weight, "weight"), offset=offset, backward=backward)
+    if bias is not None:
+        y = y + _check_tensor(bias, "bias")
+    return y
+
+
+# ----------------------------------------------------------------------------- activations
+def relu(input, inplace=False):
+    """max(x, 0): a comparison, no arithmetic."""
+    return torch.relu_(input) if inplace else torch.relu(input)
+
+
+def gelu(input, approximate="none", backward="exact"):
+    """Piecewise-affine GELU: sum_j d_j relu(x - k_j) (see GELU_KNOTS).
+
+    Slopes are powers of two or sums of two (0, -1/16, -1/8, 0, 1/8, 1/4, 1/2, 3/4, 1,
+    9/8, 1), every product is an exact PAM by a power of two, so the forward is exact up
+    to float32 rounding of the additions. max |f - gelu| = 0.0129, mean 0.0061 on
+    U(-4, 4). ``approximate`` is accepted for torch compatibility and ignored (both torch
+    forms are approximated by the same function; their difference is < 0.0005). The exact
+    backward is the slope of the segment (0 at x = k_j from the left, as relu).
+    """
+    _check_tensor(input, "input")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    y = None
+    for k, d in zip(GELU_KNOTS, GELU_SLOPE_CHANGES):
+        h = P.mul(torch.relu(input - k), d, backward=backward)
+        y = h if y is None else y + h
+    return y
+
+
+# ----------------------------------------------------------------------------- dropout
+def _keep_mask(shape, p, device, generator=None):
+    """Bernoulli(1 - p) mask from integer random numbers: keep where r >= p 2^24."""
+    threshold = int(round(math.ldexp(p, 24)))      # exact scaling by a power of two
+    r = torch.randint(0, 1 << 24, shape, device=device, generator=generator)
+    return r >= threshold
+
+
+def dropout(input, p=0.5, training=True, inplace=False, backward="exact", generator=None):
+    """Zero each element with probability ``p`` and scale the rest by PAM(x, PAD(1, 1 - p)).
+
+    The mask comes from integer random numbers (p is resolved to multiples of 2^-24), the
+    scale 1/(1 - p) is a PAD (exact when 1 - p is a power of two). p = 1 gives zeros;
+    ``training=False`` or p = 0 return the input unchanged. ``inplace`` is accepted for
+    torch compatibility; the result is always a new tensor.
+    """
+    _check_tensor(input, "input")
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return input
+    zero = torch.zeros((), dtype=torch.float32, device=input.device)
+    if p == 1.0:
+        return torch.where(torch.ones_like(input, dtype=torch.bool), zero, input)
+    keep = _keep_mask(input.shape, p, input.device, generator)
+    scale = _pad_scalar(1.0, 1.0 - p)
+    return torch.where(keep, P.mul(input, scale, backward=backward), zero)
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_scale(head_dim):
+    """PAD(1, pa_sqrt(head_dim)) as a Python float: exact when head_dim is a power of 4."""
+    s = P.sqrt(torch.tensor(float(head_dim), dtype=torch.float32))
+    return float(P.div(torch.ones((), dtype=torch.float32), s))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, offset=None,
+                                 backward="exact"):
+    """PA attention, with ``torch.nn.functional.scaled_dot_product_attention`` semantics.
+
+    softmax(PAM(q, scale) k^T + mask) v with PAM matmuls and the PA softmax. ``attn_mask``:
+    bool (True = may attend) or float (added), broadcastable to (..., L, S); ``is_causal``
+    adds the lower-triangular mask. ``scale`` defaults to PAD(1, pa_sqrt(E)). Rows with
+    every key masked output 0 with zero gradient (as torch's math path). ``dropout_p``
+    drops attention weights (always applied when > 0, as torch).
+    """
+    out, _ = _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset,
+                        backward, False)
+    return out
+
+
+def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset, backward,
+               need_weights):
+    """SDPA returning (output, attention weights after dropout or None)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(t, name)
+    E = query.shape[-1]
+    L, S = query.shape[-2], key.shape[-2]
+    if key.shape[-1] != E:
+        raise ValueError(f"query and key must share the last dimension, got {E} and "
+                         f"{key.shape[-1]}")
+    sc = attention_scale(E) if scale is None else float(scale)
+    q = P.mul(query, sc, backward=backward)
+    scores = P.matmul(q, key.transpose(-2, -1), offset=offset, backward=backward)
+    ninf = torch.full((), float("-inf"), dtype=torch.float32, device=query.device)
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = torch.where(causal, scores, ninf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = torch.where(attn_mask, scores, ninf)
+        else:
+            scores = scores + _check_tensor(attn_mask, "attn_mask")
+    attn = _softmax(scores, -1, offset, backward, safe=True)
+    if dropout_p > 0.0:
+        attn = dropout(attn, dropout_p, training=True, backward=backward)
+    out = P.matmul(attn, value, offset=offset, backward=backward)
+    return out, (attn if need_weights else None)

@@ -1,0 +1,13 @@
+"""``pam.nn``: drop-in PAM versions of torch.nn layers, and :func:`convert`.
+
+Modules hold the same parameters (same names and shapes) as their torch namesakes, so
+state_dicts load in both directions; their arithmetic is in :mod:`pam.nn.functional`.
+"""
+from . import functional
+from .modules import (GELU, Dropout, LayerNorm, Linear, LogSoftmax, MultiheadAttention,
+                      ReLU, Softmax)
+from .convert import convert, KEPT_MODULES, UnsupportedModuleError
+
+__all__ = ["functional", "Linear", "LayerNorm", "MultiheadAttention", "Dropout", "GELU",
+           "ReLU", "Softmax", "LogSoftmax", "convert", "KEPT_MODULES",
+           "UnsupportedModuleError"]
