@@ -16,9 +16,17 @@ from .. import bits
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
 # Columns handled per pass of the matmul kernels: a tile of acc rows stays in L1.
-COL_TILE = 512
+COL_TILE = 1024
 # Rows of the left operand that share one pass over a tile of the right operand.
 ROW_BLOCK = 4
+
+ONE = bits.ONE
+MANT_MASK = bits.MANT_MASK
+ABS_MASK = bits.ABS_MASK
+MIN_NORMAL = bits.MIN_NORMAL
+INF = bits.INF
+NOT_MANT = -8388608          # ~MANT_MASK as a signed integer: clears the 23 mantissa bits
+TWO31 = 2147483648           # 2^31: adding it modulo 2^32 flips the sign bit
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -77,12 +85,218 @@ def log2_slope(x, out):
 
 
 # --------------------------------------------------------------------------- matmul
-@njit(**_JIT)
-def matmul(a, b, off, out):
-    """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing.
+# Fast paths. Each matmul kernel first scans its operands (O(inputs)) with ``_stats``. When
+# no operand holds an inf or NaN and the exponent ranges guarantee that no product of two
+# normal numbers overflows or underflows, every PAM product of normal operands is one
+# wrapping int32 addition of bit patterns (the sign bit of the sum is the xor of the signs,
+# because the magnitude part stays inside [MIN_NORMAL, INF)). Products with a zero or
+# subnormal factor are +-0 and adding +-0 to an accumulator that started at +0.0 changes
+# nothing (round-to-nearest never produces -0 from +0 + x), so they are skipped (scalar
+# side) or masked to +0 (vector side). Otherwise the general kernels below, which call
+# bits.mul_bits / bits.mul_slope_bits for every product, are used. Both paths accumulate
+# each output element in float32 in increasing order of the reduced index.
 
-    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32.
+
+@njit(cache=True, nogil=True)
+def _stats(x):
+    """(has_inf_or_nan, has_zero_or_subnormal, min normal |bits|, max |bits|) of int32 ``x``.
+
+    The minimum is INF when ``x`` holds no normal number.
     """
+    flat = x.reshape(-1)
+    lo = INF
+    hi = 0
+    zmin = INF
+    for i in range(flat.size):
+        u = flat[i] & ABS_MASK
+        hi = max(hi, u)
+        zmin = min(zmin, u)
+        lo = min(lo, u if u >= MIN_NORMAL else INF)
+    return hi >= INF, zmin < MIN_NORMAL, lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _zero_mask(x):
+    """int32 array shaped like ``x``: 0 where x is zero or subnormal, -1 (all ones) elsewhere."""
+    mask = np.empty(x.shape, np.int32)
+    fx = x.reshape(-1)
+    fm = mask.reshape(-1)
+    for i in range(fx.size):
+        fm[i] = 0 if (fx[i] & ABS_MASK) < MIN_NORMAL else -1
+    return mask
+
+
+@njit(cache=True, nogil=True)
+def _floor_exp(x):
+    """x with its 23 low (mantissa) bits cleared."""
+    return x & NOT_MANT
+
+
+@njit(cache=True, nogil=True)
+def _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off):
+    """True when PAM of any two normal operands with these |bits| ranges is normal."""
+    return lo_a + lo_b - ONE + off >= MIN_NORMAL and hi_a + hi_b - ONE + off < INF
+
+
+@njit(cache=True, nogil=True)
+def _slope_fast_ok(lo_g, hi_g, lo_y, hi_y, off):
+    """True when, for normal g, y and any x, PAM(g, slope(x, y)) is normal and the slope too.
+
+    slope(x, y) has the exponent field of Mx + |bits(y)| + off, Mx in [0, MANT_MASK].
+    """
+    s_lo = lo_y + off
+    s_hi = hi_y + MANT_MASK + off
+    return (s_lo >= MIN_NORMAL and s_hi < INF
+            and lo_g + _floor_exp(s_lo) - ONE >= MIN_NORMAL
+            and hi_g + _floor_exp(s_hi) - ONE < INF)
+
+
+@njit(cache=True, nogil=True)
+def _signed_const(u, negative):
+    """int32 constant u (+ 2^31 when ``negative``), wrapped: adding it flips the sign bit."""
+    return np.int32(u + TWO31 if negative else u)
+
+
+# Inner loops: acc[j] += f32(p_0[j]) + ... in sequence (four rounded additions, increasing
+# reduced index), vectorized across j. The int32(...) truncation makes the additions wrap in
+# 32 bits and lets LLVM use 8-lane vpaddd.
+@njit(cache=True, nogil=True)
+def _add4(acc, x0, x1, x2, x3, c0, c1, c2, c3, w):
+    for j in range(w):
+        s = acc[j]
+        s += bits.bits_to_f32(np.int32(x0[j] + c0))
+        s += bits.bits_to_f32(np.int32(x1[j] + c1))
+        s += bits.bits_to_f32(np.int32(x2[j] + c2))
+        s += bits.bits_to_f32(np.int32(x3[j] + c3))
+        acc[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _add4x2(acc0, acc1, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, w):
+    for j in range(w):
+        y0 = x0[j]
+        y1 = x1[j]
+        y2 = x2[j]
+        y3 = x3[j]
+        s = acc0[j]
+        s += bits.bits_to_f32(np.int32(y0 + c0))
+        s += bits.bits_to_f32(np.int32(y1 + c1))
+        s += bits.bits_to_f32(np.int32(y2 + c2))
+        s += bits.bits_to_f32(np.int32(y3 + c3))
+        acc0[j] = s
+        s = acc1[j]
+        s += bits.bits_to_f32(np.int32(y0 + d0))
+        s += bits.bits_to_f32(np.int32(y1 + d1))
+        s += bits.bits_to_f32(np.int32(y2 + d2))
+        s += bits.bits_to_f32(np.int32(y3 + d3))
+        acc1[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _add4m(acc, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
+    for j in range(w):
+        s = acc[j]
+        s += bits.bits_to_f32(np.int32((x0[j] + c0) & m0[j]))
+        s += bits.bits_to_f32(np.int32((x1[j] + c1) & m1[j]))
+        s += bits.bits_to_f32(np.int32((x2[j] + c2) & m2[j]))
+        s += bits.bits_to_f32(np.int32((x3[j] + c3) & m3[j]))
+        acc[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _add1(acc, x0, m0, use_mask, c0, w):
+    if use_mask:
+        for j in range(w):
+            acc[j] += bits.bits_to_f32(np.int32((x0[j] + c0) & m0[j]))
+    else:
+        for j in range(w):
+            acc[j] += bits.bits_to_f32(np.int32(x0[j] + c0))
+
+
+@njit(cache=True, nogil=True)
+def _mm_fast_block(acc, B, M, use_mask, cs, nz, nz4, k, j0, w):
+    """acc[r, :w] = sum_t PAM(a[r, t], B[t, j0:j0+w]) for the rows r of one row block.
+
+    cs[r, t]: int32 constant |bits(a)| - ONE + off (+2^31 for negative a); nz[r, t]: a normal.
+    M: zero mask of B (used when ``use_mask``).
+    """
+    rows = acc.shape[0]
+    j1 = j0 + w
+    k4 = k - k % 4
+    for t in range(0, k4, 4):
+        x0 = B[t, j0:j1]
+        x1 = B[t + 1, j0:j1]
+        x2 = B[t + 2, j0:j1]
+        x3 = B[t + 3, j0:j1]
+        m0 = M[t, j0:j1]
+        m1 = M[t + 1, j0:j1]
+        m2 = M[t + 2, j0:j1]
+        m3 = M[t + 3, j0:j1]
+        r = 0
+        while r + 2 <= rows and not use_mask:
+            c = cs[r]
+            d = cs[r + 1]
+            if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
+                _add4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3],
+                        d[t], d[t + 1], d[t + 2], d[t + 3], w)
+            else:
+                for q in range(r, r + 2):
+                    for u in range(t, t + 4):
+                        if nz[q, u]:
+                            _add1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u], w)
+            r += 2
+        for r in range(r, rows):
+            c = cs[r]
+            z = nz[r]
+            if nz4[r, t >> 2]:
+                if use_mask:
+                    _add4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
+                           c[t], c[t + 1], c[t + 2], c[t + 3], w)
+                else:
+                    _add4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3], w)
+            else:
+                for u in range(t, t + 4):
+                    if z[u]:
+                        _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], w)
+    for u in range(k4, k):
+        for r in range(rows):
+            if nz[r, u]:
+                _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
+
+
+@njit(**_JIT)
+def _matmul_fast(a, b, bmask, use_mask, off, out):
+    batch, n, k = a.shape
+    m = b.shape[2]
+    row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    for task in prange(batch * row_blocks):
+        p = task // row_blocks
+        i0 = (task - p * row_blocks) * ROW_BLOCK
+        rows = min(i0 + ROW_BLOCK, n) - i0
+        cs = np.empty((rows, k), np.int32)
+        nz = np.empty((rows, k), np.bool_)
+        for r in range(rows):
+            for t in range(k):
+                ia = np.int64(a[p, i0 + r, t])
+                ua = ia & ABS_MASK
+                nz[r, t] = ua >= MIN_NORMAL
+                cs[r, t] = _signed_const(ua - ONE + off, ia < 0)
+        nz4 = np.empty((rows, k // 4), np.bool_)
+        for r in range(rows):
+            for t in range(0, k - k % 4, 4):
+                nz4[r, t >> 2] = nz[r, t] and nz[r, t + 1] and nz[r, t + 2] and nz[r, t + 3]
+        acc = np.empty((rows, COL_TILE), np.float32)
+        M = bmask[p] if use_mask else b[p]
+        for j0 in range(0, m, COL_TILE):
+            w = min(COL_TILE, m - j0)
+            acc[:, :w] = 0.0
+            _mm_fast_block(acc, b[p], M, use_mask, cs, nz, nz4, k, j0, w)
+            for r in range(rows):
+                out[p, i0 + r, j0:j0 + w] = acc[r, :w]
+
+
+@njit(**_JIT)
+def _matmul_general(a, b, off, out):
     batch, n, k = a.shape
     m = b.shape[2]
     row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
@@ -104,6 +318,29 @@ def matmul(a, b, off, out):
                         accr[j] += bits.bits_to_f32(bits.mul_bits(ai, brow[j], off))
             for r in range(i1 - i0):
                 out[p, i0 + r, j0:j1] = acc[r, :w]
+
+
+@njit(cache=True, nogil=True)
+def matmul(a, b, off, out):
+    """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing.
+
+    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32.
+    Bit-identical to accumulating bits.mul_bits products for every input (zeros,
+    subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
+    """
+    if out.size == 0:
+        return
+    if a.shape[2] == 0:
+        out[:] = 0.0
+        return
+    sa, za, lo_a, hi_a = _stats(a)
+    sb, zb, lo_b, hi_b = _stats(b)
+    if sa or sb or not _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off):
+        _matmul_general(a, b, off, out)
+    elif zb:
+        _matmul_fast(a, b, _zero_mask(b), True, off, out)
+    else:
+        _matmul_fast(a, b, b, False, off, out)
 
 
 @njit(**_JIT)
