@@ -20,7 +20,8 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (pip install 'bdia-pam[cuda]')")
+pytest.importorskip("numba_cuda",
+                    reason="numba-cuda is not installed (pip install 'bdia-pam[cuda]')")
 
 from numba import cuda  # noqa: E402
 
@@ -185,7 +186,7 @@ def test_matmul_random(shape):
 
 def test_matmul_special_values_and_offset():
     rng = np.random.default_rng(7)
-    a = mixed_matrix(rng, (2, 19, 21))
+    a = mixed_matrix(rng, (2, 13, 21))
     b = mixed_matrix(rng, (2, 21, 18))
     for off in OFFSETS[:2]:
         got = run_matmul(K, a, b, off)
@@ -314,6 +315,28 @@ def test_same_names_as_cpu_backend():
     for name in BINARY + UNARY + ["matmul", "matmul_exact_grad_left", "matmul_exact_grad_right"]:
         assert callable(getattr(K, name))
         assert name in K.KERNEL_FUNCTIONS
+
+
+def test_without_numba_cuda_import_works_and_launch_explains():
+    """Importing needs no numba-cuda; using a kernel without it names the extra to install."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["numba_cuda"] = None       # as if numba-cuda were not installed
+        import numpy as np
+        from pam.kernels import cuda as K
+        assert not K.available()
+        x = np.zeros(3, np.int32)
+        try:
+            K.mul(x, x, 0, x)
+        except ImportError as e:
+            assert "bdia-pam[cuda]" in str(e), e
+            print("RAISED")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "RAISED" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- PTX

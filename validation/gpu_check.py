@@ -277,10 +277,11 @@ def timing(shapes, repeats, seed=1):
         if row["numba_float_tiled_ms"]:
             row["pam_vs_numba_float_tiled"] = row["pam_ms"] / row["numba_float_tiled_ms"]
         rows.append(row)
-        print(f"  {row['shape']:28s} pam {row['pam_ms']:9.3f} ms  torch {row['torch_fp32_ms']:8.3f} ms"
+        print(f"  {row['shape']:28s} pam {row['pam_ms']:9.3f} ms"
+              f"  torch {row['torch_fp32_ms']:8.3f} ms"
               f"  numba-float {row['numba_float_tiled_ms'] or float('nan'):8.3f} ms"
-              f"  pam/torch {row['pam_vs_torch']:6.1f}x  backward {row['pam_exact_backward_ms']:9.3f} ms",
-              flush=True)
+              f"  pam/torch {row['pam_vs_torch']:6.1f}x"
+              f"  backward {row['pam_exact_backward_ms']:9.3f} ms", flush=True)
     return rows
 
 

@@ -44,7 +44,10 @@ ELEMENTWISE_MAX_BLOCKS = 8192
 # CUDA limits the y and z grid dimensions to 65535 blocks.
 _MAX_GRID_YZ = 65535
 
-_HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+try:
+    _HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+except (ImportError, ValueError):  # pragma: no cover - a broken or blocked installation
+    _HAVE_NUMBA_CUDA = False
 if _HAVE_NUMBA_CUDA:
     from numba import cuda, int32
 else:  # pragma: no cover - exercised only where numba-cuda is absent
@@ -208,7 +211,7 @@ def _matmul_exact_grad_right_kernel(at, b, grad, off, out):
             out[p, t, j] = acc
 
 
-# Kernel name -> (Python function, number of array arguments before ``off``/after).
+# Kernel name -> plain Python kernel function (what cuda.jit and cuda.compile_ptx take).
 KERNEL_FUNCTIONS = {
     "mul": _mul_kernel,
     "div": _div_kernel,
