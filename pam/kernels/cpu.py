@@ -343,9 +343,220 @@ def matmul(a, b, off, out):
         _matmul_fast(a, b, b, False, off, out)
 
 
+# Exact backward. slope(x, y) = sign(y) 2^(E(y) + carry) has the exponent field of
+# Mx + |bits(y)| + off; PAM(g, slope) = |bits(g)| + that field - ONE with sign(g) xor sign(y).
+# In wrapping int32 arithmetic: ((Mx + off - ONE + bits(y)) & ~MANT) + bits(g), where
+# bits(y) and bits(g) carry their sign bits (adding 2^31 modulo 2^32 is an xor of signs).
+@njit(cache=True, nogil=True)
+def _sl4(acc, am, x0, x1, x2, x3, g0, g1, g2, g3, w):
+    for t in range(w):
+        y = am[t]
+        s = acc[t]
+        s += bits.bits_to_f32(np.int32(((y + x0[t]) & NOT_MANT) + g0))
+        s += bits.bits_to_f32(np.int32(((y + x1[t]) & NOT_MANT) + g1))
+        s += bits.bits_to_f32(np.int32(((y + x2[t]) & NOT_MANT) + g2))
+        s += bits.bits_to_f32(np.int32(((y + x3[t]) & NOT_MANT) + g3))
+        acc[t] = s
+
+
+@njit(cache=True, nogil=True)
+def _sl4m(acc, am, x0, x1, x2, x3, m0, m1, m2, m3, g0, g1, g2, g3, w):
+    for t in range(w):
+        y = am[t]
+        s = acc[t]
+        s += bits.bits_to_f32(np.int32((((y + x0[t]) & NOT_MANT) + g0) & m0[t]))
+        s += bits.bits_to_f32(np.int32((((y + x1[t]) & NOT_MANT) + g1) & m1[t]))
+        s += bits.bits_to_f32(np.int32((((y + x2[t]) & NOT_MANT) + g2) & m2[t]))
+        s += bits.bits_to_f32(np.int32((((y + x3[t]) & NOT_MANT) + g3) & m3[t]))
+        acc[t] = s
+
+
+@njit(cache=True, nogil=True)
+def _sl1(acc, am, x0, m0, use_mask, g0, w):
+    if use_mask:
+        for t in range(w):
+            acc[t] += bits.bits_to_f32(np.int32((((am[t] + x0[t]) & NOT_MANT) + g0) & m0[t]))
+    else:
+        for t in range(w):
+            acc[t] += bits.bits_to_f32(np.int32(((am[t] + x0[t]) & NOT_MANT) + g0))
+
+
+@njit(cache=True, nogil=True)
+def _mantissa_const(x, off, out):
+    """out[t] = Mx + off - ONE, Mx the mantissa field of x[t] (0 for zero/subnormal x)."""
+    for t in range(x.size):
+        ux = np.int64(x[t]) & ABS_MASK
+        out[t] = np.int32((ux & MANT_MASK if ux >= MIN_NORMAL else 0) + off - ONE)
+
+
 @njit(**_JIT)
+def _grad_left_fast(a, bt, grad, mask, use_mask, off, out):
+    batch, n, k = a.shape
+    m = bt.shape[1]
+    m4 = m - m % 4
+    for task in prange(batch * n):
+        p = task // n
+        i = task - p * n
+        X = bt[p]
+        M = mask[p] if use_mask else X
+        g = grad[p, i]
+        am = np.empty(k, np.int32)
+        _mantissa_const(a[p, i], off, am)
+        acc = np.empty(COL_TILE, np.float32)
+        for t0 in range(0, k, COL_TILE):
+            w = min(COL_TILE, k - t0)
+            t1 = t0 + w
+            acc[:w] = 0.0
+            y = am[t0:t1]
+            for j in range(0, m4, 4):
+                g0 = g[j]
+                g1 = g[j + 1]
+                g2 = g[j + 2]
+                g3 = g[j + 3]
+                if ((g0 & ABS_MASK) >= MIN_NORMAL and (g1 & ABS_MASK) >= MIN_NORMAL
+                        and (g2 & ABS_MASK) >= MIN_NORMAL and (g3 & ABS_MASK) >= MIN_NORMAL):
+                    if use_mask:
+                        _sl4m(acc, y, X[j, t0:t1], X[j + 1, t0:t1], X[j + 2, t0:t1],
+                              X[j + 3, t0:t1], M[j, t0:t1], M[j + 1, t0:t1], M[j + 2, t0:t1],
+                              M[j + 3, t0:t1], g0, g1, g2, g3, w)
+                    else:
+                        _sl4(acc, y, X[j, t0:t1], X[j + 1, t0:t1], X[j + 2, t0:t1],
+                             X[j + 3, t0:t1], g0, g1, g2, g3, w)
+                else:
+                    for u in range(j, j + 4):
+                        if (g[u] & ABS_MASK) >= MIN_NORMAL:
+                            _sl1(acc, y, X[u, t0:t1], M[u, t0:t1], use_mask, g[u], w)
+            for u in range(m4, m):
+                if (g[u] & ABS_MASK) >= MIN_NORMAL:
+                    _sl1(acc, y, X[u, t0:t1], M[u, t0:t1], use_mask, g[u], w)
+            out[p, i, t0:t1] = acc[:w]
+
+
+@njit(cache=True, nogil=True)
+def _sr4(acc, bm, x0, x1, x2, x3, c0, c1, c2, c3, w):
+    for j in range(w):
+        y = bm[j]
+        s = acc[j]
+        s += bits.bits_to_f32(np.int32(((y + c0) & NOT_MANT) + x0[j]))
+        s += bits.bits_to_f32(np.int32(((y + c1) & NOT_MANT) + x1[j]))
+        s += bits.bits_to_f32(np.int32(((y + c2) & NOT_MANT) + x2[j]))
+        s += bits.bits_to_f32(np.int32(((y + c3) & NOT_MANT) + x3[j]))
+        acc[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _sr4m(acc, bm, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
+    for j in range(w):
+        y = bm[j]
+        s = acc[j]
+        s += bits.bits_to_f32(np.int32((((y + c0) & NOT_MANT) + x0[j]) & m0[j]))
+        s += bits.bits_to_f32(np.int32((((y + c1) & NOT_MANT) + x1[j]) & m1[j]))
+        s += bits.bits_to_f32(np.int32((((y + c2) & NOT_MANT) + x2[j]) & m2[j]))
+        s += bits.bits_to_f32(np.int32((((y + c3) & NOT_MANT) + x3[j]) & m3[j]))
+        acc[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _sr1(acc, bm, x0, m0, use_mask, c0, w):
+    if use_mask:
+        for j in range(w):
+            acc[j] += bits.bits_to_f32(np.int32((((bm[j] + c0) & NOT_MANT) + x0[j]) & m0[j]))
+    else:
+        for j in range(w):
+            acc[j] += bits.bits_to_f32(np.int32(((bm[j] + c0) & NOT_MANT) + x0[j]))
+
+
+@njit(**_JIT)
+def _grad_right_fast(at, b, grad, mask, use_mask, off, out):
+    batch, k, n = at.shape
+    m = b.shape[2]
+    n4 = n - n % 4
+    for task in prange(batch * k):
+        p = task // k
+        t = task - p * k
+        G = grad[p]
+        M = mask[p] if use_mask else G
+        arow = at[p, t]
+        cs = np.empty(n, np.int32)
+        for i in range(n):
+            ia = np.int64(arow[i])
+            cs[i] = _signed_const(ia & ABS_MASK, ia < 0)
+        bm = np.empty(m, np.int32)
+        _mantissa_const(b[p, t], off, bm)
+        acc = np.empty(COL_TILE, np.float32)
+        for j0 in range(0, m, COL_TILE):
+            w = min(COL_TILE, m - j0)
+            j1 = j0 + w
+            acc[:w] = 0.0
+            y = bm[j0:j1]
+            for i in range(0, n4, 4):
+                if ((arow[i] & ABS_MASK) >= MIN_NORMAL and (arow[i + 1] & ABS_MASK) >= MIN_NORMAL
+                        and (arow[i + 2] & ABS_MASK) >= MIN_NORMAL
+                        and (arow[i + 3] & ABS_MASK) >= MIN_NORMAL):
+                    if use_mask:
+                        _sr4m(acc, y, G[i, j0:j1], G[i + 1, j0:j1], G[i + 2, j0:j1],
+                              G[i + 3, j0:j1], M[i, j0:j1], M[i + 1, j0:j1], M[i + 2, j0:j1],
+                              M[i + 3, j0:j1], cs[i], cs[i + 1], cs[i + 2], cs[i + 3], w)
+                    else:
+                        _sr4(acc, y, G[i, j0:j1], G[i + 1, j0:j1], G[i + 2, j0:j1],
+                             G[i + 3, j0:j1], cs[i], cs[i + 1], cs[i + 2], cs[i + 3], w)
+                else:
+                    for u in range(i, i + 4):
+                        if (arow[u] & ABS_MASK) >= MIN_NORMAL:
+                            _sr1(acc, y, G[u, j0:j1], M[u, j0:j1], use_mask, cs[u], w)
+            for u in range(n4, n):
+                if (arow[u] & ABS_MASK) >= MIN_NORMAL:
+                    _sr1(acc, y, G[u, j0:j1], M[u, j0:j1], use_mask, cs[u], w)
+            out[p, t, j0:j1] = acc[:w]
+
+
+@njit(cache=True, nogil=True)
 def matmul_exact_grad_left(a, bt, grad, off, out):
     """Exact gradient w.r.t. the left operand of ``matmul``.
+
+    out[p, i, t] = sum_j PAM(grad[p, i, j], slope_a(a[p, i, t], b[p, t, j])), j increasing,
+    where slope_a is the exact power-of-two derivative of PAM w.r.t. its first operand
+    (bits.mul_slope_bits). a: (batch, n, k), bt: (batch, m, k) (b transposed),
+    grad: (batch, n, m) int32; out: (batch, n, k) float32. An empty j range gives zeros.
+    """
+    if out.size == 0:
+        return
+    sa, za, lo_a, hi_a = _stats(a)
+    sb, zb, lo_b, hi_b = _stats(bt)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off):
+        _grad_left_general(a, bt, grad, off, out)
+    elif zb:
+        _grad_left_fast(a, bt, grad, _zero_mask(bt), True, off, out)
+    else:
+        _grad_left_fast(a, bt, grad, bt, False, off, out)
+
+
+@njit(cache=True, nogil=True)
+def matmul_exact_grad_right(at, b, grad, off, out):
+    """Exact gradient w.r.t. the right operand of ``matmul``.
+
+    out[p, t, j] = sum_i PAM(grad[p, i, j], slope_a(b[p, t, j], a[p, i, t])), i increasing
+    (PAM is symmetric, so the slope w.r.t. b is slope_a with the operands swapped).
+    at: (batch, k, n) (a transposed), b: (batch, k, m), grad: (batch, n, m) int32;
+    out: (batch, k, m) float32. An empty i range gives zeros.
+    """
+    if out.size == 0:
+        return
+    sa, za, lo_a, hi_a = _stats(at)
+    sb, zb, lo_b, hi_b = _stats(b)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off):
+        _grad_right_general(at, b, grad, off, out)
+    elif zg:
+        _grad_right_fast(at, b, grad, _zero_mask(grad), True, off, out)
+    else:
+        _grad_right_fast(at, b, grad, grad, False, off, out)
+
+
+@njit(**_JIT)
+def _grad_left_general(a, bt, grad, off, out):
+    """General path of ``matmul_exact_grad_left``.
 
     out[p, i, t] = sum_j PAM(grad[p, i, j], slope_a(a[p, i, t], b[p, t, j])), j increasing,
     where slope_a is the exact power-of-two derivative of PAM w.r.t. its first operand.
@@ -368,8 +579,8 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
 
 
 @njit(**_JIT)
-def matmul_exact_grad_right(at, b, grad, off, out):
-    """Exact gradient w.r.t. the right operand of ``matmul``.
+def _grad_right_general(at, b, grad, off, out):
+    """General path of ``matmul_exact_grad_right``.
 
     out[p, t, j] = sum_i PAM(grad[p, i, j], slope_a(b[p, t, j], a[p, i, t])), i increasing
     (PAM is symmetric, so the slope w.r.t. b is slope_a with the operands swapped).
