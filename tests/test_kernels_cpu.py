@@ -1,0 +1,327 @@
+"""CPU matmul kernels (pam.kernels.cpu) against slow, obvious NumPy references.
+
+The references below restate the golden semantics of pam.bits (PAM on bit patterns, the
+exact power-of-two slope) elementwise in NumPy and accumulate in float32 with a Python loop
+over the reduced index, in increasing order. Kernel results must match bit for bit
+(compared as int32 patterns; any NaN matches any NaN) for every input: zeros of both
+signs, subnormals, infinities, NaN, values whose products overflow or underflow. Random
+operands are drawn from several regimes so that both the int32 fast paths and the general
+select-based paths of the kernels run.
+"""
+import numba
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pam
+from pam import bits
+from pam.kernels import cpu
+
+ONE = 0x3F800000
+MIN_NORMAL = 0x00800000
+INF = 0x7F800000
+MANT = 0x007FFFFF
+OFFSETS = [None, 1.0552, 0.75, 1.9]
+
+
+# --------------------------------------------------------------------------- references
+def _bits64(x):
+    return np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+
+
+def _f32(i):
+    return np.asarray(i, np.int64).astype(np.uint32).view(np.float32)
+
+
+def _off(offset):
+    return 0 if offset is None else int(np.float32(offset).view(np.int32)) - ONE
+
+
+def ref_pam(a, b, off=0):
+    """PAM(a, b; off) elementwise: |c| = |a| + |b| - ONE + off on bit patterns, as float32."""
+    ia, ib = np.broadcast_arrays(_bits64(a), _bits64(b))
+    ua, ub = ia & 0x7FFFFFFF, ib & 0x7FFFFFFF
+    sign = (ia ^ ib) & 0x80000000
+    r = ua + ub - ONE + off
+    mag = np.where(r < MIN_NORMAL, 0, np.where(r >= INF, INF, r))
+    a_zero, b_zero = ua < MIN_NORMAL, ub < MIN_NORMAL
+    a_inf, b_inf = ua == INF, ub == INF
+    mag = np.where(a_zero | b_zero, 0, mag)          # zero or subnormal operand: signed zero
+    mag = np.where(a_inf | b_inf, INF, mag)          # inf times nonzero: signed inf
+    out = _f32(mag | sign)
+    nan = (ua > INF) | (ub > INF) | ((a_inf | b_inf) & (a_zero | b_zero))
+    return np.where(nan, np.float32(np.nan), out).astype(np.float32)
+
+
+def ref_slope(x, y, off=0):
+    """Exact derivative of PAM(x, y; off) w.r.t. x: sign(y) 2^(exponent of Mx + |y| + off).
+
+    Mx = 0 for zero/subnormal x (one-sided limit); zero y gives a signed zero, infinite y a
+    signed infinity, NaN in either gives NaN; flush/saturate like PAM.
+    """
+    ix, iy = np.broadcast_arrays(_bits64(x), _bits64(y))
+    ux, uy = ix & 0x7FFFFFFF, iy & 0x7FFFFFFF
+    sign = iy & 0x80000000
+    mx = np.where(ux >= MIN_NORMAL, ux & MANT, 0)
+    s = mx + uy + off
+    mag = np.where(s < MIN_NORMAL, 0, np.where(s >= INF, INF, s & 0x7F800000))
+    mag = np.where(uy < MIN_NORMAL, 0, np.where(uy == INF, INF, mag))
+    out = _f32(mag | sign)
+    nan = (ux > INF) | (uy > INF)
+    return np.where(nan, np.float32(np.nan), out).astype(np.float32)
+
+
+def ref_matmul(a, b, off=0):
+    """C[i, j] = sum_t PAM(a[i, t], b[t, j]), float32, t increasing."""
+    acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for t in range(a.shape[1]):
+        acc = (acc + ref_pam(a[:, t:t + 1], b[t:t + 1, :], off)).astype(np.float32)
+    return acc
+
+
+def ref_grad_left(a, b, g, off=0):
+    """dA[i, t] = sum_j PAM(g[i, j], slope(a[i, t], b[t, j])), j increasing."""
+    acc = np.zeros(a.shape, np.float32)
+    for j in range(b.shape[1]):
+        acc = (acc + ref_pam(g[:, j:j + 1], ref_slope(a, b[None, :, j], off))).astype(np.float32)
+    return acc
+
+
+def ref_grad_right(a, b, g, off=0):
+    """dB[t, j] = sum_i PAM(g[i, j], slope(b[t, j], a[i, t])), i increasing."""
+    acc = np.zeros(b.shape, np.float32)
+    for i in range(a.shape[0]):
+        acc = (acc + ref_pam(g[i:i + 1, :], ref_slope(b, a[i][:, None], off))).astype(np.float32)
+    return acc
+
+
+def assert_same_bits(got, expected, what=""):
+    got = np.asarray(got, np.float32)
+    expected = np.asarray(expected, np.float32)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    same = (got.view(np.int32) == expected.view(np.int32)) | (np.isnan(got) & np.isnan(expected))
+    bad = np.argwhere(~same)
+    assert bad.size == 0, (f"{what}: {len(bad)} of {same.size} differ, first at {bad[:3].tolist()}: "
+                           f"got {got[tuple(bad[0])]!r}, expected {expected[tuple(bad[0])]!r}")
+
+
+# --------------------------------------------------------------------------- kernel calls
+def k_matmul(a, b, off=0):
+    """Through the kernel with a batch of 1 (a: (n, k), b: (k, m) float32)."""
+    out = np.full((1, a.shape[0], b.shape[1]), np.nan, np.float32)
+    cpu.matmul(a[None].view(np.int32), b[None].view(np.int32), off, out)
+    return out[0]
+
+
+def k_grad_left(a, b, g, off=0):
+    out = np.full((1,) + a.shape, np.nan, np.float32)
+    bt = np.ascontiguousarray(b.T)[None].view(np.int32)
+    cpu.matmul_exact_grad_left(a[None].view(np.int32), bt, g[None].view(np.int32), off, out)
+    return out[0]
+
+
+def k_grad_right(a, b, g, off=0):
+    out = np.full((1,) + b.shape, np.nan, np.float32)
+    at = np.ascontiguousarray(a.T)[None].view(np.int32)
+    cpu.matmul_exact_grad_right(at, b[None].view(np.int32), g[None].view(np.int32), off, out)
+    return out[0]
+
+
+# --------------------------------------------------------------------------- operands
+EDGE = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1.1754942e-38, 1.17549435e-38, -1.17549435e-38,
+                 np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38, 1e30, -1e-30, 1.0, -1.0,
+                 0.5, 1.5, -0.75, 2.0 ** -126, 2.0 ** 127, 2.0 ** -63, 2.0 ** 64, 3e-20, -7e19],
+                np.float32)
+REGIMES = ("normal", "zeros", "edge", "wide", "bits")
+
+
+def operand(rng, shape, regime):
+    """Random float32 array; regime picks which kernel path the operand allows."""
+    x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-8, 8)).astype(np.float32)
+    if regime == "zeros":            # ReLU-like: zeros of both signs and subnormals
+        x[rng.random(shape) < 0.35] = 0.0
+        x[rng.random(shape) < 0.1] = -0.0
+        x[rng.random(shape) < 0.05] = np.float32(3e-39)
+    elif regime == "edge":           # special values sprinkled in
+        pick = rng.random(shape) < 0.2
+        x[pick] = rng.choice(EDGE, size=int(pick.sum()))
+    elif regime == "wide":           # finite, exponents over the whole range: over/underflow
+        e = rng.integers(-140, 128, size=shape).astype(np.float64)
+        x = (rng.choice([-1.0, 1.0], size=shape) * rng.uniform(1, 2, size=shape)
+             * 2.0 ** e).astype(np.float32)
+    elif regime == "bits":           # arbitrary bit patterns (NaNs with payloads, subnormals)
+        x = rng.integers(-2 ** 31, 2 ** 31, size=shape, dtype=np.int64).astype(np.int32)
+        x = x.view(np.float32)
+    return np.ascontiguousarray(x, np.float32)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+
+dims = st.sampled_from([0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33])
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+# --------------------------------------------------------------------------- the reference itself
+def test_reference_pam_matches_scalar_definition():
+    """The NumPy reference equals bits.mul_bits / bits.mul_slope_bits on all edge pairs."""
+    a, b = np.meshgrid(EDGE, EDGE)
+    a, b = a.ravel(), b.ravel()
+    for off in (0, _off(1.0552), _off(0.75)):
+        scalar = np.array([bits.mul_bits(int(x), int(y), off)
+                           for x, y in zip(a.view(np.int32), b.view(np.int32))], np.int64)
+        assert_same_bits(ref_pam(a, b, off), _f32(scalar), "ref_pam")
+        slope = np.array([bits.mul_slope_bits(int(x), int(y), off)
+                          for x, y in zip(a.view(np.int32), b.view(np.int32))], np.int64)
+        assert_same_bits(ref_slope(a, b, off), _f32(slope), "ref_slope")
+
+
+# --------------------------------------------------------------------------- property tests
+@SETTINGS
+@given(n=dims, k=dims, m=dims, ra=st.sampled_from(REGIMES), rb=st.sampled_from(REGIMES),
+       offset=st.sampled_from(OFFSETS), seed=st.integers(0, 2 ** 32 - 1))
+def test_matmul_matches_reference(n, k, m, ra, rb, offset, seed):
+    rng = np.random.default_rng(seed)
+    a, b = operand(rng, (n, k), ra), operand(rng, (k, m), rb)
+    off = _off(offset)
+    assert_same_bits(k_matmul(a, b, off), ref_matmul(a, b, off), "matmul")
+
+
+@SETTINGS
+@given(n=dims, k=dims, m=dims, ra=st.sampled_from(REGIMES), rb=st.sampled_from(REGIMES),
+       rg=st.sampled_from(REGIMES), offset=st.sampled_from(OFFSETS),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_exact_grads_match_reference(n, k, m, ra, rb, rg, offset, seed):
+    rng = np.random.default_rng(seed)
+    a, b, g = operand(rng, (n, k), ra), operand(rng, (k, m), rb), operand(rng, (n, m), rg)
+    off = _off(offset)
+    assert_same_bits(k_grad_left(a, b, g, off), ref_grad_left(a, b, g, off), "grad_left")
+    assert_same_bits(k_grad_right(a, b, g, off), ref_grad_right(a, b, g, off), "grad_right")
+
+
+# --------------------------------------------------------------------------- tiles and paths
+@pytest.mark.parametrize("regime", ["normal", "zeros", "edge"])
+def test_sizes_across_column_tiles(regime):
+    """Reduced and vectorized sizes that are not multiples of the tiles and the 4-step unroll."""
+    rng = np.random.default_rng(7)
+    n, k, m = 6, cpu.COL_TILE + 7, cpu.COL_TILE + 5
+    a, b, g = operand(rng, (n, k), regime), operand(rng, (k, m), "zeros"), operand(rng, (n, m), regime)
+    assert_same_bits(k_matmul(a, b), ref_matmul(a, b), "matmul")
+    assert_same_bits(k_grad_left(a, b, g), ref_grad_left(a, b, g), "grad_left")
+    assert_same_bits(k_grad_right(a, b, g), ref_grad_right(a, b, g), "grad_right")
+
+
+def test_fast_path_at_range_boundaries():
+    """Operands whose extreme products are exactly the smallest normal and just below inf.
+
+    The fast-path range check must accept them (so the int32 path is what runs) and the
+    results must still equal the reference; one step further must send them to the general path.
+    """
+    lo = np.float32(2.0 ** -63)          # lo * lo = 2^-126, the smallest normal
+    hi = np.float32(np.nextafter(np.float32(2.0 ** 64), np.float32(0)))
+    rng = np.random.default_rng(3)
+    a = operand(rng, (5, 9), "normal")
+    b = operand(rng, (9, 6), "normal")
+    a[0, :3] = [lo, -lo, hi]
+    b[:3, 0] = [lo, lo, -hi]
+    a[1, 4], b[4, 1] = hi, hi
+    _, _, lo_a, hi_a = cpu._stats(a.view(np.int32))
+    _, _, lo_b, hi_b = cpu._stats(b.view(np.int32))
+    assert lo_a + lo_b - ONE == MIN_NORMAL
+    assert cpu._mul_fast_ok(lo_a, hi_a, lo_b, hi_b, 0)
+    assert_same_bits(k_matmul(a, b), ref_matmul(a, b), "boundary")
+    a[2, 2] = np.nextafter(lo, np.float32(0))   # one ulp below: a product underflows
+    _, _, lo_a, hi_a = cpu._stats(a.view(np.int32))
+    assert not cpu._mul_fast_ok(lo_a, hi_a, lo_b, hi_b, 0)
+    assert_same_bits(k_matmul(a, b), ref_matmul(a, b), "below boundary")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_fast_and_general_paths_agree(regime):
+    """The dispatching kernels equal the general (bits.mul_bits) kernels on the same data."""
+    rng = np.random.default_rng(11)
+    a = operand(rng, (2, 19, 37), regime).view(np.int32)
+    b = operand(rng, (2, 37, 23), "zeros").view(np.int32)
+    g = operand(rng, (2, 19, 23), regime).view(np.int32)
+    bt = np.ascontiguousarray(b.transpose(0, 2, 1))
+    at = np.ascontiguousarray(a.transpose(0, 2, 1))
+    for off in (0, _off(1.0552)):
+        x, y = np.empty((2, 19, 23), np.float32), np.empty((2, 19, 23), np.float32)
+        cpu.matmul(a, b, off, x)
+        cpu._matmul_general(a, b, off, y)
+        assert_same_bits(x, y, "matmul")
+        x, y = np.empty((2, 19, 37), np.float32), np.empty((2, 19, 37), np.float32)
+        cpu.matmul_exact_grad_left(a, bt, g, off, x)
+        cpu._grad_left_general(a, bt, g, off, y)
+        assert_same_bits(x, y, "grad_left")
+        x, y = np.empty((2, 37, 23), np.float32), np.empty((2, 37, 23), np.float32)
+        cpu.matmul_exact_grad_right(at, b, g, off, x)
+        cpu._grad_right_general(at, b, g, off, y)
+        assert_same_bits(x, y, "grad_right")
+
+
+def test_batched_kernels_match_reference_per_batch():
+    rng = np.random.default_rng(5)
+    a = operand(rng, (3, 6, 10), "zeros")
+    b = operand(rng, (3, 10, 7), "normal")
+    g = operand(rng, (3, 6, 7), "zeros")
+    out = np.empty((3, 6, 7), np.float32)
+    cpu.matmul(a.view(np.int32), b.view(np.int32), 0, out)
+    dl = np.empty(a.shape, np.float32)
+    cpu.matmul_exact_grad_left(a.view(np.int32), np.ascontiguousarray(b.transpose(0, 2, 1)).view(np.int32),
+                               g.view(np.int32), 0, dl)
+    dr = np.empty(b.shape, np.float32)
+    cpu.matmul_exact_grad_right(np.ascontiguousarray(a.transpose(0, 2, 1)).view(np.int32),
+                                b.view(np.int32), g.view(np.int32), 0, dr)
+    for p in range(3):
+        assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
+        assert_same_bits(dl[p], ref_grad_left(a[p], b[p], g[p]), f"grad_left batch {p}")
+        assert_same_bits(dr[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
+
+
+def test_empty_reduction_gives_zeros():
+    a, b = np.zeros((4, 0), np.float32), np.zeros((0, 5), np.float32)
+    assert_same_bits(k_matmul(a, b), np.zeros((4, 5), np.float32), "k = 0")
+    a, b, g = np.ones((4, 3), np.float32), np.ones((3, 0), np.float32), np.ones((4, 0), np.float32)
+    assert_same_bits(k_grad_left(a, b, g), np.zeros((4, 3), np.float32), "m = 0")
+    a, b, g = np.ones((0, 3), np.float32), np.ones((3, 5), np.float32), np.ones((0, 5), np.float32)
+    assert_same_bits(k_grad_right(a, b, g), np.zeros((3, 5), np.float32), "n = 0")
+
+
+def test_result_does_not_depend_on_thread_count():
+    rng = np.random.default_rng(9)
+    a = operand(rng, (1, 67, 45), "zeros").view(np.int32)
+    b = operand(rng, (1, 45, 70), "normal").view(np.int32)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            out = np.empty((1, 67, 70), np.float32)
+            cpu.matmul(a, b, 0, out)
+            results.append(out)
+    finally:
+        numba.set_num_threads(before)
+    for r in results[1:]:
+        assert_same_bits(r, results[0], "threads")
+
+
+def test_through_torch_autograd_both_backward_modes():
+    """pam.matmul's forward and both backward modes reach these kernels and match references."""
+    rng = np.random.default_rng(4)
+    a0, b0 = operand(rng, (9, 14), "zeros"), operand(rng, (14, 6), "normal")
+    g0 = operand(rng, (9, 6), "normal")
+    for mode in ("exact", "approx"):
+        a = torch.from_numpy(a0.copy()).requires_grad_()
+        b = torch.from_numpy(b0.copy()).requires_grad_()
+        c = pam.matmul(a, b, backward=mode)
+        assert_same_bits(c.detach().numpy(), ref_matmul(a0, b0), "forward")
+        c.backward(torch.from_numpy(g0))
+        if mode == "exact":
+            ga, gb = ref_grad_left(a0, b0, g0), ref_grad_right(a0, b0, g0)
+        else:
+            ga, gb = ref_matmul(g0, b0.T.copy()), ref_matmul(a0.T.copy(), g0)
+        assert_same_bits(a.grad.numpy(), ga, f"{mode} dA")
+        assert_same_bits(b.grad.numpy(), gb, f"{mode} dB")
