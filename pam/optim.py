@@ -72,7 +72,8 @@ class AdamW(torch.optim.Optimizer):
         self.offset = offset
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-                        capturable=capturable, differentiable=differentiable, fused=fused)
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=True)
         super().__init__(params, defaults)
 
     @torch.no_grad()

@@ -257,6 +257,11 @@ class MultiheadAttention(PamModule, nn.Module):
             out = f if out is None else out + f
         return out
 
+    def _attend(self, q, k, v, mask, dropout_p, is_causal, need_weights):
+        """(B, H, L, D) heads -> (output, weights or None); overridable for experiments."""
+        return PF._attention(q, k, v, mask, dropout_p, is_causal, None, self.offset,
+                             self.backward, need_weights)
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         unbatched = query.dim() == 2
@@ -288,8 +293,7 @@ class MultiheadAttention(PamModule, nn.Module):
         mask = self._mask(attn_mask, key_padding_mask, B, L, S, query.device)
         causal = is_causal and attn_mask is None
         p = self.dropout if self.training else 0.0
-        out, weights = PF._attention(q, k, v, mask, p, causal, None, self.offset,
-                                     self.backward, need_weights)
+        out, weights = self._attend(q, k, v, mask, p, causal, need_weights)
         out = out.transpose(1, 2).reshape(B, L, E)
         out = self.out_proj(out)
         if not self.batch_first:
