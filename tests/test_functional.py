@@ -120,11 +120,13 @@ def test_softmax_masked_and_floor_shift_exact():
     assert p[0, 1] == 0 and torch.isnan(p[1]).all()          # as torch
     lp = PF.log_softmax(x, -1)
     assert lp[0, 1] == float("-inf") and torch.isfinite(lp[0, [0, 2, 3]]).all()
-    # subtracting floor(max) is exact: same bits as the unshifted recipe
+    # subtracting floor(max) changes only rounding (last bits of entries far below the
+    # max, where x' - m gains exponent bits): within a few ulp of the unshifted recipe
     y = randn(gen(2), 3, 7, std=4.0)
     e = pam.exp2(pam.mul(y, pam.ops.LOG2_E))
     ref = pam.div(e, e.sum(-1, keepdim=True))
-    assert torch.equal(PF.softmax(y, -1).view(torch.int32), ref.view(torch.int32))
+    ulps = (PF.softmax(y, -1).view(torch.int32) - ref.view(torch.int32)).abs()
+    assert int(ulps.max()) <= 16
 
 
 def test_log_softmax_close_to_torch():
