@@ -1,0 +1,146 @@
+"""The bdia-pam command: outputs, resume bit-exactness, one-line errors that write nothing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bdia_pam import cli
+from bdia_pam.data import write_fake_cifar10
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "2", "--width", "16", "--heads", "2", "--batch-size", "8", "--no-progress"]
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_rows(d):
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == "train"]
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--task", "--data", "--arithmetic", "--reversible", "--no-reversible", "--depth",
+                "--width", "--heads", "--frac-bits", "--steps", "--epochs", "--batch-size", "--lr",
+                "--schedule", "--seed", "--out", "--device", "--resume", "--compare-float"):
+        assert opt in out, opt
+
+
+def test_train_writes_outputs_and_evaluate_reads_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", "--arithmetic", "float", *TINY, "--steps", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    for f in ("config.json", "metrics.jsonl", "model.safetensors", "trainer.pt", "metrics.png"):
+        assert (out / f).is_file(), f
+    assert "test accuracy" in stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["width"] == 16 and cfg["model"]["arithmetic"] == "float"
+    assert len(train_rows(out)) == 3
+    code, stdout, err = run(["evaluate", str(out), "--json"], capsys)
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["step"] == 3 and 0.0 <= m["test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("arithmetic", ["float", "pam"])
+def test_resume_reproduces_losses_bit_for_bit(tmp_path, capsys, arithmetic):
+    if arithmetic == "pam":
+        pytest.importorskip("pam.optim")
+    common = ["train", "--arithmetic", arithmetic, *TINY, "--steps", "4", "--seed", "5", "--lr", "1e-2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run([*common, "--out", str(a)], capsys)[0] == 0
+    assert run([*common, "--out", str(b), "--stop-after", "2"], capsys)[0] == 0
+    assert len(train_rows(b)) == 2
+    code, _, err = run(["train", "--resume", str(b), "--no-progress"], capsys)
+    assert code == 0, err
+    ra, rb = train_rows(a), train_rows(b)
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert [r["loss_bits"] for r in ra] == [r["loss_bits"] for r in rb]
+    from safetensors.torch import load_file
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k].view(torch.int32), wb[k].view(torch.int32)) for k in wa)
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--width", "16", "--heads", "3"], "heads"),
+    (["--frac-bits", "99"], "frac_bits"),
+    (["--task", "text", "--data", "/does/not/exist.txt"], "does not exist"),
+    (["--task", "cifar10", "--data", "/does/not/exist"], "does not exist"),
+    (["--lr", "-1"], "--lr"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, word):
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", "--arithmetic", "float", *argv, "--out", str(out)], capsys)
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("bdia-pam: error:") and word in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--arithmetic", "float", *TINY, "--steps", "1", "--out", str(out)], capsys)[0] == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()}
+    code, _, err = run(["train", "--arithmetic", "float", *TINY, "--steps", "1", "--out", str(out)], capsys)
+    assert code == 2 and "--resume" in err
+    assert before == {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()}
+
+
+def test_corrupt_or_incompatible_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--arithmetic", "float", *TINY, "--steps", "1", "--out", str(out)], capsys)[0] == 0
+    # a changed model option on resume
+    code, _, err = run(["train", "--resume", str(out), "--width", "32"], capsys)
+    assert code == 2 and "--width" in err
+    # weights that no longer match the state file (a run killed mid-write)
+    w = out / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    for argv in (["evaluate", str(out)], ["train", "--resume", str(out)]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
+    (out / "trainer.pt").write_bytes(b"garbage")
+    code, _, err = run(["evaluate", str(out)], capsys)
+    assert code == 2 and "corrupt" in err
+    code, _, err = run(["evaluate", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_text_and_cifar10_tasks(tmp_path, capsys):
+    txt = tmp_path / "t.txt"
+    txt.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    code, stdout, err = run(["train", "--task", "text", "--data", str(txt), "--arithmetic", "float", *TINY,
+                             "--context", "16", "--steps", "2", "--out", str(tmp_path / "t")], capsys)
+    assert code == 0, err
+    assert "bits/char" in stdout
+    root = write_fake_cifar10(str(tmp_path / "cifar"), 4, 4)
+    code, stdout, err = run(["train", "--task", "cifar10", "--data", root, "--arithmetic", "float", *TINY,
+                             "--patch-size", "8", "--steps", "1", "--out", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+
+
+def test_compare_float_prints_both(tmp_path, capsys):
+    pytest.importorskip("pam.optim")
+    code, stdout, err = run(["train", "--arithmetic", "pam_matmul", *TINY, "--steps", "2", "--compare-float",
+                             "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    assert "pam_matmul" in stdout and "float" in stdout and stdout.count("%") >= 2
+    assert (tmp_path / "r" / "compare_float" / "model.safetensors").is_file()
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "bdia_pam", "train", "--heads", "5", "--out", "/nonexistent/x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "heads" in r.stderr and "Traceback" not in r.stderr
