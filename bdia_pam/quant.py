@@ -96,8 +96,10 @@ def _check_finite_range(v64: torch.Tensor, bound: float, what: str, frac_bits: i
             f"{nonfinite} non-finite). Scale the activations down or lower frac_bits.")
 
 
-def to_grid(x: torch.Tensor, frac_bits: int, what: str = "input") -> torch.Tensor:
-    """Round a float tensor to the grid: ``X = round_half_even(x * 2^l)`` as int64.
+def to_grid(x: torch.Tensor, frac_bits: int, what: str = "input",
+            dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Round a float tensor to the grid: ``X = round_half_even(x * 2^l)`` as ``dtype``
+    (int64 by default; int32 suffices since |X| < 2^24).
 
     ``x * 2^l`` is exact (x converted to float64, exponent adjusted); one rounding, ties to
     even. Raises :class:`GridRangeError` (mentioning ``what``) unless every |X| < 2^24."""
@@ -109,7 +111,7 @@ def to_grid(x: torch.Tensor, frac_bits: int, what: str = "input") -> torch.Tenso
     _check_finite_range(x64, 2.0 ** (25 - frac_bits), what, frac_bits)
     X = torch.round(_ldexp64(x64, frac_bits))
     _check_grid(X, frac_bits, what)
-    return X.to(torch.int64)
+    return X.to(dtype)
 
 
 def round_grid(x: torch.Tensor, frac_bits: int, what: str = "input") -> torch.Tensor:
@@ -159,7 +161,7 @@ def residual_step(X: torch.Tensor, h: torch.Tensor, frac_bits: int, what: str) -
     Raises :class:`GridRangeError` naming ``what`` if the result leaves |X| < 2^24."""
     H = _branch64(h, frac_bits, what)
     _check_finite_range(_ldexp64(H, -frac_bits), 2.0 ** (26 - frac_bits), what, frac_bits)
-    out = X + torch.round(H).to(torch.int64)
+    out = torch.round(H).to(X.dtype).add_(X)
     _check_grid(out, frac_bits, what)
     return out
 
@@ -182,16 +184,29 @@ def bdia_combine(X: torch.Tensor, h: torch.Tensor, gamma_pos: torch.Tensor, frac
     H = _branch64(h, frac_bits, what)
     # |h| far beyond the range: refuse before the int64 conversion could overflow.
     _check_finite_range(_ldexp64(H, -frac_bits), 2.0 ** (26 - frac_bits), what, frac_bits)
-    H3 = H + H + H
-    cH = torch.where(gamma_pos, H3, H)
+    # written to keep few full-size temporaries alive (this runs once per block)
+    cH = H + H
+    cH.add_(H)                                  # 3H, exact
+    cH = torch.where(gamma_pos, cH, H)          # c_h H
+    del H
     F = torch.floor(cH)
-    r = cH - F
-    X3 = X + X + X
-    M = torch.where(gamma_pos, X, X3) + F.to(torch.int64)
-    q = M >> 1
+    frac_pos = (cH > F).to(X.dtype)             # r > 0
+    del cH
+    M = F.to(X.dtype)  # |F| < 2^28: fits int32 as well
+    del F
+    M.add_(X)
+    M.add_((X + X).masked_fill_(gamma_pos, 0))  # + c_x X, c_x = 1 or 3
     odd = M & 1
-    up = odd & ((r > 0).to(torch.int64) | (q & 1))
-    return q + up
+    M.bitwise_right_shift_(1)                   # q = floor(M / 2)
+    frac_pos.bitwise_or_(M & 1)
+    frac_pos.bitwise_and_(odd)
+    return M.add_(frac_pos)
+
+
+def gamma_term_inverse_(T: torch.Tensor, side: torch.Tensor, gamma_pos: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`gamma_term_inverse` (overwrites and returns T; integer ops only)."""
+    sign = torch.where(gamma_pos, 2, -2).to(T.dtype)  # (batch, 1, ...): small
+    return T.mul_(sign).sub_(side)
 
 
 def gamma_term(X_prev: torch.Tensor, side: torch.Tensor, gamma_pos: torch.Tensor) -> torch.Tensor:
@@ -226,15 +241,15 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.int64).to(torch.uint8).contiguous()
 
 
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` bits as an int64 0/1 tensor."""
+def unpack_bits(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a 0/1 tensor of ``dtype``."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed bits must be torch.uint8, got {packed.dtype}")
     if packed.numel() * 8 < n:
         raise ValueError(f"{packed.numel()} packed bytes hold fewer than n = {n} bits")
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:n].to(torch.int64)
+    return bits.reshape(-1)[:n].to(dtype)
 
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64
@@ -246,7 +261,12 @@ def checksum(X: torch.Tensor) -> int:
 
     w_i = (i * golden) | 1 is odd, so any single changed element changes the checksum; two
     or more changes collide with probability about 2^-64. Integer ops only (wrapping int64)."""
-    flat = X.reshape(-1).to(torch.int64)
-    idx = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
-    w = (idx * _GOLDEN + _MIX) | 1
-    return int((flat * w).sum())
+    flat = X.reshape(-1)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    chunk = 1 << 16  # bounded temporaries
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk].to(torch.int64)
+        w = torch.arange(start, start + part.numel(), dtype=torch.int64, device=flat.device)
+        w.mul_(_GOLDEN).add_(_MIX).bitwise_or_(1)
+        total += (part * w).sum()
+    return int(total)

@@ -34,6 +34,9 @@ from torch import nn
 from . import quant
 from .quant import GridRangeError
 
+#: dtype of the grid state kept by the reversible path (|X| < 2^24 fits; half of int64)
+_GRID = torch.int32
+
 __all__ = ["ReversibleStack", "ForwardRecord", "NonDeterministicBlockError", "GridRangeError"]
 
 
@@ -172,6 +175,10 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         stack, record = ctx.stack, ctx.record
+        if record is None:
+            raise RuntimeError("backward through a ReversibleStack output ran twice; the "
+                               "reversible backward consumes its record (retain_graph is "
+                               "not supported: use reversible=False)")
         grads: List[Optional[torch.Tensor]] = [None] * ctx.n_params
         a0 = stack._reverse_walk(y, record, grad_y, ctx.param_index, grads)
         ctx.record = None
@@ -199,8 +206,9 @@ class ReversibleStack(nn.Module):
             through gradients up to float summation order): the reference for debugging.
         generator / seed: source of the training-mode gammas (at most one). Without either,
             gamma is drawn from torch's global RNG.
-        preserve_rng_state: capture the RNG state before each block (about 5 KB per block
-            on CPU) and restore it when the block is recomputed, so dropout replays.
+        preserve_rng_state: capture the RNG state before each block and restore it when
+            the block is recomputed, so dropout replays (about 5 KB per block on CPU that
+            drew random numbers since the previous block; blocks that draw nothing share).
         check_determinism: verify every recovered activation against the forward
             checksums and raise :class:`NonDeterministicBlockError` naming the block.
 
@@ -290,11 +298,17 @@ class ReversibleStack(nn.Module):
             raise TypeError(f"block {k} returned dtype {h.dtype}; expected float32")
 
     # -- RNG ---------------------------------------------------------------------------------
-    def _capture_rng(self, device):
+    def _capture_rng(self, device, previous=None):
+        """(CPU state, CUDA state or None) now; reuses ``previous`` if nothing drew from
+        the RNG since, so a stack without dropout keeps one ~5 KB state, not one per block."""
         if not self.preserve_rng_state:
             return None
+        cpu = torch.get_rng_state()
         cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return (torch.get_rng_state(), cuda)
+        if previous is not None and torch.equal(previous[0], cpu) and (
+                cuda is None or torch.equal(previous[1], cuda)):
+            return previous
+        return (cpu, cuda)
 
     def _call_block(self, k, x, rng_state, device):
         block = self.blocks[k]
@@ -388,7 +402,7 @@ class ReversibleStack(nn.Module):
     def _run_forward(self, x0, gamma_bits) -> ForwardRecord:
         l, K, device = self.frac_bits, len(self.blocks), x0.device
         gps = _gamma_pos_rows(gamma_bits, x0.shape[0], x0.dim())
-        X = quant.to_grid(x0, l, "input x0")
+        X = quant.to_grid(x0, l, "input x0", _GRID)
         nbytes = (X.numel() + 7) // 8
         side = torch.empty((K - 1, nbytes), dtype=torch.uint8, device=device)
         sums = [quant.checksum(X)]
@@ -401,7 +415,7 @@ class ReversibleStack(nn.Module):
         del h
         sums.append(quant.checksum(X))
         for k in range(1, K):
-            state = self._capture_rng(device)
+            state = self._capture_rng(device, state)
             if rng is not None:
                 rng.append(state)
             h = self._call_block(k, quant.from_grid(X, l), None, device)
@@ -453,22 +467,26 @@ class ReversibleStack(nn.Module):
         l, K = self.frac_bits, len(self.blocks)
         device = record.x_prev.device
         gps = _gamma_pos_rows(record.gamma_bits, record.x_prev.shape[0], record.x_prev.dim())
-        X_next = quant.to_grid(record.x_last, l, "record.x_last")
-        X_cur = quant.to_grid(record.x_prev, l, "record.x_prev")
+        X_next = quant.to_grid(record.x_last, l, "record.x_last", _GRID)
+        X_cur = quant.to_grid(record.x_prev, l, "record.x_prev", _GRID)
         for k in range(K - 1, 0, -1):
             rng = record.rng_states[k] if record.rng_states is not None else None
             h = self._call_block(k, quant.from_grid(X_cur, l), rng, device)
             X_rec = self._recover(k, X_next, X_cur, h, gps[k - 1], record)
+            del h
             if check and quant.checksum(X_rec) != int(record.checksums[k - 1]):
                 raise self._not_deterministic(k, k - 1, " or the record was modified")
             X_next, X_cur = X_cur, X_rec
         return quant.from_grid(X_cur, l)
 
     def _recover(self, k, X_next, X_cur, h, gp, record):
+        """X_{k-1} from X_{k+1} (overwritten: its buffer is reused) and X_k, h_k(x_k)."""
         l = self.frac_bits
         R = quant.bdia_combine(X_cur, h.detach(), gp, l, self._what(k))
-        s = record.side_bit_tensor(k - 1)
-        X_rec = quant.gamma_term_inverse(X_next - R, s, gp)
+        X_rec = X_next.sub_(R)
+        del R
+        side = quant.unpack_bits(record.side_bits[k - 1], X_rec.numel(), X_rec.dtype)
+        quant.gamma_term_inverse_(X_rec, side.view(X_rec.shape), gp)
         if bool((X_rec.abs() >= quant.MANTISSA_LIMIT).any()):
             raise self._not_deterministic(k, k - 1, "; it left the grid range")
         return X_rec
@@ -485,40 +503,63 @@ class ReversibleStack(nn.Module):
         return out[0]
 
     def _reverse_walk(self, y, record, grad_y, param_index, grads):
+        """Backward pass: from dL/dx_K, walk k = K-1 .. 0 recovering x_{k-1} and
+        accumulating dL/dx and parameter gradients. Returns dL/dx_0 (float32).
+
+        Ordered for a small peak: the block's VJP runs first (its graph is the largest
+        live object), then the grid inversion and the checksum, then the gamma terms."""
         l, K = self.frac_bits, len(self.blocks)
         device = y.device
         gps = _gamma_pos_rows(record.gamma_bits, y.shape[0], y.dim())
-        X_next = quant.to_grid(y, l, "x_K")
-        X_cur = quant.to_grid(record.x_prev, l, "x_{K-1}")
+        X_next = quant.to_grid(y, l, "x_K", _GRID)
+        X_cur = quant.to_grid(record.x_prev, l, "x_{K-1}", _GRID)
+        record.x_prev = None  # X_cur holds it now
         a_next = grad_y.to(torch.float32)
-        a_cur = torch.zeros_like(a_next)
+        a_cur = None  # dL/dx_{K-1} so far: x_{K-1} is not an output
         check = self.check_determinism
         for k in range(K - 1, 0, -1):
+            gp = gps[k - 1]
             rng = record.rng_states[k] if record.rng_states is not None else None
             x = quant.from_grid(X_cur, l).requires_grad_(True)
             with torch.enable_grad():
                 h = self._call_block(k, x, rng, device)
-            X_rec = self._recover(k, X_next, X_cur, h, gps[k - 1], record)
+            pa = _scale(a_next, gp, plus=True)           # (1 + g_k) dL/dx_{k+1}
+            gx = self._block_vjp(k, x, h, pa, param_index, grads)
+            del x, pa
+            X_rec = self._recover(k, X_next, X_cur, h, gp, record)
+            del h
             if check and quant.checksum(X_rec) != int(record.checksums[k - 1]):
                 raise self._not_deterministic(k, k - 1)
-            ga, ma, pa = _bdia_grads(a_next, gps[k - 1])
-            gx = self._block_vjp(k, x, h, pa, param_index, grads)
-            del h, x, pa
-            a_k = a_cur + ma
+            a_k = _scale(a_next, gp, plus=False)          # (1 - g_k) dL/dx_{k+1}
+            if a_cur is not None:
+                a_k.add_(a_cur)
             if gx is not None:
-                a_k = a_k + gx
-            a_next, a_cur = a_k, ga
+                a_k.add_(gx)
+            del gx
+            a_cur = _signed_half(a_next, gp)              # g_k dL/dx_{k+1}, to x_{k-1}
+            a_next = a_k
             X_next, X_cur = X_cur, X_rec
         # block 0: x_1 = x_0 + Q_l[h_0(x_0)]; its recomputation is checked against x_1.
         rng = record.rng_states[0] if record.rng_states is not None else None
         x = quant.from_grid(X_cur, l).requires_grad_(True)
         with torch.enable_grad():
             h = self._call_block(0, x, rng, device)
+        gx = self._block_vjp(0, x, h, a_next, param_index, grads)
         if check and not torch.equal(quant.residual_step(X_cur, h.detach(), l, self._what(0)), X_next):
             raise self._not_deterministic(0, 1, "; x_0 + Q[h_0(x_0)] != x_1")
-        gx = self._block_vjp(0, x, h, a_next, param_index, grads)
-        a0 = a_cur + a_next
+        a0 = a_next if a_cur is None else a_cur.add_(a_next)
         if gx is not None:
             a0 = a0 + gx
         return a0
 
+
+def _signed_half(a, gp):
+    """g a for g = +-0.5 (exact)."""
+    h = _half(a)
+    return torch.where(gp, h, -h)
+
+
+def _scale(a, gp, plus):
+    """(1 + g) a if plus else (1 - g) a, for g = +0.5 where gp else -0.5."""
+    h, oh = _half(a), _one_and_half(a)
+    return torch.where(gp, oh, h) if plus else torch.where(gp, h, oh)
