@@ -1,0 +1,131 @@
+"""No float multiply or divide in the compiled CPU kernels (checked on the LLVM IR).
+
+Every Numba dispatcher defined in pam.kernels.cpu is found automatically (so a new kernel
+is covered as soon as it exists), compiled for its int32 bit-pattern signatures by running
+the public kernels on small inputs that take every path (int32 fast paths with and without
+zero masks, general paths with inf/NaN), and the IR of every compiled signature is scanned
+for ``fmul``/``fdiv`` instructions and calls to ``llvm.fma``/``llvm.fmuladd``. The IR of a
+parallel kernel includes its prange bodies. A canary (a parallel float multiply) proves the
+detector flags what it is meant to flag.
+
+Numba returns no valid IR for code loaded from its cache (cache=True), so the scan runs in a
+subprocess whose NUMBA_CACHE_DIR is an empty temporary folder: everything compiles afresh.
+"""
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from numba import njit, prange
+from numba.core.dispatcher import Dispatcher
+
+from pam.kernels import cpu
+
+FORBIDDEN = re.compile(r"=\s*(?:fmul|fdiv)\b|call\b[^\n]*@llvm\.(?:fma|fmuladd)\.")
+
+
+def forbidden_ops(ir):
+    """The IR lines that multiply or divide floats (instructions or fused intrinsics)."""
+    return [line.strip() for line in ir.splitlines() if FORBIDDEN.search(line)]
+
+
+def cpu_dispatchers():
+    return {name: obj for name, obj in vars(cpu).items()
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == cpu.__name__}
+
+
+def _operands(rng, shape, kind):
+    x = rng.standard_normal(shape).astype(np.float32)
+    if kind == "zeros":
+        x[rng.random(shape) < 0.4] = 0.0
+    elif kind == "special":
+        x.flat[0], x.flat[-1] = np.inf, np.nan
+    return x.view(np.int32)
+
+
+def compile_all_kernels():
+    """Run every public kernel on int32 operands so that each dispatcher gets compiled."""
+    rng = np.random.default_rng(0)
+    a = _operands(rng, (64,), "zeros")
+    b = _operands(rng, (64,), "special")
+    out = np.empty(64, np.int32)
+    for name in ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den"):
+        getattr(cpu, name)(a, b, 0, out)
+    for name in ("exp2", "log2", "exp2_slope", "log2_slope"):
+        getattr(cpu, name)(a, out)
+    for kind in ("normal", "zeros", "special"):
+        x = _operands(rng, (2, 5, 6), kind)
+        y = _operands(rng, (2, 6, 7), kind)
+        g = _operands(rng, (2, 5, 7), kind)
+        xt = np.ascontiguousarray(x.transpose(0, 2, 1))
+        yt = np.ascontiguousarray(y.transpose(0, 2, 1))
+        cpu.matmul(x, y, 0, np.empty((2, 5, 7), np.float32))
+        cpu.matmul_exact_grad_left(x, yt, g, 0, np.empty((2, 5, 6), np.float32))
+        cpu.matmul_exact_grad_right(xt, y, g, 0, np.empty((2, 6, 7), np.float32))
+
+
+def scan():
+    """Compile every kernel, then {dispatcher name: {signature: [offending IR lines]}}."""
+    compile_all_kernels()
+    result = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # "Inspection disabled for cached code" fails
+        for name, dispatcher in cpu_dispatchers().items():
+            result[name] = {str(sig): forbidden_ops(ir)
+                            for sig, ir in dispatcher.inspect_llvm().items()}
+    return result
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp("numba_cache")))
+    here = pathlib.Path(__file__).resolve().parent
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_no_float_mul_ir as t; "
+            "print('SCAN ' + json.dumps(t.scan()))")
+    proc = subprocess.run([sys.executable, "-c", code, str(here)], env=env, capture_output=True,
+                          text=True, cwd=here.parent, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCAN ")][-1]
+    return json.loads(line[5:])
+
+
+def test_detector_flags_a_float_multiply():
+    @njit(parallel=True)
+    def canary(x, y, out):
+        for i in prange(x.size):
+            out[i] = x[i] * y[i]
+
+    @njit
+    def canary_div(x, y):
+        return x / y
+
+    x = np.ones(16, np.float32)
+    canary(x, x, np.empty_like(x))
+    canary_div(np.float32(1.0), np.float32(3.0))
+    for fn in (canary, canary_div):
+        irs = list(fn.inspect_llvm().values())
+        assert irs and all(forbidden_ops(ir) for ir in irs), fn
+    assert forbidden_ops("  %7 = call float @llvm.fma.f32(float %1, float %2, float %3)")
+    assert forbidden_ops("  %s = call <8 x float> @llvm.fmuladd.v8f32(<8 x float> %a)")
+    assert not forbidden_ops("  %3 = mul nsw i64 %1, %2\n  %4 = fadd float %5, %6")
+
+
+def test_every_kernel_is_found_and_compiled(compiled):
+    public = {"mul", "div", "mul_slope", "div_slope_num", "div_slope_den", "exp2", "log2",
+              "exp2_slope", "log2_slope", "matmul", "matmul_exact_grad_left",
+              "matmul_exact_grad_right"}
+    assert public <= set(compiled)
+    missing = sorted(name for name, sigs in compiled.items() if not sigs)
+    assert not missing, (f"kernels never compiled by compile_all_kernels(), extend it so their "
+                         f"IR gets checked: {missing}")
+
+
+def test_no_float_mul_or_div_in_cpu_kernels(compiled):
+    offenders = {f"{name}{sig}": bad[:3] for name, sigs in compiled.items()
+                 for sig, bad in sigs.items() if bad}
+    assert not offenders, offenders
