@@ -150,46 +150,42 @@ class _BDIAStepSTE(torch.autograd.Function):
         return ga, ma, pa, None, None, None
 
 
-# --- the reversible autograd function ---------------------------------------------------
+# --- the reversible autograd graph: one node per block ------------------------------------
 
-class _ReversibleFunction(torch.autograd.Function):
-    """Inputs: (stack, gamma_bits, block_param_index, x0, *params). Output: x_K.
+class _BlockNode(torch.autograd.Function):
+    """Autograd node of block k in a reversible forward: ``(walk, k, carrier, *params_k)``.
 
-    Saves only the :class:`ForwardRecord` (x_K through save_for_backward). The backward
-    walks the blocks from last to first, recovering x_{k-1} exactly and re-running
-    h_k(x_k) with grad enabled for its vector-Jacobian product."""
+    The whole BDIA forward has already run (no graph, only the :class:`ForwardRecord`);
+    these nodes only chain the blocks for autograd. Node K-1 outputs x_K; the others output
+    an empty "carrier" tensor feeding node k+1 (node 0 takes x0 itself). The backward of
+    node k performs step k of the reverse walk (recover x_{k-1}, re-run h_k(x_k), VJP) and
+    returns the gradients of block k's parameters, so the autograd engine accumulates them
+    into ``.grad`` block by block (the standard pattern: parameters are inputs of the
+    Function), and they are never all held at once."""
 
     @staticmethod
-    def forward(ctx, stack, gamma_bits, param_index, x0, *params):
-        record = stack._run_forward(x0, gamma_bits)
-        y = record.x_last
-        record.x_last = None  # the output is saved below; avoids a reference cycle
-        ctx.stack, ctx.record, ctx.param_index = stack, record, param_index
-        ctx.x0_dtype = x0.dtype
-        ctx.n_params = len(params)
-        ctx.save_for_backward(y)
-        return y
+    def forward(ctx, walk, k, carrier, *params):
+        ctx.walk, ctx.k = walk, k
+        ctx.carrier_dtype = carrier.dtype
+        if k == walk.num_blocks - 1:
+            y = walk.take_output()
+            ctx.save_for_backward(y)
+            return y
+        return torch.empty(0, device=carrier.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        stack, record = ctx.stack, ctx.record
-        if record is None:
-            raise RuntimeError("backward through a ReversibleStack output ran twice; the "
-                               "reversible backward consumes its record (retain_graph is "
-                               "not supported: use reversible=False)")
-        grads: List[Optional[torch.Tensor]] = [None] * ctx.n_params
-        a0 = stack._reverse_walk(y, record, grad_y, ctx.param_index, grads)
-        ctx.record = None
-        return (None, None, None, a0.to(ctx.x0_dtype), *grads)
-
-
-def _accumulate(grads, index, new):
-    for i, g in zip(index, new):
-        if g is None:
-            continue
-        grads[i] = g if grads[i] is None else grads[i] + g
+    def backward(ctx, grad_out):
+        walk, k = ctx.walk, ctx.k
+        if k == walk.num_blocks - 1:
+            (y,) = ctx.saved_tensors
+            walk.start(y, grad_out)
+        a0, param_grads = walk.step(k)
+        if k == 0:
+            carrier_grad = a0.to(ctx.carrier_dtype)
+        else:
+            carrier_grad = torch.zeros(0, dtype=ctx.carrier_dtype, device=grad_out.device)
+        return (None, None, carrier_grad, *param_grads)
 
 
 class ReversibleStack(nn.Module):
@@ -337,26 +333,18 @@ class ReversibleStack(nn.Module):
         gamma_bits = self._gamma_bits(gamma, x0)
         if not self.reversible:
             return self._stored_forward(x0, gamma_bits)
-        params, param_index = self._flat_params()
-        needs_grad = torch.is_grad_enabled() and (x0.requires_grad or bool(params))
+        block_params = [[p for p in b.parameters() if p.requires_grad] for b in self.blocks]
+        needs_grad = torch.is_grad_enabled() and (
+            x0.requires_grad or any(len(ps) > 0 for ps in block_params))
+        with torch.no_grad():
+            record = self._run_forward(x0, gamma_bits)
         if not needs_grad:
-            with torch.no_grad():
-                return self._run_forward(x0, gamma_bits).x_last
-        return _ReversibleFunction.apply(self, gamma_bits, param_index, x0, *params)
-
-    def _flat_params(self):
-        params, where, index = [], {}, []
-        for block in self.blocks:
-            idx = []
-            for p in block.parameters():
-                if not p.requires_grad:
-                    continue
-                if id(p) not in where:
-                    where[id(p)] = len(params)
-                    params.append(p)
-                idx.append(where[id(p)])
-            index.append(idx)
-        return params, index
+            return record.x_last
+        walk = _ReverseWalk(self, record, block_params)
+        carrier = x0
+        for k in range(len(self.blocks)):
+            carrier = _BlockNode.apply(walk, k, carrier, *block_params[k])
+        return carrier
 
     def _eval_forward(self, x0):
         l = self.frac_bits
@@ -491,66 +479,89 @@ class ReversibleStack(nn.Module):
             raise self._not_deterministic(k, k - 1, "; it left the grid range")
         return X_rec
 
-    def _block_vjp(self, k, x, h, v, param_index, grads):
-        """dL/dx through h_k given v = dL/dh_k; accumulates parameter gradients."""
+class _ReverseWalk:
+    """State of one reversible backward pass, advanced block by block by :class:`_BlockNode`.
+
+    Holds the record, the two current grid activations (X_{k+1}, X_k) and the two pending
+    gradients (dL/dx_{k+1} complete, dL/dx_k partial). Steps run in the order K-1 .. 0;
+    each is ordered for a small peak: the block's VJP first (its graph is the largest live
+    object), then the grid inversion and checksum, then the gamma terms."""
+
+    def __init__(self, stack, record, block_params):
+        self.stack, self.record, self.block_params = stack, record, block_params
+        self.num_blocks = len(stack.blocks)
+        self.next_k = None
+
+    def take_output(self):
+        y = self.record.x_last
+        self.record.x_last = None  # the node saves it (avoids a reference cycle)
+        return y
+
+    def start(self, y, grad_y):
+        if self.record is None or self.next_k is not None:
+            raise RuntimeError("backward through a ReversibleStack output ran twice; the "
+                               "reversible backward consumes its record (retain_graph is "
+                               "not supported: use reversible=False)")
+        st, rec = self.stack, self.record
+        l = st.frac_bits
+        self.gps = _gamma_pos_rows(rec.gamma_bits, y.shape[0], y.dim())
+        self.X_next = quant.to_grid(y, l, "x_K", _GRID)
+        self.X_cur = quant.to_grid(rec.x_prev, l, "x_{K-1}", _GRID)
+        rec.x_prev = None  # X_cur holds it now
+        self.a_next = grad_y.to(torch.float32)
+        self.a_cur = None  # dL/dx_{K-1} so far: x_{K-1} is not an output
+        self.device = y.device
+        self.next_k = self.num_blocks - 1
+
+    def _vjp(self, k, x, h, v):
+        params = self.block_params[k]
         if not h.requires_grad:
-            return None
-        params = [p for p in self.blocks[k].parameters() if p.requires_grad]
+            return None, [None] * len(params)
         out = torch.autograd.grad(h, [x] + params, v, allow_unused=True)
-        # param_index[k] lists the same parameters in the same order (a parameter shared
-        # by several blocks appears in each list and its gradients are summed)
-        _accumulate(grads, param_index[k], out[1:])
-        return out[0]
+        return out[0], list(out[1:])
 
-    def _reverse_walk(self, y, record, grad_y, param_index, grads):
-        """Backward pass: from dL/dx_K, walk k = K-1 .. 0 recovering x_{k-1} and
-        accumulating dL/dx and parameter gradients. Returns dL/dx_0 (float32).
-
-        Ordered for a small peak: the block's VJP runs first (its graph is the largest
-        live object), then the grid inversion and the checksum, then the gamma terms."""
-        l, K = self.frac_bits, len(self.blocks)
-        device = y.device
-        gps = _gamma_pos_rows(record.gamma_bits, y.shape[0], y.dim())
-        X_next = quant.to_grid(y, l, "x_K", _GRID)
-        X_cur = quant.to_grid(record.x_prev, l, "x_{K-1}", _GRID)
-        record.x_prev = None  # X_cur holds it now
-        a_next = grad_y.to(torch.float32)
-        a_cur = None  # dL/dx_{K-1} so far: x_{K-1} is not an output
-        check = self.check_determinism
-        for k in range(K - 1, 0, -1):
-            gp = gps[k - 1]
-            rng = record.rng_states[k] if record.rng_states is not None else None
-            x = quant.from_grid(X_cur, l).requires_grad_(True)
-            with torch.enable_grad():
-                h = self._call_block(k, x, rng, device)
-            pa = _scale(a_next, gp, plus=True)           # (1 + g_k) dL/dx_{k+1}
-            gx = self._block_vjp(k, x, h, pa, param_index, grads)
-            del x, pa
-            X_rec = self._recover(k, X_next, X_cur, h, gp, record)
-            del h
-            if check and quant.checksum(X_rec) != int(record.checksums[k - 1]):
-                raise self._not_deterministic(k, k - 1)
-            a_k = _scale(a_next, gp, plus=False)          # (1 - g_k) dL/dx_{k+1}
-            if a_cur is not None:
-                a_k.add_(a_cur)
-            if gx is not None:
-                a_k.add_(gx)
-            del gx
-            a_cur = _signed_half(a_next, gp)              # g_k dL/dx_{k+1}, to x_{k-1}
-            a_next = a_k
-            X_next, X_cur = X_cur, X_rec
-        # block 0: x_1 = x_0 + Q_l[h_0(x_0)]; its recomputation is checked against x_1.
-        rng = record.rng_states[0] if record.rng_states is not None else None
-        x = quant.from_grid(X_cur, l).requires_grad_(True)
+    def step(self, k):
+        """Process block k; returns (dL/dx_0 or None, gradients of block k's parameters)."""
+        if k != self.next_k:
+            raise RuntimeError(f"reversible backward visited block {k}, expected block "
+                               f"{self.next_k}")
+        st, rec = self.stack, self.record
+        l = st.frac_bits
+        rng = rec.rng_states[k] if rec.rng_states is not None else None
+        x = quant.from_grid(self.X_cur, l).requires_grad_(True)
         with torch.enable_grad():
-            h = self._call_block(0, x, rng, device)
-        gx = self._block_vjp(0, x, h, a_next, param_index, grads)
-        if check and not torch.equal(quant.residual_step(X_cur, h.detach(), l, self._what(0)), X_next):
-            raise self._not_deterministic(0, 1, "; x_0 + Q[h_0(x_0)] != x_1")
-        a0 = a_next if a_cur is None else a_cur.add_(a_next)
+            h = st._call_block(k, x, rng, self.device)
+        if k == 0:
+            # x_1 = x_0 + Q_l[h_0(x_0)]; the recomputation is checked against x_1
+            gx, pgrads = self._vjp(0, x, h, self.a_next)
+            if st.check_determinism and not torch.equal(
+                    quant.residual_step(self.X_cur, h.detach(), l, st._what(0)), self.X_next):
+                raise st._not_deterministic(0, 1, "; x_0 + Q[h_0(x_0)] != x_1")
+            a0 = self.a_next if self.a_cur is None else self.a_cur.add_(self.a_next)
+            if gx is not None:
+                a0 = a0 + gx
+            self.record = None
+            self.next_k = -1
+            return a0, pgrads
+        gp = self.gps[k - 1]
+        pa = _scale(self.a_next, gp, plus=True)           # (1 + g_k) dL/dx_{k+1}
+        gx, pgrads = self._vjp(k, x, h, pa)
+        del x, pa
+        X_rec = st._recover(k, self.X_next, self.X_cur, h, gp, rec)
+        del h
+        if st.check_determinism and quant.checksum(X_rec) != int(rec.checksums[k - 1]):
+            raise st._not_deterministic(k, k - 1)
+        a_k = _scale(self.a_next, gp, plus=False)          # (1 - g_k) dL/dx_{k+1}
+        if self.a_cur is not None:
+            a_k.add_(self.a_cur)
         if gx is not None:
-            a0 = a0 + gx
-        return a0
+            a_k.add_(gx)
+        del gx
+        self.a_cur = _signed_half(self.a_next, gp)         # g_k dL/dx_{k+1}, for x_{k-1}
+        self.a_next = a_k
+        self.X_next, self.X_cur = self.X_cur, X_rec
+        self.next_k = k - 1
+        return None, pgrads
 
 
 def _signed_half(a, gp):

@@ -448,6 +448,33 @@ def test_bad_arguments():
         ReversibleStack(blocks[:2]).inverse(rec)
 
 
+def test_second_backward_is_a_clear_error():
+    stack = ReversibleStack(make_blocks("float", 3, 4, seed=0))
+    y = stack(torch.randn(2, 4, requires_grad=True))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        y.sum().backward()
+
+
+def test_parameter_gradients_accumulate_like_autograd():
+    blocks = make_blocks("float", 3, 4, seed=0)
+    stack = ReversibleStack(blocks, seed=0)
+    x0 = torch.randn(2, 4)
+    gamma = random_gamma(2, 3, 0)
+    stack(x0, gamma).sum().backward()
+    first = [p.grad.clone() for p in stack.parameters()]
+    stack(x0, gamma).sum().backward()  # .grad accumulates across backward calls
+    for p, g in zip(stack.parameters(), first):
+        assert torch.allclose(p.grad, 2 * g)
+    # torch.autograd.grad works as with any module (no .grad side effects)
+    stack.zero_grad(set_to_none=True)
+    params = list(stack.parameters())
+    grads = torch.autograd.grad(stack(x0, gamma).sum(), params)
+    assert all(p.grad is None for p in params)
+    for g, f in zip(grads, first):
+        assert torch.allclose(g, f)
+
+
 def test_float64_input_gradient_dtype():
     blocks = make_blocks("float", 3, 4, seed=0)
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)

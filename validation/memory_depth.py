@@ -165,8 +165,8 @@ def main(argv=None):
     p.add_argument("--depth", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["reversible", "stored"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    quick = dict(depths=[2, 4, 8], width=16, hidden=32, batch=2, seq=8)
-    full = dict(depths=[2, 4, 8, 16, 32, 64], width=64, hidden=256, batch=16, seq=64)
+    quick = dict(depths=[2, 4, 8], width=16, hidden=64, batch=4, seq=16)
+    full = dict(depths=[2, 4, 8, 16, 32], width=64, hidden=256, batch=8, seq=32)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
