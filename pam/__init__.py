@@ -5,6 +5,14 @@ division, exp2/log2 and everything built from them. CPU kernels (Numba) and CUDA
 (numba-cuda) compile the same scalar definitions (:mod:`pam.bits`), so results agree bit
 for bit across devices.
 """
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules:
+    # Numba's and torch's OpenMP thread pools spin-wait and starve each other; a passive
+    # wait makes small PAM kernel calls ~50x cheaper. Only effective before torch loads.
+    _os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 from .ops import (BACKWARD_MODES, div, exp, exp2, linear, log, log2, matmul, mul, pow,
                   sqrt)
 from . import audit, functional, nn, optim
