@@ -19,6 +19,8 @@ _JIT = dict(parallel=True, cache=True, nogil=True)
 COL_TILE = 1024
 # Rows of the left operand that share one pass over a tile of the right operand.
 ROW_BLOCK = 4
+# Rows of the exact-backward outputs that share one pass over a tile of the other operands.
+GRAD_ROW_BLOCK = 8
 
 ONE = bits.ONE
 MANT_MASK = bits.MANT_MASK
@@ -394,42 +396,51 @@ def _grad_left_fast(a, bt, grad, mask, use_mask, off, out):
     batch, n, k = a.shape
     m = bt.shape[1]
     m4 = m - m % 4
-    for task in prange(batch * n):
-        p = task // n
-        i = task - p * n
+    row_blocks = (n + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
+    for task in prange(batch * row_blocks):
+        p = task // row_blocks
+        i0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
+        rows = min(i0 + GRAD_ROW_BLOCK, n) - i0
         X = bt[p]
         M = mask[p] if use_mask else X
-        g = grad[p, i]
-        am = np.empty(k, np.int32)
-        _mantissa_const(a[p, i], off, am)
-        acc = np.empty(COL_TILE, np.float32)
+        G = grad[p, i0:i0 + rows]
+        am = np.empty((rows, k), np.int32)
+        nz = np.empty((rows, m), np.bool_)
+        for r in range(rows):
+            _mantissa_const(a[p, i0 + r], off, am[r])
+            for j in range(m):
+                nz[r, j] = (G[r, j] & ABS_MASK) >= MIN_NORMAL
+        acc = np.empty((rows, COL_TILE), np.float32)
         for t0 in range(0, k, COL_TILE):
             w = min(COL_TILE, k - t0)
             t1 = t0 + w
-            acc[:w] = 0.0
-            y = am[t0:t1]
+            acc[:, :w] = 0.0
             for j in range(0, m4, 4):
-                g0 = g[j]
-                g1 = g[j + 1]
-                g2 = g[j + 2]
-                g3 = g[j + 3]
-                if ((g0 & ABS_MASK) >= MIN_NORMAL and (g1 & ABS_MASK) >= MIN_NORMAL
-                        and (g2 & ABS_MASK) >= MIN_NORMAL and (g3 & ABS_MASK) >= MIN_NORMAL):
-                    if use_mask:
-                        _sl4m(acc, y, X[j, t0:t1], X[j + 1, t0:t1], X[j + 2, t0:t1],
-                              X[j + 3, t0:t1], M[j, t0:t1], M[j + 1, t0:t1], M[j + 2, t0:t1],
-                              M[j + 3, t0:t1], g0, g1, g2, g3, w)
+                x0 = X[j, t0:t1]
+                x1 = X[j + 1, t0:t1]
+                x2 = X[j + 2, t0:t1]
+                x3 = X[j + 3, t0:t1]
+                for r in range(rows):
+                    g = G[r]
+                    z = nz[r]
+                    y = am[r, t0:t1]
+                    if z[j] and z[j + 1] and z[j + 2] and z[j + 3]:
+                        if use_mask:
+                            _sl4m(acc[r], y, x0, x1, x2, x3, M[j, t0:t1], M[j + 1, t0:t1],
+                                  M[j + 2, t0:t1], M[j + 3, t0:t1], g[j], g[j + 1], g[j + 2],
+                                  g[j + 3], w)
+                        else:
+                            _sl4(acc[r], y, x0, x1, x2, x3, g[j], g[j + 1], g[j + 2], g[j + 3], w)
                     else:
-                        _sl4(acc, y, X[j, t0:t1], X[j + 1, t0:t1], X[j + 2, t0:t1],
-                             X[j + 3, t0:t1], g0, g1, g2, g3, w)
-                else:
-                    for u in range(j, j + 4):
-                        if (g[u] & ABS_MASK) >= MIN_NORMAL:
-                            _sl1(acc, y, X[u, t0:t1], M[u, t0:t1], use_mask, g[u], w)
+                        for u in range(j, j + 4):
+                            if z[u]:
+                                _sl1(acc[r], y, X[u, t0:t1], M[u, t0:t1], use_mask, g[u], w)
             for u in range(m4, m):
-                if (g[u] & ABS_MASK) >= MIN_NORMAL:
-                    _sl1(acc, y, X[u, t0:t1], M[u, t0:t1], use_mask, g[u], w)
-            out[p, i, t0:t1] = acc[:w]
+                for r in range(rows):
+                    if nz[r, u]:
+                        _sl1(acc[r], am[r, t0:t1], X[u, t0:t1], M[u, t0:t1], use_mask, G[r, u], w)
+            for r in range(rows):
+                out[p, i0 + r, t0:t1] = acc[r, :w]
 
 
 @njit(cache=True, nogil=True)
@@ -471,43 +482,54 @@ def _grad_right_fast(at, b, grad, mask, use_mask, off, out):
     batch, k, n = at.shape
     m = b.shape[2]
     n4 = n - n % 4
-    for task in prange(batch * k):
-        p = task // k
-        t = task - p * k
+    row_blocks = (k + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
+    for task in prange(batch * row_blocks):
+        p = task // row_blocks
+        t0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
+        rows = min(t0 + GRAD_ROW_BLOCK, k) - t0
         G = grad[p]
         M = mask[p] if use_mask else G
-        arow = at[p, t]
-        cs = np.empty(n, np.int32)
-        for i in range(n):
-            ia = np.int64(arow[i])
-            cs[i] = _signed_const(ia & ABS_MASK, ia < 0)
-        bm = np.empty(m, np.int32)
-        _mantissa_const(b[p, t], off, bm)
-        acc = np.empty(COL_TILE, np.float32)
+        A = at[p, t0:t0 + rows]
+        cs = np.empty((rows, n), np.int32)
+        nz = np.empty((rows, n), np.bool_)
+        bm = np.empty((rows, m), np.int32)
+        for r in range(rows):
+            for i in range(n):
+                ia = np.int64(A[r, i])
+                cs[r, i] = _signed_const(ia & ABS_MASK, ia < 0)
+                nz[r, i] = (ia & ABS_MASK) >= MIN_NORMAL
+            _mantissa_const(b[p, t0 + r], off, bm[r])
+        acc = np.empty((rows, COL_TILE), np.float32)
         for j0 in range(0, m, COL_TILE):
             w = min(COL_TILE, m - j0)
             j1 = j0 + w
-            acc[:w] = 0.0
-            y = bm[j0:j1]
+            acc[:, :w] = 0.0
             for i in range(0, n4, 4):
-                if ((arow[i] & ABS_MASK) >= MIN_NORMAL and (arow[i + 1] & ABS_MASK) >= MIN_NORMAL
-                        and (arow[i + 2] & ABS_MASK) >= MIN_NORMAL
-                        and (arow[i + 3] & ABS_MASK) >= MIN_NORMAL):
-                    if use_mask:
-                        _sr4m(acc, y, G[i, j0:j1], G[i + 1, j0:j1], G[i + 2, j0:j1],
-                              G[i + 3, j0:j1], M[i, j0:j1], M[i + 1, j0:j1], M[i + 2, j0:j1],
-                              M[i + 3, j0:j1], cs[i], cs[i + 1], cs[i + 2], cs[i + 3], w)
+                x0 = G[i, j0:j1]
+                x1 = G[i + 1, j0:j1]
+                x2 = G[i + 2, j0:j1]
+                x3 = G[i + 3, j0:j1]
+                for r in range(rows):
+                    z = nz[r]
+                    c = cs[r]
+                    y = bm[r, j0:j1]
+                    if z[i] and z[i + 1] and z[i + 2] and z[i + 3]:
+                        if use_mask:
+                            _sr4m(acc[r], y, x0, x1, x2, x3, M[i, j0:j1], M[i + 1, j0:j1],
+                                  M[i + 2, j0:j1], M[i + 3, j0:j1], c[i], c[i + 1], c[i + 2],
+                                  c[i + 3], w)
+                        else:
+                            _sr4(acc[r], y, x0, x1, x2, x3, c[i], c[i + 1], c[i + 2], c[i + 3], w)
                     else:
-                        _sr4(acc, y, G[i, j0:j1], G[i + 1, j0:j1], G[i + 2, j0:j1],
-                             G[i + 3, j0:j1], cs[i], cs[i + 1], cs[i + 2], cs[i + 3], w)
-                else:
-                    for u in range(i, i + 4):
-                        if (arow[u] & ABS_MASK) >= MIN_NORMAL:
-                            _sr1(acc, y, G[u, j0:j1], M[u, j0:j1], use_mask, cs[u], w)
+                        for u in range(i, i + 4):
+                            if z[u]:
+                                _sr1(acc[r], y, G[u, j0:j1], M[u, j0:j1], use_mask, c[u], w)
             for u in range(n4, n):
-                if (arow[u] & ABS_MASK) >= MIN_NORMAL:
-                    _sr1(acc, y, G[u, j0:j1], M[u, j0:j1], use_mask, cs[u], w)
-            out[p, t, j0:j1] = acc[:w]
+                for r in range(rows):
+                    if nz[r, u]:
+                        _sr1(acc[r], bm[r, j0:j1], G[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
+            for r in range(rows):
+                out[p, t0 + r, j0:j1] = acc[r, :w]
 
 
 @njit(cache=True, nogil=True)
