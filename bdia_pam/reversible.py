@@ -18,6 +18,13 @@ h_k(x_k) is recomputed bit for bit. Training therefore keeps only those (a
 :class:`ForwardRecord`) and recomputes the rest during the backward pass. Eval mode uses
 E[g] = 0: x_{k+1} = x_k + Q_l[h_k(x_k)].
 
+Autograd sees one node per block (:class:`_BlockNode`, block parameters as its inputs):
+the forward runs without a graph, and the backward of node k re-runs h_k(x_k) with grad
+enabled, takes its VJP with :func:`torch.autograd.grad`, recovers x_{k-1} and returns the
+block's parameter gradients, which the engine accumulates into ``.grad`` as usual. Live
+memory during training is therefore a few activations plus one block's graph,
+independent of depth, plus the record (side bits: 1/32 of a float activation per block).
+
 Gradients use the straight-through rule for every rounding (dQ(u)/du = 1):
 dx_{k+1}/dx_{k-1} = g_k, dx_{k+1}/dx_k = (1 - g_k) + (1 + g_k) dh_k/dx_k. Scaling by 0.5
 is an exponent decrement (exact), by 1.5 is one correctly rounded float32 result; no float

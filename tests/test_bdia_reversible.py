@@ -488,3 +488,24 @@ def test_exports():
     for name in ("ReversibleStack", "ForwardRecord", "NonDeterministicBlockError",
                  "GridRangeError", "quant"):
         assert name in bdia_pam.__all__ and hasattr(bdia_pam, name)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+@pytest.mark.slow
+def test_memory_depth_benchmark_quick(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "validation" / "memory_depth.py"
+    spec = importlib.util.spec_from_file_location("memory_depth", path)
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    result = md.main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "memory_depth_quick.json").exists()
+    assert (tmp_path / "memory_depth_quick.png").stat().st_size > 0
+    mem = {(r["mode"], r["depth"]): r["activation_bytes"] for r in result["rows"]}
+    assert set(mem) == {(m, d) for m in ("stored", "reversible") for d in (2, 4, 8)}
+    assert mem["stored", 8] > mem["stored", 4] > mem["stored", 2]  # stored grows with depth
+    assert mem["reversible", 8] <= 1.5 * mem["reversible", 4]  # reversible stays flat
+    assert mem["reversible", 8] < mem["stored", 8]
