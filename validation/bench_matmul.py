@@ -34,18 +34,24 @@ QUICK_SHAPES = [SHAPES[0], SHAPES[3]]
 
 
 def timed(fn, repeats, sync=None):
-    """Median and minimum wall time of ``fn()`` over ``repeats`` calls after one warm-up."""
+    """Wall time (median, min) and process CPU time (median, all threads) of ``fn()``.
+
+    One warm-up call first. On a machine shared with other jobs the wall time of a
+    parallel region includes waits for descheduled threads; the CPU time does not.
+    """
     fn()
     if sync:
         sync()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         if sync:
             sync()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+        cpu_times.append(time.process_time() - c0)
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "cpu_median_s": statistics.median(cpu_times), "repeats": repeats}
 
 
 def machine_info():
@@ -66,6 +72,13 @@ def machine_info():
     except OSError:
         pass
     return info
+
+
+def loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def naive_broadcast_pam_matmul(a, b):
@@ -108,13 +121,13 @@ def bench_cpu(shapes, repeats):
     return rows
 
 
-def ratio(row, x, y):
-    return row[x]["median_s"] / row[y]["median_s"]
+def ratio(row, x, y, key="median_s"):
+    return row[x][key] / row[y][key]
 
 
 HEADER = (f"{'shape':<19}{'kernel fwd':>11}{'pam fwd':>10}{'torch fwd':>11}{'ratio':>7}"
           f"{'exact bwd':>11}{'approx bwd':>11}{'torch bwd':>11}{'ratio ex/ap':>13}"
-          f"{'naive fwd':>11}{'naive/pam':>10}")
+          f"{'naive fwd':>11}{'naive/pam':>10}   ratios by CPU time: fwd, exact/approx bwd")
 
 
 def print_row(row):
@@ -125,7 +138,9 @@ def print_row(row):
           f"{ratio(row, 'pam_fwd', 'torch_fwd'):6.1f}x{ms('pam_bwd_exact'):>11}"
           f"{ms('pam_bwd_approx'):>11}{ms('torch_bwd'):>11}"
           f"{ratio(row, 'pam_bwd_exact', 'torch_bwd'):6.1f}x/{ratio(row, 'pam_bwd_approx', 'torch_bwd'):4.1f}x"
-          f"{naive}", flush=True)
+          f"{naive:<21}   {ratio(row, 'pam_fwd', 'torch_fwd', 'cpu_median_s'):4.1f}x "
+          f"{ratio(row, 'pam_bwd_exact', 'torch_bwd', 'cpu_median_s'):4.1f}x/"
+          f"{ratio(row, 'pam_bwd_approx', 'torch_bwd', 'cpu_median_s'):3.1f}x", flush=True)
 
 
 # --------------------------------------------------------------------------- CUDA (separate)
@@ -172,22 +187,31 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256^3 and the transformer shape, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per entry (median)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="thread counts to run the CPU table with (default: numba's)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 7)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    torch.set_num_threads(numba.get_num_threads())
     info = machine_info()
-    print(f"CPU: {info['cpu_model']}, {info['numba_threads']} numba threads = torch threads; "
-          f"numba {info['numba']}, torch {info['torch']}; median of {repeats}")
-    print(HEADER)
+    cpu_tables = {}
+    for threads in args.threads or [numba.config.NUMBA_NUM_THREADS]:
+        numba.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        print(f"CPU: {info['cpu_model']}, {threads} numba threads = torch threads; "
+              f"numba {info['numba']}, torch {info['torch']}; median of {repeats}; times are wall")
+        print(HEADER)
+        cpu_tables[str(threads)] = bench_cpu(shapes, repeats)
+        print()
     result = {"machine": info, "repeats": repeats, "quick": args.quick,
-              "cpu": bench_cpu(shapes, repeats),
-              "notes": "times in seconds (median and min of repeats, after a warm-up call); "
+              "cpu_by_threads": cpu_tables,
+              "notes": "times in seconds (wall median and min, process CPU-time median, of repeats "
+                       "after a warm-up call); "
                        "bwd = torch.autograd.grad for both operands given a fixed output "
                        "gradient; pam_kernel_fwd calls pam.kernels.cpu.matmul directly on int32 "
                        "views; naive_fwd builds an n x k x m int32 intermediate"}
     result["cuda"] = bench_cuda(shapes, repeats)
+    result["machine"]["loadavg_at_end"] = loadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
