@@ -12,8 +12,9 @@ training step (forward, MSE loss, backward, SGD-momentum step) is measured:
   optimizer state and the input exist before the step starts and are not counted. This is
   exact tensor accounting, independent of allocator caching, so configurations can share
   one process; ``--isolate`` still runs each in a fresh subprocess.
-* time: the median wall-clock of ``--repeats`` unprofiled steps after one warm-up step
-  (on a shared machine it is noisy; the reversible/stored ratio is the number to read).
+* time: the median wall-clock and the median process CPU time (all threads) of
+  ``--repeats`` unprofiled steps after one warm-up step. On a shared machine wall-clock is
+  noisy; CPU time is steadier, and its reversible/stored ratio is the number to read.
 
 Usage: python validation/memory_depth.py [--quick] [--isolate] [--depths 2 4 8 16 32 64]
 Writes validation/results/memory_depth.json and memory_depth.png (``--quick``:
@@ -90,16 +91,18 @@ def measure(depth, mode, args) -> dict:
     step()  # warm-up: kernels loaded, optimizer state and grads allocated
     gc.collect()
     mem = peak_allocated_bytes(step)
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     n_params = sum(p.numel() for p in stack.parameters())
     act = args.batch * args.seq * W * 4
     return {"depth": depth, "mode": mode, "activation_bytes": mem,
             "activation_bytes_over_one_x": mem / act,
             "step_seconds": statistics.median(times), "step_seconds_all": times,
+            "step_cpu_seconds": statistics.median(cpu), "step_cpu_seconds_all": cpu,
             "param_bytes": 4 * n_params}
 
 
@@ -118,7 +121,8 @@ def run_config(depth, mode, args) -> dict:
 
 def print_table(rows, stored_by, rev_by, depths):
     head = (f"{'depth':>5} | {'stored MiB':>10} | {'reversible MiB':>14} | {'stored/rev':>10} | "
-            f"{'stored ms':>9} | {'rev ms':>8} | {'rev/stored time':>15}")
+            f"{'stored ms':>9} | {'rev ms':>8} | {'stored cpu ms':>13} | {'rev cpu ms':>10} | "
+            f"{'rev/stored cpu':>14}")
     print(head)
     print("-" * len(head))
     for d in depths:
@@ -126,7 +130,8 @@ def print_table(rows, stored_by, rev_by, depths):
         print(f"{d:>5} | {s['activation_bytes'] / 2**20:>10.2f} | {r['activation_bytes'] / 2**20:>14.2f} | "
               f"{s['activation_bytes'] / max(r['activation_bytes'], 1):>10.2f} | "
               f"{s['step_seconds'] * 1e3:>9.1f} | {r['step_seconds'] * 1e3:>8.1f} | "
-              f"{r['step_seconds'] / s['step_seconds']:>15.2f}")
+              f"{s['step_cpu_seconds'] * 1e3:>13.1f} | {r['step_cpu_seconds'] * 1e3:>10.1f} | "
+              f"{r['step_cpu_seconds'] / s['step_cpu_seconds']:>14.2f}")
 
 
 def plot(path, depths, stored_by, rev_by):
@@ -136,12 +141,13 @@ def plot(path, depths, stored_by, rev_by):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for by, label in ((stored_by, "stored activations"), (rev_by, "BDIA reversible")):
         a.plot(depths, [by[d]["activation_bytes"] / 2**20 for d in depths], "o-", label=label)
-        b.plot(depths, [by[d]["step_seconds"] * 1e3 for d in depths], "o-", label=label)
+        b.plot(depths, [by[d]["step_cpu_seconds"] * 1e3 for d in depths], "o-", label=label)
     a.set(xscale="log", xlabel="depth (blocks)", ylabel="peak activation memory (MiB)",
           title="training-step memory")
-    b.set(xscale="log", xlabel="depth (blocks)", ylabel="ms per training step",
-          title="training-step time")
+    b.set(xscale="log", yscale="log", xlabel="depth (blocks)",
+          ylabel="CPU ms per training step (all threads)", title="training-step time")
     for ax in (a, b):
+        ax.minorticks_off()
         ax.set_xticks(depths, [str(d) for d in depths])
         ax.grid(alpha=0.3)
         ax.legend()
