@@ -195,6 +195,31 @@ def _add4x2(acc0, acc1, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, w):
 
 
 @njit(cache=True, nogil=True)
+def _add4x2m(acc0, acc1, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, d0, d1, d2, d3, w):
+    for j in range(w):
+        y0 = x0[j]
+        y1 = x1[j]
+        y2 = x2[j]
+        y3 = x3[j]
+        k0 = m0[j]
+        k1 = m1[j]
+        k2 = m2[j]
+        k3 = m3[j]
+        s = acc0[j]
+        s += bits.bits_to_f32(np.int32((y0 + c0) & k0))
+        s += bits.bits_to_f32(np.int32((y1 + c1) & k1))
+        s += bits.bits_to_f32(np.int32((y2 + c2) & k2))
+        s += bits.bits_to_f32(np.int32((y3 + c3) & k3))
+        acc0[j] = s
+        s = acc1[j]
+        s += bits.bits_to_f32(np.int32((y0 + d0) & k0))
+        s += bits.bits_to_f32(np.int32((y1 + d1) & k1))
+        s += bits.bits_to_f32(np.int32((y2 + d2) & k2))
+        s += bits.bits_to_f32(np.int32((y3 + d3) & k3))
+        acc1[j] = s
+
+
+@njit(cache=True, nogil=True)
 def _add4m(acc, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
     for j in range(w):
         s = acc[j]
@@ -235,12 +260,17 @@ def _mm_fast_block(acc, B, M, use_mask, cs, nz, nz4, k, j0, w):
         m2 = M[t + 2, j0:j1]
         m3 = M[t + 3, j0:j1]
         r = 0
-        while r + 2 <= rows and not use_mask:
+        while r + 2 <= rows:
             c = cs[r]
             d = cs[r + 1]
             if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
-                _add4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3],
-                        d[t], d[t + 1], d[t + 2], d[t + 3], w)
+                if use_mask:
+                    _add4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
+                             c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
+                             d[t + 3], w)
+                else:
+                    _add4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
+                            c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], w)
             else:
                 for q in range(r, r + 2):
                     for u in range(t, t + 4):
