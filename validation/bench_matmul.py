@@ -11,21 +11,26 @@ CUDA (separate section, only when torch.cuda.is_available() and pam.kernels.cuda
 pam.matmul on CUDA tensors vs torch.matmul with TF32 disabled (true float32 cuBLAS).
 
 Writes validation/results/bench_matmul.json; ``--quick`` runs fewer sizes and repeats.
+OMP_WAIT_POLICY defaults to passive (as ``import pam`` sets it when pam loads before torch):
+with spinning waits, torch's and Numba's OpenMP pools starve each other on small calls.
 """
-import argparse
-import json
 import os
-import pathlib
-import platform
-import statistics
-import time
 
-import numba
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-import pam
-from pam.kernels import cpu
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import pam  # noqa: E402
+from pam.kernels import cpu  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "bench_matmul.json"
 SHAPES = [("256^3", 256, 256, 256), ("512^3", 512, 512, 512), ("1024^3", 1024, 1024, 1024),
@@ -66,7 +71,8 @@ def machine_info():
     info = {"cpu_model": model, "logical_cpus": os.cpu_count(),
             "numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads(),
             "numba": numba.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     try:
         info["loadavg_at_start"] = os.getloadavg()
     except OSError:
@@ -212,6 +218,7 @@ def main():
                        "views; naive_fwd builds an n x k x m int32 intermediate"}
     result["cuda"] = bench_cuda(shapes, repeats)
     result["machine"]["loadavg_at_end"] = loadavg()
+    result["machine"]["numba_threading_layer"] = numba.threading_layer()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
