@@ -21,6 +21,8 @@ COL_TILE = 1024
 ROW_BLOCK = 4
 # Rows of the exact-backward outputs that share one pass over a tile of the other operands.
 GRAD_ROW_BLOCK = 8
+# Columns per pass in the exact-backward kernels.
+GRAD_COL_TILE = 1024
 
 ONE = bits.ONE
 MANT_MASK = bits.MANT_MASK
@@ -440,9 +442,9 @@ def _grad_left_fast(a, bt, grad, mask, use_mask, off, out):
             _mantissa_const(a[p, i0 + r], off, am[r])
             for j in range(m):
                 nz[r, j] = (G[r, j] & ABS_MASK) >= MIN_NORMAL
-        acc = np.empty((rows, COL_TILE), np.float32)
-        for t0 in range(0, k, COL_TILE):
-            w = min(COL_TILE, k - t0)
+        acc = np.empty((rows, GRAD_COL_TILE), np.float32)
+        for t0 in range(0, k, GRAD_COL_TILE):
+            w = min(GRAD_COL_TILE, k - t0)
             t1 = t0 + w
             acc[:, :w] = 0.0
             for j in range(0, m4, 4):
@@ -529,9 +531,9 @@ def _grad_right_fast(at, b, grad, mask, use_mask, off, out):
                 cs[r, i] = _signed_const(ia & ABS_MASK, ia < 0)
                 nz[r, i] = (ia & ABS_MASK) >= MIN_NORMAL
             _mantissa_const(b[p, t0 + r], off, bm[r])
-        acc = np.empty((rows, COL_TILE), np.float32)
-        for j0 in range(0, m, COL_TILE):
-            w = min(COL_TILE, m - j0)
+        acc = np.empty((rows, GRAD_COL_TILE), np.float32)
+        for j0 in range(0, m, GRAD_COL_TILE):
+            w = min(GRAD_COL_TILE, m - j0)
             j1 = j0 + w
             acc[:, :w] = 0.0
             for i in range(0, n4, 4):
