@@ -24,12 +24,12 @@ from .train import Dist, TrainConfig, dist_from_env, evaluate, train
 # digits in PAM arithmetic within a few minutes on 2 CPU cores.
 MODEL_DEFAULTS = dict(arithmetic="pam", reversible=True, depth=4, width=64, heads=4, mlp_ratio=2,
                       frac_bits=9, dropout=0.0, activation="gelu", pool="cls")
-TASK_MODEL_DEFAULTS = {"digits": dict(patch_size=2), "cifar10": dict(patch_size=4),
+TASK_MODEL_DEFAULTS = {"digits": dict(patch_size=4, activation="relu"), "cifar10": dict(patch_size=4),
                        "text": dict(context=64, tie_weights=True)}
-TRAIN_DEFAULTS = dict(task="digits", epochs=0.0, steps=0, batch_size=32, lr=3e-3, schedule="cosine",
+TRAIN_DEFAULTS = dict(task="digits", epochs=0.0, steps=0, batch_size=128, lr=4e-3, schedule="cosine",
                       warmup_steps=-1, weight_decay=0.01, label_smoothing=0.0, seed=0, device="cpu",
                       eval_every=0, checkpoint_every=0)
-TASK_EPOCHS = {"digits": 12.0, "cifar10": 1.0, "text": 1.0}
+TASK_EPOCHS = {"digits": 9.0, "cifar10": 1.0, "text": 1.0}
 
 MODEL_OPTS = ("arithmetic", "reversible", "depth", "width", "heads", "mlp_ratio", "frac_bits",
               "dropout", "activation", "patch_size", "pool", "context")
@@ -75,22 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frac-bits", type=int, default=None,
                    help=f"l: activations are rounded to multiples of 2^-l, {lo}..{hi} [default: 9]")
     g.add_argument("--dropout", type=float, default=None, help="dropout probability [default: 0]")
-    g.add_argument("--activation", choices=("gelu", "relu"), default=None, help="MLP activation [default: gelu]")
+    g.add_argument("--activation", choices=("gelu", "relu"), default=None, help="MLP activation (relu costs nothing in PAM) [default: relu for digits, else gelu]")
     g.add_argument("--patch-size", type=int, default=None,
-                   help="ViT patch side in pixels; must divide the image side [default: 2 digits, 4 cifar10]")
+                   help="ViT patch side in pixels; must divide the image side [default: 4]")
     g.add_argument("--pool", choices=("cls", "mean"), default=None, help="ViT pooling [default: cls]")
     g.add_argument("--context", type=int, default=None, help="text: context length in bytes [default: 64]")
     g = t.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=None,
                    help="total optimizer steps (overrides --epochs) [default: from --epochs]")
     g.add_argument("--epochs", type=float, default=None,
-                   help="passes over the training data [default: 12 digits, 1 otherwise]")
+                   help="passes over the training data [default: 9 for digits, 1 otherwise]")
     g.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop (and checkpoint) after step N of the planned steps, as if interrupted; "
                         "continue with --resume")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="samples (text: windows) per step per process [default: 32]")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW [default: 3e-3]")
+                   help="samples (text: windows) per step per process [default: 128]")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW [default: 4e-3]")
     g.add_argument("--schedule", choices=("cosine", "constant"), default=None,
                    help="cosine: linear warmup then cosine decay to 0; constant: --lr throughout [default: cosine]")
     g.add_argument("--warmup-steps", type=int, default=None, help="warmup steps of the cosine schedule "
@@ -214,6 +214,11 @@ def prepare_train(args, d: Dist):
             raise CLIError(f"--{changed[0].replace('_', '-')} differs from the checkpoint's value; drop it "
                            "when resuming (only --steps/--epochs/--device/--data may change)")
         tc = replace(tc, **{k: v for k, v in t_over.items()})
+        if "steps" not in t_over and "epochs" not in t_over:
+            tc = replace(tc, steps=int(resume[1]["total_steps"]))  # keep the planned length
+        if args.compare_float:
+            raise CLIError("--compare-float cannot be combined with --resume; run the float comparison "
+                           "as its own run")
     else:
         task = t_over.get("task", TRAIN_DEFAULTS["task"])
         tc = TrainConfig(**{**TRAIN_DEFAULTS, "epochs": TASK_EPOCHS.get(task, 1.0), **t_over})
@@ -237,7 +242,8 @@ def prepare_train(args, d: Dist):
     out = args.out or (args.resume if args.resume else None)
     if out is None:
         out = _default_out()
-    _check_out_dir(out, args.resume)
+    if d.main:  # other ranks never write (and rank 0 may already have created `out`)
+        _check_out_dir(out, args.resume)
     if args.compare_float and mc.arithmetic == "float":
         raise CLIError("--compare-float compares against float arithmetic; pick --arithmetic pam or pam_matmul")
     return mc, tc, data, resume, out

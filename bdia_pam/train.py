@@ -299,7 +299,6 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
         except (ValueError, KeyError) as e:
             raise ckpt.CheckpointError(f"optimizer state does not fit this model ({e})") from None
         start = int(state["step"])
-        total = int(state["total_steps"]) if tc.steps == 0 else total
         rng = state["rng"]
         if len(rng) != d.world:
             raise ckpt.CheckpointError(f"checkpoint was written by {len(rng)} processes; resume it with "
