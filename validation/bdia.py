@@ -26,7 +26,7 @@ softmax / layer norm / GELU / cross entropy, ``pam.optim.AdamW``). ``--arithmeti
 add ``pam_matmul``.
 
 Ablation: BDIA with frac_bits l in {4, 6, 8, 9, 10, 12} (``--ablation-arith``, float by
-default, 1 seed unless --ablation-seeds; l = 9 reuses the main bdia runs).
+default, --seeds seeds; l = 9 reuses the main bdia runs).
 
 Completed runs are cached in the output JSON (keyed by variant/arithmetic/l/seed and the
 training config), so an interrupted run continues where it stopped.
@@ -120,7 +120,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per main cell (default 3)")
-    ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds per ablation point (default 1)")
+    ap.add_argument("--ablation-seeds", type=int, default=None, help="seeds per ablation point (default: --seeds)")
     ap.add_argument("--epochs", type=float, default=None, help="default 15 (--quick: 2)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-3)
@@ -135,7 +135,7 @@ def main():
     args = ap.parse_args()
     epochs = args.epochs or (2 if args.quick else 15)
     seeds = args.seeds or (1 if args.quick else 3)
-    ab_seeds = args.ablation_seeds
+    ab_seeds = args.ablation_seeds or seeds
     torch.set_num_threads(args.threads)
     try:
         import numba
