@@ -54,7 +54,7 @@ from bdia_pam.model import BDIAConfig, BDIATransformer  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("stored", "bdia", "nogamma")
 ABLATION_BITS = (4, 6, 8, 9, 10, 12)
-MODEL = dict(depth=4, width=32, heads=2, mlp_ratio=2, patch_size=4, dropout=0.0)
+MODEL = dict(depth=4, width=32, heads=2, mlp_ratio=2, patch_size=4, dropout=0.0, activation="gelu")
 
 
 class NoGammaTransformer(BDIATransformer):
