@@ -29,7 +29,7 @@ TASK_MODEL_DEFAULTS = {"digits": dict(patch_size=4, activation="relu"), "cifar10
 TRAIN_DEFAULTS = dict(task="digits", epochs=0.0, steps=0, batch_size=128, lr=4e-3, schedule="cosine",
                       warmup_steps=-1, weight_decay=0.01, label_smoothing=0.0, seed=0, device="cpu",
                       eval_every=0, checkpoint_every=0)
-TASK_EPOCHS = {"digits": 9.0, "cifar10": 1.0, "text": 1.0}
+TASK_EPOCHS = {"digits": 20.0, "cifar10": 1.0, "text": 1.0}
 
 MODEL_OPTS = ("arithmetic", "reversible", "depth", "width", "heads", "mlp_ratio", "frac_bits",
               "dropout", "activation", "patch_size", "pool", "context")
@@ -51,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (no options: BDIA reversible ViT, PAM arithmetic, digits)",
                        description="Train a BDIA transformer. Without options: a reversible ViT in fully "
                                    "multiplication-free PAM arithmetic on scikit-learn's digits. Options left "
-                                   "out take the task's defaults (or, with --resume, the checkpoint's values).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "out take the task's defaults (or, with --resume, the checkpoint's values).")
     g = t.add_argument_group("data")
     g.add_argument("--task", choices=TASKS, default=None,
                    help="digits: bundled 8x8 digits, 20%% held out; text: causal byte LM (bits/char); "
@@ -84,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None,
                    help="total optimizer steps (overrides --epochs) [default: from --epochs]")
     g.add_argument("--epochs", type=float, default=None,
-                   help="passes over the training data [default: 9 for digits, 1 otherwise]")
+                   help="passes over the training data [default: 20 for digits, 1 otherwise]")
     g.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="stop (and checkpoint) after step N of the planned steps, as if interrupted; "
                         "continue with --resume")
