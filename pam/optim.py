@@ -36,7 +36,24 @@ def _check_grad(p):
         raise TypeError(f"pam.optim needs float32 parameters, got {p.dtype}")
 
 
-class AdamW(torch.optim.Optimizer):
+class _PamOptimizer(torch.optim.Optimizer):
+    """Shared plumbing of the PAM optimizers: the offset check and closure evaluation."""
+
+    def __init__(self, params, defaults, offset):
+        from .dispatch import offset_constant
+        offset_constant(offset)
+        self.offset = offset
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _evaluate(closure):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+class AdamW(_PamOptimizer):
     """AdamW (decoupled weight decay) on PAM arithmetic; torch's arguments and state.
 
     Per parameter p with gradient g, at step t (PAM written *, PAD written /):
@@ -67,21 +84,15 @@ class AdamW(torch.optim.Optimizer):
         if capturable or differentiable or fused:
             raise ValueError("pam.optim.AdamW does not support capturable, differentiable "
                              "or fused")
-        from .dispatch import offset_constant
-        offset_constant(offset)
-        self.offset = offset
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=True)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, offset)
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         off = self.offset
         for group in self.param_groups:
             lr = float(group["lr"])
@@ -129,7 +140,7 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
-class SGD(torch.optim.Optimizer):
+class SGD(_PamOptimizer):
     """SGD with momentum, dampening, Nesterov and (coupled) weight decay on PAM arithmetic.
 
     Same update as ``torch.optim.SGD`` with every product a PAM:
@@ -150,20 +161,14 @@ class SGD(torch.optim.Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if differentiable or fused:
             raise ValueError("pam.optim.SGD does not support differentiable or fused")
-        from .dispatch import offset_constant
-        offset_constant(offset)
-        self.offset = offset
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, offset)
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         off = self.offset
         for group in self.param_groups:
             lr, mom = float(group["lr"]), float(group["momentum"])
