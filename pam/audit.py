@@ -51,6 +51,8 @@ Not covered, by construction:
 """
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import location as _loc
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["no_float_multiply", "FloatMultiplyError", "BANNED_OPS", "is_banned"]
@@ -135,7 +137,10 @@ class no_float_multiply(TorchDispatchMode):
     """Context manager: raise on any float multiply-family ATen operator (see module doc).
 
     ``allow``: operator base names to let through (e.g. ``{"normal"}``). ``record``: if
-    True, collect offending calls in ``self.violations`` instead of raising.
+    True, collect offending calls in ``self.violations`` (and where each ran in
+    ``self.locations``) instead of raising. The error names the operator, the module path
+    (``transformer.h.0.attn.c_attn (Conv1D in GPT2LMHeadModel)``) and the source line that
+    issued it; for a backward op, the autograd node and its forward call's location.
     ``self.ops_seen`` counts every operator that passed, by name (useful as evidence).
     """
 
@@ -144,15 +149,35 @@ class no_float_multiply(TorchDispatchMode):
         self.allow = frozenset(a.strip("_") for a in allow)
         self.record = record
         self.violations = []
+        self.locations = []
         self.ops_seen = {}
 
     def _flag(self, name, why):
+        where = _loc.current_location()
         msg = (f"float multiply-family operator aten.{name} ran inside "
-               f"pam.audit.no_float_multiply() ({why})")
+               f"pam.audit.no_float_multiply() ({why})" + (f": {where}" if where else ""))
         if self.record:
             self.violations.append(name)
+            self.locations.append(where)
             return
         raise FloatMultiplyError(msg)
+
+    def __enter__(self):
+        # Location tracking: module stack hooks, and autograd nodes tagged with where
+        # their forward call was issued (so backward ops are named too).
+        self._location = _loc.LocationMode()
+        self._location.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._location.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._location.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -52,7 +52,7 @@ from . import ops as P
 
 __all__ = ["linear", "matmul", "bmm", "softmax", "log_softmax", "cross_entropy",
            "nll_loss", "layer_norm", "scaled_dot_product_attention", "dropout", "relu",
-           "gelu", "mean", "attention_scale", "GELU_KNOTS", "GELU_SLOPE_CHANGES", "ACCURACY"]
+           "gelu", "sigmoid", "tanh", "silu", "mean", "attention_scale", "GELU_KNOTS", "GELU_SLOPE_CHANGES", "ACCURACY"]
 
 LOG2_E = P.LOG2_E
 MEAN_REFINEMENTS = 2       # extra PAD passes for layer_norm's mean when N is not 2^k
@@ -444,3 +444,28 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset
         attn = dropout(attn, dropout_p, training=True, backward=backward)
     out = P.matmul(attn, value, offset=offset, backward=backward)
     return out, (attn if need_weights else None)
+
+
+# ----------------------------------------------------------------------------- sigmoid family
+def sigmoid(input, backward="exact"):
+    """PA logistic function PAD(1, 1 + pa_exp(-x)), with pa_exp = pa_exp2(PAM(x, log2 e)).
+
+    sigmoid(0) = 0.5 exactly; 0 for x below about -88.7 (pa_exp overflows to inf, PAD by
+    inf is 0) and 1 for large x. Error against the true sigmoid: measured in
+    tests/test_mode.py (max abs 0.03 on [-8, 8]).
+    """
+    _check_tensor(input, "input")
+    e = P.exp(input.neg(), backward=backward)
+    return P.div(torch.ones((), dtype=torch.float32, device=input.device), e + 1.0,
+                 backward=backward)
+
+
+def tanh(input, backward="exact"):
+    """PA tanh as 2 sigmoid(2 x) - 1 (both scalings by 2 are exact); tanh(0) = 0."""
+    s = sigmoid(P.mul(input, 2.0, backward=backward), backward=backward)
+    return P.mul(s, 2.0, backward=backward) - 1.0
+
+
+def silu(input, backward="exact"):
+    """PA SiLU: PAM(x, sigmoid(x)) with the PA sigmoid above."""
+    return P.mul(input, sigmoid(input, backward=backward), backward=backward)
