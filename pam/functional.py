@@ -451,8 +451,9 @@ def sigmoid(input, backward="exact"):
     """PA logistic function PAD(1, 1 + pa_exp(-x)), with pa_exp = pa_exp2(PAM(x, log2 e)).
 
     sigmoid(0) = 0.5 exactly; 0 for x below about -88.7 (pa_exp overflows to inf, PAD by
-    inf is 0) and 1 for large x. Error against the true sigmoid: measured in
-    tests/test_mode.py (max abs 0.03 on [-8, 8]).
+    inf is 0) and 1 for large x. Error against the true sigmoid on [-8, 8] (100k points):
+    max abs 0.074, mean abs 0.014 (pa_exp's -29 % .. +43 % error); tanh: max 0.149, mean
+    0.014; silu: max 0.099, mean 0.013 (pinned by tests/test_mode.py).
     """
     _check_tensor(input, "input")
     e = P.exp(input.neg(), backward=backward)

@@ -1,0 +1,257 @@
+"""pam.arithmetic(): third-party models train multiplication-free, unmodified.
+
+Models are built the way their libraries' users build them (torch.nn.TransformerEncoder,
+Hugging Face GPT-2 and BERT from tiny configs, a nanoGPT-style model calling
+F.scaled_dot_product_attention); each trains a few steps inside
+pam.audit.no_float_multiply() and pam.arithmetic() with torch.optim.AdamW and with
+pam.optim.AdamW, and its loss falls.
+"""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pam
+import pam.nn.functional as PF
+from pam.audit import FloatMultiplyError, no_float_multiply
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int32)
+
+
+# ----------------------------------------------------------------------------- models
+class NanoBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab=40, d=32, h=4, layers=2, ctx=16):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(NanoBlock(d, h) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _encoder(norm_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True,
+                                       norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    head = nn.Linear(32, 5)
+    model = nn.ModuleDict({"enc": enc, "head": head})
+    x = torch.randn(8, 6, 32)
+    y = torch.randint(0, 5, (8,))
+    return model, lambda m: F.cross_entropy(m["head"](m["enc"](x).mean(dim=1)), y)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=40,
+                                   n_positions=16, bos_token_id=0, eos_token_id=0))
+    ids = torch.randint(0, 40, (4, 12))
+    return m, lambda m: m(ids, labels=ids).loss
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        vocab_size=40, max_position_embeddings=16, num_labels=3))
+    ids = torch.randint(0, 40, (6, 10))
+    labels = torch.randint(0, 3, (6,))
+    return m, lambda m: m(ids, labels=labels).loss
+
+
+def _nanogpt():
+    torch.manual_seed(0)
+    m = NanoGPT()
+    idx = torch.randint(0, 40, (4, 16))
+    return m, lambda m: m(idx[:, :-1], idx[:, 1:])
+
+
+MODELS = {"encoder_post_norm": lambda: _encoder(False),
+          "encoder_pre_norm": lambda: _encoder(True),
+          "hf_gpt2": _gpt2, "hf_bert": _bert, "nanogpt_sdpa": _nanogpt}
+
+
+def _train(model, loss_fn, opt, steps, **mode):
+    losses = []
+    for _ in range(steps):
+        with no_float_multiply(), pam.arithmetic(**mode):
+            loss = loss_fn(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "pam"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_trains_multiplication_free(name, optimizer):
+    model, loss_fn = MODELS[name]()
+    opt = (torch.optim.AdamW(model.parameters(), lr=3e-3) if optimizer == "torch"
+           else pam.optim.AdamW(model.parameters(), lr=3e-3))
+    losses = _train(model, loss_fn, opt, 5)
+    assert all(math.isfinite(v) for v in losses), losses
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_eval_never_takes_the_float_fast_path(norm_first):
+    model, _ = _encoder(norm_first)
+    model.eval()
+    x = torch.randn(3, 6, 32)
+    with torch.no_grad():
+        with no_float_multiply() as audit, pam.arithmetic():
+            y = model["enc"](x)
+    assert torch.isfinite(y).all()
+    assert "_native_multi_head_attention" not in audit.ops_seen
+    assert torch.backends.mha.get_fastpath_enabled()     # restored after the block
+
+
+def test_exact_backward_matches_convert_bit_for_bit():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4),
+                          nn.Softmax(dim=-1))
+    converted = pam.convert(copy.deepcopy(model), backward="exact")
+    x = torch.randn(5, 8)
+    with pam.arithmetic(backward="exact"):
+        y = model(x)
+        pam.mul(y, y).sum().backward()
+    y2 = converted(x)
+    PF_grads = torch.autograd.grad(pam.mul(y2, y2).sum(), list(converted.parameters()))
+    assert torch.equal(_bits(y), _bits(y2))
+    for p, g in zip(model.parameters(), PF_grads):
+        assert torch.equal(_bits(p.grad), _bits(g))
+
+
+def test_ops_compute_pam_bits():
+    torch.manual_seed(2)
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    w = torch.randn(5, 3)
+    with pam.arithmetic():
+        got = {"mul": a * b, "rmul": 3.0 * a, "div": a / b, "rdiv": 2.0 / b,
+               "matmul": a @ w, "exp": torch.exp(a), "square": a ** 2, "cube": a ** 3,
+               "sqrt": b.abs().sqrt(), "mean": a.mean(dim=1),
+               "softmax": a.softmax(-1), "inplace": a.clone().mul_(b)}
+    want = {"mul": pam.mul(a, b), "rmul": pam.mul(a, 3.0), "div": pam.div(a, b),
+            "rdiv": pam.div(torch.full((), 2.0), b), "matmul": pam.matmul(a, w),
+            "exp": pam.exp(a), "square": pam.mul(a, a), "cube": pam.mul(pam.mul(a, a), a),
+            "sqrt": pam.sqrt(b.abs()), "mean": PF.mean(a, 1),
+            "softmax": PF.softmax(a, -1), "inplace": pam.mul(a, b)}
+    for k in want:
+        assert torch.equal(_bits(got[k]), _bits(want[k])), k
+
+
+def test_foreach_and_single_tensor_adamw_agree():
+    torch.manual_seed(3)
+    params = {}
+    for foreach in (False, True):
+        torch.manual_seed(3)
+        m = nn.Linear(6, 3)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=foreach)
+        for _ in range(3):
+            with no_float_multiply(), pam.arithmetic():
+                m(torch.ones(2, 6)).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+        params[foreach] = [p.detach().clone() for p in m.parameters()]
+    for p, q in zip(params[False], params[True]):
+        assert torch.equal(_bits(p), _bits(q))
+
+
+class _Planted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.erf(self.fc(x))            # no PAM version: must be refused, located
+
+
+def test_unsupported_op_raises_with_module_and_line():
+    model = nn.Sequential(nn.Linear(4, 4), _Planted())
+    with pytest.raises(pam.UnsupportedOpError) as e:
+        with pam.arithmetic():
+            model(torch.randn(2, 4))
+    msg = str(e.value)
+    assert "aten.erf" in msg and "1 (_Planted in Sequential)" in msg
+    assert "test_mode.py" in msg and "in forward" in msg
+
+
+def test_non_strict_reports_once_and_runs():
+    model = nn.Sequential(_Planted())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with pam.arithmetic(strict=False) as ctx:
+            for _ in range(3):
+                model(torch.randn(2, 4))
+    assert ctx.reported == ["erf"]
+    assert sum("aten.erf" in str(x.message) for x in w) == 1
+
+
+def test_other_float_dtypes_are_refused():
+    a = torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(pam.UnsupportedOpError, match="float64"):
+        with pam.arithmetic():
+            a @ a
+
+
+def test_ops_family_selection_keeps_the_rest_float():
+    a = torch.randn(4, 4)
+    with no_float_multiply(record=True) as audit, pam.arithmetic(ops="matmul"):
+        c = a @ a
+        a.softmax(-1)
+    assert torch.equal(_bits(c), _bits(pam.matmul(a, a)))
+    assert audit.violations == ["_softmax"]
+    with pytest.raises(ValueError, match="unknown op families"):
+        pam.arithmetic(ops={"matmul", "bogus"})
+
+
+def test_audit_names_module_and_line_forward_and_backward():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    x = torch.randn(2, 4)
+    with no_float_multiply(record=True) as audit:
+        model(x).sum().backward()
+    fwd = dict(zip(audit.violations, audit.locations))
+    assert "0 (Linear in Sequential)" in fwd["addmm"] and "test_mode.py" in fwd["addmm"]
+    back = [loc for v, loc in zip(audit.violations, audit.locations) if v == "tanh_backward"]
+    assert back and "backward of TanhBackward0" in back[0] and "1 (Tanh in Sequential)" in back[0]
+
+
+def test_pa_sigmoid_family_accuracy():
+    x = torch.linspace(-8, 8, 100001)
+    for f, ref, max_err in ((PF.sigmoid, torch.sigmoid, 0.075), (PF.tanh, torch.tanh, 0.149),
+                            (PF.silu, F.silu, 0.1)):
+        err = (f(x) - ref(x)).abs()
+        assert err.max() <= max_err and err.mean() <= 0.0138, f.__name__
+    assert PF.sigmoid(torch.zeros(1)).item() == 0.5 and PF.tanh(torch.zeros(1)).item() == 0.0
