@@ -7,6 +7,7 @@ from torch import nn
 
 import pam
 import pam.nn.functional as PF
+from pam.audit import no_float_multiply
 
 
 def test_linear_layernorm_state_dict_roundtrip_and_repr():
@@ -74,25 +75,72 @@ def test_convert_swaps_in_place_and_keeps_weights():
 
 
 def test_convert_reports_unsupported_layers():
+    class OwnForward(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
     class Mine(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv1d(2, 2, 3)
+            self.norm = OwnForward(2)
             self.lin = nn.Linear(2, 2)
             self.act = nn.Tanh()
     m = nn.Sequential(Mine(), nn.BatchNorm1d(2))
     with pytest.raises(pam.nn.UnsupportedModuleError) as e:
         pam.convert(m)
     msg = str(e.value)
-    assert "0.conv (Conv1d" in msg and "0.act (Tanh" in msg and "1 (BatchNorm1d" in msg
+    assert "0.norm (OwnForward: subclass of nn.LayerNorm that overrides forward" in msg
+    assert "1 (BatchNorm1d" in msg and "0.act" not in msg
     assert type(m[0].lin) is nn.Linear                         # nothing changed
-    with pytest.warns(UserWarning, match="Conv1d"):
+    with pytest.warns(UserWarning, match="BatchNorm1d"):
         pam.convert(m, strict=False)
-    assert isinstance(m[0].lin, pam.nn.Linear) and type(m[0].conv) is nn.Conv1d
+    assert isinstance(m[0].lin, pam.nn.Linear) and isinstance(m[0].act, pam.nn.Tanh)
+    assert pam.nn.float_leaves(m) == [("0.norm", "OwnForward"), ("1", "BatchNorm1d")]
     with pytest.raises(pam.nn.UnsupportedModuleError, match="max_norm"):
         pam.convert(nn.Sequential(nn.Embedding(3, 2, max_norm=1.0)))
     with pytest.raises(TypeError, match="module"):
         pam.convert("model")
+
+
+def test_convert_subclasses_and_activations():
+    class TimmLikeNorm(nn.LayerNorm):       # a subclass that keeps torch's forward
+        pass
+    m = nn.Sequential(TimmLikeNorm(4), nn.Tanh(), nn.SiLU(), nn.Sigmoid())
+    x = torch.randn(3, 4)
+    pam.convert(m, backward="approx")
+    assert pam.nn.float_leaves(m) == []
+    with no_float_multiply():
+        y = m(x)
+    want = PF.sigmoid(PF.silu(PF.tanh(PF.layer_norm(x, (4,), m[0].weight, m[0].bias))))
+    assert torch.equal(y.view(torch.int32), want.view(torch.int32))
+
+
+def test_convert_hf_gpt2_leaves_nothing_float():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    g = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20,
+                                   n_positions=8, bos_token_id=0, eos_token_id=0))
+    w = g.transformer.h[0].attn.c_attn.weight
+    pam.convert(g, strict=False)
+    assert isinstance(g.transformer.h[0].attn.c_attn, pam.nn.TransposedLinear)
+    assert g.transformer.h[0].attn.c_attn.weight is w          # same Parameter
+    assert pam.nn.float_leaves(g) == []
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_convert_transformer_encoder_eval_has_no_float_fast_path(activation):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, activation=activation)
+    enc = pam.convert(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    assert pam.nn.float_leaves(enc) == []
+    x = torch.randn(2, 5, 16)
+    enc.eval()
+    with torch.no_grad(), no_float_multiply():
+        y = enc(x)
+    enc.train()
+    with no_float_multiply():
+        enc(x).sum().backward()
+    assert torch.isfinite(y).all()
 
 
 def test_dropout_module_train_eval():

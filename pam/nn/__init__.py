@@ -5,9 +5,10 @@ state_dicts load in both directions; their arithmetic is in :mod:`pam.nn.functio
 """
 from . import functional
 from .modules import (GELU, Dropout, LayerNorm, Linear, LogSoftmax, MultiheadAttention,
-                      ReLU, Softmax)
-from .convert import convert, KEPT_MODULES, UnsupportedModuleError
+                      ReLU, Sigmoid, SiLU, Softmax, Tanh, TransposedLinear)
+from .convert import convert, float_leaves, KEPT_MODULES, UnsupportedModuleError
 
 __all__ = ["functional", "Linear", "LayerNorm", "MultiheadAttention", "Dropout", "GELU",
-           "ReLU", "Softmax", "LogSoftmax", "convert", "KEPT_MODULES",
+           "ReLU", "Tanh", "Sigmoid", "SiLU", "Softmax", "LogSoftmax", "TransposedLinear",
+           "convert", "float_leaves", "KEPT_MODULES",
            "UnsupportedModuleError"]

@@ -17,8 +17,8 @@ from .. import functional as PF
 from ..ops import BACKWARD_MODES
 from .. import dispatch as _D
 
-__all__ = ["PamModule", "Linear", "LayerNorm", "MultiheadAttention", "Dropout", "GELU",
-           "ReLU", "Softmax", "LogSoftmax"]
+__all__ = ["PamModule", "Linear", "TransposedLinear", "LayerNorm", "MultiheadAttention",
+           "Dropout", "GELU", "ReLU", "Tanh", "Sigmoid", "SiLU", "Softmax", "LogSoftmax"]
 
 
 def _check_config(offset, backward):
@@ -307,3 +307,51 @@ class MultiheadAttention(PamModule, nn.Module):
         if unbatched:
             weights = weights.squeeze(0)
         return out, weights
+
+
+class TransposedLinear(PamModule, nn.Module):
+    """y = x W + b with a PAM matmul, W of shape (in, out): Hugging Face's ``Conv1D``
+    (GPT-2's c_attn, c_proj, c_fc) made PAM by :func:`pam.convert`, same Parameters."""
+
+    def __init__(self, weight, bias, offset=None, backward="exact"):
+        nn.Module.__init__(self)
+        self.weight, self.bias = weight, bias
+        self.nf = weight.shape[1]
+        self._pam_init(offset, backward)
+
+    def forward(self, x):
+        y = PF.matmul(x, self.weight, offset=self.offset, backward=self.backward)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return (f"in_features={self.weight.shape[0]}, out_features={self.nf}, "
+                f"{self._pam_repr()}")
+
+
+class _Activation(PamModule, nn.Module):
+    _fn = None
+
+    def __init__(self, backward="exact"):
+        nn.Module.__init__(self)
+        self._pam_init(None, backward)
+
+    def forward(self, input):
+        return type(self)._fn(input, backward=self.backward)
+
+    def extra_repr(self):
+        return f"piecewise-affine, backward={self.backward!r}"
+
+
+class Tanh(_Activation):
+    """PA tanh, 2 sigmoid(2x) - 1 (see :func:`pam.nn.functional.tanh`)."""
+    _fn = staticmethod(PF.tanh)
+
+
+class Sigmoid(_Activation):
+    """PA sigmoid, PAD(1, 1 + pa_exp(-x)) (see :func:`pam.nn.functional.sigmoid`)."""
+    _fn = staticmethod(PF.sigmoid)
+
+
+class SiLU(_Activation):
+    """PA SiLU, PAM(x, sigmoid(x)) (see :func:`pam.nn.functional.silu`)."""
+    _fn = staticmethod(PF.silu)
