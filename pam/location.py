@@ -79,9 +79,13 @@ class Tracker:
             del cls._stack[cls._stack.index(module):]
 
     @classmethod
-    def module_path(cls):
-        """Dotted path of the innermost running module, relative to the outermost one."""
-        stack = cls._stack
+    def snapshot(cls):
+        """The running modules, outermost first (cheap: formatted only when needed)."""
+        return tuple(cls._stack)
+
+    @staticmethod
+    def module_path(stack):
+        """Dotted path of the innermost module of ``stack``, relative to the outermost one."""
         if not stack:
             return None
         parts = []
@@ -101,15 +105,16 @@ class Tracker:
 
 
 def where_now():
-    """The current location as a (module path or None, frame or None) pair."""
-    return Tracker.module_path(), _user_frame()
+    """The current location as a (running modules, frame or None) pair."""
+    return Tracker.snapshot(), _user_frame()
 
 
 def describe(location):
     """Human-readable text for a location pair (empty when nothing is known)."""
     if location is None:
         return ""
-    path, frame = location
+    stack, frame = location
+    path = Tracker.module_path(stack)
     parts = []
     if path:
         parts.append(f"module {path}")
@@ -125,8 +130,8 @@ def current_location():
         loc = node.metadata.get(_KEY)
         tag = f"backward of {node.name()}"
         if loc is not None:
-            path, frame = loc
-            return (f"{tag}, forward {describe(loc)}" if (path or frame) else tag)
+            text = describe(loc)
+            return f"{tag}, forward {text}" if text else tag
         return tag
     return describe(where_now())
 

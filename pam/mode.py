@@ -847,6 +847,9 @@ def _rounded_div(c, a, b, rounding_mode):
 _ALWAYS_FLOAT_OK = frozenset()
 
 
+_BANNED = {}            # OpOverload -> is it of the multiply family (cached)
+
+
 def _packet(func):
     return func.overloadpacket.__name__
 
@@ -883,9 +886,12 @@ class _DispatchLayer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        full = _packet(func)
-        if not is_banned(full):
+        banned = _BANNED.get(func)
+        if banned is None:
+            banned = _BANNED[func] = is_banned(_packet(func))
+        if not banned:
             return func(*args, **kwargs)
+        full = _packet(func)
         flat, _ = tree_flatten((args, kwargs))
         floats = _float_args(flat)
         if not floats:
