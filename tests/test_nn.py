@@ -77,18 +77,18 @@ def test_convert_reports_unsupported_layers():
     class Mine(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv1d(2, 2, 3)
+            self.conv = nn.Conv3d(2, 2, 3)
             self.lin = nn.Linear(2, 2)
             self.act = nn.Tanh()
     m = nn.Sequential(Mine(), nn.BatchNorm1d(2))
     with pytest.raises(pam.nn.UnsupportedModuleError) as e:
         pam.convert(m)
     msg = str(e.value)
-    assert "0.conv (Conv1d" in msg and "0.act (Tanh" in msg and "1 (BatchNorm1d" in msg
+    assert "0.conv (Conv3d" in msg and "0.act (Tanh" in msg and "1 (BatchNorm1d" in msg
     assert type(m[0].lin) is nn.Linear                         # nothing changed
-    with pytest.warns(UserWarning, match="Conv1d"):
+    with pytest.warns(UserWarning, match="Conv3d"):
         pam.convert(m, strict=False)
-    assert isinstance(m[0].lin, pam.nn.Linear) and type(m[0].conv) is nn.Conv1d
+    assert isinstance(m[0].lin, pam.nn.Linear) and type(m[0].conv) is nn.Conv3d
     with pytest.raises(pam.nn.UnsupportedModuleError, match="max_norm"):
         pam.convert(nn.Sequential(nn.Embedding(3, 2, max_norm=1.0)))
     with pytest.raises(TypeError, match="module"):

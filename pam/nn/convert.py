@@ -2,15 +2,16 @@
 
 Replaced (same Parameter objects are moved over, so weights, devices and any optimizer
 already holding them are kept): ``nn.Linear`` (and ``NonDynamicallyQuantizableLinear``),
-``nn.LayerNorm``, ``nn.MultiheadAttention`` (without add_bias_kv/add_zero_attn),
-``nn.Dropout``, ``nn.GELU``, ``nn.ReLU``, ``nn.Softmax``, ``nn.LogSoftmax``.
+``nn.Conv1d``, ``nn.Conv2d`` (padding_mode "zeros"), ``nn.LayerNorm``,
+``nn.MultiheadAttention`` (without add_bias_kv/add_zero_attn), ``nn.Dropout``, ``nn.GELU``,
+``nn.ReLU``, ``nn.Softmax``, ``nn.LogSoftmax``.
 
 Kept as they are, because they do no float multiplication (``KEPT_MODULES``): containers
 (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``), ``nn.Identity``,
 ``nn.Flatten``, ``nn.Unflatten``, and ``nn.Embedding`` (a table lookup; its backward is an
 index-add) when it has no ``max_norm`` and no ``scale_grad_by_freq``.
 
-Anything else from ``torch.nn`` (e.g. ``nn.Conv2d``, ``nn.BatchNorm1d``, ``nn.Tanh``,
+Anything else from ``torch.nn`` (e.g. ``nn.Conv3d``, ``nn.BatchNorm1d``, ``nn.Tanh``,
 ``nn.TransformerEncoderLayer``, whose forward calls fused float kernels) is unsupported:
 with ``strict=True`` (default) ``convert`` raises :class:`UnsupportedModuleError` listing
 every such module by qualified name before changing anything; with ``strict=False`` it
@@ -43,6 +44,16 @@ def _linear(m, offset, backward):
     return new
 
 
+def _conv(cls):
+    def make(m, offset, backward):
+        new = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                  padding=m.padding, dilation=m.dilation, groups=m.groups,
+                  bias=m.bias is not None, device="meta", offset=offset, backward=backward)
+        new.weight, new.bias = m.weight, m.bias
+        return new
+    return make
+
+
 def _layer_norm(m, offset, backward):
     new = M.LayerNorm(m.normalized_shape, eps=m.eps,
                       elementwise_affine=m.elementwise_affine,
@@ -68,6 +79,8 @@ def _mha(m, offset, backward):
 _FACTORIES = {
     nn.Linear: _linear,
     nn.modules.linear.NonDynamicallyQuantizableLinear: _linear,
+    nn.Conv1d: _conv(M.Conv1d),
+    nn.Conv2d: _conv(M.Conv2d),
     nn.LayerNorm: _layer_norm,
     nn.MultiheadAttention: _mha,
     nn.Dropout: lambda m, o, b: M.Dropout(m.p, m.inplace, backward=b),
@@ -85,6 +98,8 @@ def _why_unsupported(m):
         return None
     if t is nn.MultiheadAttention and (m.bias_k is not None or m.add_zero_attn):
         return "add_bias_kv/add_zero_attn are not supported"
+    if t in (nn.Conv1d, nn.Conv2d) and m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
     if t in _FACTORIES:
         return None
     if t is nn.Embedding:
