@@ -242,10 +242,12 @@ def test_ref_slope_matches_the_defining_formula():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_cpu_kernels_edge_values(kind, offset):
-    """Every kernel on a fixed larger case: 3x3, stride 1, padding 1, two groups."""
+    """Every kernel on a fixed larger case: 3x3, stride 1, padding 1, two groups of 5
+    output channels (a partial block), 468 output positions (more than one position tile
+    of the CPU forward, tiles crossing images)."""
     rng = np.random.default_rng(KINDS.index(kind))
-    x = values(rng, (2, 4, 9, 11), kind)
-    w = values(rng, (6, 2, 3, 3), kind)
+    x = values(rng, (3, 4, 12, 13), kind)
+    w = values(rng, (10, 2, 3, 3), kind)
     geom = ((1, 1), (1, 1), (1, 1), (1, 1), 2)
     stride, lo, hi, dil, groups = geom
     out = run_forward(cpu_conv, x, w, stride, lo, hi, dil, groups, offset)

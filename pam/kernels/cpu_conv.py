@@ -31,23 +31,38 @@ Accumulation order (the same in :mod:`pam.kernels.cuda_conv`; it defines the bit
 
 Every output element is reduced sequentially by one thread (parallel over output elements,
 no atomics, no partial sums): results do not depend on the thread count and equal the CUDA
-kernels' bit for bit. Extra memory is one accumulator per output plane (O(output)).
+kernels' bit for bit.
 
-``conv_forward`` takes an int32 fast path, as the CPU matmul does, when no operand holds an
-inf or NaN and the exponent ranges rule out overflow and underflow: one PAM product of
-normal operands is then one wrapping int32 addition of the input's bit pattern and a
-per-weight constant, vectorized across output columns. Zero or subnormal weights are
-skipped and zero or subnormal inputs give +0 (masked); padding terms are skipped. This is
-exact because an accumulator that starts at +0.0 never becomes -0.0 and adding +-0 to it
+``conv_forward`` is a matrix product per group: with t the flattened (c, kh, kw) tap and
+q the flattened (n, oh, ow) output position, out[q, g Og + j] = sum over t of
+PAM(w[g Og + j, t], patch[t, q]). Output positions are taken in tiles; the patches of one
+tile are gathered into a per-thread buffer of K x tile int32 entries (K = Cg KH KW; about
+PATCH_BUDGET entries, never the whole im2col matrix), and the products are vectorized
+across the tile's positions with the CPU matmul's inner block. Parallel over (group, tile).
+When no operand holds an inf or NaN and the exponent ranges rule out overflow and
+underflow, one PAM product of normal operands is one wrapping int32 addition of the
+input's bit pattern and a per-weight constant (the matmul's int32 fast path); zero or
+subnormal weights are skipped and zero, subnormal or padding inputs give +0 (masked). This
+is exact because an accumulator that starts at +0.0 never becomes -0.0 and adding +-0 to it
 changes nothing. Otherwise every term calls bits.mul_bits. Both paths give the same bits.
+The backward kernels call bits.mul_bits / bits.mul_slope_bits for every term; their extra
+memory is one accumulator plane per task.
 """
 import numpy as np
 from numba import njit, prange
 
 from .. import bits
-from .cpu import _mul_fast_ok, _signed_const, _stats
+from .cpu import _mm_fast_block, _mul_fast_ok, _signed_const, _stats
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
+
+# Output positions per tile of ``conv_forward`` (the vector length of its inner loops).
+POS_TILE = 256
+# Tiles shrink (to 8 positions at least) so that a patch buffer holds about this many
+# int32 entries: K x tile, K = in_channels / groups x KH x KW.
+PATCH_BUDGET = 1 << 16
+# Output channels that share one pass over a tile's patches.
+O_BLOCK = 4
 
 ONE = bits.ONE
 ABS_MASK = bits.ABS_MASK
@@ -65,77 +80,90 @@ def _valid_range(base, s, size, count):
 
 
 @njit(cache=True, nogil=True)
-def _fast_row(dst, src, cw):
-    """dst[j] += PAM(src[j], w), w given by its int32 constant ``cw`` (fast path)."""
-    for j in range(dst.size):
-        xv = src[j]
-        p = np.int32(xv + cw)
-        dst[j] += bits.bits_to_f32(p if (xv & ABS_MASK) >= MIN_NORMAL else np.int32(0))
+def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
+    """Patches of output positions q0 .. q0 + width - 1 (width = P.shape[1]) of group g.
 
-
-@njit(cache=True, nogil=True)
-def _general_row(dst, src, wv, off):
-    """dst[j] += PAM(src[j], wv) with bits.mul_bits (every input class)."""
-    for j in range(dst.size):
-        dst[j] += bits.bits_to_f32(bits.mul_bits(src[j], wv, off))
-
-
-@njit(cache=True, nogil=True)
-def _add_const(dst, value):
-    for j in range(dst.size):
-        dst[j] += value
-
-
-@njit(**_JIT)
-def _forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, fast, out):
-    N, C, H, W = x.shape
-    O, Cg, KH, KW = w.shape
-    OH = out.shape[2]
-    OW = out.shape[3]
-    Og = O // groups
-    for task in prange(N * O):
-        n = task // O
-        o = task - n * O
-        ci0 = (o // Og) * Cg
-        acc = np.zeros((OH, OW), np.float32)
+    Position q = (n OH + oh) OW + ow. P[t, i] = x[n, g Cg + c, ih, iw] under tap
+    t = (c KH + kh) KW + kw of position q0 + i (+0 in the padding); M[t, i] = 0 where that
+    value is zero or subnormal, -1 elsewhere; qn[i] = n, qs[i] = oh OW + ow. Returns True
+    when some value is zero or subnormal.
+    """
+    H = x.shape[2]
+    W = x.shape[3]
+    S = OH * OW
+    any_zero = False
+    for i in range(P.shape[1]):
+        q = q0 + i
+        n = q // S
+        rem = q - n * S
+        qn[i] = n
+        qs[i] = rem
+        oh = rem // OW
+        ih0 = oh * sh - ph
+        iw0 = (rem - oh * OW) * sw - pw
+        t = 0
         for c in range(Cg):
             for kh in range(KH):
+                ih = ih0 + kh * dh
                 for kw in range(KW):
-                    wv = w[o, c, kh, kw]
-                    base = kw * dw - pw
-                    lo, hi = _valid_range(base, sw, W, OW)
-                    i0 = lo * sw + base
-                    i1 = i0 + (hi - lo - 1) * sw + 1
-                    if fast:
-                        uw = np.int64(wv) & ABS_MASK
-                        if uw < MIN_NORMAL or hi == lo:
-                            continue
-                        cw = _signed_const(uw - ONE + off, wv < 0)
-                        for oh in range(OH):
-                            ih = oh * sh - ph + kh * dh
-                            if 0 <= ih < H:
-                                xrow = x[n, ci0 + c, ih]
-                                if sw == 1:
-                                    _fast_row(acc[oh, lo:hi], xrow[i0:i1], cw)
-                                else:
-                                    _fast_row(acc[oh, lo:hi], xrow[i0:i1:sw], cw)
-                    else:
-                        p0 = bits.bits_to_f32(bits.mul_bits(0, wv, off))
-                        for oh in range(OH):
-                            ih = oh * sh - ph + kh * dh
-                            row = acc[oh]
-                            if 0 <= ih < H:
-                                _add_const(row[:lo], p0)
-                                if hi > lo:
-                                    xrow = x[n, ci0 + c, ih]
-                                    if sw == 1:
-                                        _general_row(row[lo:hi], xrow[i0:i1], wv, off)
-                                    else:
-                                        _general_row(row[lo:hi], xrow[i0:i1:sw], wv, off)
-                                _add_const(row[hi:], p0)
-                            else:
-                                _add_const(row, p0)
-        out[n, o] = acc
+                    iw = iw0 + kw * dw
+                    inside = 0 <= ih < H and 0 <= iw < W
+                    v = x[n, g * Cg + c, ih, iw] if inside else np.int32(0)
+                    P[t, i] = v
+                    normal = (v & ABS_MASK) >= MIN_NORMAL
+                    M[t, i] = -1 if normal else 0
+                    any_zero = any_zero or not normal
+                    t += 1
+    return any_zero
+
+
+# The forward is a matrix product per group: out[n, g Og + j, oh, ow] =
+# sum_t PAM(w[g Og + j, t], P[t, q]), t increasing (t: the flattened (c, kh, kw) tap, q: the
+# flattened (n, oh, ow) position). Positions are processed in tiles whose patches P are
+# gathered into a per-thread buffer of K x tile entries (at most about PATCH_BUDGET; never
+# the whole im2col matrix), and the products are vectorized across the positions of a tile
+# exactly as the CPU matmul vectorizes across columns (its inner block is reused).
+@njit(**_JIT)
+def _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups, KH,
+                   KW, off, out):
+    N, C, H, W = x.shape
+    O, K = wflat.shape
+    Cg = C // groups
+    Og = O // groups
+    OH = out.shape[2]
+    OW = out.shape[3]
+    Q = N * OH * OW
+    out3 = out.reshape(N, O, OH * OW)
+    tiles = (Q + tile - 1) // tile
+    for task in prange(groups * tiles):
+        g = task // tiles
+        q0 = (task - g * tiles) * tile
+        width = min(tile, Q - q0)
+        P = np.empty((K, width), np.int32)
+        M = np.empty((K, width), np.int32)
+        qn = np.empty(width, np.int64)
+        qs = np.empty(width, np.int64)
+        use_mask = _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn,
+                           qs)
+        acc = np.empty((O_BLOCK, width), np.float32)
+        for o0 in range(g * Og, (g + 1) * Og, O_BLOCK):
+            rows = min(O_BLOCK, (g + 1) * Og - o0)
+            a = acc[:rows]
+            a[:] = 0.0
+            if fast:
+                _mm_fast_block(a, P, M, use_mask, cs[o0:o0 + rows], nz[o0:o0 + rows],
+                               nz4[o0:o0 + rows], K, 0, width)
+            else:
+                for t in range(K):
+                    prow = P[t]
+                    for r in range(rows):
+                        wv = wflat[o0 + r, t]
+                        arow = a[r]
+                        for i in range(width):
+                            arow[i] += bits.bits_to_f32(bits.mul_bits(wv, prow[i], off))
+            for r in range(rows):
+                for i in range(width):
+                    out3[qn[i], o0 + r, qs[i]] = a[r, i]
 
 
 @njit(cache=True, nogil=True)
@@ -153,7 +181,23 @@ def conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
     sx, zx, lo_x, hi_x = _stats(x)
     sw_, zw, lo_w, hi_w = _stats(w)
     fast = not (sx or sw_) and _mul_fast_ok(lo_x, hi_x, lo_w, hi_w, off)
-    _forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, fast, out)
+    O = w.shape[0]
+    wflat = w.reshape(O, -1)
+    K = wflat.shape[1]
+    cs = np.empty((O, K), np.int32)
+    nz = np.empty((O, K), np.bool_)
+    nz4 = np.empty((O, K // 4), np.bool_)
+    for o in range(O):
+        for t in range(K):
+            v = np.int64(wflat[o, t])
+            u = v & ABS_MASK
+            nz[o, t] = u >= MIN_NORMAL
+            cs[o, t] = _signed_const(u - ONE + off, v < 0)
+        for t in range(0, K - K % 4, 4):
+            nz4[o, t >> 2] = nz[o, t] and nz[o, t + 1] and nz[o, t + 2] and nz[o, t + 3]
+    tile = max(8, min(POS_TILE, PATCH_BUDGET // K))
+    _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups,
+                   w.shape[2], w.shape[3], off, out)
 
 
 @njit(cache=True, nogil=True)
