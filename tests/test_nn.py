@@ -83,6 +83,7 @@ def test_convert_reports_unsupported_layers():
         def __init__(self):
             super().__init__()
             self.norm = OwnForward(2)
+            self.conv = nn.Conv3d(2, 2, 3)
             self.lin = nn.Linear(2, 2)
             self.act = nn.Tanh()
     m = nn.Sequential(Mine(), nn.BatchNorm1d(2))
@@ -90,12 +91,13 @@ def test_convert_reports_unsupported_layers():
         pam.convert(m)
     msg = str(e.value)
     assert "0.norm (OwnForward: subclass of nn.LayerNorm that overrides forward" in msg
-    assert "1 (BatchNorm1d" in msg and "0.act" not in msg
+    assert "0.conv (Conv3d" in msg and "1 (BatchNorm1d" in msg and "0.act" not in msg
     assert type(m[0].lin) is nn.Linear                         # nothing changed
     with pytest.warns(UserWarning, match="BatchNorm1d"):
         pam.convert(m, strict=False)
     assert isinstance(m[0].lin, pam.nn.Linear) and isinstance(m[0].act, pam.nn.Tanh)
-    assert pam.nn.float_leaves(m) == [("0.norm", "OwnForward"), ("1", "BatchNorm1d")]
+    assert pam.nn.float_leaves(m) == [("0.norm", "OwnForward"), ("0.conv", "Conv3d"),
+                                      ("1", "BatchNorm1d")]
     with pytest.raises(pam.nn.UnsupportedModuleError, match="max_norm"):
         pam.convert(nn.Sequential(nn.Embedding(3, 2, max_norm=1.0)))
     with pytest.raises(TypeError, match="module"):

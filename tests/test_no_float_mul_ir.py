@@ -1,7 +1,8 @@
 """No float multiply or divide in the compiled CPU kernels (checked on the LLVM IR).
 
-Every Numba dispatcher defined in pam.kernels.cpu is found automatically (so a new kernel
-is covered as soon as it exists), compiled for its int32 bit-pattern signatures by running
+Every Numba dispatcher defined in pam.kernels.cpu and pam.kernels.cpu_conv (named
+``cpu_conv.<name>``) is found automatically (so a new kernel is covered as soon as it
+exists), compiled for its int32 bit-pattern signatures by running
 the public kernels on small inputs that take every path (int32 fast paths with and without
 zero masks, general paths with inf/NaN), and the IR of every compiled signature is scanned
 for ``fmul``/``fdiv`` instructions and calls to ``llvm.fma``/``llvm.fmuladd``. The IR of a
@@ -24,7 +25,9 @@ import pytest
 from numba import njit, prange
 from numba.core.dispatcher import Dispatcher
 
-from pam.kernels import cpu
+from pam.kernels import cpu, cpu_conv
+
+KERNEL_MODULES = {"": cpu, "cpu_conv.": cpu_conv}
 
 FORBIDDEN = re.compile(r"=\s*(?:fmul|fdiv)\b|call\b[^\n]*@llvm\.(?:fma|fmuladd)\.")
 
@@ -35,8 +38,9 @@ def forbidden_ops(ir):
 
 
 def cpu_dispatchers():
-    return {name: obj for name, obj in vars(cpu).items()
-            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == cpu.__name__}
+    return {prefix + name: obj for prefix, module in KERNEL_MODULES.items()
+            for name, obj in vars(module).items()
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == module.__name__}
 
 
 def _operands(rng, shape, kind):
@@ -67,6 +71,20 @@ def compile_all_kernels():
         cpu.matmul(x, y, 0, np.empty((2, 5, 7), np.float32))
         cpu.matmul_exact_grad_left(x, yt, g, 0, np.empty((2, 5, 6), np.float32))
         cpu.matmul_exact_grad_right(xt, y, g, 0, np.empty((2, 6, 7), np.float32))
+        # convolutions: forward (fast path with normal operands, general with inf/NaN),
+        # both backward modes, stride 1 and 2 (contiguous and strided rows)
+        cx = _operands(rng, (2, 4, 6, 7), kind)
+        cw = _operands(rng, (4, 2, 3, 2), kind)
+        for sw in (1, 2):
+            ow = (7 + 2 - 2) // sw + 1
+            cg = _operands(rng, (2, 4, 6, ow), kind)
+            cpu_conv.conv_forward(cx, cw, 1, sw, 1, 1, 1, 1, 2, 0,
+                                  np.empty((2, 4, 6, ow), np.float32))
+            for exact in (True, False):
+                cpu_conv.conv_grad_input(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
+                                         np.empty((2, 4, 6, 7), np.float32))
+                cpu_conv.conv_grad_weight(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
+                                          np.empty((4, 2, 3, 2), np.float32))
 
 
 def scan():
@@ -118,7 +136,8 @@ def test_detector_flags_a_float_multiply():
 def test_every_kernel_is_found_and_compiled(compiled):
     public = {"mul", "div", "mul_slope", "div_slope_num", "div_slope_den", "exp2", "log2",
               "exp2_slope", "log2_slope", "matmul", "matmul_exact_grad_left",
-              "matmul_exact_grad_right"}
+              "matmul_exact_grad_right", "cpu_conv.conv_forward", "cpu_conv.conv_grad_input",
+              "cpu_conv.conv_grad_weight"}
     assert public <= set(compiled)
     missing = sorted(name for name, sigs in compiled.items() if not sigs)
     assert not missing, (f"kernels never compiled by compile_all_kernels(), extend it so their "

@@ -4,11 +4,11 @@ Modules hold the same parameters (same names and shapes) as their torch namesake
 state_dicts load in both directions; their arithmetic is in :mod:`pam.nn.functional`.
 """
 from . import functional
-from .modules import (GELU, Dropout, LayerNorm, Linear, LogSoftmax, MultiheadAttention,
+from .modules import (GELU, Conv1d, Conv2d, Dropout, LayerNorm, Linear, LogSoftmax, MultiheadAttention,
                       ReLU, Sigmoid, SiLU, Softmax, Tanh, TransposedLinear)
 from .convert import convert, float_leaves, KEPT_MODULES, UnsupportedModuleError
 
-__all__ = ["functional", "Linear", "LayerNorm", "MultiheadAttention", "Dropout", "GELU",
+__all__ = ["functional", "Linear", "Conv1d", "Conv2d", "LayerNorm", "MultiheadAttention", "Dropout", "GELU",
            "ReLU", "Tanh", "Sigmoid", "SiLU", "Softmax", "LogSoftmax", "TransposedLinear",
            "convert", "float_leaves", "KEPT_MODULES",
            "UnsupportedModuleError"]

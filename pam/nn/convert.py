@@ -5,7 +5,8 @@ calls inside its own ``forward`` code, use :func:`pam.arithmetic` instead.
 
 Replaced (same Parameter objects are moved over, so weights, devices and any optimizer
 already holding them are kept): ``nn.Linear`` (and ``NonDynamicallyQuantizableLinear``),
-``nn.LayerNorm``, ``nn.MultiheadAttention`` (without add_bias_kv/add_zero_attn),
+``nn.Conv1d``, ``nn.Conv2d`` (padding_mode "zeros"), ``nn.LayerNorm``,
+``nn.MultiheadAttention`` (without add_bias_kv/add_zero_attn),
 ``nn.Dropout``, ``nn.GELU``, ``nn.ReLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.SiLU``,
 ``nn.Softmax``, ``nn.LogSoftmax``, Hugging Face ``Conv1D`` (as
 :class:`pam.nn.TransposedLinear`), and subclasses of these that do not override
@@ -57,6 +58,16 @@ def _linear(m, offset, backward):
     return new
 
 
+def _conv(cls):
+    def make(m, offset, backward):
+        new = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                  padding=m.padding, dilation=m.dilation, groups=m.groups,
+                  bias=m.bias is not None, device="meta", offset=offset, backward=backward)
+        new.weight, new.bias = m.weight, m.bias
+        return new
+    return make
+
+
 def _layer_norm(m, offset, backward):
     new = M.LayerNorm(m.normalized_shape, eps=m.eps,
                       elementwise_affine=m.elementwise_affine,
@@ -92,6 +103,8 @@ def _is_hf_conv1d(m):
 _FACTORIES = {
     nn.Linear: _linear,
     nn.modules.linear.NonDynamicallyQuantizableLinear: _linear,
+    nn.Conv1d: _conv(M.Conv1d),
+    nn.Conv2d: _conv(M.Conv2d),
     nn.LayerNorm: _layer_norm,
     nn.MultiheadAttention: _mha,
     nn.Dropout: lambda m, o, b: M.Dropout(m.p, m.inplace, backward=b),
@@ -133,6 +146,8 @@ def _why_unsupported(m):
         return None
     if isinstance(m, nn.MultiheadAttention) and (m.bias_k is not None or m.add_zero_attn):
         return "add_bias_kv/add_zero_attn are not supported"
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
     if _factory(m) is not None:
         return None
     base = _overridden_base(m)

@@ -3,7 +3,8 @@
 ``Linear``, ``LayerNorm``, ``Dropout``, ``GELU``, ``ReLU``, ``Softmax`` and ``LogSoftmax``
 subclass their torch namesakes (so ``isinstance(m, torch.nn.Linear)`` still holds and
 initialisation is torch's) and override ``forward`` with :mod:`pam.nn.functional`.
-``MultiheadAttention`` is a fresh module with exactly torch's parameter names
+``Conv1d`` and ``Conv2d`` subclass theirs too and run :func:`pam.conv1d` / :func:`pam.conv2d`
+(``padding_mode="zeros"`` only). ``MultiheadAttention`` is a fresh module with exactly torch's parameter names
 (``in_proj_weight``, ``in_proj_bias`` or ``q_proj_weight``/``k_proj_weight``/
 ``v_proj_weight``, ``out_proj.weight``, ``out_proj.bias``), so state_dicts load both ways.
 
@@ -14,11 +15,13 @@ import torch
 from torch import nn
 
 from .. import functional as PF
+from ..conv import conv1d, conv2d
 from ..ops import BACKWARD_MODES
 from .. import dispatch as _D
 
-__all__ = ["PamModule", "Linear", "TransposedLinear", "LayerNorm", "MultiheadAttention",
-           "Dropout", "GELU", "ReLU", "Tanh", "Sigmoid", "SiLU", "Softmax", "LogSoftmax"]
+__all__ = ["PamModule", "Linear", "TransposedLinear", "Conv1d", "Conv2d", "LayerNorm",
+           "MultiheadAttention", "Dropout", "GELU", "ReLU", "Tanh", "Sigmoid", "SiLU",
+           "Softmax", "LogSoftmax"]
 
 
 def _check_config(offset, backward):
@@ -53,6 +56,55 @@ class Linear(PamModule, nn.Linear):
 
     def extra_repr(self):
         return f"{nn.Linear.extra_repr(self)}, {self._pam_repr()}"
+
+
+def _check_padding_mode(padding_mode):
+    if padding_mode != "zeros":
+        raise ValueError(f"PAM convolutions support padding_mode='zeros' only, got "
+                         f"{padding_mode!r} (pad the input explicitly with F.pad instead)")
+    return padding_mode
+
+
+class Conv1d(PamModule, nn.Conv1d):
+    """1-D convolution with PAM products (:func:`pam.conv1d`); parameters as ``nn.Conv1d``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, offset=None, backward="exact"):
+        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
+                           padding=padding, dilation=dilation, groups=groups, bias=bias,
+                           padding_mode=_check_padding_mode(padding_mode), device=device,
+                           dtype=dtype)
+        self._pam_init(offset, backward)
+
+    def forward(self, input):
+        _check_padding_mode(self.padding_mode)
+        return conv1d(input, self.weight, self.bias, self.stride, self.padding,
+                      self.dilation, self.groups, offset=self.offset, backward=self.backward)
+
+    def extra_repr(self):
+        return f"{nn.Conv1d.extra_repr(self)}, {self._pam_repr()}"
+
+
+class Conv2d(PamModule, nn.Conv2d):
+    """2-D convolution with PAM products (:func:`pam.conv2d`); parameters as ``nn.Conv2d``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, offset=None, backward="exact"):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
+                           padding=padding, dilation=dilation, groups=groups, bias=bias,
+                           padding_mode=_check_padding_mode(padding_mode), device=device,
+                           dtype=dtype)
+        self._pam_init(offset, backward)
+
+    def forward(self, input):
+        _check_padding_mode(self.padding_mode)
+        return conv2d(input, self.weight, self.bias, self.stride, self.padding,
+                      self.dilation, self.groups, offset=self.offset, backward=self.backward)
+
+    def extra_repr(self):
+        return f"{nn.Conv2d.extra_repr(self)}, {self._pam_repr()}"
 
 
 class LayerNorm(PamModule, nn.LayerNorm):

@@ -1,0 +1,298 @@
+"""CPU convolution kernels (Numba, parallel, cached) over int32 bit-pattern arrays.
+
+One kernel set serves every convolution: tensors are 2-D convolutions in NCHW layout
+(a 1-D convolution is the case H = 1, KH = 1). Arguments:
+
+* ``x``: (N, C, H, W) int32 bit patterns of the input;
+* ``w``: (O, C // groups, KH, KW) int32 bit patterns of the weight;
+* ``grad``: (N, O, OH, OW) int32 bit patterns of the output gradient (backward kernels);
+* ``sh, sw``: strides, ``ph, pw``: the padding before the first row / column (the padding
+  after the last one follows from the output shape, so asymmetric padding works),
+  ``dh, dw``: dilations, ``groups``, ``off``: the PAM offset constant
+  (:func:`pam.dispatch.offset_constant`), ``exact``: exact or approximate backward;
+* ``out``: the float32 result, whose shape fixes the output size (OH, OW).
+
+Input position of output (oh, ow) and kernel tap (kh, kw): ih = oh sh - ph + kh dh,
+iw = ow sw - pw + kw dw. A position outside the input is a padding zero, +0.0.
+
+Accumulation order (the same in :mod:`pam.kernels.cuda_conv`; it defines the bits):
+
+* ``conv_forward``: out[n, o, oh, ow] = float32 sum, starting at +0.0, over c (the input
+  channels of o's group, increasing), then kh, then kw (increasing), of
+  PAM(x[n, g Cg + c, ih, iw], w[o, c, kh, kw]). Padding terms are PAM(+0, w): +-0, which
+  changes no sum, or NaN when w is inf or NaN (as 0 * inf in torch).
+* ``conv_grad_input``: out[n, ci, ih, iw] = float32 sum from +0.0 over o (the output
+  channels of ci's group), then kh, then kw, increasing, of the terms whose (oh, ow)
+  exists: PAM(grad[n, o, oh, ow], slope(x[n, ci, ih, iw], w[o, c, kh, kw])) (``exact``;
+  slope = bits.mul_slope_bits, offset inside the slope) or PAM(grad, w; offset) (approx).
+* ``conv_grad_weight``: out[o, c, kh, kw] = float32 sum from +0.0 over n, then oh, then ow,
+  increasing, of PAM(grad[n, o, oh, ow], slope(w[o, c, kh, kw], x[n, ci, ih, iw])) (exact)
+  or PAM(grad, x; offset) (approx), padding positions included as x = +0.
+
+Every output element is reduced sequentially by one thread (parallel over output elements,
+no atomics, no partial sums): results do not depend on the thread count and equal the CUDA
+kernels' bit for bit.
+
+``conv_forward`` is a matrix product per group: with t the flattened (c, kh, kw) tap and
+q the flattened (n, oh, ow) output position, out[q, g Og + j] = sum over t of
+PAM(w[g Og + j, t], patch[t, q]). Output positions are taken in tiles; the patches of one
+tile are gathered into a per-thread buffer of K x tile int32 entries (K = Cg KH KW; about
+PATCH_BUDGET entries, never the whole im2col matrix), and the products are vectorized
+across the tile's positions with the CPU matmul's inner block. Parallel over (group, tile).
+When no operand holds an inf or NaN and the exponent ranges rule out overflow and
+underflow, one PAM product of normal operands is one wrapping int32 addition of the
+input's bit pattern and a per-weight constant (the matmul's int32 fast path); zero or
+subnormal weights are skipped and zero, subnormal or padding inputs give +0 (masked). This
+is exact because an accumulator that starts at +0.0 never becomes -0.0 and adding +-0 to it
+changes nothing. Otherwise every term calls bits.mul_bits. Both paths give the same bits.
+The backward kernels call bits.mul_bits / bits.mul_slope_bits for every term; their extra
+memory is one accumulator plane per task.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .. import bits
+from .cpu import _mm_fast_block, _mul_fast_ok, _signed_const, _stats
+
+_JIT = dict(parallel=True, cache=True, nogil=True)
+
+# Output positions per tile of ``conv_forward`` (the vector length of its inner loops).
+POS_TILE = 256
+# Tiles shrink (to 8 positions at least) so that a patch buffer holds about this many
+# int32 entries: K x tile, K = in_channels / groups x KH x KW.
+PATCH_BUDGET = 1 << 16
+# Output channels that share one pass over a tile's patches.
+O_BLOCK = 4
+
+ONE = bits.ONE
+ABS_MASK = bits.ABS_MASK
+MIN_NORMAL = bits.MIN_NORMAL
+
+__all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight"]
+
+
+@njit(cache=True, nogil=True)
+def _valid_range(base, s, size, count):
+    """(lo, hi): the outputs j in [0, count) whose input j s + base lies in [0, size)."""
+    lo = max(0, -(base // s))
+    hi = min(count, (size - 1 - base) // s + 1)
+    return lo, max(lo, hi)
+
+
+@njit(cache=True, nogil=True)
+def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
+    """Patches of output positions q0 .. q0 + width - 1 (width = P.shape[1]) of group g.
+
+    Position q = (n OH + oh) OW + ow. P[t, i] = x[n, g Cg + c, ih, iw] under tap
+    t = (c KH + kh) KW + kw of position q0 + i (+0 in the padding); M[t, i] = 0 where that
+    value is zero or subnormal, -1 elsewhere; qn[i] = n, qs[i] = oh OW + ow. Returns True
+    when some value is zero or subnormal.
+    """
+    H = x.shape[2]
+    W = x.shape[3]
+    S = OH * OW
+    any_zero = False
+    for i in range(P.shape[1]):
+        q = q0 + i
+        n = q // S
+        rem = q - n * S
+        qn[i] = n
+        qs[i] = rem
+        oh = rem // OW
+        ih0 = oh * sh - ph
+        iw0 = (rem - oh * OW) * sw - pw
+        t = 0
+        for c in range(Cg):
+            for kh in range(KH):
+                ih = ih0 + kh * dh
+                for kw in range(KW):
+                    iw = iw0 + kw * dw
+                    inside = 0 <= ih < H and 0 <= iw < W
+                    v = x[n, g * Cg + c, ih, iw] if inside else np.int32(0)
+                    P[t, i] = v
+                    normal = (v & ABS_MASK) >= MIN_NORMAL
+                    M[t, i] = -1 if normal else 0
+                    any_zero = any_zero or not normal
+                    t += 1
+    return any_zero
+
+
+# The forward is a matrix product per group: out[n, g Og + j, oh, ow] =
+# sum_t PAM(w[g Og + j, t], P[t, q]), t increasing (t: the flattened (c, kh, kw) tap, q: the
+# flattened (n, oh, ow) position). Positions are processed in tiles whose patches P are
+# gathered into a per-thread buffer of K x tile entries (at most about PATCH_BUDGET; never
+# the whole im2col matrix), and the products are vectorized across the positions of a tile
+# exactly as the CPU matmul vectorizes across columns (its inner block is reused).
+@njit(**_JIT)
+def _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups, KH,
+                   KW, off, out):
+    N, C, H, W = x.shape
+    O, K = wflat.shape
+    Cg = C // groups
+    Og = O // groups
+    OH = out.shape[2]
+    OW = out.shape[3]
+    Q = N * OH * OW
+    out3 = out.reshape(N, O, OH * OW)
+    tiles = (Q + tile - 1) // tile
+    for task in prange(groups * tiles):
+        g = task // tiles
+        q0 = (task - g * tiles) * tile
+        width = min(tile, Q - q0)
+        P = np.empty((K, width), np.int32)
+        M = np.empty((K, width), np.int32)
+        qn = np.empty(width, np.int64)
+        qs = np.empty(width, np.int64)
+        use_mask = _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn,
+                           qs)
+        acc = np.empty((O_BLOCK, width), np.float32)
+        for o0 in range(g * Og, (g + 1) * Og, O_BLOCK):
+            rows = min(O_BLOCK, (g + 1) * Og - o0)
+            a = acc[:rows]
+            a[:] = 0.0
+            if fast:
+                _mm_fast_block(a, P, M, use_mask, cs[o0:o0 + rows], nz[o0:o0 + rows],
+                               nz4[o0:o0 + rows], K, 0, width)
+            else:
+                for t in range(K):
+                    prow = P[t]
+                    for r in range(rows):
+                        wv = wflat[o0 + r, t]
+                        arow = a[r]
+                        for i in range(width):
+                            arow[i] += bits.bits_to_f32(bits.mul_bits(wv, prow[i], off))
+            for r in range(rows):
+                for i in range(width):
+                    out3[qn[i], o0 + r, qs[i]] = a[r, i]
+
+
+@njit(cache=True, nogil=True)
+def conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
+    """PAM convolution (cross-correlation, like torch), no bias; see the module docstring.
+
+    x: (N, C, H, W), w: (O, C // groups, KH, KW) int32; out: (N, O, OH, OW) float32.
+    An empty reduction (no input channels) gives zeros.
+    """
+    if out.size == 0:
+        return
+    if w.size == 0:
+        out[:] = 0.0
+        return
+    sx, zx, lo_x, hi_x = _stats(x)
+    sw_, zw, lo_w, hi_w = _stats(w)
+    fast = not (sx or sw_) and _mul_fast_ok(lo_x, hi_x, lo_w, hi_w, off)
+    O = w.shape[0]
+    wflat = w.reshape(O, -1)
+    K = wflat.shape[1]
+    cs = np.empty((O, K), np.int32)
+    nz = np.empty((O, K), np.bool_)
+    nz4 = np.empty((O, K // 4), np.bool_)
+    for o in range(O):
+        for t in range(K):
+            v = np.int64(wflat[o, t])
+            u = v & ABS_MASK
+            nz[o, t] = u >= MIN_NORMAL
+            cs[o, t] = _signed_const(u - ONE + off, v < 0)
+        for t in range(0, K - K % 4, 4):
+            nz4[o, t >> 2] = nz[o, t] and nz[o, t + 1] and nz[o, t + 2] and nz[o, t + 3]
+    tile = max(8, min(POS_TILE, PATCH_BUDGET // K))
+    _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups,
+                   w.shape[2], w.shape[3], off, out)
+
+
+@njit(cache=True, nogil=True)
+def _grad_term(g, a, b, exact, off):
+    """PAM(g, slope_a(a, b)) (exact) or PAM(g, b; offset) (approx), as float32."""
+    if exact:
+        return bits.bits_to_f32(bits.mul_bits(g, bits.mul_slope_bits(a, b, off), 0))
+    return bits.bits_to_f32(bits.mul_bits(g, b, off))
+
+
+@njit(**_JIT)
+def _grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+    N, C, H, W = x.shape
+    O, Cg, KH, KW = w.shape
+    OH = grad.shape[2]
+    OW = grad.shape[3]
+    Og = O // groups
+    for task in prange(N * C):
+        n = task // C
+        ci = task - n * C
+        gi = ci // Cg
+        c = ci - gi * Cg
+        acc = np.zeros((H, W), np.float32)
+        for o in range(gi * Og, (gi + 1) * Og):
+            for kh in range(KH):
+                for kw in range(KW):
+                    wv = w[o, c, kh, kw]
+                    base = kw * dw - pw
+                    lo, hi = _valid_range(base, sw, W, OW)
+                    for oh in range(OH):
+                        ih = oh * sh - ph + kh * dh
+                        if ih < 0 or ih >= H:
+                            continue
+                        grow = grad[n, o, oh]
+                        xrow = x[n, ci, ih]
+                        arow = acc[ih]
+                        for ow in range(lo, hi):
+                            iw = ow * sw + base
+                            arow[iw] += _grad_term(grow[ow], xrow[iw], wv, exact, off)
+        out[n, ci] = acc
+
+
+@njit(cache=True, nogil=True)
+def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+    """Gradient of ``conv_forward`` w.r.t. x (exact or approximate; see the module docstring).
+
+    x: (N, C, H, W), w: (O, C // groups, KH, KW), grad: (N, O, OH, OW) int32;
+    out: (N, C, H, W) float32. Inputs no output reads get +0.0.
+    """
+    if out.size == 0:
+        return
+    _grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
+
+
+@njit(**_JIT)
+def _grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+    N, C, H, W = x.shape
+    O, Cg, KH, KW = w.shape
+    OH = grad.shape[2]
+    OW = grad.shape[3]
+    Og = O // groups
+    for task in prange(O * Cg):
+        o = task // Cg
+        c = task - o * Cg
+        ci = (o // Og) * Cg + c
+        acc = np.zeros((KH, KW), np.float32)
+        for n in range(N):
+            for oh in range(OH):
+                grow = grad[n, o, oh]
+                for kh in range(KH):
+                    ih = oh * sh - ph + kh * dh
+                    inside = 0 <= ih < H
+                    for kw in range(KW):
+                        wv = w[o, c, kh, kw]
+                        base = kw * dw - pw
+                        s = acc[kh, kw]
+                        for ow in range(OW):
+                            iw = ow * sw + base
+                            xv = x[n, ci, ih, iw] if inside and 0 <= iw < W else np.int32(0)
+                            if exact:
+                                s += _grad_term(grow[ow], wv, xv, True, off)
+                            else:
+                                s += _grad_term(grow[ow], wv, xv, False, off)
+                        acc[kh, kw] = s
+        out[o, c] = acc
+
+
+@njit(cache=True, nogil=True)
+def conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+    """Gradient of ``conv_forward`` w.r.t. w (exact or approximate; see the module docstring).
+
+    x: (N, C, H, W), w: (O, C // groups, KH, KW), grad: (N, O, OH, OW) int32;
+    out: (O, C // groups, KH, KW) float32. An empty reduction (N = 0 or no outputs) gives
+    zeros.
+    """
+    if out.size == 0:
+        return
+    _grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
