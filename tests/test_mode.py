@@ -58,6 +58,54 @@ class NanoGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+class TimmLayerNorm(nn.LayerNorm):
+    """timm's pattern: a LayerNorm subclass with its own forward calling F.layer_norm."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.norm1, self.norm2 = TimmLayerNorm(d), TimmLayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(B, N, 3, self.h, C // self.h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A timm-style ViT: Conv2d patch embedding, class token, pre-norm blocks."""
+
+    def __init__(self, d=32, classes=4):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, d) * 0.02)
+        self.blocks = nn.Sequential(TimmBlock(d, 4), TimmBlock(d, 4))
+        self.norm, self.head = TimmLayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def _vit():
+    torch.manual_seed(0)
+    m = ViT()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    return m, lambda m: F.cross_entropy(m(x), y)
+
+
 def _encoder(norm_first):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True,
@@ -99,7 +147,7 @@ def _nanogpt():
 
 MODELS = {"encoder_post_norm": lambda: _encoder(False),
           "encoder_pre_norm": lambda: _encoder(True),
-          "hf_gpt2": _gpt2, "hf_bert": _bert, "nanogpt_sdpa": _nanogpt}
+          "hf_gpt2": _gpt2, "hf_bert": _bert, "nanogpt_sdpa": _nanogpt, "vit_conv2d": _vit}
 
 
 def _train(model, loss_fn, opt, steps, **mode):
@@ -255,3 +303,19 @@ def test_pa_sigmoid_family_accuracy():
         err = (f(x) - ref(x)).abs()
         assert err.max() <= max_err and err.mean() <= 0.0138, f.__name__
     assert PF.sigmoid(torch.zeros(1)).item() == 0.5 and PF.tanh(torch.zeros(1)).item() == 0.0
+
+
+def test_aten_convolution_reaches_pam_kernels():
+    from pam.conv import conv_backward, conv_forward
+    torch.manual_seed(4)
+    x, w, b = torch.randn(2, 3, 7, 6), torch.randn(4, 3, 3, 2), torch.randn(4)
+    g = torch.randn(2, 4, 3, 5)
+    with pam.arithmetic():
+        y = torch.ops.aten.convolution(x, w, b, [2, 1], [1, 0], [1, 1], False, [0, 0], 1)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, w, [4], [2, 1], [1, 0], [1, 1], False, [0, 0], 1, [True, True, True])
+    want = conv_forward(x, w, b, (2, 1), (1, 0), (1, 1), 1, 0)
+    assert torch.equal(_bits(y), _bits(want))
+    for got, ref in zip((gx, gw, gb), conv_backward(g, x, w, (2, 1), (1, 0), (1, 1), 1, 0,
+                                                    False, (True, True, True))):
+        assert torch.equal(_bits(got), _bits(ref))

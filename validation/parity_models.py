@@ -18,7 +18,8 @@ Families and tasks:
                               images): which quadrant is brightest (needs pam.conv)
 
 Writes validation/results/parity_models.json and .png. Default 3 seeds x 60 steps
-(about 10 minutes on 2 cores); --quick: 1 seed, 4 steps, two families.
+(about 10 minutes on an idle 2-core machine); --quick: 1 seed, 4 steps, two families;
+--families F... --merge reruns some families and keeps the others' saved runs.
 """
 import argparse
 import json
@@ -293,6 +294,8 @@ def main(argv=None):
     ap.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     ap.add_argument("--backward", choices=pam.BACKWARD_MODES, default="approx")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs of other families already in OUT/parity_models.json")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.seeds, a.families = 4, 1, ["encoder_pre", "nanogpt_sdpa"]
@@ -309,10 +312,15 @@ def main(argv=None):
                       f"{r['train_loss_final']:.3f}, held-out {r['heldout_loss']:.3f} / "
                       f"{100 * r['heldout_accuracy']:.1f} %, {r['wall_s']:.1f} s", flush=True)
                 runs.append(r)
+    path = os.path.join(a.out, "parity_models.json")
+    if a.merge and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)["runs"]
+        runs = [r for r in old if r["family"] not in a.families] + runs
     rows = summarize(runs)
     print(table(rows))
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "parity_models.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump({"steps": a.steps, "batch": a.batch, "backward": a.backward,
                    "rows": rows, "runs": runs}, f, indent=1)
     plot(runs, os.path.join(a.out, "parity_models.png"))
