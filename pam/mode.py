@@ -7,7 +7,8 @@ Mechanism (two torch modes, pushed together by :class:`arithmetic`):
    ``mm``/``bmm``/``addmm``/``baddbmm``, ``*``, ``/``, ``exp``/``log``/``pow``/``sqrt``...,
    ``F.softmax``/``log_softmax``/``layer_norm``/``gelu``/``silu``/``sigmoid``/``tanh``,
    ``F.cross_entropy``/``nll_loss``, ``F.dropout``, ``F.scaled_dot_product_attention``,
-   ``F.conv1d``/``conv2d`` -- and runs :mod:`pam.ops` / :mod:`pam.nn.functional` instead,
+   ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``), ``F.conv1d``/``conv2d``
+   -- and runs :mod:`pam.ops` / :mod:`pam.nn.functional` instead,
    so ``backward="exact"`` gives the true derivative of the piecewise-affine function
    (power-of-two slopes) exactly as :func:`pam.convert` would. Fused fast paths (the
    flash/efficient attention kernels, ``nn.MultiheadAttention``'s and
@@ -507,6 +508,66 @@ def _l1_conv(n):
     return h
 
 
+class _MHAView:
+    """The attributes pam.nn.MultiheadAttention.forward reads, taken from
+    F.multi_head_attention_forward's arguments (inputs there are sequence-first)."""
+
+    _mask = None
+    _attend = None
+    forward = None
+
+    def __init__(self, c, a):
+        E = a["embed_dim_to_check"]
+        self.embed_dim, self.num_heads = E, a["num_heads"]
+        self.head_dim = E // self.num_heads
+        self.batch_first = False
+        self._qkv_same_embed_dim = not a["use_separate_proj_weight"]
+        self.in_proj_weight, self.in_proj_bias = a["in_proj_weight"], a["in_proj_bias"]
+        self.q_proj_weight = a["q_proj_weight"]
+        self.k_proj_weight = a["k_proj_weight"]
+        self.v_proj_weight = a["v_proj_weight"]
+        self.dropout, self.training = a["dropout_p"], a["training"]
+        self.offset, self.backward = c.offset, c.backward
+        w, b = a["out_proj_weight"], a["out_proj_bias"]
+        self.out_proj = lambda x: P.linear(x, w, b, offset=c.offset, backward=c.backward)
+
+
+def _bind_mha():
+    from .nn.modules import MultiheadAttention as M
+    _MHAView._mask, _MHAView._attend, _MHAView.forward = M._mask, M._attend, M.forward
+
+
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+             "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p",
+             "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
+             "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v",
+             "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True,
+                 "attn_mask": None, "use_separate_proj_weight": False, "q_proj_weight": None,
+                 "k_proj_weight": None, "v_proj_weight": None, "static_k": None,
+                 "static_v": None, "average_attn_weights": True, "is_causal": False}
+
+
+def _l1_mha(c, args, kwargs):
+    """nn.MultiheadAttention's functional core, computed as pam.nn.MultiheadAttention does."""
+    a = _args(_MHA_ARGS, args, kwargs, _MHA_DEFAULTS)
+    if (a["bias_k"] is not None or a["add_zero_attn"] or a["static_k"] is not None
+            or a["static_v"] is not None):
+        return NotImplemented                 # rare options: layer 2 sees the internals
+    tensors = [a[k] for k in ("query", "key", "value", "in_proj_weight", "in_proj_bias",
+                              "out_proj_weight", "out_proj_bias", "q_proj_weight",
+                              "k_proj_weight", "v_proj_weight")]
+    if not _all_f32(*tensors):
+        return NotImplemented
+    if _MHAView.forward is None:
+        _bind_mha()
+    view = _MHAView(c, a)
+    return view.forward(a["query"], a["key"], a["value"], a["key_padding_mask"],
+                        a["need_weights"], a["attn_mask"], a["average_attn_weights"],
+                        a["is_causal"])
+
+
 T = torch.Tensor
 _LAYER1 = {}
 
@@ -551,6 +612,7 @@ _register("loss", _l1_cross_entropy, F.cross_entropy)
 _register("loss", _l1_nll, F.nll_loss)
 _register("dropout", _l1_dropout, F.dropout)
 _register("attention", _l1_sdpa, F.scaled_dot_product_attention)
+_register("attention", _l1_mha, F.multi_head_attention_forward)
 _register("conv", _l1_conv(1), F.conv1d)
 _register("conv", _l1_conv(2), F.conv2d)
 

@@ -319,3 +319,19 @@ def test_aten_convolution_reaches_pam_kernels():
     for got, ref in zip((gx, gw, gb), conv_backward(g, x, w, (2, 1), (1, 0), (1, 1), 1, 0,
                                                     False, (True, True, True))):
         assert torch.equal(_bits(got), _bits(ref))
+
+
+def test_multihead_attention_matches_pam_module_bit_for_bit():
+    torch.manual_seed(5)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    ref = pam.convert(copy.deepcopy(mha), backward="exact")
+    x = torch.randn(2, 5, 16)
+    mask = torch.rand(5, 5) > 0.7
+    with pam.arithmetic(backward="exact"):
+        y, w = mha(x, x, x, attn_mask=mask)
+        pam.mul(y, y).sum().backward()
+    y2, w2 = ref(x, x, x, attn_mask=mask)
+    grads = torch.autograd.grad(pam.mul(y2, y2).sum(), list(ref.parameters()))
+    assert torch.equal(_bits(y), _bits(y2)) and torch.equal(_bits(w), _bits(w2))
+    for p, g in zip(mha.parameters(), grads):
+        assert torch.equal(_bits(p.grad), _bits(g))
