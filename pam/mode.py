@@ -757,10 +757,14 @@ def _l2_dropout_backward(c, grad, mask, scale):
     return torch.where(mask, mul(c, grad, scale), zero)
 
 
-def _l2_bernoulli_(c, x, p, generator=None):
-    """In-place Bernoulli(p) from integer random numbers (p resolved to 2^-24 steps)."""
+def _l2_bernoulli(c, x, p=None, generator=None):
+    """Bernoulli(p) samples shaped like x from integer random numbers (p resolved to 2^-24
+    steps), as dropout draws its mask. Probabilities given as a tensor are refused."""
+    if p is None or isinstance(p, torch.Tensor):
+        raise UnsupportedOpError("bernoulli with tensor probabilities is not emulated "
+                                 "(float scaling); only bernoulli(p: float)")
     keep = PF._keep_mask(x.shape, 1.0 - float(p), x.device, generator)
-    return x.copy_(keep.to(x.dtype))
+    return keep.to(x.dtype)
 
 
 def _l2_convolution(c, x, w, bias, stride, padding, dilation, transposed, output_padding,
@@ -883,7 +887,7 @@ _LAYER2 = {
     "nll_loss_backward": ("loss", _l2_nll_backward),
     "native_dropout": ("dropout", _l2_native_dropout),
     "native_dropout_backward": ("dropout", _l2_dropout_backward),
-    "bernoulli": ("dropout", _l2_bernoulli_),
+    "bernoulli": ("dropout", _l2_bernoulli),
     "convolution": ("conv", _l2_convolution),
     "_scaled_dot_product_flash_attention_for_cpu": ("attention", _l2_flash_cpu),
     "_scaled_dot_product_flash_attention_for_cpu_backward": ("attention",
@@ -910,6 +914,9 @@ _ALWAYS_FLOAT_OK = frozenset()
 
 
 _BANNED = {}            # OpOverload -> is it of the multiply family (cached)
+# Ops whose result is floating point even for integer inputs (int / int, exp(int)...).
+_FLOAT_RESULT = frozenset({"div", "true_divide", "reciprocal", "exp", "exp2", "log", "log2",
+                           "sqrt", "rsqrt", "sigmoid", "tanh", "mean"})
 
 
 def _packet(func):
@@ -956,9 +963,10 @@ class _DispatchLayer(TorchDispatchMode):
         full = _packet(func)
         flat, _ = tree_flatten((args, kwargs))
         floats = _float_args(flat)
-        if not floats:
-            return func(*args, **kwargs)               # integer arithmetic
         base, inplace, foreach = _split(full)
+        if not floats and not (base in _FLOAT_RESULT
+                               or any(isinstance(v, float) for v in flat)):
+            return func(*args, **kwargs)               # integer arithmetic
         if full == "embedding_dense_backward":
             return func(*args, **kwargs)
         entry = _LAYER2.get(base)

@@ -335,3 +335,60 @@ def test_multihead_attention_matches_pam_module_bit_for_bit():
     assert torch.equal(_bits(y), _bits(y2)) and torch.equal(_bits(w), _bits(w2))
     for p, g in zip(mha.parameters(), grads):
         assert torch.equal(_bits(p.grad), _bits(g))
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_dispatch_layer_backward_formulas_are_pam_and_close_to_torch():
+    """The ATen-level handlers (reached by backward formulas and direct aten calls)."""
+    aten = torch.ops.aten
+    torch.manual_seed(6)
+    x, g = torch.randn(4, 8), torch.randn(4, 8)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    t = torch.randint(0, 8, (4,))
+    ref = {"ln": aten.native_layer_norm(x, [8], w, b, 1e-5),
+           "ln_bw": aten.native_layer_norm_backward(g, x, [8], *aten.native_layer_norm(
+               x, [8], w, b, 1e-5)[1:], w, b, [True, True, True]),
+           "sm_bw": aten._softmax_backward_data(g, x.softmax(-1), -1, torch.float32),
+           "lsm_bw": aten._log_softmax_backward_data(g, x.log_softmax(-1), -1,
+                                                     torch.float32),
+           "nll": aten.nll_loss_forward(x.log_softmax(-1), t, None, 1, -100),
+           "nll_bw": aten.nll_loss_backward(torch.tensor(1.0), x.log_softmax(-1), t, None, 1,
+                                            -100, torch.tensor(4.0)),
+           "tanh_bw": aten.tanh_backward(g, x.tanh()),
+           "gelu_bw": aten.gelu_backward(g, x)}
+    with no_float_multiply(), pam.arithmetic():
+        sm, lsm = PF.softmax(x, -1), PF.log_softmax(x, -1)
+        got = {"ln": aten.native_layer_norm(x, [8], w, b, 1e-5),
+               "sm_bw": aten._softmax_backward_data(g, sm, -1, torch.float32),
+               "lsm_bw": aten._log_softmax_backward_data(g, lsm, -1, torch.float32),
+               "nll": aten.nll_loss_forward(lsm, t, None, 1, -100),
+               "nll_bw": aten.nll_loss_backward(torch.tensor(1.0), lsm, t, None, 1, -100,
+                                                torch.tensor(4.0)),
+               "tanh_bw": aten.tanh_backward(g, PF.tanh(x)),
+               "gelu_bw": aten.gelu_backward(g, x)}
+        y, mu, rstd = got["ln"]
+        got["ln_bw"] = aten.native_layer_norm_backward(g, x, [8], mu, rstd, w, b,
+                                                       [True, True, True])
+    assert torch.equal(_bits(got["ln"][0]), _bits(PF.layer_norm(x, (8,), w, b)))
+    assert torch.equal(_bits(got["nll"][0]), _bits(PF.nll_loss(lsm, t)))
+    assert torch.equal(_bits(got["nll_bw"]), _bits(ref["nll_bw"]))   # -1/4: exact in PAM
+    for key, tol in (("ln_bw", 0.3), ("sm_bw", 0.3), ("lsm_bw", 0.5), ("tanh_bw", 0.25),
+                     ("gelu_bw", 0.15)):
+        a, r = got[key], ref[key]
+        for ga, gr in zip(a if isinstance(a, tuple) else (a,), r if isinstance(r, tuple)
+                          else (r,)):
+            assert _rel(ga, gr) < tol, key
+
+
+def test_integer_operands_with_float_results_are_pam():
+    i = torch.arange(1, 7)
+    with no_float_multiply(), pam.arithmetic():
+        q = i / 3
+        h = i * 0.5
+        n = torch.ops.aten.bernoulli.p(torch.zeros(1000), 0.25)
+    assert torch.equal(_bits(q), _bits(pam.div(i.float(), 3.0)))
+    assert torch.equal(_bits(h), _bits(pam.mul(i.float(), 0.5)))
+    assert set(n.unique().tolist()) <= {0.0, 1.0} and 150 < n.sum() < 350
