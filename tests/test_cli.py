@@ -20,6 +20,11 @@ def run(argv, capsys):
     return code, out, err
 
 
+def newest(d):
+    """The newest checkpoint directory of run directory ``d``."""
+    return d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
+
+
 def train_rows(d):
     with open(os.path.join(d, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["type"] == "train"]
@@ -40,8 +45,11 @@ def test_train_writes_outputs_and_evaluate_reads_them(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, err = run(["train", "--arithmetic", "float", *TINY, "--steps", "3", "--out", str(out)], capsys)
     assert code == 0, err
-    for f in ("config.json", "metrics.jsonl", "model.safetensors", "trainer.pt", "metrics.png"):
+    for f in ("config.json", "metrics.jsonl", "metrics.png"):
         assert (out / f).is_file(), f
+    for f in ("model.safetensors", "state.safetensors", "manifest.json"):
+        assert (newest(out) / f).is_file(), f
+    assert not list(out.rglob("*.pt")), "no pickle files in a run directory"
     assert "test accuracy" in stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["width"] == 16 and cfg["model"]["arithmetic"] == "float"
@@ -67,7 +75,7 @@ def test_resume_reproduces_losses_bit_for_bit(tmp_path, capsys, arithmetic):
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     assert [r["loss_bits"] for r in ra] == [r["loss_bits"] for r in rb]
     from safetensors.torch import load_file
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa, wb = load_file(str(newest(a) / "model.safetensors")), load_file(str(newest(b) / "model.safetensors"))
     assert all(torch.equal(wa[k].view(torch.int32), wb[k].view(torch.int32)) for k in wa)
 
 
@@ -103,17 +111,17 @@ def test_corrupt_or_incompatible_checkpoint(tmp_path, capsys):
     # a changed model option on resume
     code, _, err = run(["train", "--resume", str(out), "--width", "32"], capsys)
     assert code == 2 and "--width" in err
-    # weights that no longer match the state file (a run killed mid-write)
-    w = out / "model.safetensors"
+    # weights that no longer match the manifest (the only checkpoint is damaged)
+    w = newest(out) / "model.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
     w.write_bytes(bytes(data))
     for argv in (["evaluate", str(out)], ["train", "--resume", str(out)]):
         code, _, err = run(argv, capsys)
         assert code == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
-    (out / "trainer.pt").write_bytes(b"garbage")
+    (newest(out) / "manifest.json").write_bytes(b"garbage")
     code, _, err = run(["evaluate", str(out)], capsys)
-    assert code == 2 and "corrupt" in err
+    assert code == 2 and "unreadable" in err
     code, _, err = run(["evaluate", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "does not exist" in err
 
@@ -137,7 +145,7 @@ def test_compare_float_prints_both(tmp_path, capsys):
                              "--out", str(tmp_path / "r")], capsys)
     assert code == 0, err
     assert "pam_matmul" in stdout and "float" in stdout and stdout.count("%") >= 2
-    assert (tmp_path / "r" / "compare_float" / "model.safetensors").is_file()
+    assert newest(tmp_path / "r" / "compare_float").joinpath("model.safetensors").is_file()
 
 
 def test_python_dash_m_entry_point():
