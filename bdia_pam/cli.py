@@ -135,7 +135,7 @@ def _explicit(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _check_out_dir(out: str, resume_dir: str | None, ignore=()) -> None:
+def _check_out_dir(out: str, resume_dir: str | None, ignore=(ckpt.LOCK,)) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out!r} exists and is not a directory; choose another --out")
     if os.path.isdir(out) and set(os.listdir(out)) - set(ignore):
@@ -339,7 +339,7 @@ def _open_out(out: str, resume_dir: str | None):
             shutil.rmtree(out, ignore_errors=True)
         raise
     try:
-        _check_out_dir(out, resume_dir, ignore=(ckpt.LOCK,))
+        _check_out_dir(out, resume_dir)
     except CLIError:
         lock.release()
         raise
