@@ -390,7 +390,10 @@ def _set_aside_newer(run_dir: str, start: int) -> None:
     root = os.path.join(run_dir, ckpt.CKPT_DIR)
     for name in ckpt.list_checkpoints(run_dir):
         if ckpt._parse(name)[0] > start:
-            os.rename(os.path.join(root, name), os.path.join(root, "damaged-" + name))
+            target, i = os.path.join(root, "damaged-" + name), 1
+            while os.path.exists(target):
+                target, i = os.path.join(root, f"damaged-{name}-{i}"), i + 1
+            os.rename(os.path.join(root, name), target)
 
 
 def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, *,

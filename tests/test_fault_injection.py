@@ -200,6 +200,18 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys, r
     assert (out / "checkpoints" / "damaged-step-000000002").is_dir()  # set aside, not reused
 
 
+def test_manifest_without_a_step_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", *TINY, "--steps", "1", "--out", str(out)], capsys)[0] == 0
+    man_path = next((out / "checkpoints").glob("step-*")) / "manifest.json"
+    man = json.loads(man_path.read_text())
+    del man["step"]
+    man_path.write_text(json.dumps(man))
+    for argv in (["evaluate", str(out)], ["train", "--resume", str(out), "--no-progress"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "no valid 'step'" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_keep_limits_the_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["train", *TINY, "--steps", "3", "--checkpoint-every", "1", "--keep", "1", "--out", str(out)],
