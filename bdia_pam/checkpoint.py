@@ -294,7 +294,12 @@ def _load_one(path: str) -> tuple[dict, dict, dict]:
             out[name] = load_file(p)
         except Exception as e:  # noqa: BLE001 - any safetensors failure is a damaged file
             raise CheckpointError(f"{name} is corrupt ({type(e).__name__})") from None
-    state = decode_state(man["state"], out[STATE])
+    try:
+        state = decode_state(man["state"], out[STATE])
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"manifest.json state is malformed ({type(e).__name__})") from None
     if not isinstance(state, dict):
         raise CheckpointError("manifest.json state is not a mapping")
     state.update(step=man["step"], total_steps=man["total_steps"], path=path)

@@ -237,7 +237,7 @@ def prepare_train(args, d: Dist):
     data = load_task(tc.task, tc.data)
     mc = replace(mc, **data.model_fields())
     mc.validate()
-    check_run_fits(mc, tc, data, d.world, resume_step=int(resume[1]["step"]) if resume else 0)
+    check_run_fits(mc, tc, data, d.world)
     Arithmetic(mc.arithmetic)  # fails early if the PAM pieces are missing
     if mc.arithmetic == "pam":
         try:
@@ -287,7 +287,7 @@ def memory_estimate(mc: BDIAConfig, tc: TrainConfig) -> int:
     return attn + acts
 
 
-def check_run_fits(mc: BDIAConfig, tc: TrainConfig, data, world: int = 1, resume_step: int = 0) -> None:
+def check_run_fits(mc: BDIAConfig, tc: TrainConfig, data, world: int = 1) -> None:
     """Checks that need the data: held-out split, batch size, warmup, step count, memory.
 
     Raises CLIError (or DataError) before anything is written, so a run never fails late."""

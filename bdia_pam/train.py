@@ -430,14 +430,18 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
         ckpt.load_weights_into(model, weights, out_dir or "checkpoint")
         try:
             opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             raise ckpt.CheckpointError(f"optimizer state does not fit this model ({e})") from None
         start = int(state["step"])
-        rng = state["rng"]
-        if len(rng) != d.world:
-            raise ckpt.CheckpointError(f"checkpoint was written by {len(rng)} processes; resume it with "
+        rng = state.get("rng")
+        if not isinstance(rng, list) or len(rng) != d.world:
+            n = len(rng) if isinstance(rng, list) else "?"
+            raise ckpt.CheckpointError(f"checkpoint was written by {n} processes; resume it with "
                                        f"the same number (now {d.world})")
-        _set_rng_state(rng[d.rank], gamma_gen)
+        try:
+            _set_rng_state(rng[d.rank], gamma_gen)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint RNG state is malformed ({type(e).__name__}: {e})") from None
     if d.enabled and resume is None:
         _broadcast_params(model)
 
