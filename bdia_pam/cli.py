@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict, replace
 
 from . import checkpoint as ckpt
 from .data import TASKS, DataError, load_task
 from .model import ARITHMETICS, FRAC_BITS_RANGE, Arithmetic, BDIAConfig
-from .train import Dist, TrainConfig, dist_from_env, evaluate, train
+from .quant import GridRangeError
+from .train import (Dist, Interrupted, TrainConfig, TrainingDiverged, dist_from_env, evaluate, lr_at,
+                    total_steps, train)
 
 # The defaults of `bdia-pam train` (no options): tuned to reach >= 95% held-out accuracy on
 # digits in PAM arithmetic within a few minutes on 2 CPU cores.
@@ -28,13 +32,14 @@ TASK_MODEL_DEFAULTS = {"digits": dict(patch_size=4, activation="relu"), "cifar10
                        "text": dict(context=64, tie_weights=True)}
 TRAIN_DEFAULTS = dict(task="digits", epochs=0.0, steps=0, batch_size=128, lr=4e-3, schedule="cosine",
                       warmup_steps=-1, weight_decay=0.01, label_smoothing=0.0, seed=0, device="cpu",
-                      eval_every=0, checkpoint_every=0)
+                      eval_every=0, checkpoint_every=0, keep=ckpt.DEFAULT_KEEP)
 TASK_EPOCHS = {"digits": 20.0, "cifar10": 1.0, "text": 1.0}
 
 MODEL_OPTS = ("arithmetic", "reversible", "depth", "width", "heads", "mlp_ratio", "frac_bits",
               "dropout", "activation", "patch_size", "pool", "context")
 TRAIN_OPTS = ("task", "data", "steps", "epochs", "batch_size", "lr", "schedule", "warmup_steps",
-              "weight_decay", "label_smoothing", "seed", "device", "eval_every", "checkpoint_every")
+              "weight_decay", "label_smoothing", "seed", "device", "eval_every", "checkpoint_every", "keep")
+RESUME_MAY_CHANGE = ("steps", "epochs", "device", "data", "eval_every", "checkpoint_every", "keep")
 
 
 class CLIError(Exception):
@@ -107,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations [default: one epoch]")
     g.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints [default: at every evaluation]")
+    g.add_argument("--keep", type=int, default=None, metavar="N",
+                   help=f"checkpoints kept under DIR/checkpoints (older ones are deleted once a newer one "
+                        f"is complete) [default: {ckpt.DEFAULT_KEEP}]")
     g.add_argument("--compare-float", action="store_true",
                    help="also train the same configuration in float arithmetic and print both results")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -127,10 +135,10 @@ def _explicit(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _check_out_dir(out: str, resume_dir: str | None) -> None:
+def _check_out_dir(out: str, resume_dir: str | None, ignore=(ckpt.LOCK,)) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out!r} exists and is not a directory; choose another --out")
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and set(os.listdir(out)) - set(ignore):
         same = resume_dir is not None and os.path.samefile(out, resume_dir)
         if not same:
             what = "holds another run" if os.path.exists(os.path.join(out, "config.json")) else "is not empty"
@@ -207,11 +215,11 @@ def prepare_train(args, d: Dist):
         except (KeyError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"checkpoint {args.resume!r} has an incompatible config ({e})") from None
         changed = [k for k, v in m_over.items() if getattr(mc, k) != v]
-        changed += [k for k, v in t_over.items() if k not in ("steps", "epochs", "device", "data", "eval_every",
-                                                              "checkpoint_every") and getattr(tc, k) != v]
+        changed += [k for k, v in t_over.items() if k not in RESUME_MAY_CHANGE and getattr(tc, k) != v]
         if changed:
             raise CLIError(f"--{changed[0].replace('_', '-')} differs from the checkpoint's value; drop it "
-                           "when resuming (only --steps/--epochs/--device/--data may change)")
+                           "when resuming (only --steps/--epochs/--device/--data/--eval-every/"
+                           "--checkpoint-every/--keep may change)")
         tc = replace(tc, **{k: v for k, v in t_over.items()})
         if "steps" not in t_over and "epochs" not in t_over:
             tc = replace(tc, steps=int(resume[1]["total_steps"]))  # keep the planned length
@@ -229,6 +237,7 @@ def prepare_train(args, d: Dist):
     data = load_task(tc.task, tc.data)
     mc = replace(mc, **data.model_fields())
     mc.validate()
+    check_run_fits(mc, tc, data, d.world)
     Arithmetic(mc.arithmetic)  # fails early if the PAM pieces are missing
     if mc.arithmetic == "pam":
         try:
@@ -248,14 +257,115 @@ def prepare_train(args, d: Dist):
     return mc, tc, data, resume, out
 
 
+def _available_memory(device: str) -> int | None:
+    """Bytes the run may use: free CUDA memory, or MemAvailable of /proc/meminfo (None: unknown)."""
+    if device == "cuda":
+        import torch
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+#: live float32 copies of one block's attention scores in a training step (scores, softmax
+#: intermediates and their gradients), for the memory estimate of check_run_fits
+ATTENTION_COPIES = 8
+
+
+def memory_estimate(mc: BDIAConfig, tc: TrainConfig) -> int:
+    """Rough bytes of a training step, dominated by attention: batch * heads * tokens^2 floats
+    times ATTENTION_COPIES, for one block (reversible) or every block (stored activations)."""
+    tokens = mc.context if mc.kind == "lm" else (mc.image_size // mc.patch_size) ** 2 + 1
+    blocks = 1 if mc.reversible else mc.depth
+    attn = tc.batch_size * mc.heads * tokens * tokens * 4 * ATTENTION_COPIES * blocks
+    acts = tc.batch_size * tokens * mc.width * 4 * (mc.mlp_ratio + 6) * mc.depth
+    return attn + acts
+
+
+def check_run_fits(mc: BDIAConfig, tc: TrainConfig, data, world: int = 1) -> None:
+    """Checks that need the data: held-out split, batch size, warmup, step count, memory.
+
+    Raises CLIError (or DataError) before anything is written, so a run never fails late."""
+    from .data import text_eval_windows
+    if data.kind == "vit":
+        if data.test_x.shape[0] < 1:
+            raise DataError(f"the held-out split of {data.source!r} is empty; nothing to evaluate")
+        if tc.batch_size * world > data.num_train:
+            raise CLIError(f"--batch-size {tc.batch_size} (x {world} processes) is larger than the "
+                           f"{data.num_train} training samples; use --batch-size <= {data.num_train // world}")
+    else:
+        text_eval_windows(data, mc.context)  # DataError if the held-out text is too short
+        windows = data.num_train - mc.context - 1
+        if windows < 1:
+            raise DataError(f"training text has {data.num_train} bytes, fewer than --context + 2 = "
+                            f"{mc.context + 2}; use a smaller --context or a longer file")
+        if tc.batch_size > windows:
+            raise CLIError(f"--batch-size {tc.batch_size} is larger than the {windows} distinct training "
+                           f"windows of --context {mc.context}; use a smaller --batch-size")
+    total = total_steps(tc, data, mc, world)
+    if total > 10 ** 9:
+        raise CLIError(f"the run would take {total} steps (more than 10^9); lower --epochs or --steps")
+    if tc.schedule == "cosine" and tc.warmup_steps >= total:
+        raise CLIError(f"--warmup-steps {tc.warmup_steps} is not shorter than the run ({total} steps); "
+                       f"use --warmup-steps < {total}")
+    if not all(math.isfinite(lr_at(s, total, tc)) for s in (0, total - 1)):
+        raise CLIError("the learning-rate schedule is not finite; lower --lr")
+    need, have = memory_estimate(mc, tc), _available_memory(tc.device)
+    if have is not None and need > have:
+        what = "--context" if mc.kind == "lm" else "--patch-size"
+        raise CLIError(f"a training step needs about {need / 2 ** 30:.1f} GiB (attention: --batch-size "
+                       f"{tc.batch_size} x {mc.heads} heads x tokens^2 floats x {ATTENTION_COPIES}), more "
+                       f"than the {have / 2 ** 30:.1f} GiB available; lower {what} or --batch-size")
+
+
+def _open_out(out: str, resume_dir: str | None):
+    """Create ``out``, lock it (RunLock) and re-check that it holds no other run; return the lock.
+
+    The re-check under the lock closes the race of two trainers started on one new --out."""
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create --out {out!r} ({e.strerror or e}); choose a writable directory") from None
+    try:
+        lock = ckpt.RunLock(out).acquire()
+    except ckpt.CheckpointError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    try:
+        _check_out_dir(out, resume_dir)
+    except CLIError:
+        lock.release()
+        raise
+    return lock
+
+
 def cmd_train(args) -> int:
     d = dist_from_env()
     try:
         mc, tc, data, resume, out = prepare_train(args, d)
     except (ValueError, RuntimeError) as e:  # impossible configuration: nothing written yet
+        if isinstance(e, (DataError, ckpt.CheckpointError)):
+            raise
         raise CLIError(str(e)) from None
+    lock = None
     if d.main:
-        os.makedirs(out, exist_ok=True)
+        lock = _open_out(out, args.resume)
+    try:
+        return _run_train(args, d, mc, tc, data, resume, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_train(args, d, mc, tc, data, resume, out) -> int:
+    if d.main:
         if args.resume and not os.path.samefile(out, args.resume):
             src = os.path.join(args.resume, "metrics.jsonl")
             if os.path.exists(src):
@@ -263,8 +373,21 @@ def cmd_train(args) -> int:
         if args.out is None and not args.resume:
             _point_last(out)
         print(f"bdia-pam: training {tc.task} ({_describe(mc)}) -> {out}", file=sys.stderr)
-    summary = train(mc, tc, data, out if d.main else None, resume=resume, stop_after=args.stop_after, d=d,
-                    progress=not args.no_progress, desc=mc.arithmetic)
+    try:
+        summary = train(mc, tc, data, out if d.main else None, resume=resume, stop_after=args.stop_after,
+                        d=d, progress=not args.no_progress, desc=mc.arithmetic)
+    except Interrupted as e:
+        if d.main:
+            where = (f"saved a checkpoint at step {e.step}" if e.saved else
+                     f"the last checkpoint is step {e.step}" if e.step is not None else "no checkpoint was saved")
+            hint = f"; continue with: bdia-pam train --resume {out}" if e.step is not None else ""
+            print(f"bdia-pam: interrupted by {signal.Signals(e.signum).name}: {where}{hint}", file=sys.stderr)
+        return 128 + int(e.signum)
+    except (TrainingDiverged, GridRangeError) as e:
+        step = getattr(e, "step", None)
+        kept = f"; the last checkpoint (step {step}) is kept" if step is not None else ""
+        print(f"bdia-pam: error: training diverged: {e}{kept}", file=sys.stderr)
+        return 1
     results = [("", summary)]
     if args.compare_float:
         fout = os.path.join(out, "compare_float") if d.main else None
@@ -295,7 +418,8 @@ def _print_summary(mc, tc, out, results) -> None:
         rows += [(k, *[m.get(k, "") for m in metrics]) for k in keys]
         print(f"run {out}: {tc.task}, {_describe(mc)}")
         print(_table(rows))
-    print(f"outputs: {os.path.join(out, 'config.json')}, metrics.jsonl, model.safetensors, trainer.pt, metrics.png")
+    print(f"outputs: {os.path.join(out, 'config.json')}, metrics.jsonl, metrics.png, "
+          f"{ckpt.CKPT_DIR}/step-*/ ({ckpt.WEIGHTS}, {ckpt.STATE}, {ckpt.MANIFEST})")
 
 
 def cmd_evaluate(args) -> int:
@@ -308,6 +432,8 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate(args) -> int:
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     weights, state, saved = ckpt.load(args.run_dir)
     try:
         mc = BDIAConfig.from_dict(saved["model"])
@@ -315,8 +441,6 @@ def _evaluate(args) -> int:
     except (KeyError, TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"checkpoint {args.run_dir!r} has an incompatible config ({e})") from None
     tc = replace(tc, device=args.device, data=args.data or tc.data).validate()
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     data = load_task(tc.task, tc.data)
     from .model import BDIATransformer
     model = BDIATransformer(mc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,6 +107,7 @@ def load_text(path: str | None = None, val_fraction: float = 0.1) -> TaskData:
             raise DataError(f"text file {path!r} does not exist; pass an existing UTF-8 file to --data")
         if os.path.isdir(path):
             raise DataError(f"{path!r} is a directory; --task text needs a UTF-8 text file")
+        _need_regular_file(path, "--task text needs a UTF-8 text file")
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -125,13 +127,39 @@ def load_text(path: str | None = None, val_fraction: float = 0.1) -> TaskData:
                     info=dict(bytes_per_char=(data.size - split) / max(n_val_chars, 1)))
 
 
+def _need_regular_file(path: str, what: str) -> None:
+    """DataError unless ``path`` is a regular file (a device such as /dev/zero or a FIFO would
+    be read forever or block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"cannot read {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path!r} is not a regular file (a device, FIFO or socket); {what}")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds only plain containers and numpy arrays: any other global (the
+    way a pickle runs code) is refused, so a planted data file cannot execute anything."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> dict:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"CIFAR-10 file {path!r} is missing; --data must be the 'cifar-10-batches-py' "
                         "directory with data_batch_1..5 and test_batch")
+    _need_regular_file(path, "--data must be the 'cifar-10-batches-py' directory")
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _ArraysOnly(f, encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8)
         y = np.asarray(d[b"labels"], dtype=np.int64)
     except OSError as e:
@@ -140,6 +168,8 @@ def _unpickle(path: str) -> dict:
         raise DataError(f"{path!r} is not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
     if x.ndim != 2 or x.shape[1] != 3072 or y.shape != (x.shape[0],):
         raise DataError(f"{path!r}: expected data (N, 3072) and N labels, got {x.shape} and {y.shape}")
+    if x.shape[0] == 0:
+        raise DataError(f"{path!r} holds no images")
     return {"x": x, "y": y}
 
 

@@ -60,7 +60,8 @@ class ForwardRecord:
     X_{k-1}) packed 8 per byte. gamma_bits: uint8 (K-1, ceil(batch/8)), bit set where
     gamma = +0.5. checksums: int64 (K+1,), :func:`bdia_pam.quant.checksum` of X_0 .. X_K.
     rng_states: per block, the (CPU, CUDA-or-None) RNG states captured just before the
-    block ran, or None when RNG preservation was off. frac_bits: the grid.
+    block ran, or None when RNG preservation was off. frac_bits: the grid. autocast: the
+    autocast state of the forward (:func:`_autocast_state`), replayed when blocks are re-run.
     """
     x_last: Optional[torch.Tensor]
     x_prev: torch.Tensor
@@ -69,6 +70,7 @@ class ForwardRecord:
     checksums: torch.Tensor
     rng_states: Optional[list]
     frac_bits: int
+    autocast: Optional[tuple] = None
 
     @property
     def num_blocks(self) -> int:
@@ -88,6 +90,70 @@ class ForwardRecord:
     def side_bit_tensor(self, k: int) -> torch.Tensor:
         """s_k (parity of X_k) as an int64 tensor shaped like x, for k = 0 .. K-2."""
         return quant.unpack_bits(self.side_bits[k], self.x_prev.numel()).view(self.x_prev.shape)
+
+
+def _autocast_state(device) -> tuple:
+    """((device_type, enabled, dtype), ...) for the CPU and ``device``'s type, plus the cache flag."""
+    types = ["cpu"] + ([device.type] if device.type != "cpu" else [])
+    return (tuple((t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types),
+            torch.is_autocast_cache_enabled())
+
+
+class _Replay:
+    """Context for re-running a block exactly as in the forward pass, without side effects.
+
+    Re-enters the forward's autocast state (enabled or not, per device type) and lets the block
+    run on copies of its buffers, put back afterwards, so modules that update buffers in
+    training (BatchNorm running statistics) count each batch once: in the forward, not again in
+    the backward recompute or :meth:`ReversibleStack.inverse`. (Copies are swapped in rather
+    than the originals restored in place, which would bump their autograd version.)"""
+
+    def __init__(self, block: nn.Module, autocast):
+        self.block, self.autocast = block, autocast
+
+    def __enter__(self):
+        from contextlib import ExitStack
+        self.stack = ExitStack()
+        if self.autocast is not None:
+            per_type, cache = self.autocast
+            for t, enabled, dtype in per_type:
+                self.stack.enter_context(torch.autocast(t, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        self.swapped = []
+        for m in self.block.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    self.swapped.append((m, name, b))
+                    m._buffers[name] = b.clone()
+        return self
+
+    def __exit__(self, *exc):
+        for m, name, b in self.swapped:
+            m._buffers[name] = b
+        self.swapped = []
+        self.stack.close()
+        return False
+
+
+def _foreign_leaves(h: torch.Tensor, own) -> list:
+    """Leaf tensors requiring grad that ``h``'s graph reaches other than those in ``own``.
+
+    These are tensors a block reads from outside (a closed-over parameter of another module,
+    a conditioning tensor, or the leaves behind a non-leaf one). Found by walking the graph
+    from ``h`` (stopping at leaves)."""
+    own_ids = {id(t) for t in own}
+    found, seen, todo = [], set(), [h.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:  # AccumulateGrad: a leaf
+            if id(var) not in own_ids and all(v is not var for v in found):
+                found.append(var)
+            continue
+        todo.extend(fn for fn, _ in node.next_functions)
+    return found
 
 
 def _gamma_pos_rows(gamma_bits: torch.Tensor, batch: int, ndim: int):
@@ -218,6 +284,15 @@ class ReversibleStack(nn.Module):
     Train mode: gamma = +-0.5 per sample (dim 0 of x) per block k >= 1, or pass ``gamma=``
     (shape (batch, K-1)). Eval mode: gamma = 0, x_{k+1} = x_k + Q_l[h_k(x_k)].
 
+    Blocks are re-run (backward, :meth:`inverse`) as in the forward: under the forward's
+    autocast state, and on copies of their buffers, so BatchNorm-like running statistics are
+    updated once per forward. A block may read tensors from outside that require grad (a
+    closed-over parameter of another module, a conditioning tensor): they get the stored-mode
+    gradient, accumulated into ``.grad`` during the recompute; for one computed outside the
+    stack (non-leaf), the graph behind it is walked once per block that reads it and retained
+    until the tensor is freed. In train mode with grad enabled the output always takes part in
+    autograd (such tensors are only seen when blocks re-run).
+
     Why gradients equal the stored-activation ones only up to rounding: both compute the
     same straight-through chain rule from bit-identical activations and block VJPs, but the
     three contributions to dL/dx_k (from x_{k+1} directly, through h_k, and from x_{k+2})
@@ -327,6 +402,11 @@ class ReversibleStack(nn.Module):
         self._check_branch(k, h, x)
         return h
 
+    def _replay_block(self, k, x, rng_state, device, autocast):
+        """Re-run block k as in the forward (RNG, autocast) leaving its buffers as they were."""
+        with _Replay(self.blocks[k], autocast):
+            return self._call_block(k, x, rng_state, device)
+
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x0: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Train mode: the BDIA forward (gamma drawn unless given); eval mode: gamma = 0."""
@@ -341,14 +421,14 @@ class ReversibleStack(nn.Module):
         if not self.reversible:
             return self._stored_forward(x0, gamma_bits)
         block_params = [[p for p in b.parameters() if p.requires_grad] for b in self.blocks]
-        needs_grad = torch.is_grad_enabled() and (
-            x0.requires_grad or any(len(ps) > 0 for ps in block_params))
         with torch.no_grad():
             record = self._run_forward(x0, gamma_bits)
-        if not needs_grad:
+        if not torch.is_grad_enabled():
             return record.x_last
         walk = _ReverseWalk(self, record, block_params)
-        carrier = x0
+        # blocks may read outside tensors that require grad (seen only when re-run): the
+        # output takes part in autograd whenever grad mode is on
+        carrier = x0 if x0.requires_grad else x0.detach().requires_grad_(True)
         for k in range(len(self.blocks)):
             carrier = _BlockNode.apply(walk, k, carrier, *block_params[k])
         return carrier
@@ -396,6 +476,7 @@ class ReversibleStack(nn.Module):
 
     def _run_forward(self, x0, gamma_bits) -> ForwardRecord:
         l, K, device = self.frac_bits, len(self.blocks), x0.device
+        autocast = _autocast_state(device)
         gps = _gamma_pos_rows(gamma_bits, x0.shape[0], x0.dim())
         X = quant.to_grid(x0, l, "input x0", _GRID)
         nbytes = (X.numel() + 7) // 8
@@ -425,7 +506,7 @@ class ReversibleStack(nn.Module):
         return ForwardRecord(x_last=quant.from_grid(X, l), x_prev=quant.from_grid(X_prev, l),
                              side_bits=side, gamma_bits=gamma_bits,
                              checksums=torch.tensor(sums, dtype=torch.int64), rng_states=rng,
-                             frac_bits=l)
+                             frac_bits=l, autocast=autocast)
 
     # -- inverse and backward ------------------------------------------------------------------
     def _not_deterministic(self, k, which, detail=""):
@@ -466,7 +547,7 @@ class ReversibleStack(nn.Module):
         X_cur = quant.to_grid(record.x_prev, l, "record.x_prev", _GRID)
         for k in range(K - 1, 0, -1):
             rng = record.rng_states[k] if record.rng_states is not None else None
-            h = self._call_block(k, quant.from_grid(X_cur, l), rng, device)
+            h = self._replay_block(k, quant.from_grid(X_cur, l), rng, device, record.autocast)
             X_rec = self._recover(k, X_next, X_cur, h, gps[k - 1], record)
             del h
             if check and quant.checksum(X_rec) != int(record.checksums[k - 1]):
@@ -521,10 +602,25 @@ class _ReverseWalk:
         self.next_k = self.num_blocks - 1
 
     def _vjp(self, k, x, h, v):
+        """(dL/dx, dL/dparams of block k) for cotangent ``v`` of h_k(x).
+
+        Tensors the block reads from outside that require grad (see :func:`_foreign_leaves`)
+        get their contribution accumulated into ``.grad`` here, as stored-mode autograd would
+        (through the graph behind a non-leaf one too, which is therefore retained)."""
         params = self.block_params[k]
         if not h.requires_grad:
             return None, [None] * len(params)
-        out = torch.autograd.grad(h, [x] + params, v, allow_unused=True)
+        v = v.to(h.dtype)
+        foreign = _foreign_leaves(h, [x] + params)
+        out = torch.autograd.grad(h, [x] + params, v, allow_unused=True, retain_graph=bool(foreign))
+        if foreign:
+            try:
+                torch.autograd.backward(h, v, inputs=foreign, retain_graph=True)
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"block {k} of a ReversibleStack reads a tensor computed outside the stack that "
+                    f"requires grad, and its graph was already freed by the outer backward ({e}). "
+                    "Compute it inside the block, or use reversible=False") from None
         return out[0], list(out[1:])
 
     def step(self, k):
@@ -537,7 +633,7 @@ class _ReverseWalk:
         rng = rec.rng_states[k] if rec.rng_states is not None else None
         x = quant.from_grid(self.X_cur, l).requires_grad_(True)
         with torch.enable_grad():
-            h = st._call_block(k, x, rng, self.device)
+            h = st._replay_block(k, x, rng, self.device, rec.autocast)
         if k == 0:
             # x_1 = x_0 + Q_l[h_0(x_0)]; the recomputation is checked against x_1
             gx, pgrads = self._vjp(0, x, h, self.a_next)

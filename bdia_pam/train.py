@@ -18,7 +18,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -26,8 +28,54 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .data import TaskData, steps_per_epoch, text_batch, text_eval_windows, vision_batch
+from .data import DataError, TaskData, steps_per_epoch, text_batch, text_eval_windows, vision_batch
 from .model import BDIAConfig, BDIATransformer
+from .quant import GridRangeError
+
+
+MAX_STEPS = 10 ** 9
+MAX_LR = 1.0  # AdamW steps of more than 1 per unit of gradient scale leave the grid at once
+MAX_SEED = 2 ** 32 - 1  # numpy seeds are 32-bit; the derived seeds stay below 2^63
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal. ``signum``: SIGINT/SIGTERM; ``step``: the step of the
+    checkpoint that holds the run now (None: nothing was saved); ``saved``: whether this
+    stop wrote it."""
+
+    def __init__(self, signum: int, step, saved: bool):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.step, self.saved = signum, step, saved
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM handlers that only record the signal, so the loop stops at a step boundary.
+
+    A second signal outside a checkpoint save stops at once (KeyboardInterrupt; the previous
+    checkpoint is complete); during a save it is only recorded, so the save finishes. The old
+    handlers are restored by :meth:`restore`. Outside the main thread nothing is installed."""
+
+    def __init__(self):
+        self.signum = None
+        self.saving = False
+        self._old = {}
+
+    def install(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is None or self.saving:
+            self.signum = self.signum or signum
+            return
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 @dataclass
@@ -48,19 +96,41 @@ class TrainConfig:
     device: str = "cpu"
     eval_every: int = 0  # 0: once per epoch
     checkpoint_every: int = 0  # 0: at every evaluation
+    keep: int = ckpt.DEFAULT_KEEP  # checkpoints kept in the run directory
 
     def validate(self) -> "TrainConfig":
+        """Check every field's type and range (ValueError naming the option); return self."""
         def need(cond, msg):
             if not cond:
                 raise ValueError(msg)
-        need(self.steps >= 0, f"--steps must be >= 0, got {self.steps}")
-        need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
+
+        def integer(name, lo, hi):
+            v = getattr(self, name)
+            opt = "--" + name.replace("_", "-")
+            need(isinstance(v, int) and not isinstance(v, bool), f"{opt} must be an integer, got {v!r}")
+            need(lo <= v <= hi, f"{opt} must be in {lo}..{hi}, got {v}")
+
+        def number(name, lo, hi):
+            v = getattr(self, name)
+            opt = "--" + name.replace("_", "-")
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                 f"{opt} must be a finite number, got {v!r}")
+            need(lo <= v <= hi, f"{opt} must be in [{lo:g}, {hi:g}], got {v}")
+        integer("steps", 0, MAX_STEPS)
+        number("epochs", 0.0, 1e6)
+        integer("batch_size", 1, 1 << 20)
+        number("lr", 0.0, MAX_LR)
+        need(self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        integer("warmup_steps", -1, MAX_STEPS)
+        number("weight_decay", 0.0, 1e3)
+        integer("seed", 0, MAX_SEED)
+        integer("eval_every", 0, MAX_STEPS)
+        integer("checkpoint_every", 0, MAX_STEPS)
+        integer("keep", 1, 1000)
         need(self.schedule in ("cosine", "constant"),
              f"--schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.device in ("cpu", "cuda"), f"--device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda":
             need(torch.cuda.is_available(), "--device cuda was asked for but torch sees no CUDA device; use --device cpu")
@@ -182,29 +252,37 @@ def _gather(obj, d: Dist) -> list:
 def evaluate(model: BDIATransformer, data: TaskData, device: str = "cpu", batch_size: int = 256) -> dict:
     """Held-out metrics: ``test_loss`` (nats) and ``test_acc`` (vision) or ``test_bpc`` (text).
 
-    The metric is computed in float from the model's logits (the logits themselves come from
-    the model's arithmetic)."""
+    Every held-out sample (text: every window of :func:`text_eval_windows`) is evaluated once,
+    ``batch_size`` samples (text: windows) at a time. The metric is computed in float from the
+    model's logits (the logits come from the model's arithmetic): per-sample (per-token) losses
+    summed exactly with ``math.fsum``, so the batch size changes the result only if the model's
+    logits of a sample depend on the other samples of its batch. An empty held-out split
+    raises DataError."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was = model.training
     model.eval()
     try:
         if data.kind == "vit":
-            n, loss, correct = data.test_x.shape[0], 0.0, 0
+            n = data.test_x.shape[0]
+            if n < 1:
+                raise DataError("the held-out split is empty; nothing to evaluate")
+            losses, correct = [], 0
             for i in range(0, n, batch_size):
                 x = data.test_x[i:i + batch_size].to(device)
                 y = data.test_y[i:i + batch_size].to(device)
                 logits = model(x).float()
-                loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                losses += torch.nn.functional.cross_entropy(logits, y, reduction="none").tolist()
                 correct += int((logits.argmax(-1) == y).sum())
-            return {"test_loss": loss / n, "test_acc": correct / n}
+            return {"test_loss": math.fsum(losses) / n, "test_acc": correct / n}
         x, y = text_eval_windows(data, model.config.context)
-        loss, count = 0.0, 0
-        for i in range(0, x.shape[0], max(batch_size // 8, 1)):
-            logits = model(x[i:i + 32].to(device)).float()
-            tgt = y[i:i + 32].to(device)
-            loss += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                      tgt.reshape(-1), reduction="sum").item()
-            count += tgt.numel()
-        nats = loss / count
+        losses = []
+        for i in range(0, x.shape[0], batch_size):
+            logits = model(x[i:i + batch_size].to(device)).float()
+            tgt = y[i:i + batch_size].to(device)
+            losses += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                        tgt.reshape(-1), reduction="none").tolist()
+        nats = math.fsum(losses) / len(losses)
         bpc = nats / math.log(2) * data.info.get("bytes_per_char", 1.0)
         return {"test_loss": nats, "test_bpc": bpc}
     finally:
@@ -227,12 +305,28 @@ def _set_rng_state(s: dict, gamma_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def read_metrics(run_dir: str) -> list[dict]:
+def read_metrics(run_dir: str, warn=None) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` (empty if absent).
+
+    A line that is not a JSON object -- typically a last line torn by a kill during an
+    append -- is skipped; a damaged line other than the last is reported by ``warn(line)``."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [ln for ln in f.read().split("\n") if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            if i != len(lines) - 1 and warn is not None:
+                warn(f"{path}: skipped damaged line {i + 1}")
+            continue
+        rows.append(row)
+    return rows
 
 
 def plot_metrics(run_dir: str) -> str | None:
@@ -268,6 +362,40 @@ def _bits(x: float) -> str:
 
 
 # --------------------------------------------------------------------------- the loop
+class TrainingDiverged(FloatingPointError):
+    """The loss or an activation left the representable range; ``step``: the last checkpoint."""
+
+    def __init__(self, msg: str, step):
+        super().__init__(msg)
+        self.step = step
+
+
+def _warn(line: str) -> None:
+    print(f"bdia-pam: warning: {line}", file=sys.stderr)
+
+
+def _agreed_signal(signum, d: Dist):
+    """The signal number if any rank received one (all ranks stop at the same step)."""
+    if not d.enabled:
+        return signum
+    import torch.distributed as dist
+    t = torch.tensor([signum or 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t) or None
+
+
+def _set_aside_newer(run_dir: str, start: int) -> None:
+    """Rename checkpoints newer than ``start`` (damaged ones that load skipped) to ``damaged-*``,
+    so that they are never taken for newer than what the resumed run writes."""
+    root = os.path.join(run_dir, ckpt.CKPT_DIR)
+    for name in ckpt.list_checkpoints(run_dir):
+        if ckpt._parse(name)[0] > start:
+            target, i = os.path.join(root, "damaged-" + name), 1
+            while os.path.exists(target):
+                target, i = os.path.join(root, f"damaged-{name}-{i}"), i + 1
+            os.rename(os.path.join(root, name), target)
+
+
 def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, *,
           resume: tuple | None = None, stop_after: int = 0, d: Dist | None = None,
           progress: bool = True, desc: str = "train") -> dict:
@@ -275,6 +403,12 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
 
     ``stop_after`` > 0 stops (and checkpoints) after that many total steps, as if the run had
     been interrupted there. ``out_dir`` None: write nothing (rank != 0, or in-memory use).
+
+    SIGINT/SIGTERM (main thread) stop the loop at the next step boundary: a checkpoint of that
+    step is saved and :class:`Interrupted` raised; a second signal before that stops at once
+    (the previous checkpoint stands). A loss or activation out of range raises
+    :class:`TrainingDiverged`. A resume into a directory without a checkpoint of the resumed
+    step (``--out NEW``) first saves that checkpoint there.
     """
     d = d or Dist()
     init_distributed(d, tc.device)
@@ -296,21 +430,25 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
         ckpt.load_weights_into(model, weights, out_dir or "checkpoint")
         try:
             opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             raise ckpt.CheckpointError(f"optimizer state does not fit this model ({e})") from None
         start = int(state["step"])
-        rng = state["rng"]
-        if len(rng) != d.world:
-            raise ckpt.CheckpointError(f"checkpoint was written by {len(rng)} processes; resume it with "
+        rng = state.get("rng")
+        if not isinstance(rng, list) or len(rng) != d.world:
+            n = len(rng) if isinstance(rng, list) else "?"
+            raise ckpt.CheckpointError(f"checkpoint was written by {n} processes; resume it with "
                                        f"the same number (now {d.world})")
-        _set_rng_state(rng[d.rank], gamma_gen)
+        try:
+            _set_rng_state(rng[d.rank], gamma_gen)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint RNG state is malformed ({type(e).__name__}: {e})") from None
     if d.enabled and resume is None:
         _broadcast_params(model)
 
     write = out_dir is not None and d.main
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if write else None
     if write:
-        kept = [r for r in read_metrics(out_dir) if r.get("step", 0) <= start]
+        kept = [r for r in read_metrics(out_dir, _warn) if r.get("step", 0) <= start]
         ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         ckpt.atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
 
@@ -320,17 +458,29 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
     end = min(total, stop_after) if stop_after > 0 else total
     unit = "samples" if data.kind == "vit" else "tokens"
     per_step = tc.batch_size * d.world * (1 if data.kind == "vit" else mc.context)
+    stop = _StopFlag()
+    saved_step = [start if resume is not None else None]
 
     def save(step):
         rng = _gather(_rng_state(gamma_gen), d)
         if write:
-            ckpt.save(out_dir, model, config, {"step": step, "total_steps": total,
-                                               "optimizer": opt.state_dict(), "rng": rng})
+            stop.saving = True
+            try:
+                ckpt.save(out_dir, model, config, {"step": step, "total_steps": total,
+                                                   "optimizer": opt.state_dict(), "rng": rng}, keep=tc.keep)
+            finally:
+                stop.saving = False
+        saved_step[0] = step
 
     def log(row):
         if write:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+
+    if write and resume is not None:
+        _set_aside_newer(out_dir, start)
+        if ckpt.latest_step(out_dir) != start:  # a new --out: it holds the run from the start
+            save(start)
 
     from tqdm import tqdm
     bar = tqdm(total=end, initial=start, desc=desc, unit="step", disable=not (progress and d.main),
@@ -340,6 +490,7 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
     t0 = time.perf_counter()
     t_last, step = t0, start
     model.train()
+    stop.install()
     try:
         for step in range(start, end):
             lr = lr_at(step, total, tc)
@@ -350,16 +501,19 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
             else:
                 x, y, epoch, _ = text_batch(data, step, tc.batch_size, mc.context, tc.seed, d.rank, d.world)
             x, y = x.to(dev), y.to(dev)
-            logits = model(x, generator=gamma_gen)
-            loss = model.loss(logits, y, tc.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if d.enabled:
-                _allreduce_grads(model, d.world, model.arith)
-            opt.step()
+            try:
+                logits = model(x, generator=gamma_gen)
+                loss = model.loss(logits, y, tc.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if d.enabled:
+                    _allreduce_grads(model, d.world, model.arith)
+                opt.step()
+            except GridRangeError as e:
+                raise TrainingDiverged(f"step {step + 1}: {e}; lower --lr", saved_step[0]) from None
             lval = float(_mean_across(loss.detach(), d))
             if not math.isfinite(lval):
-                raise FloatingPointError(f"loss became {lval} at step {step + 1}; lower --lr")
+                raise TrainingDiverged(f"loss became {lval} at step {step + 1}; lower --lr", saved_step[0])
             losses.append(lval)
             now = time.perf_counter()
             rate = per_step / max(now - t_last, 1e-9)
@@ -378,15 +532,20 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
             if done % ckpt_every == 0 or done == end:
                 save(done)
             step = done
-    except KeyboardInterrupt:
-        bar.close()
-        save(step)
+            signum = _agreed_signal(stop.signum, d)
+            if signum and done < end:
+                if saved_step[0] != done:
+                    save(done)
+                raise Interrupted(signum, done, True)
+    except KeyboardInterrupt:  # a second signal (or no handler installed): stop without saving
+        raise Interrupted(stop.signum or signal.SIGINT, saved_step[0], False) from None
+    except Interrupted as e:
         if write:
+            bar.close()
             plot_metrics(out_dir)
-            print(f"interrupted after step {step}; continue with: bdia-pam train --resume {out_dir}",
-                  file=sys.stderr)
-        raise
+        raise e
     finally:
+        stop.restore()
         bar.close()
     wall = time.perf_counter() - t0
     if write:

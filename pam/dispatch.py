@@ -46,11 +46,15 @@ def offset_constant(offset):
     """The integer folded into PAM/PAD for ``offset`` (None means no offset)."""
     if offset is None:
         return 0
+    if isinstance(offset, (bool, np.bool_)) or not isinstance(offset, (int, float, np.integer, np.floating)):
+        raise TypeError(f"offset must be a real number or None, got {type(offset).__name__} {offset!r}")
     value = float(offset)
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"offset must be a positive finite number or None, got {offset!r}")
-    if np.float32(value) < np.finfo(np.float32).tiny:
-        raise ValueError(f"offset must be a normal float32, got {offset!r}")
+    with np.errstate(over="ignore"):
+        v32 = np.float32(value)
+    if not np.isfinite(v32) or v32 < np.finfo(np.float32).tiny:
+        raise ValueError(f"offset must be a normal finite float32 (about 1.2e-38 .. 3.4e38), got {offset!r}")
     return int(np.float32(value).view(np.int32)) - bits.ONE
 
 

@@ -119,8 +119,13 @@ def bmm(input, mat2, offset=None, backward="exact"):
 
 
 def mean(input, dim=None, keepdim=False, backward="exact"):
-    """Mean as PAD(sum, N): exact when N is a power of two, else up to 12.5 % too large."""
+    """Mean as PAD(sum, N): exact when N is a power of two, else up to 12.5 % too large.
+
+    ``dim=None`` or an empty ``dim=()`` / ``[]`` reduce over every dimension (as torch.mean;
+    ``keepdim`` applies); a mean over zero elements is NaN (as torch)."""
     _check_tensor(input, "input")
+    if dim is not None and not isinstance(dim, int) and len(tuple(dim)) == 0:
+        dim = None if not keepdim else tuple(range(input.dim()))
     if dim is None:
         n = input.numel()
         s = input.sum()
@@ -149,6 +154,8 @@ def _shifted_log2(input, dim, offset, backward):
 
 def _softmax(input, dim, offset, backward, safe):
     _check_tensor(input, "input")
+    if input.numel() == 0:  # nothing to normalize (a 0-size dim): an empty result, as torch
+        return input.clone()
     z = _shifted_log2(input, dim, offset, backward)
     e = P.exp2(z, backward=backward)
     s = e.sum(dim=dim, keepdim=True)
@@ -160,7 +167,8 @@ def _softmax(input, dim, offset, backward, safe):
 def softmax(input, dim=-1, offset=None, backward="exact"):
     """PA softmax: x' = PAM(x, log2 e), subtract floor(max x'), pa_exp2, PAD by the sum.
 
-    -inf entries get probability 0; a row that is entirely -inf gives NaN (as torch).
+    -inf entries get probability 0; a row that is entirely -inf gives NaN (as torch). An
+    empty input (e.g. a 0-size ``dim``) gives an empty result.
     pa_exp2(y - n) = 2^-n pa_exp2(y) for integer n, so the shift changes the result only
     through the rounding of y - n (last bits of entries far below the max). The sum is a float32 addition in torch's order.
     """
@@ -171,9 +179,11 @@ def log_softmax(input, dim=-1, offset=None, backward="exact"):
     """PA log-softmax: PAD((x' - m) - pa_log2(sum pa_exp2(x' - m)), log2 e).
 
     x' = PAM(x, log2 e) and m = floor(max x'). -inf entries stay -inf; an all -inf row
-    gives NaN (as torch).
+    gives NaN (as torch). An empty input gives an empty result.
     """
     _check_tensor(input, "input")
+    if input.numel() == 0:
+        return input.clone()
     z = _shifted_log2(input, dim, offset, backward)
     e = P.exp2(z, backward=backward)
     lse = P.log2(e.sum(dim=dim, keepdim=True), backward=backward)
@@ -377,8 +387,8 @@ def dropout(input, p=0.5, training=True, inplace=False, backward="exact", genera
 
     The mask comes from integer random numbers (p is resolved to multiples of 2^-24), the
     scale 1/(1 - p) is a PAD (exact when 1 - p is a power of two). p = 1 gives zeros;
-    ``training=False`` or p = 0 return the input unchanged. ``inplace`` is accepted for
-    torch compatibility; the result is always a new tensor.
+    ``training=False`` or p = 0 return the input unchanged. ``inplace=True`` writes the result
+    into ``input`` and returns it (as torch; autograd raises for a leaf that requires grad).
     """
     _check_tensor(input, "input")
     p = float(p)
@@ -388,10 +398,12 @@ def dropout(input, p=0.5, training=True, inplace=False, backward="exact", genera
         return input
     zero = torch.zeros((), dtype=torch.float32, device=input.device)
     if p == 1.0:
-        return torch.where(torch.ones_like(input, dtype=torch.bool), zero, input)
-    keep = _keep_mask(input.shape, p, input.device, generator)
-    scale = _pad_scalar(1.0, 1.0 - p)
-    return torch.where(keep, P.mul(input, scale, backward=backward), zero)
+        out = torch.where(torch.ones_like(input, dtype=torch.bool), zero, input)
+    else:
+        keep = _keep_mask(input.shape, p, input.device, generator)
+        scale = _pad_scalar(1.0, 1.0 - p)
+        out = torch.where(keep, P.mul(input, scale, backward=backward), zero)
+    return input.copy_(out) if inplace else out
 
 
 # ----------------------------------------------------------------------------- attention

@@ -477,6 +477,126 @@ def test_parameter_gradients_accumulate_like_autograd():
         assert torch.allclose(g, f)
 
 
+class Conditioned(nn.Module):
+    """A branch that reads tensors from outside the block: ``shared`` (a parameter of another
+    module, closed over) and ``cond()`` (a conditioning tensor, possibly a non-leaf)."""
+
+    def __init__(self, width, gen, shared, cond):
+        super().__init__()
+        self.mlp = FloatMLP(width, gen)
+        self.shared, self.cond = shared, cond
+
+    def forward(self, x):
+        return self.mlp(x * self.shared) + self.cond()
+
+
+@pytest.mark.parametrize("nonleaf", [False, True])
+def test_outside_tensors_get_the_stored_mode_gradient(nonleaf):
+    gen = torch.Generator().manual_seed(0)
+    shared = nn.Parameter(torch.rand(4, generator=gen) + 0.5)   # registered in no block
+    emb = nn.Parameter(torch.randn(4, generator=gen) * 0.1)
+    x0, w = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    gamma = random_gamma(3, 4, 1)
+
+    def grads(reversible):
+        holder = {}
+        blocks = [Conditioned(4, torch.Generator().manual_seed(k), shared, lambda: holder["c"]) for k in range(4)]
+        stack = ReversibleStack(blocks, reversible=reversible)
+        for t in (shared, emb):
+            t.grad = None
+        holder["c"] = torch.tanh(emb) * 2 if nonleaf else emb  # computed outside the stack
+        x = x0.clone().requires_grad_(True)
+        (stack(x, gamma) * w).sum().backward()
+        return x.grad, shared.grad.clone(), emb.grad.clone(), [p.grad.clone() for p in stack.parameters()]
+
+    rev, ref = grads(True), grads(False)
+    assert ref[1].abs().sum() > 0 and ref[2].abs().sum() > 0
+    for a, b in zip(rev[:3], ref[:3]):
+        assert_close_rel(a, b)
+    for a, b in zip(rev[3], ref[3]):
+        assert_close_rel(a, b)
+
+
+def test_outside_tensor_with_frozen_input_and_no_parameters():
+    """Nothing registered requires grad, only the outside tensor: it still gets its gradient."""
+    cond = torch.tensor([0.25, -0.5], requires_grad=True)
+
+    class AddCond(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x) + cond
+
+    x0 = torch.randn(2, 2)
+    gamma = random_gamma(2, 3, 0)
+    out = {}
+    for reversible in (True, False):
+        cond.grad = None
+        ReversibleStack([AddCond() for _ in range(3)], reversible=reversible)(x0, gamma).sum().backward()
+        out[reversible] = cond.grad.clone()
+    assert_close_rel(out[True], out[False])
+
+
+class BatchNormMLP(nn.Module):
+    def __init__(self, width, gen):
+        super().__init__()
+        self.mlp = FloatMLP(width, gen)
+        self.bn = nn.BatchNorm1d(width)
+
+    def forward(self, x):
+        return self.bn(self.mlp(x))
+
+
+def test_batchnorm_counts_each_batch_once():
+    x0, w = torch.randn(6, 4), torch.randn(6, 4)
+    gamma = random_gamma(6, 3, 2)
+    state = {}
+    for reversible in (True, False):
+        blocks = [BatchNormMLP(4, torch.Generator().manual_seed(k)) for k in range(3)]
+        stack = ReversibleStack(blocks, reversible=reversible)
+        y, gx, gp = grads_of(stack, x0, gamma, w)
+        state[reversible] = (y, gx, gp, {k: v.clone() for k, v in stack.state_dict().items()})
+        if reversible:  # inverse() re-runs blocks too and must leave the statistics alone
+            before = {k: v.clone() for k, v in stack.state_dict().items()}
+            rec = stack.forward_record(x0, gamma)
+            after_forward = {k: v.clone() for k, v in stack.state_dict().items()}
+            stack.inverse(rec)
+            assert all(torch.equal(after_forward[k], v) for k, v in stack.state_dict().items())
+            assert any(not torch.equal(before[k], after_forward[k]) for k in before)
+    (y1, gx1, gp1, s1), (y2, gx2, gp2, s2) = state[True], state[False]
+    assert torch.equal(bits(y1), bits(y2))
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k  # running stats and num_batches_tracked == 1
+    assert int(s1["blocks.0.bn.num_batches_tracked"]) == 1
+    assert_close_rel(gx1, gx2)
+    for a, b in zip(gp1, gp2):
+        assert_close_rel(a, b)
+
+
+def test_autocast_is_replayed_in_the_recompute():
+    blocks = make_blocks("float", 4, 8, seed=3)
+    x0, w = torch.randn(2, 8) * 2, torch.randn(2, 8)
+    gamma = random_gamma(2, 4, 3)
+    res = {}
+    for reversible in (True, False):
+        stack = ReversibleStack(blocks, reversible=reversible)
+        stack.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = stack(x, gamma)
+        (y.float() * w).sum().backward()  # the backward runs outside the autocast region
+        res[reversible] = (y.detach(), x.grad, [p.grad.clone() for p in stack.parameters()])
+    (y1, gx1, gp1), (y2, gx2, gp2) = res[True], res[False]
+    assert torch.equal(bits(y1), bits(y2))
+    assert_close_rel(gx1, gx2, rel=2e-2)
+    for a, b in zip(gp1, gp2):
+        assert_close_rel(a, b, rel=2e-2)
+    # the record of an autocast forward inverts outside autocast too
+    stack = ReversibleStack(blocks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rec = stack.forward_record(x0, gamma)
+    assert torch.equal(bits(stack.inverse(rec)), bits(quant.from_grid(quant.to_grid(x0, 9, "x"), 9)))
+
+
 def test_float64_input_gradient_dtype():
     blocks = make_blocks("float", 3, 4, seed=0)
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
