@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 
 from . import checkpoint as ckpt
 from .data import TASKS, DataError, load_task
-from .model import ARITHMETICS, FRAC_BITS_RANGE, Arithmetic, BDIAConfig
+from .model import ARITHMETICS, FRAC_BITS_RANGE, BDIAConfig, arithmetic_context
 from .quant import GridRangeError
 from .train import (Dist, Interrupted, TrainConfig, TrainingDiverged, dist_from_env, evaluate, lr_at,
                     total_steps, train)
@@ -238,7 +238,7 @@ def prepare_train(args, d: Dist):
     mc = replace(mc, **data.model_fields())
     mc.validate()
     check_run_fits(mc, tc, data, d.world)
-    Arithmetic(mc.arithmetic)  # fails early if the PAM pieces are missing
+    arithmetic_context(mc.arithmetic)  # fails early if the PAM pieces are missing
     if mc.arithmetic == "pam":
         try:
             import pam.optim  # noqa: F401

@@ -3,10 +3,12 @@
 Read top to bottom:
 
 * :class:`BDIAConfig` -- every knob, validated with one-line errors saying what to change.
-* :class:`Arithmetic` -- the handful of numeric primitives the model uses (linear, matmul,
-  scaling by a constant, softmax, layer norm, GELU, dropout, cross entropy), provided by
-  torch (``"float"``), by PAM for the matrix products only (``"pam_matmul"``), or by PAM for
-  everything (``"pam"``: no native float multiply anywhere in the step).
+* :func:`arithmetic_context` -- the model is plain torch code; its arithmetic comes from the
+  op-level mode users wrap any model in: none (``"float"``), ``pam.arithmetic(ops="matmul")``
+  (PAM for the matrix products only, ``"pam_matmul"``) or ``pam.arithmetic()`` (``"pam"``:
+  no native float multiply anywhere in the step). ``forward`` and ``loss`` enter it; a
+  training step should run its backward and optimizer step inside ``model.arithmetic()``
+  too (the reversible stack re-enters it for its recompute).
 * :class:`Block` -- one pre-norm residual branch ``h_k(x) = a + mlp(LN(x + a))`` with
   ``a = attn(LN(x))``. It is a function of ``x_k`` only, as BDIA requires.
 * :class:`BDIATransformer` -- embedding, the stack of blocks (``bdia_pam.ReversibleStack``
@@ -14,6 +16,7 @@ Read top to bottom:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -112,170 +115,70 @@ class BDIAConfig:
 
 
 # --------------------------------------------------------------------------- arithmetic
-class Arithmetic:
-    """The numeric primitives of the model, bound to one arithmetic.
+def arithmetic_context(name: str, backward: str = "exact"):
+    """The context the model computes in: nothing for ``"float"``, ``pam.arithmetic()`` with
+    only the matrix-product families for ``"pam_matmul"``, all families for ``"pam"``.
 
-    ``float``: torch. ``pam_matmul``: ``pam.linear``/``pam.matmul`` for the linear layers and
-    the two attention products, torch for the rest. ``pam``: additionally the constant
-    scalings (``pam.mul``), softmax, layer norm, GELU, dropout and cross entropy from
-    ``pam.nn.functional``. Missing PAM pieces raise RuntimeError at construction.
+    The model itself is plain torch code; PAM comes from the same op-level mode users wrap
+    their own models in (:func:`pam.arithmetic`).
     """
-
-    def __init__(self, name: str, backward: str = "exact"):
-        self.backward = backward
-        if name not in ARITHMETICS:
-            raise ValueError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, got {name!r}")
-        self.name = name
-        self._pam = None
-        self._pf = None
-        if name != "float":
-            try:
-                import pam
-                self._pam = pam
-                for fn in ("linear", "matmul", "mul"):
-                    getattr(pam, fn)
-            except (ImportError, AttributeError) as e:
-                raise RuntimeError(f"arithmetic={name!r} needs the pam core ops ({e}); "
-                                   "use --arithmetic float") from None
-        if name == "pam":
-            try:
-                import pam.nn.functional as pf
-                for fn in ("softmax", "layer_norm", "gelu", "cross_entropy"):
-                    getattr(pf, fn)
-                self._pf = pf
-            except (ImportError, AttributeError) as e:
-                raise RuntimeError(f"arithmetic='pam' needs pam.nn.functional ({e}); "
-                                   "use --arithmetic pam_matmul or float") from None
-
-    def __repr__(self):
-        return f"Arithmetic({self.name!r})"
-
-    def linear(self, x, w, b=None):
-        if self._pam is None:
-            return F.linear(x, w, b)
-        return self._pam.linear(x, w, b, backward=self.backward)
-
-    def matmul(self, a, b):
-        if self._pam is None:
-            return torch.matmul(a, b)
-        return self._pam.matmul(a, b, backward=self.backward)
-
-    def scale(self, x, c: float):
-        """x times the constant c (PAM in "pam" mode; exact there when c is a power of two)."""
-        if self._pf is None:
-            return x * c
-        return self._pam.mul(x, float(c), backward=self.backward)
-
-    def softmax(self, x, dim=-1):
-        if self._pf is None:
-            return torch.softmax(x, dim)
-        return self._pf.softmax(x, dim, backward=self.backward)
-
-    def layer_norm(self, x, weight, bias, eps=1e-5):
-        if self._pf is None:
-            return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-        return self._pf.layer_norm(x, (x.shape[-1],), weight, bias, eps, backward=self.backward)
-
-    def gelu(self, x):
-        if self._pf is None:
-            return F.gelu(x)
-        return self._pf.gelu(x, backward=self.backward)
-
-    def dropout(self, x, p: float, training: bool):
-        if p == 0.0 or not training:
-            return x
-        if self._pf is not None and hasattr(self._pf, "dropout"):
-            return self._pf.dropout(x, p, training, backward=self.backward)
-        return F.dropout(x, p, training)
-
-    def cross_entropy(self, logits, target, label_smoothing: float = 0.0):
-        """Mean cross entropy in nats over all rows of ``logits`` (N, C) and ``target`` (N,)."""
-        if self._pf is None:
-            return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-        return self._pf.cross_entropy(logits, target, label_smoothing=label_smoothing,
-                                       backward=self.backward)
+    if name not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, got {name!r}")
+    if name == "float":
+        return contextlib.nullcontext()
+    import pam
+    return pam.arithmetic(backward=backward, ops="matmul" if name == "pam_matmul" else "all")
 
 
 # --------------------------------------------------------------------------- layers
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with torch's parameter names (weight, bias)."""
-
-    def __init__(self, width: int, arith: Arithmetic, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(width))
-        self.bias = nn.Parameter(torch.zeros(width))
-        self.eps = eps
-        self.arith = arith
-
-    def forward(self, x):
-        return self.arith.layer_norm(x, self.weight, self.bias, self.eps)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose product goes through the chosen arithmetic."""
-
-    def __init__(self, fan_in: int, fan_out: int, arith: Arithmetic, bias: bool = True):
-        super().__init__(fan_in, fan_out, bias=bias)
-        self.arith = arith
-
-    def forward(self, x):
-        return self.arith.linear(x, self.weight, self.bias)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention (batch first), optionally causal."""
 
-    def __init__(self, cfg: BDIAConfig, arith: Arithmetic, causal: bool):
+    def __init__(self, cfg: BDIAConfig, causal: bool):
         super().__init__()
         self.heads = cfg.heads
         self.head_dim = cfg.width // cfg.heads
-        self.qkv = Linear(cfg.width, 3 * cfg.width, arith)
-        self.proj = Linear(cfg.width, cfg.width, arith)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
         self.causal = causal
         self.dropout = cfg.dropout
-        self.arith = arith
 
     def forward(self, x):
         B, T, C = x.shape
-        A = self.arith
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, D)
-        q = A.scale(q, 1.0 / math.sqrt(self.head_dim))
-        att = A.matmul(q, k.transpose(-2, -1))  # (B, H, T, T)
+        att = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, H, T, T)
         if self.causal:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
             att = att.masked_fill(mask, MASK_VALUE)
-        att = A.softmax(att, -1)
-        att = A.dropout(att, self.dropout, self.training)
-        y = A.matmul(att, v)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return A.dropout(self.proj(y), self.dropout, self.training)
+        att = F.dropout(att.softmax(-1), self.dropout, self.training)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: BDIAConfig, arith: Arithmetic):
+    def __init__(self, cfg: BDIAConfig):
         super().__init__()
-        self.fc1 = Linear(cfg.width, cfg.mlp_ratio * cfg.width, arith)
-        self.fc2 = Linear(cfg.mlp_ratio * cfg.width, cfg.width, arith)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width)
         self.activation = cfg.activation
         self.dropout = cfg.dropout
-        self.arith = arith
 
     def forward(self, x):
         h = self.fc1(x)
-        h = self.arith.gelu(h) if self.activation == "gelu" else torch.relu(h)
-        return self.arith.dropout(self.fc2(h), self.dropout, self.training)
+        h = F.gelu(h) if self.activation == "gelu" else torch.relu(h)
+        return F.dropout(self.fc2(h), self.dropout, self.training)
 
 
 class Block(nn.Module):
     """Residual branch h(x) = a + mlp(LN2(x + a)), a = attn(LN1(x)); returns h(x), not x + h(x)."""
 
-    def __init__(self, cfg: BDIAConfig, arith: Arithmetic, causal: bool):
+    def __init__(self, cfg: BDIAConfig, causal: bool):
         super().__init__()
-        self.ln1 = LayerNorm(cfg.width, arith)
-        self.attn = Attention(cfg, arith, causal)
-        self.ln2 = LayerNorm(cfg.width, arith)
-        self.mlp = MLP(cfg, arith)
+        self.ln1 = nn.LayerNorm(cfg.width)
+        self.attn = Attention(cfg, causal)
+        self.ln2 = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg)
 
     def forward(self, x):
         a = self.attn(self.ln1(x))
@@ -316,24 +219,27 @@ class BDIATransformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.arith = Arithmetic(config.arithmetic, config.pam_backward)
-        cfg, A = config, self.arith
+        cfg = config
         causal = cfg.kind == "lm"
         if cfg.kind == "vit":
-            self.patch_embed = Linear(cfg.channels * cfg.patch_size ** 2, cfg.width, A)
+            self.patch_embed = nn.Linear(cfg.channels * cfg.patch_size ** 2, cfg.width)
             n_tok = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
             if cfg.pool == "cls":
                 self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-            self.head = Linear(cfg.width, cfg.num_classes, A)
+            self.head = nn.Linear(cfg.width, cfg.num_classes)
         else:
             self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.width)
             n_tok = cfg.context
             if not cfg.tie_weights:
-                self.head = Linear(cfg.width, cfg.vocab_size, A, bias=False)
+                self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tok, cfg.width))
-        self.stack = make_stack([Block(cfg, A, causal) for _ in range(cfg.depth)], cfg)
-        self.norm = LayerNorm(cfg.width, A)
+        self.stack = make_stack([Block(cfg, causal) for _ in range(cfg.depth)], cfg)
+        self.norm = nn.LayerNorm(cfg.width)
         self._init_weights()
+
+    def arithmetic(self):
+        """A context computing in this model's arithmetic (see :func:`arithmetic_context`)."""
+        return arithmetic_context(self.config.arithmetic, self.config.pam_backward)
 
     def _init_weights(self):
         """Linear layers keep torch's default init (uniform, std 1/sqrt(3 fan_in)); positions,
@@ -351,6 +257,10 @@ class BDIATransformer(nn.Module):
         return self.stack(x)
 
     def forward(self, x, generator=None):
+        with self.arithmetic():
+            return self._forward(x, generator)
+
+    def _forward(self, x, generator):
         cfg = self.config
         if cfg.kind == "vit":
             if x.dim() != 4 or x.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):
@@ -364,7 +274,7 @@ class BDIATransformer(nn.Module):
                 h = torch.cat([self.cls_token.expand(B, -1, -1), h], dim=1)
             h = h + self.pos_embed
             h = self.norm(self._stack(h, generator))
-            pooled = h[:, 0] if cfg.pool == "cls" else self.arith.scale(h.sum(1), 1.0 / h.shape[1])
+            pooled = h[:, 0] if cfg.pool == "cls" else h.sum(1) * (1.0 / h.shape[1])
             return self.head(pooled)
         if x.dim() != 2 or x.shape[1] > cfg.context:
             raise ValueError(f"expected token ids of shape (B, T<= {cfg.context}), got {tuple(x.shape)}")
@@ -372,12 +282,13 @@ class BDIATransformer(nn.Module):
         h = self.tok_embed(x) + self.pos_embed[:, :T]
         h = self.norm(self._stack(h, generator))
         w = self.tok_embed.weight if cfg.tie_weights else self.head.weight
-        return self.arith.linear(h, w)
+        return F.linear(h, w)
 
     def loss(self, logits, target, label_smoothing: float = 0.0):
         """Training loss in the model's arithmetic (mean cross entropy, nats)."""
-        return self.arith.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                        label_smoothing)
+        with self.arithmetic():
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                   label_smoothing=label_smoothing)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

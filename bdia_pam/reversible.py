@@ -93,16 +93,20 @@ class ForwardRecord:
 
 
 def _autocast_state(device) -> tuple:
-    """((device_type, enabled, dtype), ...) for the CPU and ``device``'s type, plus the cache flag."""
+    """((device_type, enabled, dtype), ...) for the CPU and ``device``'s type, the cache flag,
+    and the spec of the active ``pam.arithmetic`` context (None outside one)."""
+    import pam.mode
     types = ["cpu"] + ([device.type] if device.type != "cpu" else [])
+    arith = pam.mode.active()
     return (tuple((t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types),
-            torch.is_autocast_cache_enabled())
+            torch.is_autocast_cache_enabled(), None if arith is None else arith.spec)
 
 
 class _Replay:
     """Context for re-running a block exactly as in the forward pass, without side effects.
 
-    Re-enters the forward's autocast state (enabled or not, per device type) and lets the block
+    Re-enters the forward's autocast state (enabled or not, per device type) and its
+    ``pam.arithmetic`` context (so a block's ops compute the same bits), and lets the block
     run on copies of its buffers, put back afterwards, so modules that update buffers in
     training (BatchNorm running statistics) count each batch once: in the forward, not again in
     the backward recompute or :meth:`ReversibleStack.inverse`. (Copies are swapped in rather
@@ -115,9 +119,12 @@ class _Replay:
         from contextlib import ExitStack
         self.stack = ExitStack()
         if self.autocast is not None:
-            per_type, cache = self.autocast
+            per_type, cache, arith = self.autocast
             for t, enabled, dtype in per_type:
                 self.stack.enter_context(torch.autocast(t, dtype=dtype, enabled=enabled, cache_enabled=cache))
+            if arith is not None:
+                import pam
+                self.stack.enter_context(pam.arithmetic(**arith))
         self.swapped = []
         for m in self.block.modules():
             for name, b in list(m._buffers.items()):

@@ -208,13 +208,14 @@ def init_distributed(d: Dist, device: str) -> None:
         dist.init_process_group(backend=backend, rank=d.rank, world_size=d.world)
 
 
-def _allreduce_grads(model, world: int, arith) -> None:
+def _allreduce_grads(model, world: int) -> None:
     import torch.distributed as dist
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat = arith.scale(flat, 1.0 / world)
+    with model.arithmetic():
+        flat = flat * (1.0 / world)
     off = 0
     for p, g in zip(params, grads):
         n = g.numel()
@@ -502,13 +503,14 @@ def train(mc: BDIAConfig, tc: TrainConfig, data: TaskData, out_dir: str | None, 
                 x, y, epoch, _ = text_batch(data, step, tc.batch_size, mc.context, tc.seed, d.rank, d.world)
             x, y = x.to(dev), y.to(dev)
             try:
-                logits = model(x, generator=gamma_gen)
-                loss = model.loss(logits, y, tc.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if d.enabled:
-                    _allreduce_grads(model, d.world, model.arith)
-                opt.step()
+                with model.arithmetic():      # backward formulas and the optimizer too
+                    logits = model(x, generator=gamma_gen)
+                    loss = model.loss(logits, y, tc.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if d.enabled:
+                        _allreduce_grads(model, d.world)
+                    opt.step()
             except GridRangeError as e:
                 raise TrainingDiverged(f"step {step + 1}: {e}; lower --lr", saved_step[0]) from None
             lval = float(_mean_across(loss.detach(), d))

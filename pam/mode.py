@@ -39,6 +39,7 @@ backward and the optimizer step inside); other threads' work; random sampling wi
 float parameters (``randn``, ``normal_``: refused), ``torch.compile``d code.
 """
 import math
+import threading
 import warnings
 
 import torch
@@ -53,7 +54,7 @@ from . import location as _loc
 from .audit import is_banned
 from .dispatch import offset_constant
 
-__all__ = ["arithmetic", "UnsupportedOpError", "FAMILIES"]
+__all__ = ["arithmetic", "active", "UnsupportedOpError", "FAMILIES"]
 
 FAMILIES = frozenset({"matmul", "conv", "elementwise", "nonlinear", "norm", "loss",
                       "dropout", "attention"})
@@ -1026,33 +1027,60 @@ def _match(res, func):
 
 
 # ============================================================================ the context
+_ACTIVE = threading.local()        # the stack of entered arithmetic contexts, per thread
+
+
+def active():
+    """The innermost ``pam.arithmetic`` entered on this thread, or None.
+
+    Code that re-runs a forward computation later (a reversible stack's backward recompute,
+    activation checkpointing) can record it and re-enter an equal context with
+    :meth:`arithmetic.spec` to reproduce the same bits.
+    """
+    stack = getattr(_ACTIVE, "stack", None)
+    return stack[-1] if stack else None
+
+
 class arithmetic:
     """Context manager: every float32 multiply-family op inside runs in PAM arithmetic.
 
     ``with pam.arithmetic(): loss = F.cross_entropy(model(x), y); loss.backward();
-    opt.step()`` -- see the module docstring for the mechanism and coverage.
+    opt.step()`` -- see the module docstring for the mechanism and coverage. Re-entrant and
+    reusable; nested contexts are allowed (the innermost handles an op first).
     """
 
     def __init__(self, backward="approx", offset=None, ops="all", strict=True):
         self.cfg = _Config(backward, offset, ops, strict)
-        self._modes = None
+        self._spec = {"backward": backward, "offset": offset,
+                      "ops": ops if isinstance(ops, str) else frozenset(ops),
+                      "strict": strict}
+        self._entered = []
+
+    @property
+    def spec(self):
+        """The constructor arguments: ``pam.arithmetic(**ctx.spec)`` is an equal context."""
+        return dict(self._spec)
 
     def __enter__(self):
         _loc.Tracker.start()
         fmode, dmode = _FunctionLayer(self.cfg), _DispatchLayer(self.cfg)
-        self._fastpath = _mha_fastpath(False)
+        fastpath = _mha_fastpath(False)
         fmode.__enter__()
         dmode.__enter__()
-        self._modes = (fmode, dmode)
+        self._entered.append((fmode, dmode, fastpath))
+        if not hasattr(_ACTIVE, "stack"):
+            _ACTIVE.stack = []
+        _ACTIVE.stack.append(self)
         return self
 
     def __exit__(self, *exc):
-        fmode, dmode = self._modes
+        fmode, dmode, fastpath = self._entered.pop()
         try:
+            _ACTIVE.stack.pop()
             dmode.__exit__(*exc)
             fmode.__exit__(*exc)
         finally:
-            _mha_fastpath(self._fastpath)
+            _mha_fastpath(fastpath)
             _loc.Tracker.stop()
         return False
 

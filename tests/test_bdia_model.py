@@ -70,8 +70,8 @@ def test_config_roundtrip_and_unknown_keys():
 
 def _pam_available():
     try:
-        from bdia_pam.model import Arithmetic
-        Arithmetic("pam")
+        from bdia_pam.model import arithmetic_context
+        arithmetic_context("pam")
         import pam.optim  # noqa: F401
         import pam.audit  # noqa: F401
         return True
