@@ -70,7 +70,7 @@ def random_floats(rng, size):
     """Half random bit patterns (every class: NaN, inf, subnormal, huge, tiny), half normals."""
     raw = rng.integers(-2 ** 31, 2 ** 31, size=size // 2, dtype=np.int64).astype(np.int32)
     normal = (rng.standard_normal(size - size // 2)
-              * np.exp2(rng.integers(-20, 20, size - size // 2))).astype(np.float32)
+              * np.ldexp(1.0, rng.integers(-20, 20, size - size // 2))).astype(np.float32)
     return np.concatenate([raw.view(np.float32), normal])
 
 
