@@ -127,6 +127,22 @@ def test_unary_special_and_random(name, few_blocks):
     assert_same_bits(run_unary(K, name, bits(x)), run_unary(cpu, name, bits(x)))
 
 
+@pytest.mark.parametrize("name", BINARY)
+def test_scalar_operand_kernels_match_cpu(name, few_blocks):
+    rng = np.random.default_rng(sum(map(ord, name)) + 1)
+    x = bits(random_floats(rng, 64))
+    for sval in bits(SPECIAL[::9]):
+        s = np.array([sval], np.int32)
+        for off in OFFSETS[:2]:
+            for sfx in ("_bs", "_as"):
+                args = (x, s) if sfx == "_bs" else (s, x)
+                got = np.full(x.shape, 0x12345678, np.int32)
+                want = np.full(x.shape, 0x12345678, np.int32)
+                getattr(K, name + sfx)(*args, off, got)
+                getattr(cpu, name + sfx)(*args, off, want)
+                assert_same_bits(got, want)
+
+
 def test_elementwise_one_block_per_element():
     """Default launch (no grid-stride repetition), size not a multiple of the block."""
     rng = np.random.default_rng(1)
@@ -365,6 +381,10 @@ PTX_SCRIPT = textwrap.dedent(r"""
     sigs = {n: (i1, i1, off, i1) for n in
             ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den"]}
     sigs.update({n: (i1, i1) for n in ["exp2", "log2", "exp2_slope", "log2_slope"]})
+    sigs.update({n + sfx: (i1, i1, off, i1) for n in
+                 ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den"]
+                 for sfx in ("_bs", "_as")})
+    sigs.update(getattr(K, "PTX_SIGNATURES", lambda nt: {})(nt))
     sigs["matmul"] = (i3, i3, off, f3)
     sigs["matmul_exact_grad_left"] = sigs["matmul_exact_grad_right"] = (i3, i3, i3, off, f3)
     report = {}

@@ -440,3 +440,154 @@ def matmul_exact_grad_right(at, b, grad, off, out):
                            "grad (P, n, m), out (P, k, m)",
                            at=at.shape, b=b.shape, grad=grad.shape, out=out.shape)
     return _tiled("matmul_exact_grad_right", at, b, (grad,), off, out, ("at", "b", "grad"))
+
+
+# ===========================================================================
+# Added kernels (scalar operands, fused optimizer and row kernels). Same conventions as
+# above; the matmul kernels are not touched here.
+# ===========================================================================
+
+# ----------------------------------------------------------------- scalar operand
+# ``<op>_bs(a, s, off, out)``: out[i] = op(a[i], s[0]); ``<op>_as(s, b, off, out)``:
+# out[i] = op(s[0], b[i]). The scalar stays a 1-element device array (no host sync).
+def _mul_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.mul_bits(a[i], sb, off)
+
+
+def _mul_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.mul_bits(sa, b[i], off)
+
+
+def _div_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.div_bits(a[i], sb, off)
+
+
+def _div_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.div_bits(sa, b[i], off)
+
+
+def _mul_slope_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.mul_slope_bits(a[i], sb, off)
+
+
+def _mul_slope_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.mul_slope_bits(sa, b[i], off)
+
+
+def _div_slope_num_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_num_bits(a[i], sb, off)
+
+
+def _div_slope_num_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_num_bits(sa, b[i], off)
+
+
+def _div_slope_den_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_den_bits(a[i], sb, off)
+
+
+def _div_slope_den_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_den_bits(sa, b[i], off)
+
+
+def _scalar_operand(name, x, s, off, out, scalar_first):
+    _check_array(x, "b" if scalar_first else "a", 1, np.int32)
+    _check_array(s, "s", 1, np.int32)
+    _check_array(out, "out", 1, np.int32)
+    if s.shape[0] != 1:
+        raise ValueError(f"s must hold exactly one element, got shape {tuple(s.shape)}")
+    if x.shape != out.shape:
+        raise ValueError(f"the array operand and out must have one shape, got "
+                         f"{tuple(x.shape)} and {tuple(out.shape)}")
+    if out.shape[0] == 0:
+        return out
+    arrays = (s, x) if scalar_first else (x, s)
+    return _launch(name, _elementwise_grid(out.shape[0]), ELEMENTWISE_THREADS, arrays,
+                   (int(off),), out)
+
+
+def mul_bs(a, s, off, out):
+    """out[i] = mul(a[i], s[0]) (see :func:`mul`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_bs", a, s, off, out, False)
+
+
+def mul_as(s, b, off, out):
+    """out[i] = mul(s[0], b[i]) (see :func:`mul`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_as", b, s, off, out, True)
+
+
+def div_bs(a, s, off, out):
+    """out[i] = div(a[i], s[0]) (see :func:`div`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_bs", a, s, off, out, False)
+
+
+def div_as(s, b, off, out):
+    """out[i] = div(s[0], b[i]) (see :func:`div`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_as", b, s, off, out, True)
+
+
+def mul_slope_bs(a, s, off, out):
+    """out[i] = mul_slope(a[i], s[0]) (see :func:`mul_slope`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_slope_bs", a, s, off, out, False)
+
+
+def mul_slope_as(s, b, off, out):
+    """out[i] = mul_slope(s[0], b[i]) (see :func:`mul_slope`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_slope_as", b, s, off, out, True)
+
+
+def div_slope_num_bs(a, s, off, out):
+    """out[i] = div_slope_num(a[i], s[0]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_num_bs", a, s, off, out, False)
+
+
+def div_slope_num_as(s, b, off, out):
+    """out[i] = div_slope_num(s[0], b[i]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_num_as", b, s, off, out, True)
+
+
+def div_slope_den_bs(a, s, off, out):
+    """out[i] = div_slope_den(a[i], s[0]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_den_bs", a, s, off, out, False)
+
+
+def div_slope_den_as(s, b, off, out):
+    """out[i] = div_slope_den(s[0], b[i]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_den_as", b, s, off, out, True)
+
+
+KERNEL_FUNCTIONS.update({
+    "mul_bs": _mul_bs_kernel,
+    "mul_as": _mul_as_kernel,
+    "div_bs": _div_bs_kernel,
+    "div_as": _div_as_kernel,
+    "mul_slope_bs": _mul_slope_bs_kernel,
+    "mul_slope_as": _mul_slope_as_kernel,
+    "div_slope_num_bs": _div_slope_num_bs_kernel,
+    "div_slope_num_as": _div_slope_num_as_kernel,
+    "div_slope_den_bs": _div_slope_den_bs_kernel,
+    "div_slope_den_as": _div_slope_den_as_kernel,
+})
+__all__ += [
+    "mul_bs", "mul_as", "div_bs", "div_as", "mul_slope_bs", "mul_slope_as",
+    "div_slope_num_bs", "div_slope_num_as", "div_slope_den_bs", "div_slope_den_as"]
