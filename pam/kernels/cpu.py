@@ -18,7 +18,7 @@ bits; tests/test_kernels_cpu.py checks them against NumPy references and against
 import numpy as np
 from numba import njit, prange
 
-from .. import bits
+from .. import bits, optim_bits
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
@@ -814,3 +814,75 @@ def _grad_right_general(at, b, grad, off, out):
                 slope = bits.mul_slope_bits(brow[j], ai, off)
                 acc[j] += bits.bits_to_f32(bits.mul_bits(grow[j], slope, 0))
         out[p, t, :] = acc
+
+
+# =========================================================================== fused
+# Fused kernels: one launch per call over flat arrays, the scalar definitions in
+# pam.optim_bits (optimizers). Heavier per element than the elementwise kernels above, so
+# they go parallel from FUSED_PARALLEL_MIN elements.
+FUSED_PARALLEL_MIN = 1 << 16
+
+
+@njit(cache=True, nogil=True)
+def _adamw_range(p, g, m, v, mx, lo, hi, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
+                 off, flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(lo, hi):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], imx, decay, b1,
+                                                   omb1, b2, omb2, step_size, sbc2, eps,
+                                                   off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+@njit(**_JIT)
+def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
+    """In place over flat int32 arrays: p, m, v (and mx with amsgrad) <- one AdamW step.
+
+    Every element follows pam.optim_bits.adamw_update; the scalars are float32 bit
+    patterns from pam.optim_bits.adamw_scalars. ``mx`` may be any 1-element array when
+    amsgrad is off.
+    """
+    n = p.size
+    if n < FUSED_PARALLEL_MIN:
+        _adamw_range(p, g, m, v, mx, 0, n, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
+                     off, flags)
+        return
+    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
+    for c in prange(chunks):
+        lo = c * FUSED_PARALLEL_MIN
+        _adamw_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, b1, omb1,
+                     b2, omb2, step_size, sbc2, eps, off, flags)
+
+
+@njit(cache=True, nogil=True)
+def _sgd_range(p, g, buf, lo, hi, lr, wd, mom, omd, off, flags):
+    keep = (flags & optim_bits.SGD_MOMENTUM) != 0
+    for i in range(lo, hi):
+        ib = buf[i] if keep else 0
+        np_, nb = optim_bits.sgd_update(p[i], g[i], ib, lr, wd, mom, omd, off, flags)
+        p[i] = np_
+        if keep:
+            buf[i] = nb
+
+
+@njit(**_JIT)
+def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
+    """In place over flat int32 arrays: p (and buf with momentum) <- one SGD step.
+
+    Every element follows pam.optim_bits.sgd_update. ``buf`` may be any 1-element array
+    without momentum.
+    """
+    n = p.size
+    if n < FUSED_PARALLEL_MIN:
+        _sgd_range(p, g, buf, 0, n, lr, wd, mom, omd, off, flags)
+        return
+    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
+    for c in prange(chunks):
+        lo = c * FUSED_PARALLEL_MIN
+        _sgd_range(p, g, buf, lo, min(lo + FUSED_PARALLEL_MIN, n), lr, wd, mom, omd, off,
+                   flags)

@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from .. import bits
+from .. import bits, optim_bits
 
 __all__ = ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den", "exp2", "log2",
            "exp2_slope", "log2_slope", "matmul", "matmul_exact_grad_left",
@@ -591,3 +591,101 @@ KERNEL_FUNCTIONS.update({
 __all__ += [
     "mul_bs", "mul_as", "div_bs", "div_as", "mul_slope_bs", "mul_slope_as",
     "div_slope_num_bs", "div_slope_num_as", "div_slope_den_bs", "div_slope_den_as"]
+
+
+# ----------------------------------------------------------------- fused optimizers
+# In place over flat int32 arrays, one thread per element (grid stride); the per-element
+# arithmetic is pam.optim_bits, as in the CPU kernels of the same names.
+def _adamw_kernel(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
+                  flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], imx, decay, b1,
+                                                   omb1, b2, omb2, step_size, sbc2, eps,
+                                                   off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+def _sgd_kernel(p, g, buf, lr, wd, mom, omd, off, flags):
+    keep = (flags & optim_bits.SGD_MOMENTUM) != 0
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        ib = buf[i] if keep else 0
+        np_, nb = optim_bits.sgd_update(p[i], g[i], ib, lr, wd, mom, omd, off, flags)
+        p[i] = np_
+        if keep:
+            buf[i] = nb
+
+
+def _launch_inplace(name, griddim, blockdim, arrays, scalars, updated):
+    """Launch ``name(*arrays, *scalars)``; NumPy arrays at indices ``updated`` get the
+    device results copied back (torch CUDA tensors are updated in place, zero-copy)."""
+    kernel = _compiled(name)
+    tensors = [_is_torch_tensor(x) for x in arrays]
+    if all(tensors):
+        import torch
+        device = arrays[0].device
+        for x in arrays:
+            if x.device != device:
+                raise ValueError(f"all tensors must be on one device, got {x.device} and "
+                                 f"{device}")
+        with cuda.gpus[device.index if device.index is not None else 0]:
+            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+            dev = [cuda.as_cuda_array(x.detach()) for x in arrays]
+            kernel[griddim, blockdim, stream](*dev, *scalars)
+        return
+    if any(tensors):
+        raise TypeError("pass either only torch CUDA tensors or only NumPy arrays")
+    dev = [cuda.to_device(x) for x in arrays]
+    kernel[griddim, blockdim](*dev, *scalars)
+    for i in updated:
+        dev[i].copy_to_host(arrays[i])
+
+
+def _check_flat(named, n):
+    for label, x in named:
+        _check_array(x, label, 1, np.int32)
+        if x.shape[0] != n:
+            raise ValueError(f"{label} must have {n} elements, got {x.shape[0]}")
+
+
+def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
+    """In place: p, m, v (and mx with amsgrad) <- one AdamW step (see the CPU kernel)."""
+    ams = (int(flags) & optim_bits.ADAMW_AMSGRAD) != 0
+    _check_array(p, "p", 1, np.int32)
+    n = p.shape[0]
+    _check_flat((("g", g), ("m", m), ("v", v)) + ((("mx", mx),) if ams else ()), n)
+    if n == 0:
+        return
+    scalars = tuple(int(x) for x in (decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
+                                     flags))
+    _launch_inplace("adamw", _elementwise_grid(n), ELEMENTWISE_THREADS, (p, g, m, v, mx),
+                    scalars, (0, 2, 3, 4) if ams else (0, 2, 3))
+
+
+def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
+    """In place: p (and buf with momentum) <- one SGD step (see the CPU kernel)."""
+    keep = (int(flags) & optim_bits.SGD_MOMENTUM) != 0
+    _check_array(p, "p", 1, np.int32)
+    n = p.shape[0]
+    _check_flat((("g", g),) + ((("buf", buf),) if keep else ()), n)
+    if n == 0:
+        return
+    scalars = tuple(int(x) for x in (lr, wd, mom, omd, off, flags))
+    _launch_inplace("sgd", _elementwise_grid(n), ELEMENTWISE_THREADS, (p, g, buf), scalars,
+                    (0, 2) if keep else (0,))
+
+
+KERNEL_FUNCTIONS.update({"adamw": _adamw_kernel, "sgd": _sgd_kernel})
+__all__ += ["adamw", "sgd"]
+
+
+def PTX_SIGNATURES(nt):
+    """numba signatures of the kernels added in this section that the PTX test compiles
+    (the scalar-operand kernels share the elementwise signature and are listed there)."""
+    i1, i64 = nt.int32[::1], nt.int64
+    return {"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6}

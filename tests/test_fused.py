@@ -1,0 +1,136 @@
+"""Fused optimizer steps (pam.fused, pam.optim) against the op-by-op reference, bit for bit."""
+import numpy as np
+import pytest
+import torch
+
+import pam
+from pam import fused, optim_bits
+from pam.kernels import cpu
+from reference_optim import RefAdamW, RefSGD
+
+
+def _params(seed, shapes=((7, 5), (13,), (3, 2, 4), (1,))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+def _run(opt_cls, kw, groups, steps, seed=0, specials=False):
+    """Train copies of the same parameters with the same gradient sequence."""
+    params = [[p.clone().requires_grad_() for p in _params(seed)]]
+    param_groups = [dict(params=params[0][:2]), dict(params=params[0][2:], **groups)]
+    opt = opt_cls(param_groups, **kw)
+    g = torch.Generator().manual_seed(seed + 100)
+    for t in range(steps):
+        for i, p in enumerate(params[0]):
+            if t == 1 and i == 3:
+                p.grad = None                       # a parameter skipped at one step
+                continue
+            grad = torch.randn(p.shape, generator=g) * 0.1
+            if specials and t == 2:
+                flat = grad.view(-1)
+                flat[0] = 0.0
+                flat[-1] = -0.0
+                if flat.numel() > 2:
+                    flat[1] = 1e-40
+            p.grad = grad
+        opt.step()
+    return [p.detach() for p in params[0]], opt
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32)), (x, y)
+
+
+ADAMW_CASES = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.9, 0.98), weight_decay=0.05),
+               dict(lr=1e-2, amsgrad=True, maximize=True, eps=1e-6),
+               dict(lr=1e-2, weight_decay=0.0, offset=1.0552)]
+
+
+@pytest.mark.parametrize("kw", ADAMW_CASES)
+def test_adamw_matches_op_by_op_reference(kw):
+    got, opt = _run(pam.optim.AdamW, kw, dict(weight_decay=0.0), steps=4, specials=True)
+    want, ref = _run(RefAdamW, kw, dict(weight_decay=0.0), steps=4, specials=True)
+    _assert_same(got, want)
+    for p_state, r_state in zip(opt.state.values(), ref.state.values()):
+        for key in r_state:
+            _assert_same([p_state[key]], [r_state[key]])
+
+
+SGD_CASES = [dict(lr=0.1), dict(lr=0.1, momentum=0.9, weight_decay=1e-3),
+             dict(lr=0.05, momentum=0.9, dampening=0.3, maximize=True),
+             dict(lr=0.05, momentum=0.8, nesterov=True, offset=1.0552)]
+
+
+@pytest.mark.parametrize("kw", SGD_CASES)
+def test_sgd_matches_op_by_op_reference(kw):
+    got, opt = _run(pam.optim.SGD, kw, dict(lr=0.2), steps=4, specials=True)
+    want, ref = _run(RefSGD, kw, dict(lr=0.2), steps=4, specials=True)
+    _assert_same(got, want)
+
+
+def test_one_launch_per_group_step(monkeypatch):
+    calls = []
+    orig = pam.dispatch.launch
+    monkeypatch.setattr(pam.dispatch, "launch",
+                        lambda name, *a: (calls.append(name), orig(name, *a))[1])
+    ps = [p.requires_grad_() for p in _params(3)]
+    opt = pam.optim.AdamW(ps, lr=1e-3)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert calls == ["adamw"]
+
+
+def test_adamw_step_on_lists_and_noncontiguous():
+    """The list API updates non-contiguous tensors and leaves the gradients alone."""
+    base = torch.randn(6, 4)
+    p = base.t()                                    # non-contiguous view
+    q = torch.randn(5)
+    g = [torch.randn(4, 6), torch.randn(5)]
+    m = [torch.zeros(4, 6), torch.zeros(5)]
+    v = [torch.zeros(4, 6), torch.zeros(5)]
+    ref_p = [p.contiguous().clone().requires_grad_(), q.clone().requires_grad_()]
+    ref = RefAdamW(ref_p, lr=0.01)
+    for rp, gg in zip(ref_p, g):
+        rp.grad = gg.clone()
+    ref.step()
+    g_before = [x.clone() for x in g]
+    fused.adamw_step([p, q], g, m, v, None, [1, 1], lr=0.01, beta1=0.9, beta2=0.999,
+                     eps=1e-8, weight_decay=1e-2)
+    _assert_same([p.contiguous(), q], [x.detach() for x in ref_p])
+    _assert_same(g, g_before)
+    _assert_same(m, [ref.state[x]["exp_avg"] for x in ref_p])
+
+
+def test_list_errors_are_named():
+    p = [torch.zeros(3)]
+    with pytest.raises(ValueError, match="grads has 2 tensors"):
+        fused.adamw_step(p, [torch.zeros(3)] * 2, p, p, None, [1], lr=1e-3, beta1=0.9,
+                         beta2=0.99, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(TypeError, match=r"grads\[0\] must have dtype torch.float32"):
+        fused.sgd_step(p, [torch.zeros(3, dtype=torch.float64)], None, lr=0.1)
+    with pytest.raises(ValueError, match="amsgrad=True needs max_exp_avg_sqs"):
+        fused.adamw_step(p, p, p, p, None, [1], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+                         weight_decay=0.0, amsgrad=True)
+
+
+def test_parallel_chunks_match_serial(monkeypatch):
+    """Above FUSED_PARALLEL_MIN the kernel runs in chunks; the bits do not change."""
+    rng = np.random.default_rng(0)
+    n = cpu.FUSED_PARALLEL_MIN * 2 + 17
+    p = rng.standard_normal(n).astype(np.float32).view(np.int32)
+    g = rng.standard_normal(n).astype(np.float32).view(np.int32)
+    m = (rng.standard_normal(n) * 0.1).astype(np.float32).view(np.int32)
+    v = (rng.random(n) * 0.01).astype(np.float32).view(np.int32)
+    mx = v.copy()
+    sc = optim_bits.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 7)
+    flags = optim_bits.ADAMW_DECAY | optim_bits.ADAMW_AMSGRAD
+    big = [x.copy() for x in (p, g, m, v, mx)]
+    cpu.adamw(*big, *sc, 0, flags)
+    small = [x.copy() for x in (p, g, m, v, mx)]
+    step = cpu.FUSED_PARALLEL_MIN - 1
+    for lo in range(0, n, step):
+        cpu.adamw(*(x[lo:lo + step] for x in small), *sc, 0, flags)
+    for a, b in zip(big, small):
+        assert np.array_equal(a, b)
