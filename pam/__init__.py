@@ -15,9 +15,9 @@ if "torch" not in _sys.modules:
 
 from .ops import (BACKWARD_MODES, div, exp, exp2, linear, log, log2, matmul, mul, pow,
                   sqrt)
-from . import audit, functional, nn, optim
+from . import audit, functional, fused, nn, optim
 from .nn.convert import convert
 
 __version__ = "0.1.0"
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
-           "BACKWARD_MODES", "nn", "functional", "optim", "audit", "convert"]
+           "BACKWARD_MODES", "nn", "functional", "fused", "optim", "audit", "convert"]

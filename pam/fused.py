@@ -63,8 +63,12 @@ def _by_step(steps):
     return groups
 
 
+MOMENTS = ("paper", "unbiased")
+
+
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
-               beta2, eps, weight_decay, amsgrad=False, maximize=False, offset=None):
+               beta2, eps, weight_decay, amsgrad=False, maximize=False, offset=None,
+               moments="paper"):
     """One PAM AdamW step, in place, for lists of float32 tensors on one device.
 
     ``steps``: each parameter's step count t after this step's increment (numbers or
@@ -73,7 +77,13 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
     pa_exp2, PAD step size): the same bits as the op-by-op :class:`pam.optim.AdamW` of
     earlier versions. ``max_exp_avg_sqs`` is required with ``amsgrad`` (else ignored).
     ``offset`` applies to the products with tensor operands.
+
+    ``moments="unbiased"`` runs :func:`pam.optim_bits.adamw_update_unbiased` instead:
+    EMA coefficients 1 - beta snapped to powers of two (exact products), squares with the
+    unbiasing offset, bias corrections and step size in exact host arithmetic.
     """
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
     if not params:
         return
     device = params[0].device
@@ -96,10 +106,13 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
             fmx = _flat(mxs)
         else:
             fmx = torch.zeros(1, dtype=torch.float32, device=device)
-        scal = OB.adamw_scalars(float(lr), float(beta1), float(beta2), float(eps),
-                                float(weight_decay), step)
-        D.launch("adamw", device, _bits(fp), _bits(fg), _bits(fm), _bits(fv), _bits(fmx),
-                 *scal, off, flags)
+        hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step)
+        arrays = (_bits(fp), _bits(fg), _bits(fm), _bits(fv), _bits(fmx))
+        if moments == "paper":
+            D.launch("adamw", device, *arrays, *OB.adamw_scalars(*hyper), off, flags)
+        else:
+            D.launch("adamw_unbiased", device, *arrays, *OB.adamw_unbiased_scalars(*hyper),
+                     off, D.offset_constant(OB.UNBIASED_SQUARE_OFFSET), flags)
         _write_back(sel[0], fp)
         _write_back(sel[2], fm)
         _write_back(sel[3], fv)

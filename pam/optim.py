@@ -24,7 +24,7 @@ Only dense gradients of float32 parameters are supported.
 """
 import torch
 
-from . import fused
+from . import fused as _fused
 
 __all__ = ["AdamW", "SGD"]
 
@@ -66,13 +66,25 @@ class AdamW(_PamOptimizer):
 
     ``amsgrad`` keeps the running max of v; ``maximize`` ascends. ``offset`` applies the
     PAM offset to the tensor products (None: no offset).
+
+    ``moments``: ``"paper"`` (default) is the update above, every product a plain PAM.
+    Its updates are smaller than ``torch.optim.AdamW``'s from the same gradients (each PAM
+    in the EMAs underestimates and pa_exp2(t pa_log2 beta) overestimates beta^t; measured
+    in validation/adamw_bias.py). ``"unbiased"`` keeps the moments unbiased in expectation:
+    m += PAM(g - m, c1), v += PAM(PAM(g, g; 1.0552) - v, c2) with c_i = 1 - beta_i snapped
+    to the nearest power of two (so betas (0.9, 0.999) act as (0.875, 0.9990234375)),
+    bias corrections (1 - c)^t and the step size in exact integer/rational host
+    arithmetic, and a constant compensating the mean PA error of the final PAD/pa_sqrt/PAM
+    (see :mod:`pam.optim_bits`). Still no float multiply on tensors.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, offset=None):
+                 differentiable=False, fused=None, offset=None, moments="paper"):
         if not 0.0 <= float(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
+        if moments not in _fused.MOMENTS:
+            raise ValueError(f"moments must be one of {_fused.MOMENTS}, got {moments!r}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= betas[0] < 1.0:
@@ -87,7 +99,7 @@ class AdamW(_PamOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=True)
+                        decoupled_weight_decay=True, moments=moments)
         super().__init__(params, defaults, offset)
 
     @torch.no_grad()
@@ -115,12 +127,12 @@ class AdamW(_PamOptimizer):
                     dst.append(x)
             for ps, gs, ms, vs, mxs, steps in lists.values():
                 torch._foreach_add_(steps, 1.0)
-                fused.adamw_step(ps, gs, ms, vs, mxs if group["amsgrad"] else None, steps,
+                _fused.adamw_step(ps, gs, ms, vs, mxs if group["amsgrad"] else None, steps,
                                  lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                                  eps=float(group["eps"]),
                                  weight_decay=float(group["weight_decay"]),
                                  amsgrad=group["amsgrad"], maximize=group["maximize"],
-                                 offset=self.offset)
+                                 offset=self.offset, moments=group.get("moments", "paper"))
         return loss
 
 
@@ -172,7 +184,7 @@ class SGD(_PamOptimizer):
                 for dst, x in zip(ls, (p, p.grad, buf, first)):
                     dst.append(x)
             for ps, gs, bufs, firsts in lists.values():
-                fused.sgd_step(ps, gs, bufs, lr=float(group["lr"]), momentum=mom,
+                _fused.sgd_step(ps, gs, bufs, lr=float(group["lr"]), momentum=mom,
                                dampening=float(group["dampening"]),
                                weight_decay=float(group["weight_decay"]),
                                nesterov=group["nesterov"], maximize=group["maximize"],

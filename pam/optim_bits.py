@@ -151,3 +151,99 @@ def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step):
     decay = int(bits.mul_bits(f32_bits(lr), f32_bits(weight_decay), 0))
     return (decay, f32_bits(beta1), f32_bits(1.0 - beta1), f32_bits(beta2),
             f32_bits(1.0 - beta2), step_size, sbc2, f32_bits(eps))
+
+
+# --------------------------------------------------------------------------- unbiased AdamW
+# PAM(g, g; offset 1.0552) is unbiased for squares: its mean ratio to g^2 over log-uniform
+# mantissas is 1.0000 (0.9618 without the offset).
+UNBIASED_SQUARE_OFFSET = 1.0552
+# 1 / E[PAM(PAD(a, pa_sqrt(b)), k) / (k a / sqrt(b))] over log-uniform a, b, k (measured on
+# 2M samples: the chain is 1.91 % low on average); folded into the host step size.
+UPDATE_COMPENSATION = 1.0195
+_FIX = 64                                   # fractional bits of the host fixed-point powers
+SQRT2_MANT = 0x3504F3                       # mantissa field of float32(sqrt(2))
+
+
+@register_jitable
+def adamw_update_unbiased(ip, ig, im, iv, imx, decay, c1, c2, k_step, eps_s, off, sq_off,
+                          flags):
+    """One element of the unbiased AdamW variant; returns the new bits of (p, m, v, max_v).
+
+    m += PAM(g - m, c1) and v += PAM(PAM(g, g; sq_off) - v, c2) with c1, c2 powers of two
+    (the products are exact, so the moments are exact EMAs of g and of an unbiased square);
+    p -= PAM(PAD(m, pa_sqrt(v') + eps_s), k_step) with k_step and eps_s from
+    :func:`adamw_unbiased_scalars`. Weight decay, maximize and amsgrad as adamw_update.
+    """
+    if flags & ADAMW_MAXIMIZE:
+        ig = neg_bits(ig)
+    if flags & ADAMW_DECAY:
+        ip = sub_bits(ip, bits.mul_bits(ip, decay, off))
+    m = add_bits(im, bits.mul_bits(sub_bits(ig, im), c1, 0))
+    sq = bits.mul_bits(ig, ig, sq_off)
+    v = add_bits(iv, bits.mul_bits(sub_bits(sq, iv), c2, 0))
+    mx = np.int64(imx)
+    vv = v
+    if flags & ADAMW_AMSGRAD:
+        mx = max_bits(mx, v)
+        vv = mx
+    denom = add_bits(sqrt_bits(vv), eps_s)
+    upd = bits.mul_bits(bits.div_bits(m, denom, 0), k_step, off)
+    return sub_bits(ip, upd), m, v, mx
+
+
+def snap_power_of_two(x):
+    """The power of two nearest to float32(x) > 0 in the log domain (integer bit test)."""
+    ix = f32_bits(x)
+    if not 0 < ix < bits.INF:
+        raise ValueError(f"expected a positive finite number, got {x!r}")
+    exp_field = ix >> 23
+    if ix & bits.MANT_MASK >= SQRT2_MANT:
+        exp_field += 1
+    return exp_field << 23
+
+
+def _pow_fixed(k, t):
+    """(1 - 2^-k)^t as an integer with _FIX fractional bits (square-and-multiply, integer
+    arithmetic, truncating; relative error below t 2^-60)."""
+    one = 1 << _FIX
+    base = one - (one >> k) if k <= _FIX else one
+    result = one
+    while t:
+        if t & 1:
+            result = (result * base) >> _FIX
+        base = (base * base) >> _FIX
+        t >>= 1
+    return result
+
+
+def _to_f32_bits(frac):
+    return f32_bits(float(frac))
+
+
+def adamw_unbiased_scalars(lr, beta1, beta2, eps, weight_decay, step):
+    """Group constants of the unbiased AdamW variant, as float32 bit patterns.
+
+    c_i = 1 - beta_i snapped to the nearest power of two (the effective betas are 1 - c_i);
+    bc_i = 1 - (1 - c_i)^t in 64-bit fixed point; k_step = lr sqrt(bc2) / bc1 *
+    UPDATE_COMPENSATION and eps_s = eps sqrt(bc2), in exact rational and integer arithmetic
+    (no float multiply), rounded to float32 (via float64). Returns
+    (decay, c1, c2, k_step, eps_s); decay = PAM(lr, weight_decay) as in adamw_scalars.
+    """
+    from fractions import Fraction
+    from math import isqrt
+    t = int(step)
+    if t != step or t < 1:
+        raise ValueError(f"step must be a positive integer, got {step!r}")
+    c1, c2 = snap_power_of_two(1.0 - beta1), snap_power_of_two(1.0 - beta2)
+    k1, k2 = 127 - (c1 >> 23), 127 - (c2 >> 23)
+    one = 1 << _FIX
+    bc1 = Fraction(one - _pow_fixed(k1, t), one)
+    bc2_fix = one - _pow_fixed(k2, t)
+    sbc2 = Fraction(isqrt(bc2_fix << _FIX), one)          # sqrt(bc2), 64 fractional bits
+    if bc1 == 0 or sbc2 == 0:
+        raise ValueError("bias correction underflowed (beta too close to 1)")
+    k_step = (Fraction(float(np.float32(lr))) * sbc2 / bc1
+              * Fraction(float(np.float32(UPDATE_COMPENSATION))))
+    eps_s = Fraction(float(np.float32(eps))) * sbc2
+    decay = int(bits.mul_bits(f32_bits(lr), f32_bits(weight_decay), 0))
+    return decay, c1, c2, _to_f32_bits(k_step), _to_f32_bits(eps_s)

@@ -65,3 +65,16 @@ def test_fused_shape_errors_name_the_array():
 def test_every_cuda_kernel_has_a_cpu_twin():
     for name in K.KERNEL_FUNCTIONS:
         assert callable(getattr(K, name)) and callable(getattr(cpu, name)), name
+
+
+@pytest.mark.parametrize("flags", [OB.ADAMW_DECAY, OB.ADAMW_AMSGRAD])
+def test_adamw_unbiased_matches_cpu(flags):
+    rng = np.random.default_rng(flags + 11)
+    arrs = _arrays(rng, 300, 5)
+    sc = OB.adamw_unbiased_scalars(1e-2, 0.9, 0.999, 1e-8, 0.05, 5)
+    sq = dispatch.offset_constant(OB.UNBIASED_SQUARE_OFFSET)
+    a, b = [x.copy() for x in arrs], [x.copy() for x in arrs]
+    K.adamw_unbiased(*a, *sc, 0, sq, flags)
+    cpu.adamw_unbiased(*b, *sc, 0, sq, flags)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)

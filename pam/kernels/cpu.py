@@ -886,3 +886,34 @@ def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
         lo = c * FUSED_PARALLEL_MIN
         _sgd_range(p, g, buf, lo, min(lo + FUSED_PARALLEL_MIN, n), lr, wd, mom, omd, off,
                    flags)
+
+
+@njit(cache=True, nogil=True)
+def _adamw_unbiased_range(p, g, m, v, mx, lo, hi, decay, c1, c2, k_step, eps_s, off, sq_off,
+                          flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(lo, hi):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(p[i], g[i], m[i], v[i], imx,
+                                                            decay, c1, c2, k_step, eps_s,
+                                                            off, sq_off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+@njit(**_JIT)
+def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
+    """In place: one step of the unbiased AdamW variant (pam.optim_bits.adamw_update_unbiased)."""
+    n = p.size
+    if n < FUSED_PARALLEL_MIN:
+        _adamw_unbiased_range(p, g, m, v, mx, 0, n, decay, c1, c2, k_step, eps_s, off, sq_off,
+                              flags)
+        return
+    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
+    for c in prange(chunks):
+        lo = c * FUSED_PARALLEL_MIN
+        _adamw_unbiased_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, c1,
+                              c2, k_step, eps_s, off, sq_off, flags)

@@ -680,12 +680,41 @@ def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
                     (0, 2) if keep else (0,))
 
 
-KERNEL_FUNCTIONS.update({"adamw": _adamw_kernel, "sgd": _sgd_kernel})
-__all__ += ["adamw", "sgd"]
+def _adamw_unbiased_kernel(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(p[i], g[i], m[i], v[i], imx,
+                                                            decay, c1, c2, k_step, eps_s,
+                                                            off, sq_off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
+    """In place: one step of the unbiased AdamW variant (see the CPU kernel)."""
+    ams = (int(flags) & optim_bits.ADAMW_AMSGRAD) != 0
+    _check_array(p, "p", 1, np.int32)
+    n = p.shape[0]
+    _check_flat((("g", g), ("m", m), ("v", v)) + ((("mx", mx),) if ams else ()), n)
+    if n == 0:
+        return
+    scalars = tuple(int(x) for x in (decay, c1, c2, k_step, eps_s, off, sq_off, flags))
+    _launch_inplace("adamw_unbiased", _elementwise_grid(n), ELEMENTWISE_THREADS,
+                    (p, g, m, v, mx), scalars, (0, 2, 3, 4) if ams else (0, 2, 3))
+
+
+KERNEL_FUNCTIONS.update({"adamw": _adamw_kernel, "sgd": _sgd_kernel,
+                         "adamw_unbiased": _adamw_unbiased_kernel})
+__all__ += ["adamw", "sgd", "adamw_unbiased"]
 
 
 def PTX_SIGNATURES(nt):
     """numba signatures of the kernels added in this section that the PTX test compiles
     (the scalar-operand kernels share the elementwise signature and are listed there)."""
     i1, i64 = nt.int32[::1], nt.int64
-    return {"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6}
+    return {"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6,
+            "adamw_unbiased": (i1,) * 5 + (i64,) * 8}
