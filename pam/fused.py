@@ -5,6 +5,8 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
 
 * :func:`adamw_step`: the AdamW update of :class:`pam.optim.AdamW` for lists of tensors.
 * :func:`sgd_step`: the SGD update of :class:`pam.optim.SGD` for lists of tensors.
+* :func:`gelu_forward`, :func:`gelu_backward`: the piecewise-affine GELU of
+  :func:`pam.nn.functional.gelu` and its input gradient, one elementwise launch each.
 
 A list is processed as one flat buffer (the tensors are concatenated, updated by a single
 kernel and copied back; a list of one contiguous tensor is updated in place), so a step
@@ -16,7 +18,7 @@ import torch
 from . import dispatch as D
 from . import optim_bits as OB
 
-__all__ = ["adamw_step", "sgd_step"]
+__all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward"]
 
 
 def _check_lists(device, **lists):
@@ -160,3 +162,55 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
         _write_back(ps, fp)
         if use_mom:
             _write_back(bufs, fb)
+
+
+# --------------------------------------------------------------------------- GELU
+_GELU_TABLES = {}
+
+
+def _gelu_tables(device):
+    """int32 tensors of the knot and slope-change bit patterns on ``device`` (cached)."""
+    tables = _GELU_TABLES.get(device)
+    if tables is None:
+        from .functional import GELU_KNOTS, GELU_SLOPE_CHANGES
+        tables = tuple(torch.tensor(v, dtype=torch.float32).view(torch.int32).to(device)
+                       for v in (GELU_KNOTS, GELU_SLOPE_CHANGES))
+        _GELU_TABLES[device] = tables
+    return tables
+
+
+def gelu_forward(x):
+    """Piecewise-affine GELU of float32 tensor ``x`` (no autograd), one launch.
+
+    Bit for bit the composite sum_j PAM(relu(x - k_j), d_j) of pam.functional (see
+    :func:`pam.rows_bits.gelu_forward_bits`).
+    """
+    D.check_float32(x, "x")
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        knots, slopes = _gelu_tables(x.device)
+        D.launch("gelu_forward", x.device, D.as_bits(x).reshape(-1), knots, slopes,
+                 out.view(-1))
+    return out.view(torch.float32)
+
+
+def gelu_backward(grad, x, backward="exact"):
+    """Input gradient of :func:`gelu_forward` at ``x`` for output gradient ``grad``.
+
+    ``backward``: "exact" or "approx" (they differ only where x is NaN); bit for bit the
+    gradient autograd computes through the composite definition.
+    """
+    D.check_float32(x, "x")
+    D.check_float32(grad, "grad")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
+                         f"{tuple(x.shape)}")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        knots, slopes = _gelu_tables(x.device)
+        D.launch("gelu_backward", x.device, D.as_bits(x).reshape(-1),
+                 D.as_bits(grad).reshape(-1), knots, slopes, backward == "exact",
+                 out.view(-1))
+    return out.view(torch.float32)

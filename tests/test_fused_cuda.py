@@ -78,3 +78,22 @@ def test_adamw_unbiased_matches_cpu(flags):
     cpu.adamw_unbiased(*b, *sc, 0, sq, flags)
     for x, y in zip(a, b):
         assert np.array_equal(x, y)
+
+
+def test_gelu_kernels_match_cpu():
+    from pam.functional import GELU_KNOTS, GELU_SLOPE_CHANGES
+    knots = np.array(GELU_KNOTS, np.float32).view(np.int32)
+    slopes = np.array(GELU_SLOPE_CHANGES, np.float32).view(np.int32)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-5, 5, 200).astype(np.float32),
+                        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, *GELU_KNOTS],
+                                 np.float32)]).view(np.int32)
+    g = (rng.standard_normal(x.size) * 2).astype(np.float32).view(np.int32)
+    a, b = np.empty_like(x), np.empty_like(x)
+    K.gelu_forward(x, knots, slopes, a)
+    cpu.gelu_forward(x, knots, slopes, b)
+    assert np.array_equal(a, b)
+    for exact in (True, False):
+        K.gelu_backward(x, g, knots, slopes, exact, a)
+        cpu.gelu_backward(x, g, knots, slopes, exact, b)
+        assert np.array_equal(a, b)

@@ -18,7 +18,7 @@ bits; tests/test_kernels_cpu.py checks them against NumPy references and against
 import numpy as np
 from numba import njit, prange
 
-from .. import bits, optim_bits
+from .. import bits, optim_bits, rows_bits
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
@@ -917,3 +917,28 @@ def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, fl
         lo = c * FUSED_PARALLEL_MIN
         _adamw_unbiased_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, c1,
                               c2, k_step, eps_s, off, sq_off, flags)
+
+
+# --------------------------------------------------------------------------- fused composites
+@njit(**_JIT)
+def gelu_forward(x, knots, slopes, out):
+    """out[i] = pam.rows_bits.gelu_forward_bits(x[i]) (flat int32 arrays)."""
+    n = x.size
+    if n < FUSED_PARALLEL_MIN:
+        for i in range(n):
+            out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+    else:
+        for i in prange(n):
+            out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+
+
+@njit(**_JIT)
+def gelu_backward(x, grad, knots, slopes, exact, out):
+    """out[i] = pam.rows_bits.gelu_backward_bits(x[i], grad[i]) (flat int32 arrays)."""
+    n = x.size
+    if n < FUSED_PARALLEL_MIN:
+        for i in range(n):
+            out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)
+    else:
+        for i in prange(n):
+            out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)

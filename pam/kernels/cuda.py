@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from .. import bits, optim_bits
+from .. import bits, optim_bits, rows_bits
 
 __all__ = ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den", "exp2", "log2",
            "exp2_slope", "log2_slope", "matmul", "matmul_exact_grad_left",
@@ -712,9 +712,55 @@ KERNEL_FUNCTIONS.update({"adamw": _adamw_kernel, "sgd": _sgd_kernel,
 __all__ += ["adamw", "sgd", "adamw_unbiased"]
 
 
+# ----------------------------------------------------------------- fused composites
+def _gelu_forward_kernel(x, knots, slopes, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+
+
+def _gelu_backward_kernel(x, grad, knots, slopes, exact, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)
+
+
+def gelu_forward(x, knots, slopes, out):
+    """out = piecewise-affine GELU of x (see the CPU kernel); knots/slopes: int32 bits."""
+    for a, label in ((x, "x"), (knots, "knots"), (slopes, "slopes"), (out, "out")):
+        _check_array(a, label, 1, np.int32)
+    if x.shape != out.shape or knots.shape != slopes.shape:
+        raise ValueError(f"x and out, knots and slopes must have equal shapes, got "
+                         f"{tuple(x.shape)}, {tuple(out.shape)}, {tuple(knots.shape)}, "
+                         f"{tuple(slopes.shape)}")
+    if out.shape[0] == 0:
+        return out
+    return _launch("gelu_forward", _elementwise_grid(out.shape[0]), ELEMENTWISE_THREADS,
+                   (x, knots, slopes), (), out)
+
+
+def gelu_backward(x, grad, knots, slopes, exact, out):
+    """out = input gradient of the piecewise-affine GELU (see the CPU kernel)."""
+    for a, label in ((x, "x"), (grad, "grad"), (knots, "knots"), (slopes, "slopes"),
+                     (out, "out")):
+        _check_array(a, label, 1, np.int32)
+    if not (x.shape == grad.shape == out.shape) or knots.shape != slopes.shape:
+        raise ValueError(f"x, grad and out, knots and slopes must have equal shapes, got "
+                         f"{tuple(x.shape)}, {tuple(grad.shape)}, {tuple(out.shape)}, "
+                         f"{tuple(knots.shape)}, {tuple(slopes.shape)}")
+    if out.shape[0] == 0:
+        return out
+    return _launch("gelu_backward", _elementwise_grid(out.shape[0]), ELEMENTWISE_THREADS,
+                   (x, grad, knots, slopes), (bool(exact),), out)
+
+
+KERNEL_FUNCTIONS.update({"gelu_forward": _gelu_forward_kernel,
+                         "gelu_backward": _gelu_backward_kernel})
+__all__ += ["gelu_forward", "gelu_backward"]
+
+
 def PTX_SIGNATURES(nt):
     """numba signatures of the kernels added in this section that the PTX test compiles
     (the scalar-operand kernels share the elementwise signature and are listed there)."""
     i1, i64 = nt.int32[::1], nt.int64
     return {"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6,
-            "adamw_unbiased": (i1,) * 5 + (i64,) * 8}
+            "adamw_unbiased": (i1,) * 5 + (i64,) * 8,
+            "gelu_forward": (i1,) * 4, "gelu_backward": (i1,) * 4 + (nt.boolean, i1)}
