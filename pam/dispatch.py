@@ -35,10 +35,25 @@ def check_same_device(**tensors):
         raise ValueError(f"expected all tensors on one device, got {listing}")
 
 
+_SCALAR_CACHE = {}
+_SCALAR_CACHE_MAX = 1024
+
+
 def as_operand(x, name, like):
-    """A Python number becomes a float32 scalar tensor on ``like``'s device."""
+    """A Python number becomes a float32 scalar tensor on ``like``'s device.
+
+    The tensors made for numbers are cached per (value, device) and shared: callers must
+    not modify them in place (no PAM op does).
+    """
     if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return torch.tensor(float(x), dtype=torch.float32, device=like.device)
+        key = (float(x), like.device)
+        t = _SCALAR_CACHE.get(key)
+        if t is None:
+            if len(_SCALAR_CACHE) >= _SCALAR_CACHE_MAX:
+                _SCALAR_CACHE.clear()
+            t = torch.tensor(float(x), dtype=torch.float32, device=like.device)
+            _SCALAR_CACHE[key] = t
+        return t
     return check_float32(x, name)
 
 
@@ -60,35 +75,62 @@ def offset_constant(offset):
 
 def as_bits(x):
     """A contiguous int32 view of float32 tensor ``x`` (its bit patterns), detached."""
-    return x.detach().contiguous().view(torch.int32)
+    x = x.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.view(torch.int32)
 
 
-def _backend(device):
-    if device.type == "cpu":
-        from .kernels import cpu
-        return cpu
-    from .kernels import cuda
-    return cuda
+_BACKENDS = {}
+
+
+def _backend(device_type):
+    """The kernel module for a device type ("cpu" or "cuda"), imported once."""
+    backend = _BACKENDS.get(device_type)
+    if backend is None:
+        if device_type == "cpu":
+            from .kernels import cpu as backend
+        else:
+            from .kernels import cuda as backend
+        _BACKENDS[device_type] = backend
+    return backend
 
 
 def launch(name, device, *args):
     """Run kernel ``name`` on ``device``; tensor arguments are passed zero-copy."""
-    backend = _backend(device)
-    kernel = getattr(backend, name)
+    kernel = getattr(_backend(device.type), name)
     if device.type == "cpu":
-        args = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
+        args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
     return kernel(*args)
 
 
 def binary_map(name, a, b, off):
-    """Elementwise kernel ``name`` over broadcast a, b (float32 tensors) -> float32 tensor."""
-    shape = torch.broadcast_shapes(a.shape, b.shape)
+    """Elementwise kernel ``name`` over broadcast a, b (float32 tensors) -> float32 tensor.
+
+    Equal shapes launch directly; a one-element operand with no more dimensions than the
+    other is passed as a scalar (kernel ``<name>_bs`` / ``<name>_as``) without expanding
+    it; only other broadcasts materialize expanded copies.
+    """
+    sa, sb = a.shape, b.shape
+    if sa == sb:
+        shape, kind = sa, ""
+    elif b.numel() == 1 and b.dim() <= a.dim():
+        shape, kind = sa, "_bs"
+    elif a.numel() == 1 and a.dim() <= b.dim():
+        shape, kind = sb, "_as"
+    else:
+        shape, kind = torch.broadcast_shapes(sa, sb), None
     out = torch.empty(shape, dtype=torch.int32, device=a.device)
     if out.numel() == 0:
         return out.view(torch.float32)
-    ab = as_bits(a.expand(shape)).reshape(-1)
-    bb = as_bits(b.expand(shape)).reshape(-1)
-    launch(name, a.device, ab, bb, off, out.view(-1))
+    if kind is None:
+        ab = as_bits(a.expand(shape)).reshape(-1)
+        bb = as_bits(b.expand(shape)).reshape(-1)
+        kind = ""
+    else:
+        ab = as_bits(a).reshape(-1)
+        bb = as_bits(b).reshape(-1)
+    launch(name + kind, a.device, ab, bb, off, out.view(-1))
     return out.view(torch.float32)
 
 

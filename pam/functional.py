@@ -48,6 +48,7 @@ import math
 
 import torch
 
+from . import fused
 from . import ops as P
 
 __all__ = ["linear", "matmul", "bmm", "softmax", "log_softmax", "cross_entropy",
@@ -367,11 +368,25 @@ def gelu(input, approximate="none", backward="exact"):
     _check_tensor(input, "input")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    y = None
-    for k, d in zip(GELU_KNOTS, GELU_SLOPE_CHANGES):
-        h = P.mul(torch.relu(input - k), d, backward=backward)
-        y = h if y is None else y + h
-    return y
+    if backward not in P.BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
+    return _Gelu.apply(input, backward)
+
+
+class _Gelu(torch.autograd.Function):
+    """The GELU composite fused into one kernel per pass (pam.fused.gelu_forward /
+    gelu_backward give the composite's bits)."""
+
+    @staticmethod
+    def forward(ctx, x, backward):
+        ctx.save_for_backward(x)
+        ctx.mode = backward
+        return fused.gelu_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return fused.gelu_backward(grad.contiguous(), x, ctx.mode), None
 
 
 # ----------------------------------------------------------------------------- dropout

@@ -129,7 +129,10 @@ class _Div(torch.autograd.Function):
 def _binary_args(a, b):
     a = D.check_float32(a, "a")
     b = D.as_operand(b, "b", a)
-    D.check_same_device(a=a, b=b)
+    if a.device != b.device:
+        D.check_same_device(a=a, b=b)
+    if a.shape == b.shape or b.dim() == 0:
+        return a, b
     try:
         torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:

@@ -5,12 +5,16 @@ keys and state layout (``'step'`` as a float32 scalar tensor, ``'exp_avg'``,
 ``'exp_avg_sq'``, ``'max_exp_avg_sq'``, ``'momentum_buffer'``), so ``state_dict()`` /
 ``load_state_dict()`` interoperate with ``torch.optim.AdamW`` / ``torch.optim.SGD``.
 
-Every tensor operation is PAM (:func:`pam.mul`), PAD (:func:`pam.div`), pa_sqrt, an
-addition/subtraction or a max; every scalar is computed on float32 scalar tensors with
-the same ops: the bias corrections beta^t = pa_exp2(PAM(pa_log2(beta), t)), the step size
-PAD(lr, 1 - beta1^t), the decay factor PAM(lr, weight_decay). The only Python float
-operations left are subtractions ``1 - beta``, ``1 - dampening``, ``1 - lr*wd``. No ATen
-multiply-family operator runs (checked with :func:`pam.audit.no_float_multiply`).
+Every tensor operation is PAM, PAD (see :func:`pam.mul`, :func:`pam.div`), pa_sqrt, an
+addition/subtraction or a max; the scalars shared by a group use the same ops: the bias
+corrections beta^t = pa_exp2(PAM(pa_log2(beta), t)), the step size PAD(lr, 1 - beta1^t),
+the decay factor PAM(lr, weight_decay). The only Python float operations left are
+subtractions ``1 - beta``, ``1 - dampening``. No ATen multiply-family operator runs
+(checked with :func:`pam.audit.no_float_multiply`). A step is fused: each parameter group
+(per device and step count) is updated by one kernel (:func:`pam.fused.adamw_step`,
+:func:`pam.fused.sgd_step`) whose per-element arithmetic is :mod:`pam.optim_bits`, bit for
+bit the chain of PAM ops listed above (tests/test_fused.py compares them with the op-by-op
+reference).
 
 Because PAM is approximate, these are not bit-identical to torch's optimizers: PAM
 products are 0 to 11 % smaller in magnitude (mean -3.85 % without offset), PAD quotients
@@ -20,13 +24,9 @@ Only dense gradients of float32 parameters are supported.
 """
 import torch
 
-from . import ops as P
+from . import fused as _fused
 
 __all__ = ["AdamW", "SGD"]
-
-
-def _f32(value, like):
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
 
 
 def _check_grad(p):
@@ -66,13 +66,25 @@ class AdamW(_PamOptimizer):
 
     ``amsgrad`` keeps the running max of v; ``maximize`` ascends. ``offset`` applies the
     PAM offset to the tensor products (None: no offset).
+
+    ``moments``: ``"paper"`` (default) is the update above, every product a plain PAM.
+    Its updates are smaller than ``torch.optim.AdamW``'s from the same gradients (each PAM
+    in the EMAs underestimates and pa_exp2(t pa_log2 beta) overestimates beta^t; measured
+    in validation/adamw_bias.py). ``"unbiased"`` keeps the moments unbiased in expectation:
+    m += PAM(g - m, c1), v += PAM(PAM(g, g; 1.0552) - v, c2) with c_i = 1 - beta_i snapped
+    to the nearest power of two (so betas (0.9, 0.999) act as (0.875, 0.9990234375)),
+    bias corrections (1 - c)^t and the step size in exact integer/rational host
+    arithmetic, and a constant compensating the mean PA error of the final PAD/pa_sqrt/PAM
+    (see :mod:`pam.optim_bits`). Still no float multiply on tensors.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, offset=None):
+                 differentiable=False, fused=None, offset=None, moments="paper"):
         if not 0.0 <= float(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
+        if moments not in _fused.MOMENTS:
+            raise ValueError(f"moments must be one of {_fused.MOMENTS}, got {moments!r}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= betas[0] < 1.0:
@@ -87,24 +99,19 @@ class AdamW(_PamOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=True)
+                        decoupled_weight_decay=True, moments=moments)
         super().__init__(params, defaults, offset)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate(closure)
-        off = self.offset
         for group in self.param_groups:
-            lr = float(group["lr"])
             beta1, beta2 = (float(b) for b in group["betas"])
-            eps, wd = float(group["eps"]), float(group["weight_decay"])
+            lists = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 _check_grad(p)
-                g = p.grad
-                if group["maximize"]:
-                    g = -g
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -114,29 +121,18 @@ class AdamW(_PamOptimizer):
                     if group["amsgrad"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(
                             p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step_t = state["step"].to(device=p.device, dtype=torch.float32)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                # decoupled weight decay: p <- p - PAM(p, PAM(lr, wd))
-                if wd != 0.0:
-                    decay = P.mul(_f32(lr, p), wd)
-                    p.sub_(P.mul(p, decay, offset=off))
-                # moments
-                m.copy_(P.mul(m, beta1, offset=off) + P.mul(g, 1.0 - beta1, offset=off))
-                v.copy_(P.mul(v, beta2, offset=off)
-                        + P.mul(P.mul(g, g, offset=off), 1.0 - beta2, offset=off))
-                # bias corrections on scalars: beta^t = pa_exp2(PAM(pa_log2(beta), t))
-                bc1 = _f32(1.0, p) - P.pow(_f32(beta1, p), step_t)
-                bc2 = _f32(1.0, p) - P.pow(_f32(beta2, p), step_t)
-                step_size = P.div(_f32(lr, p), bc1)
-                if group["amsgrad"]:
-                    mx = state["max_exp_avg_sq"]
-                    torch.maximum(mx, v, out=mx)
-                    vv = mx
-                else:
-                    vv = v
-                denom = P.div(P.sqrt(vv), P.sqrt(bc2)) + eps
-                p.sub_(P.mul(P.div(m, denom), step_size, offset=off))
+                ls = lists.setdefault(p.device, ([], [], [], [], [], []))
+                for dst, x in zip(ls, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                       state.get("max_exp_avg_sq"), state["step"])):
+                    dst.append(x)
+            for ps, gs, ms, vs, mxs, steps in lists.values():
+                torch._foreach_add_(steps, 1.0)
+                _fused.adamw_step(ps, gs, ms, vs, mxs if group["amsgrad"] else None, steps,
+                                 lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                                 eps=float(group["eps"]),
+                                 weight_decay=float(group["weight_decay"]),
+                                 amsgrad=group["amsgrad"], maximize=group["maximize"],
+                                 offset=self.offset, moments=group.get("moments", "paper"))
         return loss
 
 
@@ -169,32 +165,28 @@ class SGD(_PamOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate(closure)
-        off = self.offset
         for group in self.param_groups:
-            lr, mom = float(group["lr"]), float(group["momentum"])
-            damp, wd = float(group["dampening"]), float(group["weight_decay"])
+            mom = float(group["momentum"])
+            lists = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 _check_grad(p)
-                g = p.grad
-                if group["maximize"]:
-                    g = -g
-                if wd != 0.0:
-                    g = g + P.mul(p, wd, offset=off)
+                buf, first = None, False
                 if mom != 0.0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = torch.clone(g).detach()
+                        buf = torch.empty_like(p, memory_format=torch.contiguous_format)
                         state["momentum_buffer"] = buf
-                    else:
-                        upd = P.mul(buf, mom, offset=off)
-                        if damp != 0.0:
-                            upd = upd + P.mul(g, 1.0 - damp, offset=off)
-                        else:
-                            upd = upd + g
-                        buf.copy_(upd)
-                    g = g + P.mul(buf, mom, offset=off) if group["nesterov"] else buf
-                p.sub_(P.mul(g, lr, offset=off))
+                        first = True
+                ls = lists.setdefault(p.device, ([], [], [], []))
+                for dst, x in zip(ls, (p, p.grad, buf, first)):
+                    dst.append(x)
+            for ps, gs, bufs, firsts in lists.values():
+                _fused.sgd_step(ps, gs, bufs, lr=float(group["lr"]), momentum=mom,
+                               dampening=float(group["dampening"]),
+                               weight_decay=float(group["weight_decay"]),
+                               nesterov=group["nesterov"], maximize=group["maximize"],
+                               first_step=firsts, offset=self.offset)
         return loss

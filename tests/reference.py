@@ -37,7 +37,7 @@ def pam_slope(a, b):
     ia, ib = bits(a), bits(b)
     carry = ((ia & 0x7FFFFF) + (ib & 0x7FFFFF)) >= (1 << 23)
     exp_b = ((ib >> 23) & 0xFF) - 127
-    return np.where(ib < 0, -1.0, 1.0) * np.exp2(exp_b + carry)
+    return np.where(ib < 0, -1.0, 1.0) * np.ldexp(1.0, exp_b + carry)
 
 
 def matmul(a, b, offset=None):

@@ -70,7 +70,7 @@ def random_floats(rng, size):
     """Half random bit patterns (every class: NaN, inf, subnormal, huge, tiny), half normals."""
     raw = rng.integers(-2 ** 31, 2 ** 31, size=size // 2, dtype=np.int64).astype(np.int32)
     normal = (rng.standard_normal(size - size // 2)
-              * np.exp2(rng.integers(-20, 20, size - size // 2))).astype(np.float32)
+              * np.ldexp(1.0, rng.integers(-20, 20, size - size // 2))).astype(np.float32)
     return np.concatenate([raw.view(np.float32), normal])
 
 
@@ -125,6 +125,22 @@ def test_unary_special_and_random(name, few_blocks):
                         rng.uniform(-210, 130, 500).astype(np.float32),
                         np.arange(-160, 130, 0.75, dtype=np.float32)])
     assert_same_bits(run_unary(K, name, bits(x)), run_unary(cpu, name, bits(x)))
+
+
+@pytest.mark.parametrize("name", BINARY)
+def test_scalar_operand_kernels_match_cpu(name, few_blocks):
+    rng = np.random.default_rng(sum(map(ord, name)) + 1)
+    x = bits(random_floats(rng, 64))
+    for sval in bits(SPECIAL[::9]):
+        s = np.array([sval], np.int32)
+        for off in OFFSETS[:2]:
+            for sfx in ("_bs", "_as"):
+                args = (x, s) if sfx == "_bs" else (s, x)
+                got = np.full(x.shape, 0x12345678, np.int32)
+                want = np.full(x.shape, 0x12345678, np.int32)
+                getattr(K, name + sfx)(*args, off, got)
+                getattr(cpu, name + sfx)(*args, off, want)
+                assert_same_bits(got, want)
 
 
 def test_elementwise_one_block_per_element():
@@ -365,6 +381,10 @@ PTX_SCRIPT = textwrap.dedent(r"""
     sigs = {n: (i1, i1, off, i1) for n in
             ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den"]}
     sigs.update({n: (i1, i1) for n in ["exp2", "log2", "exp2_slope", "log2_slope"]})
+    sigs.update({n + sfx: (i1, i1, off, i1) for n in
+                 ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den"]
+                 for sfx in ("_bs", "_as")})
+    sigs.update(getattr(K, "PTX_SIGNATURES", lambda nt: {})(nt))
     sigs["matmul"] = (i3, i3, off, f3)
     sigs["matmul_exact_grad_left"] = sigs["matmul_exact_grad_right"] = (i3, i3, i3, off, f3)
     report = {}

@@ -18,7 +18,7 @@ bits; tests/test_kernels_cpu.py checks them against NumPy references and against
 import numpy as np
 from numba import njit, prange
 
-from .. import bits
+from .. import bits, optim_bits, rows_bits
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
@@ -41,58 +41,211 @@ TWO31 = 2147483648           # 2^31: adding it modulo 2^32 flips the sign bit
 
 
 # --------------------------------------------------------------------------- elementwise
+# Each elementwise kernel runs serially below PARALLEL_MIN elements: waking the thread pool
+# costs more than the work there (tens of microseconds on a busy machine). ``<op>_bs``
+# takes its second operand as a 1-element array (a scalar broadcast without a copy),
+# ``<op>_as`` its first.
+PARALLEL_MIN = 1 << 20
+
+
 @njit(**_JIT)
 def mul(a, b, off, out):
-    for i in prange(a.size):
-        out[i] = bits.mul_bits(a[i], b[i], off)
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.mul_bits(a[i], b[i], off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.mul_bits(a[i], b[i], off)
+
+
+@njit(**_JIT)
+def mul_bs(a, s, off, out):
+    sb = s[0]
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.mul_bits(a[i], sb, off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.mul_bits(a[i], sb, off)
+
+
+@njit(**_JIT)
+def mul_as(s, b, off, out):
+    sa = s[0]
+    if b.size < PARALLEL_MIN:
+        for i in range(b.size):
+            out[i] = bits.mul_bits(sa, b[i], off)
+    else:
+        for i in prange(b.size):
+            out[i] = bits.mul_bits(sa, b[i], off)
 
 
 @njit(**_JIT)
 def div(a, b, off, out):
-    for i in prange(a.size):
-        out[i] = bits.div_bits(a[i], b[i], off)
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.div_bits(a[i], b[i], off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.div_bits(a[i], b[i], off)
+
+
+@njit(**_JIT)
+def div_bs(a, s, off, out):
+    sb = s[0]
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.div_bits(a[i], sb, off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.div_bits(a[i], sb, off)
+
+
+@njit(**_JIT)
+def div_as(s, b, off, out):
+    sa = s[0]
+    if b.size < PARALLEL_MIN:
+        for i in range(b.size):
+            out[i] = bits.div_bits(sa, b[i], off)
+    else:
+        for i in prange(b.size):
+            out[i] = bits.div_bits(sa, b[i], off)
 
 
 @njit(**_JIT)
 def mul_slope(a, b, off, out):
-    for i in prange(a.size):
-        out[i] = bits.mul_slope_bits(a[i], b[i], off)
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.mul_slope_bits(a[i], b[i], off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.mul_slope_bits(a[i], b[i], off)
+
+
+@njit(**_JIT)
+def mul_slope_bs(a, s, off, out):
+    sb = s[0]
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.mul_slope_bits(a[i], sb, off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.mul_slope_bits(a[i], sb, off)
+
+
+@njit(**_JIT)
+def mul_slope_as(s, b, off, out):
+    sa = s[0]
+    if b.size < PARALLEL_MIN:
+        for i in range(b.size):
+            out[i] = bits.mul_slope_bits(sa, b[i], off)
+    else:
+        for i in prange(b.size):
+            out[i] = bits.mul_slope_bits(sa, b[i], off)
 
 
 @njit(**_JIT)
 def div_slope_num(a, b, off, out):
-    for i in prange(a.size):
-        out[i] = bits.div_slope_num_bits(a[i], b[i], off)
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.div_slope_num_bits(a[i], b[i], off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.div_slope_num_bits(a[i], b[i], off)
+
+
+@njit(**_JIT)
+def div_slope_num_bs(a, s, off, out):
+    sb = s[0]
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.div_slope_num_bits(a[i], sb, off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.div_slope_num_bits(a[i], sb, off)
+
+
+@njit(**_JIT)
+def div_slope_num_as(s, b, off, out):
+    sa = s[0]
+    if b.size < PARALLEL_MIN:
+        for i in range(b.size):
+            out[i] = bits.div_slope_num_bits(sa, b[i], off)
+    else:
+        for i in prange(b.size):
+            out[i] = bits.div_slope_num_bits(sa, b[i], off)
 
 
 @njit(**_JIT)
 def div_slope_den(a, b, off, out):
-    for i in prange(a.size):
-        out[i] = bits.div_slope_den_bits(a[i], b[i], off)
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.div_slope_den_bits(a[i], b[i], off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.div_slope_den_bits(a[i], b[i], off)
+
+
+@njit(**_JIT)
+def div_slope_den_bs(a, s, off, out):
+    sb = s[0]
+    if a.size < PARALLEL_MIN:
+        for i in range(a.size):
+            out[i] = bits.div_slope_den_bits(a[i], sb, off)
+    else:
+        for i in prange(a.size):
+            out[i] = bits.div_slope_den_bits(a[i], sb, off)
+
+
+@njit(**_JIT)
+def div_slope_den_as(s, b, off, out):
+    sa = s[0]
+    if b.size < PARALLEL_MIN:
+        for i in range(b.size):
+            out[i] = bits.div_slope_den_bits(sa, b[i], off)
+    else:
+        for i in prange(b.size):
+            out[i] = bits.div_slope_den_bits(sa, b[i], off)
 
 
 @njit(**_JIT)
 def exp2(y, out):
-    for i in prange(y.size):
-        out[i] = bits.exp2_bits(y[i])
+    if y.size < PARALLEL_MIN:
+        for i in range(y.size):
+            out[i] = bits.exp2_bits(y[i])
+    else:
+        for i in prange(y.size):
+            out[i] = bits.exp2_bits(y[i])
 
 
 @njit(**_JIT)
 def log2(x, out):
-    for i in prange(x.size):
-        out[i] = bits.log2_bits(x[i])
+    if x.size < PARALLEL_MIN:
+        for i in range(x.size):
+            out[i] = bits.log2_bits(x[i])
+    else:
+        for i in prange(x.size):
+            out[i] = bits.log2_bits(x[i])
 
 
 @njit(**_JIT)
 def exp2_slope(y, out):
-    for i in prange(y.size):
-        out[i] = bits.exp2_slope_bits(y[i])
+    if y.size < PARALLEL_MIN:
+        for i in range(y.size):
+            out[i] = bits.exp2_slope_bits(y[i])
+    else:
+        for i in prange(y.size):
+            out[i] = bits.exp2_slope_bits(y[i])
 
 
 @njit(**_JIT)
 def log2_slope(x, out):
-    for i in prange(x.size):
-        out[i] = bits.log2_slope_bits(x[i])
+    if x.size < PARALLEL_MIN:
+        for i in range(x.size):
+            out[i] = bits.log2_slope_bits(x[i])
+    else:
+        for i in prange(x.size):
+            out[i] = bits.log2_slope_bits(x[i])
 
 
 # --------------------------------------------------------------------------- matmul
@@ -661,3 +814,131 @@ def _grad_right_general(at, b, grad, off, out):
                 slope = bits.mul_slope_bits(brow[j], ai, off)
                 acc[j] += bits.bits_to_f32(bits.mul_bits(grow[j], slope, 0))
         out[p, t, :] = acc
+
+
+# =========================================================================== fused
+# Fused kernels: one launch per call over flat arrays, the scalar definitions in
+# pam.optim_bits (optimizers). Heavier per element than the elementwise kernels above, so
+# they go parallel from FUSED_PARALLEL_MIN elements.
+FUSED_PARALLEL_MIN = 1 << 16
+
+
+@njit(cache=True, nogil=True)
+def _adamw_range(p, g, m, v, mx, lo, hi, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
+                 off, flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(lo, hi):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], imx, decay, b1,
+                                                   omb1, b2, omb2, step_size, sbc2, eps,
+                                                   off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+@njit(**_JIT)
+def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
+    """In place over flat int32 arrays: p, m, v (and mx with amsgrad) <- one AdamW step.
+
+    Every element follows pam.optim_bits.adamw_update; the scalars are float32 bit
+    patterns from pam.optim_bits.adamw_scalars. ``mx`` may be any 1-element array when
+    amsgrad is off.
+    """
+    n = p.size
+    if n < FUSED_PARALLEL_MIN:
+        _adamw_range(p, g, m, v, mx, 0, n, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
+                     off, flags)
+        return
+    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
+    for c in prange(chunks):
+        lo = c * FUSED_PARALLEL_MIN
+        _adamw_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, b1, omb1,
+                     b2, omb2, step_size, sbc2, eps, off, flags)
+
+
+@njit(cache=True, nogil=True)
+def _sgd_range(p, g, buf, lo, hi, lr, wd, mom, omd, off, flags):
+    keep = (flags & optim_bits.SGD_MOMENTUM) != 0
+    for i in range(lo, hi):
+        ib = buf[i] if keep else 0
+        np_, nb = optim_bits.sgd_update(p[i], g[i], ib, lr, wd, mom, omd, off, flags)
+        p[i] = np_
+        if keep:
+            buf[i] = nb
+
+
+@njit(**_JIT)
+def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
+    """In place over flat int32 arrays: p (and buf with momentum) <- one SGD step.
+
+    Every element follows pam.optim_bits.sgd_update. ``buf`` may be any 1-element array
+    without momentum.
+    """
+    n = p.size
+    if n < FUSED_PARALLEL_MIN:
+        _sgd_range(p, g, buf, 0, n, lr, wd, mom, omd, off, flags)
+        return
+    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
+    for c in prange(chunks):
+        lo = c * FUSED_PARALLEL_MIN
+        _sgd_range(p, g, buf, lo, min(lo + FUSED_PARALLEL_MIN, n), lr, wd, mom, omd, off,
+                   flags)
+
+
+@njit(cache=True, nogil=True)
+def _adamw_unbiased_range(p, g, m, v, mx, lo, hi, decay, c1, c2, k_step, eps_s, off, sq_off,
+                          flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(lo, hi):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(p[i], g[i], m[i], v[i], imx,
+                                                            decay, c1, c2, k_step, eps_s,
+                                                            off, sq_off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+@njit(**_JIT)
+def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
+    """In place: one step of the unbiased AdamW variant (pam.optim_bits.adamw_update_unbiased)."""
+    n = p.size
+    if n < FUSED_PARALLEL_MIN:
+        _adamw_unbiased_range(p, g, m, v, mx, 0, n, decay, c1, c2, k_step, eps_s, off, sq_off,
+                              flags)
+        return
+    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
+    for c in prange(chunks):
+        lo = c * FUSED_PARALLEL_MIN
+        _adamw_unbiased_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, c1,
+                              c2, k_step, eps_s, off, sq_off, flags)
+
+
+# --------------------------------------------------------------------------- fused composites
+@njit(**_JIT)
+def gelu_forward(x, knots, slopes, out):
+    """out[i] = pam.rows_bits.gelu_forward_bits(x[i]) (flat int32 arrays)."""
+    n = x.size
+    if n < FUSED_PARALLEL_MIN:
+        for i in range(n):
+            out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+    else:
+        for i in prange(n):
+            out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+
+
+@njit(**_JIT)
+def gelu_backward(x, grad, knots, slopes, exact, out):
+    """out[i] = pam.rows_bits.gelu_backward_bits(x[i], grad[i]) (flat int32 arrays)."""
+    n = x.size
+    if n < FUSED_PARALLEL_MIN:
+        for i in range(n):
+            out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)
+    else:
+        for i in prange(n):
+            out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)

@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from .. import bits
+from .. import bits, optim_bits, rows_bits
 
 __all__ = ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den", "exp2", "log2",
            "exp2_slope", "log2_slope", "matmul", "matmul_exact_grad_left",
@@ -440,3 +440,327 @@ def matmul_exact_grad_right(at, b, grad, off, out):
                            "grad (P, n, m), out (P, k, m)",
                            at=at.shape, b=b.shape, grad=grad.shape, out=out.shape)
     return _tiled("matmul_exact_grad_right", at, b, (grad,), off, out, ("at", "b", "grad"))
+
+
+# ===========================================================================
+# Added kernels (scalar operands, fused optimizer and row kernels). Same conventions as
+# above; the matmul kernels are not touched here.
+# ===========================================================================
+
+# ----------------------------------------------------------------- scalar operand
+# ``<op>_bs(a, s, off, out)``: out[i] = op(a[i], s[0]); ``<op>_as(s, b, off, out)``:
+# out[i] = op(s[0], b[i]). The scalar stays a 1-element device array (no host sync).
+def _mul_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.mul_bits(a[i], sb, off)
+
+
+def _mul_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.mul_bits(sa, b[i], off)
+
+
+def _div_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.div_bits(a[i], sb, off)
+
+
+def _div_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.div_bits(sa, b[i], off)
+
+
+def _mul_slope_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.mul_slope_bits(a[i], sb, off)
+
+
+def _mul_slope_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.mul_slope_bits(sa, b[i], off)
+
+
+def _div_slope_num_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_num_bits(a[i], sb, off)
+
+
+def _div_slope_num_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_num_bits(sa, b[i], off)
+
+
+def _div_slope_den_bs_kernel(a, s, off, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_den_bits(a[i], sb, off)
+
+
+def _div_slope_den_as_kernel(s, b, off, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.div_slope_den_bits(sa, b[i], off)
+
+
+def _scalar_operand(name, x, s, off, out, scalar_first):
+    _check_array(x, "b" if scalar_first else "a", 1, np.int32)
+    _check_array(s, "s", 1, np.int32)
+    _check_array(out, "out", 1, np.int32)
+    if s.shape[0] != 1:
+        raise ValueError(f"s must hold exactly one element, got shape {tuple(s.shape)}")
+    if x.shape != out.shape:
+        raise ValueError(f"the array operand and out must have one shape, got "
+                         f"{tuple(x.shape)} and {tuple(out.shape)}")
+    if out.shape[0] == 0:
+        return out
+    arrays = (s, x) if scalar_first else (x, s)
+    return _launch(name, _elementwise_grid(out.shape[0]), ELEMENTWISE_THREADS, arrays,
+                   (int(off),), out)
+
+
+def mul_bs(a, s, off, out):
+    """out[i] = mul(a[i], s[0]) (see :func:`mul`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_bs", a, s, off, out, False)
+
+
+def mul_as(s, b, off, out):
+    """out[i] = mul(s[0], b[i]) (see :func:`mul`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_as", b, s, off, out, True)
+
+
+def div_bs(a, s, off, out):
+    """out[i] = div(a[i], s[0]) (see :func:`div`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_bs", a, s, off, out, False)
+
+
+def div_as(s, b, off, out):
+    """out[i] = div(s[0], b[i]) (see :func:`div`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_as", b, s, off, out, True)
+
+
+def mul_slope_bs(a, s, off, out):
+    """out[i] = mul_slope(a[i], s[0]) (see :func:`mul_slope`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_slope_bs", a, s, off, out, False)
+
+
+def mul_slope_as(s, b, off, out):
+    """out[i] = mul_slope(s[0], b[i]) (see :func:`mul_slope`); ``s`` is a 1-element array."""
+    return _scalar_operand("mul_slope_as", b, s, off, out, True)
+
+
+def div_slope_num_bs(a, s, off, out):
+    """out[i] = div_slope_num(a[i], s[0]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_num_bs", a, s, off, out, False)
+
+
+def div_slope_num_as(s, b, off, out):
+    """out[i] = div_slope_num(s[0], b[i]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_num_as", b, s, off, out, True)
+
+
+def div_slope_den_bs(a, s, off, out):
+    """out[i] = div_slope_den(a[i], s[0]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_den_bs", a, s, off, out, False)
+
+
+def div_slope_den_as(s, b, off, out):
+    """out[i] = div_slope_den(s[0], b[i]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    return _scalar_operand("div_slope_den_as", b, s, off, out, True)
+
+
+KERNEL_FUNCTIONS.update({
+    "mul_bs": _mul_bs_kernel,
+    "mul_as": _mul_as_kernel,
+    "div_bs": _div_bs_kernel,
+    "div_as": _div_as_kernel,
+    "mul_slope_bs": _mul_slope_bs_kernel,
+    "mul_slope_as": _mul_slope_as_kernel,
+    "div_slope_num_bs": _div_slope_num_bs_kernel,
+    "div_slope_num_as": _div_slope_num_as_kernel,
+    "div_slope_den_bs": _div_slope_den_bs_kernel,
+    "div_slope_den_as": _div_slope_den_as_kernel,
+})
+__all__ += [
+    "mul_bs", "mul_as", "div_bs", "div_as", "mul_slope_bs", "mul_slope_as",
+    "div_slope_num_bs", "div_slope_num_as", "div_slope_den_bs", "div_slope_den_as"]
+
+
+# ----------------------------------------------------------------- fused optimizers
+# In place over flat int32 arrays, one thread per element (grid stride); the per-element
+# arithmetic is pam.optim_bits, as in the CPU kernels of the same names.
+def _adamw_kernel(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
+                  flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], imx, decay, b1,
+                                                   omb1, b2, omb2, step_size, sbc2, eps,
+                                                   off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+def _sgd_kernel(p, g, buf, lr, wd, mom, omd, off, flags):
+    keep = (flags & optim_bits.SGD_MOMENTUM) != 0
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        ib = buf[i] if keep else 0
+        np_, nb = optim_bits.sgd_update(p[i], g[i], ib, lr, wd, mom, omd, off, flags)
+        p[i] = np_
+        if keep:
+            buf[i] = nb
+
+
+def _launch_inplace(name, griddim, blockdim, arrays, scalars, updated):
+    """Launch ``name(*arrays, *scalars)``; NumPy arrays at indices ``updated`` get the
+    device results copied back (torch CUDA tensors are updated in place, zero-copy)."""
+    kernel = _compiled(name)
+    tensors = [_is_torch_tensor(x) for x in arrays]
+    if all(tensors):
+        import torch
+        device = arrays[0].device
+        for x in arrays:
+            if x.device != device:
+                raise ValueError(f"all tensors must be on one device, got {x.device} and "
+                                 f"{device}")
+        with cuda.gpus[device.index if device.index is not None else 0]:
+            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+            dev = [cuda.as_cuda_array(x.detach()) for x in arrays]
+            kernel[griddim, blockdim, stream](*dev, *scalars)
+        return
+    if any(tensors):
+        raise TypeError("pass either only torch CUDA tensors or only NumPy arrays")
+    dev = [cuda.to_device(x) for x in arrays]
+    kernel[griddim, blockdim](*dev, *scalars)
+    for i in updated:
+        dev[i].copy_to_host(arrays[i])
+
+
+def _check_flat(named, n):
+    for label, x in named:
+        _check_array(x, label, 1, np.int32)
+        if x.shape[0] != n:
+            raise ValueError(f"{label} must have {n} elements, got {x.shape[0]}")
+
+
+def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
+    """In place: p, m, v (and mx with amsgrad) <- one AdamW step (see the CPU kernel)."""
+    ams = (int(flags) & optim_bits.ADAMW_AMSGRAD) != 0
+    _check_array(p, "p", 1, np.int32)
+    n = p.shape[0]
+    _check_flat((("g", g), ("m", m), ("v", v)) + ((("mx", mx),) if ams else ()), n)
+    if n == 0:
+        return
+    scalars = tuple(int(x) for x in (decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
+                                     flags))
+    _launch_inplace("adamw", _elementwise_grid(n), ELEMENTWISE_THREADS, (p, g, m, v, mx),
+                    scalars, (0, 2, 3, 4) if ams else (0, 2, 3))
+
+
+def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
+    """In place: p (and buf with momentum) <- one SGD step (see the CPU kernel)."""
+    keep = (int(flags) & optim_bits.SGD_MOMENTUM) != 0
+    _check_array(p, "p", 1, np.int32)
+    n = p.shape[0]
+    _check_flat((("g", g),) + ((("buf", buf),) if keep else ()), n)
+    if n == 0:
+        return
+    scalars = tuple(int(x) for x in (lr, wd, mom, omd, off, flags))
+    _launch_inplace("sgd", _elementwise_grid(n), ELEMENTWISE_THREADS, (p, g, buf), scalars,
+                    (0, 2) if keep else (0,))
+
+
+def _adamw_unbiased_kernel(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
+    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        imx = mx[i] if ams else 0
+        np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(p[i], g[i], m[i], v[i], imx,
+                                                            decay, c1, c2, k_step, eps_s,
+                                                            off, sq_off, flags)
+        p[i] = np_
+        m[i] = nm
+        v[i] = nv
+        if ams:
+            mx[i] = nmx
+
+
+def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
+    """In place: one step of the unbiased AdamW variant (see the CPU kernel)."""
+    ams = (int(flags) & optim_bits.ADAMW_AMSGRAD) != 0
+    _check_array(p, "p", 1, np.int32)
+    n = p.shape[0]
+    _check_flat((("g", g), ("m", m), ("v", v)) + ((("mx", mx),) if ams else ()), n)
+    if n == 0:
+        return
+    scalars = tuple(int(x) for x in (decay, c1, c2, k_step, eps_s, off, sq_off, flags))
+    _launch_inplace("adamw_unbiased", _elementwise_grid(n), ELEMENTWISE_THREADS,
+                    (p, g, m, v, mx), scalars, (0, 2, 3, 4) if ams else (0, 2, 3))
+
+
+KERNEL_FUNCTIONS.update({"adamw": _adamw_kernel, "sgd": _sgd_kernel,
+                         "adamw_unbiased": _adamw_unbiased_kernel})
+__all__ += ["adamw", "sgd", "adamw_unbiased"]
+
+
+# ----------------------------------------------------------------- fused composites
+def _gelu_forward_kernel(x, knots, slopes, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+
+
+def _gelu_backward_kernel(x, grad, knots, slopes, exact, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)
+
+
+def gelu_forward(x, knots, slopes, out):
+    """out = piecewise-affine GELU of x (see the CPU kernel); knots/slopes: int32 bits."""
+    for a, label in ((x, "x"), (knots, "knots"), (slopes, "slopes"), (out, "out")):
+        _check_array(a, label, 1, np.int32)
+    if x.shape != out.shape or knots.shape != slopes.shape:
+        raise ValueError(f"x and out, knots and slopes must have equal shapes, got "
+                         f"{tuple(x.shape)}, {tuple(out.shape)}, {tuple(knots.shape)}, "
+                         f"{tuple(slopes.shape)}")
+    if out.shape[0] == 0:
+        return out
+    return _launch("gelu_forward", _elementwise_grid(out.shape[0]), ELEMENTWISE_THREADS,
+                   (x, knots, slopes), (), out)
+
+
+def gelu_backward(x, grad, knots, slopes, exact, out):
+    """out = input gradient of the piecewise-affine GELU (see the CPU kernel)."""
+    for a, label in ((x, "x"), (grad, "grad"), (knots, "knots"), (slopes, "slopes"),
+                     (out, "out")):
+        _check_array(a, label, 1, np.int32)
+    if not (x.shape == grad.shape == out.shape) or knots.shape != slopes.shape:
+        raise ValueError(f"x, grad and out, knots and slopes must have equal shapes, got "
+                         f"{tuple(x.shape)}, {tuple(grad.shape)}, {tuple(out.shape)}, "
+                         f"{tuple(knots.shape)}, {tuple(slopes.shape)}")
+    if out.shape[0] == 0:
+        return out
+    return _launch("gelu_backward", _elementwise_grid(out.shape[0]), ELEMENTWISE_THREADS,
+                   (x, grad, knots, slopes), (bool(exact),), out)
+
+
+KERNEL_FUNCTIONS.update({"gelu_forward": _gelu_forward_kernel,
+                         "gelu_backward": _gelu_backward_kernel})
+__all__ += ["gelu_forward", "gelu_backward"]
+
+
+def PTX_SIGNATURES(nt):
+    """numba signatures of the kernels added in this section that the PTX test compiles
+    (the scalar-operand kernels share the elementwise signature and are listed there)."""
+    i1, i64 = nt.int32[::1], nt.int64
+    return {"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6,
+            "adamw_unbiased": (i1,) * 5 + (i64,) * 8,
+            "gelu_forward": (i1,) * 4, "gelu_backward": (i1,) * 4 + (nt.boolean, i1)}

@@ -1,0 +1,216 @@
+"""Fused PAM kernels on plain tensors, without autograd: one launch per call.
+
+Entry points for code that already holds the tensors (the optimizers of :mod:`pam.optim`,
+an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tensor updates):
+
+* :func:`adamw_step`: the AdamW update of :class:`pam.optim.AdamW` for lists of tensors.
+* :func:`sgd_step`: the SGD update of :class:`pam.optim.SGD` for lists of tensors.
+* :func:`gelu_forward`, :func:`gelu_backward`: the piecewise-affine GELU of
+  :func:`pam.nn.functional.gelu` and its input gradient, one elementwise launch each.
+
+A list is processed as one flat buffer (the tensors are concatenated, updated by a single
+kernel and copied back; a list of one contiguous tensor is updated in place), so a step
+costs one kernel launch per distinct step count instead of ~20 per tensor. The per-element
+arithmetic is :mod:`pam.optim_bits`, the same on CPU and CUDA.
+"""
+import torch
+
+from . import dispatch as D
+from . import optim_bits as OB
+
+__all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward"]
+
+
+def _check_lists(device, **lists):
+    n = None
+    for name, ts in lists.items():
+        if ts is None:
+            continue
+        if n is None:
+            n = len(ts)
+        elif len(ts) != n:
+            raise ValueError(f"{name} has {len(ts)} tensors, expected {n}")
+        for i, t in enumerate(ts):
+            D.check_float32(t, f"{name}[{i}]")
+            if t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, expected {device}")
+    return n
+
+
+def _flat(tensors):
+    """One contiguous float32 buffer holding ``tensors`` (a view when that is possible)."""
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].detach().view(-1)
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _write_back(tensors, flat):
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return                                     # updated in place
+    chunks = torch.split(flat, [t.numel() for t in tensors])
+    torch._foreach_copy_([t.detach() for t in tensors],
+                         [c.view(t.shape) for c, t in zip(chunks, tensors)])
+
+
+def _bits(flat):
+    return flat.view(torch.int32)
+
+
+def _by_step(steps):
+    """{step value: [indices]} in first-seen order."""
+    groups = {}
+    for i, s in enumerate(steps):
+        value = float(s.item() if isinstance(s, torch.Tensor) else s)
+        groups.setdefault(value, []).append(i)
+    return groups
+
+
+MOMENTS = ("paper", "unbiased")
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1,
+               beta2, eps, weight_decay, amsgrad=False, maximize=False, offset=None,
+               moments="paper"):
+    """One PAM AdamW step, in place, for lists of float32 tensors on one device.
+
+    ``steps``: each parameter's step count t after this step's increment (numbers or
+    scalar tensors). Per element, :func:`pam.optim_bits.adamw_update` with the group
+    scalars of :func:`pam.optim_bits.adamw_scalars` (bias corrections from pa_log2 /
+    pa_exp2, PAD step size): the same bits as the op-by-op :class:`pam.optim.AdamW` of
+    earlier versions. ``max_exp_avg_sqs`` is required with ``amsgrad`` (else ignored).
+    ``offset`` applies to the products with tensor operands.
+
+    ``moments="unbiased"`` runs :func:`pam.optim_bits.adamw_update_unbiased` instead:
+    EMA coefficients 1 - beta snapped to powers of two (exact products), squares with the
+    unbiasing offset, bias corrections and step size in exact host arithmetic.
+    """
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
+    if not params:
+        return
+    device = params[0].device
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    n = _check_lists(device, params=params, grads=grads, exp_avgs=exp_avgs,
+                     exp_avg_sqs=exp_avg_sqs,
+                     max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None)
+    if len(steps) != n:
+        raise ValueError(f"steps has {len(steps)} entries, expected {n}")
+    off = D.offset_constant(offset)
+    flags = ((OB.ADAMW_MAXIMIZE if maximize else 0)
+             | (OB.ADAMW_DECAY if weight_decay != 0.0 else 0)
+             | (OB.ADAMW_AMSGRAD if amsgrad else 0))
+    for step, idx in _by_step(steps).items():
+        sel = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        fp, fg, fm, fv = (_flat(ts) for ts in sel)
+        if amsgrad:
+            mxs = [max_exp_avg_sqs[i] for i in idx]
+            fmx = _flat(mxs)
+        else:
+            fmx = torch.zeros(1, dtype=torch.float32, device=device)
+        hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step)
+        arrays = (_bits(fp), _bits(fg), _bits(fm), _bits(fv), _bits(fmx))
+        if moments == "paper":
+            D.launch("adamw", device, *arrays, *OB.adamw_scalars(*hyper), off, flags)
+        else:
+            D.launch("adamw_unbiased", device, *arrays, *OB.adamw_unbiased_scalars(*hyper),
+                     off, D.offset_constant(OB.UNBIASED_SQUARE_OFFSET), flags)
+        _write_back(sel[0], fp)
+        _write_back(sel[2], fm)
+        _write_back(sel[3], fv)
+        if amsgrad:
+            _write_back(mxs, fmx)
+
+
+def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
+             weight_decay=0.0, nesterov=False, maximize=False, first_step=None,
+             offset=None):
+    """One PAM SGD step, in place, for lists of float32 tensors on one device.
+
+    Per element :func:`pam.optim_bits.sgd_update`. With momentum, ``momentum_buffers``
+    holds one tensor per parameter and ``first_step`` one bool per parameter (True: the
+    buffer is initialised to the gradient, as torch does when it has none yet).
+    """
+    if not params:
+        return
+    device = params[0].device
+    use_mom = momentum != 0.0
+    n = _check_lists(device, params=params, grads=grads,
+                     momentum_buffers=momentum_buffers if use_mom else None)
+    off = D.offset_constant(offset)
+    base = ((OB.SGD_MAXIMIZE if maximize else 0)
+            | (OB.SGD_DECAY if weight_decay != 0.0 else 0)
+            | (OB.SGD_MOMENTUM if use_mom else 0)
+            | (OB.SGD_DAMPENING if dampening != 0.0 else 0)
+            | (OB.SGD_NESTEROV if nesterov else 0))
+    firsts = [False] * n if first_step is None or not use_mom else list(first_step)
+    groups = {}
+    for i, f in enumerate(firsts):
+        groups.setdefault(bool(f), []).append(i)
+    scal = (OB.f32_bits(lr), OB.f32_bits(weight_decay), OB.f32_bits(momentum),
+            OB.f32_bits(1.0 - dampening))
+    for first, idx in groups.items():
+        ps = [params[i] for i in idx]
+        fp, fg = _flat(ps), _flat([grads[i] for i in idx])
+        if use_mom:
+            bufs = [momentum_buffers[i] for i in idx]
+            fb = _flat(bufs)
+        else:
+            fb = torch.zeros(1, dtype=torch.float32, device=device)
+        flags = base | (OB.SGD_FIRST if first else 0)
+        D.launch("sgd", device, _bits(fp), _bits(fg), _bits(fb), *scal, off, flags)
+        _write_back(ps, fp)
+        if use_mom:
+            _write_back(bufs, fb)
+
+
+# --------------------------------------------------------------------------- GELU
+_GELU_TABLES = {}
+
+
+def _gelu_tables(device):
+    """int32 tensors of the knot and slope-change bit patterns on ``device`` (cached)."""
+    tables = _GELU_TABLES.get(device)
+    if tables is None:
+        from .functional import GELU_KNOTS, GELU_SLOPE_CHANGES
+        tables = tuple(torch.tensor(v, dtype=torch.float32).view(torch.int32).to(device)
+                       for v in (GELU_KNOTS, GELU_SLOPE_CHANGES))
+        _GELU_TABLES[device] = tables
+    return tables
+
+
+def gelu_forward(x):
+    """Piecewise-affine GELU of float32 tensor ``x`` (no autograd), one launch.
+
+    Bit for bit the composite sum_j PAM(relu(x - k_j), d_j) of pam.functional (see
+    :func:`pam.rows_bits.gelu_forward_bits`).
+    """
+    D.check_float32(x, "x")
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        knots, slopes = _gelu_tables(x.device)
+        D.launch("gelu_forward", x.device, D.as_bits(x).reshape(-1), knots, slopes,
+                 out.view(-1))
+    return out.view(torch.float32)
+
+
+def gelu_backward(grad, x, backward="exact"):
+    """Input gradient of :func:`gelu_forward` at ``x`` for output gradient ``grad``.
+
+    ``backward``: "exact" or "approx" (they differ only where x is NaN); bit for bit the
+    gradient autograd computes through the composite definition.
+    """
+    D.check_float32(x, "x")
+    D.check_float32(grad, "grad")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
+                         f"{tuple(x.shape)}")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        knots, slopes = _gelu_tables(x.device)
+        D.launch("gelu_backward", x.device, D.as_bits(x).reshape(-1),
+                 D.as_bits(grad).reshape(-1), knots, slopes, backward == "exact",
+                 out.view(-1))
+    return out.view(torch.float32)

@@ -1,0 +1,277 @@
+"""Training-step cost: PAM vs float on the same model, same machine, one process.
+
+Models (each run in float with ``torch.optim.AdamW`` and in PAM):
+
+* ``bdia_default``: the default ``bdia-pam train`` model (digits ViT, reversible, depth 4,
+  width 64, relu, batch 128; ``arithmetic="pam"`` with ``pam.optim.AdamW``).
+* ``gpt_small``: a plain torch GPT (6 layers, width 128, 4 heads, sequence 64, batch 16,
+  GELU MLP of width 4x, tied head off), made PAM with ``pam.convert`` +
+  ``pam.nn.functional.cross_entropy`` + ``pam.optim.AdamW``.
+* ``gpt_wide``: the same GPT with width 256 and depth 8.
+
+Float and PAM steps are interleaved (float, PAM, float, PAM, ...) after warm-up steps that
+absorb JIT compilation, so both see the same machine state; each phase (forward with the
+loss, backward, optimizer step with zero_grad) is timed separately and the median over the
+measured steps is reported. Kernel launches per PAM step count the calls to
+``pam.dispatch.launch`` (every PAM kernel goes through it). The launch overhead is the
+median time of one ``pam.mul`` of two 1-element tensors (forward only, no autograd), the
+raw ``pam.dispatch.launch`` of the 1-element ``mul`` kernel, and ``torch.mul`` for scale.
+
+    python validation/bench_step.py [--steps 4] [--warmup 2] [--threads 2] [--models ...]
+
+prints a table and writes validation/results/bench_step.json.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import pam  # noqa: E402
+import pam.dispatch  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# --------------------------------------------------------------------------- models
+class GPTBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A small pre-norm GPT written with plain torch.nn layers (what pam.convert takes)."""
+
+    def __init__(self, vocab=256, context=64, width=128, depth=6, heads=4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(1, context, width))
+        self.blocks = nn.ModuleList(GPTBlock(width, heads) for _ in range(depth))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.register_buffer("mask", torch.ones(context, context, dtype=torch.bool).triu(1),
+                             persistent=False)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        x = self.tok(idx) + self.pos[:, :T]
+        for b in self.blocks:
+            x = b(x, self.mask[:T, :T])
+        return self.head(self.ln(x))
+
+
+def _gpt_pair(width, depth, batch=16, context=64, heads=4, seed=0):
+    torch.manual_seed(seed)
+    fmodel = GPT(context=context, width=width, depth=depth, heads=heads)
+    pmodel = GPT(context=context, width=width, depth=depth, heads=heads)
+    pmodel.load_state_dict(fmodel.state_dict())
+    pam.convert(pmodel)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (batch, context), generator=g)
+    y = torch.randint(0, 256, (batch, context), generator=g)
+
+    def floss(m):
+        return F.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1))
+
+    def ploss(m):
+        return pam.nn.functional.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1))
+
+    fopt = torch.optim.AdamW(fmodel.parameters(), lr=1e-3)
+    popt = pam.optim.AdamW(pmodel.parameters(), lr=1e-3)
+    return (fmodel, floss, fopt), (pmodel, ploss, popt)
+
+
+def _bdia_pair(seed=0):
+    from bdia_pam.cli import MODEL_DEFAULTS, TASK_MODEL_DEFAULTS
+    from bdia_pam.model import BDIAConfig, BDIATransformer
+    from bdia_pam.train import TrainConfig, make_optimizer
+
+    cfg = dict(MODEL_DEFAULTS, **TASK_MODEL_DEFAULTS["digits"])
+    tc = TrainConfig()
+    sides = []
+    x = torch.rand(128, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(seed + 1))
+    state = None
+    for arith in ("float", "pam"):
+        torch.manual_seed(seed)
+        model = BDIATransformer(BDIAConfig(kind="vit", **dict(cfg, arithmetic=arith)))
+        if state is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+        gen = torch.Generator().manual_seed(seed)
+
+        def loss_fn(m, gen=gen):
+            return m.loss(m(x, generator=gen), y)
+
+        sides.append((model, loss_fn, make_optimizer(model, tc)))
+    return sides[0], sides[1]
+
+
+MODELS = {
+    "bdia_default": ("bdia-pam train default (ViT digits, d4 w64, batch 128)", _bdia_pair),
+    "gpt_small": ("GPT 6 layers, width 128, 4 heads, seq 64, batch 16",
+                  lambda: _gpt_pair(128, 6)),
+    "gpt_wide": ("GPT 8 layers, width 256, 4 heads, seq 64, batch 16",
+                 lambda: _gpt_pair(256, 8)),
+}
+
+
+# --------------------------------------------------------------------------- timing
+class LaunchCounter:
+    """Counts calls to pam.dispatch.launch while installed."""
+
+    def __init__(self):
+        self.count = 0
+        self._orig = pam.dispatch.launch
+
+    def __enter__(self):
+        orig = self._orig
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return orig(*args, **kwargs)
+
+        pam.dispatch.launch = counting
+        return self
+
+    def __exit__(self, *exc):
+        pam.dispatch.launch = self._orig
+
+
+def _timed_step(model, loss_fn, opt):
+    t0 = time.perf_counter()
+    loss = loss_fn(model)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+def bench_model(name, steps, warmup):
+    label, make = MODELS[name]
+    fside, pside = make()
+    for _ in range(warmup):
+        _timed_step(*fside)
+        _timed_step(*pside)
+    ftimes, ptimes = [], []
+    for _ in range(steps):
+        ftimes.append(_timed_step(*fside))
+        ptimes.append(_timed_step(*pside))
+    with LaunchCounter() as lc:
+        _timed_step(*pside)
+    f = [statistics.median(t[i] for t in ftimes) for i in range(3)]
+    p = [statistics.median(t[i] for t in ptimes) for i in range(3)]
+    fstep = statistics.median(sum(t) for t in ftimes)
+    pstep = statistics.median(sum(t) for t in ptimes)
+    return dict(model=name, label=label,
+                parameters=sum(q.numel() for q in fside[0].parameters()),
+                param_tensors=sum(1 for _ in fside[0].parameters()),
+                float_step_s=fstep, pam_step_s=pstep, ratio=pstep / fstep,
+                float_fwd_s=f[0], float_bwd_s=f[1], float_opt_s=f[2],
+                pam_fwd_s=p[0], pam_bwd_s=p[1], pam_opt_s=p[2],
+                fwd_ratio=p[0] / f[0], bwd_ratio=p[1] / f[1], opt_ratio=p[2] / f[2],
+                launches_per_step=lc.count)
+
+
+def _median_call(fn, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_launch(n=2000):
+    a = torch.tensor([1.5])
+    b = torch.tensor([2.5])
+    ab, bb = a.view(torch.int32).numpy(), b.view(torch.int32).numpy()
+    out = torch.empty(1, dtype=torch.int32).numpy()
+    with torch.no_grad():
+        pam.mul(a, b)
+        pam.mul(a, 3.0)
+        return dict(pam_mul_us=1e6 * _median_call(lambda: pam.mul(a, b), n),
+                    pam_mul_scalar_us=1e6 * _median_call(lambda: pam.mul(a, 3.0), n),
+                    raw_launch_us=1e6 * _median_call(
+                        lambda: pam.dispatch.launch("mul", a.device, ab, bb, 0, out), n),
+                    torch_mul_us=1e6 * _median_call(lambda: torch.mul(a, b), n))
+
+
+# --------------------------------------------------------------------------- report
+def _ms(x):
+    return f"{1e3 * x:8.1f}"
+
+
+def print_table(rows, launch):
+    head = (f"{'model':<13} {'float ms':>8} {'PAM ms':>8} {'ratio':>6} | "
+            f"{'fwd f/P ms':>15} {'bwd f/P ms':>15} {'opt f/P ms':>15} | "
+            f"{'fwd x':>5} {'bwd x':>5} {'opt x':>5} | {'launch/step':>11}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<13} {_ms(r['float_step_s'])} {_ms(r['pam_step_s'])} "
+              f"{r['ratio']:6.2f} | {_ms(r['float_fwd_s'])}/{_ms(r['pam_fwd_s']).strip():<6} "
+              f"{_ms(r['float_bwd_s'])}/{_ms(r['pam_bwd_s']).strip():<6} "
+              f"{_ms(r['float_opt_s'])}/{_ms(r['pam_opt_s']).strip():<6} | "
+              f"{r['fwd_ratio']:5.1f} {r['bwd_ratio']:5.1f} {r['opt_ratio']:5.1f} | "
+              f"{r['launches_per_step']:11d}")
+    print(f"launch overhead (1-element operands, median): pam.mul {launch['pam_mul_us']:.1f} us, "
+          f"pam.mul(x, 3.0) {launch['pam_mul_scalar_us']:.1f} us, raw dispatch.launch "
+          f"{launch['raw_launch_us']:.1f} us, torch.mul {launch['torch_mul_us']:.1f} us")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4, help="measured steps per side [4]")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side [2]")
+    ap.add_argument("--threads", type=int, default=2, help="torch and Numba threads [2]")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_step.json"))
+    args = ap.parse_args(argv)
+    import numba
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    t0 = time.perf_counter()
+    rows = []
+    for name in args.models:
+        rows.append(bench_model(name, args.steps, args.warmup))
+        print(f"  {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    launch = bench_launch()
+    print_table(rows, launch)
+    result = dict(rows=rows, launch=launch, steps=args.steps, warmup=args.warmup,
+                  threads=args.threads, wall_s=time.perf_counter() - t0,
+                  machine=dict(platform=platform.platform(), processor=platform.processor(),
+                               cpus=os.cpu_count(), torch=torch.__version__,
+                               numba=numba.__version__,
+                               threading_layer=numba.config.THREADING_LAYER))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
