@@ -986,7 +986,7 @@ class _DispatchLayer(TorchDispatchMode):
         vals, out = _bind(func, args, kwargs)
         with torch.no_grad():
             if foreach:
-                return self._foreach(handler, vals, inplace)
+                return self._foreach(handler, base, vals, inplace)
             res = handler(self.cfg, *vals)
         if inplace:
             target = vals[0]
@@ -1002,8 +1002,20 @@ class _DispatchLayer(TorchDispatchMode):
             return out
         return _match(res, func)
 
-    def _foreach(self, handler, vals, inplace):
+    def _foreach(self, handler, base, vals, inplace):
+        """``_foreach_<op>`` over lists: elementwise ops run as one launch on the
+        concatenated tensors (same bits: every element is computed alone); others, or
+        lists that cannot be concatenated, run tensor by tensor."""
         n = len(vals[0])
+        flat = _flatten_foreach(base, vals, self.cfg) if n > 1 else None
+        if flat is not None:
+            sizes, args = flat
+            pieces = handler(self.cfg, *args).split(sizes)
+            if inplace:
+                for t, p in zip(vals[0], pieces):
+                    t.copy_(p.view_as(t))
+                return None
+            return [p.view_as(t) for t, p in zip(vals[0], pieces)]
         results = []
         for i in range(n):
             args_i = [v[i] if isinstance(v, (list, tuple)) and len(v) == n else v
@@ -1014,6 +1026,41 @@ class _DispatchLayer(TorchDispatchMode):
             else:
                 results.append(r)
         return None if inplace else results
+
+
+_ELEMENTWISE = frozenset({"mul", "div", "addcmul", "addcdiv", "lerp", "add", "sub", "sqrt",
+                          "rsqrt", "exp", "log", "reciprocal", "pow", "sigmoid", "tanh"})
+
+
+def _flatten_foreach(base, vals, cfg):
+    """(sizes, arguments on the concatenated tensors) for an elementwise foreach op whose
+    tensor lists share shapes, device and dtype float32; None when it does not apply."""
+    if base not in _ELEMENTWISE:
+        return None
+    first = vals[0]
+    n = len(first)
+    if not all(_is_f32(t) for t in first) or len({t.device for t in first}) != 1:
+        return None
+    sizes = [t.numel() for t in first]
+    args = []
+    for v in vals:
+        if isinstance(v, (list, tuple)) and len(v) == n:
+            if isinstance(v[0], torch.Tensor):
+                if any(not _is_f32(t) or t.shape != f.shape or t.device != f.device
+                       for t, f in zip(v, first)):
+                    return None
+                args.append(torch.cat([t.reshape(-1) for t in v]))
+            else:                       # one scalar per tensor: a per-element operand
+                if cfg.offset is not None:
+                    return None         # scalars take no offset, data tensors do
+                per = torch.tensor([float(x) for x in v], dtype=torch.float32,
+                                   device=first[0].device)
+                args.append(per.repeat_interleave(torch.tensor(sizes, device=per.device)))
+        elif isinstance(v, torch.Tensor) and v.dim() > 0:
+            return None
+        else:
+            args.append(v)
+    return sizes, args
 
 
 def _match(res, func):
