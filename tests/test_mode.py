@@ -416,3 +416,12 @@ def test_reversible_stack_recomputes_in_the_forward_arithmetic():
 
     for a, b in zip(grads(True), grads(False)):
         assert torch.equal(_bits(a), _bits(b))
+
+
+def test_inplace_activation_stays_in_place():
+    x = torch.randn(6)
+    y = x.clone()
+    with pam.arithmetic():
+        out = F.silu(y, inplace=True)
+    assert out is y
+    assert torch.equal(_bits(y), _bits(PF.silu(x)))

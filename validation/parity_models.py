@@ -15,7 +15,7 @@ Families and tasks:
                               t_{i+1} = t_i + s mod 16, random start and stride s in {1,2,3}
   hf_bert                     BertForSequenceClassification: label = first token mod 3
   vit_conv                    a ViT with a Conv2d patch embedding (4x4 patches of 3x16x16
-                              images): which quadrant is brightest (needs pam.conv)
+                              images): which quadrant is brightest
 
 Writes validation/results/parity_models.json and .png. Default 3 seeds x 60 steps
 (about 10 minutes on an idle 2-core machine); --quick: 1 seed, 4 steps, two families;
@@ -175,15 +175,6 @@ def family(name, seed):
 FAMILIES = ("encoder_post", "encoder_pre", "hf_gpt2", "hf_bert", "nanogpt_sdpa", "vit_conv")
 
 
-def available(name):
-    if name == "vit_conv":
-        try:
-            import pam.conv  # noqa: F401
-        except ImportError:
-            return False
-    return True
-
-
 # ----------------------------------------------------------------------------- runs
 def run(name, seed, arithmetic, steps, batch, backward):
     model, make, loss_fn = family(name, seed)
@@ -302,9 +293,6 @@ def main(argv=None):
     torch.set_num_threads(2)
     runs = []
     for fam in a.families:
-        if not available(fam):
-            print(f"skipping {fam}: pam.conv is not available")
-            continue
         for seed in range(a.seeds):
             for ar in ("float", "pam"):
                 r = run(fam, seed, ar, a.steps, a.batch, a.backward)
