@@ -23,7 +23,6 @@ Writes validation/results/parity_models.json and .png. Default 3 seeds x 60 step
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import time
