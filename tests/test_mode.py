@@ -17,7 +17,7 @@ from torch import nn
 
 import pam
 import pam.nn.functional as PF
-from pam.audit import FloatMultiplyError, no_float_multiply
+from pam.audit import no_float_multiply
 
 
 def _bits(t):
