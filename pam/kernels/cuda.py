@@ -227,6 +227,29 @@ KERNEL_FUNCTIONS = {
     "matmul_exact_grad_right": _matmul_exact_grad_right_kernel,
 }
 
+
+def _signatures():
+    """Kernel name -> tuple of numba argument types (what the launchers pass)."""
+    if not _HAVE_NUMBA_CUDA:
+        return {}
+    from numba import types as nt
+    i1, i3, f3, off = nt.int32[::1], nt.int32[:, :, ::1], nt.float32[:, :, ::1], nt.int64
+    sigs = {name: (i1, i1, off, i1) for name in
+            ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den")}
+    sigs.update({name: (i1, i1) for name in ("exp2", "log2", "exp2_slope", "log2_slope")})
+    sigs["matmul"] = (i3, i3, off, f3)
+    sigs["matmul_exact_grad_left"] = (i3, i3, i3, off, f3)
+    sigs["matmul_exact_grad_right"] = (i3, i3, i3, off, f3)
+    return sigs
+
+
+# Kernel name -> numba argument types: every kernel can be compiled ahead of time
+# (cuda.compile_ptx(KERNEL_FUNCTIONS[name], SIGNATURES[name], cc=...)) by tools and tests.
+SIGNATURES = _signatures()
+# Kernel name -> threads per block it is launched with (ELEMENTWISE_THREADS if absent).
+THREADS_PER_BLOCK = {"matmul": TILE * TILE, "matmul_exact_grad_left": TILE * TILE,
+                     "matmul_exact_grad_right": TILE * TILE}
+
 _compiled_cache = {}
 
 
