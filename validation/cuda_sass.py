@@ -48,9 +48,6 @@ import sysconfig
 import tempfile
 import types
 
-# The CUDA simulator has no compiler: this tool always compiles for real hardware.
-os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "validation" / "results"
 DEFAULT_ARCHS = ("sm_90", "sm_80")
@@ -106,9 +103,12 @@ def load_kernels():
             mod.__path__ = [str(ROOT / path)]
             sys.modules[name] = mod
     try:
-        from numba import cuda
+        from numba import config, cuda
     except ImportError as exc:
         raise ToolMissing(f"numba-cuda does not import ({exc}); pip install 'numba-cuda[cu12]'")
+    if config.ENABLE_CUDASIM:
+        raise ToolMissing("numba was imported with the CUDA simulator on "
+                          "(NUMBA_ENABLE_CUDASIM=1); the simulator has no compiler")
     if not cuda.is_available():
         import numba.cuda.dispatcher as dispatcher
         dispatcher.get_current_device = lambda: types.SimpleNamespace(
@@ -292,6 +292,9 @@ def main(argv=None):
     parser.add_argument("--kernel", action="append", help="only these kernels (repeatable)")
     args = parser.parse_args(argv)
     archs = args.arch or list(DEFAULT_ARCHS)
+    # The CUDA simulator has no compiler: compile for real hardware (numba reads this
+    # variable when it is first imported, below).
+    os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
     try:
         ptxas = find_tool("ptxas", "PTXAS")
         nvdisasm = find_tool("nvdisasm", "NVDISASM")
