@@ -74,6 +74,9 @@ def test_hot_loop_of_an_elementwise_kernel_counts_stores():
     loop, unit, work = S.hot_loop(*S.parse_sass(ELEMENTWISE))
     assert (unit, work, len(loop["body"])) == ("element", 1, 4)
     assert S.hot_loop(*S.parse_sass("        /*0000*/     EXIT ;")) == (None, None, 0)
+    scan = ELEMENTWISE.replace("STG.E desc[UR4][R8.64], R3", "IMNMX R4, R4, R3, !PT")
+    loop, unit, work = S.hot_loop(*S.parse_sass(scan))       # loads only: per loaded element
+    assert (unit, work, len(loop["body"])) == ("element", 1, 4)
 
 
 def test_parse_ptxas_and_occupancy():

@@ -11,10 +11,10 @@ kernel's hot loop:
   add is one accumulated product (a PAM product is an integer add plus a float add), so its
   cost is body instructions / float adds, "per product";
 * otherwise (elementwise kernels) a loop's cost is body instructions / global stores, "per
-  element";
+  element"; a loop that only loads (a scan such as the range check) counts global loads;
 * the hot loop is, among the innermost reduction loops (those with no other reduction loop
   inside them), the one with the most products per iteration; a kernel without a reduction
-  loop takes the innermost loop with the most stores.
+  loop takes the innermost loop with the most stores, then the one with the most loads.
 
 The count is static: each instruction of the loop body counted once per iteration, every
 branch of an if/else included. Also reported: registers, spill bytes and shared memory
@@ -177,21 +177,25 @@ def loops(instrs, labels):
 
 
 def loop_work(loop):
-    """(products, stored elements) of one loop iteration: float adds, global stores."""
+    """(products, stored elements, loaded elements) of one loop iteration: float adds,
+    global stores, global loads."""
     ops = [_base(o) for _, o, _ in loop["body"]]
-    return ops.count("FADD"), sum(op in ("STG", "ST", "RED", "ATOM", "ATOMG") for op in ops)
+    return (ops.count("FADD"), sum(op in ("STG", "ST", "RED", "ATOM", "ATOMG") for op in ops),
+            sum(op in ("LDG", "LD") for op in ops))
 
 
 def hot_loop(instrs, labels):
     """The hot loop (see the module docstring) as (loop, unit, work), or (None, None, 0)."""
-    reduction, elementwise = [], []
+    reduction, elementwise, scans = [], [], []
     for loop in loops(instrs, labels):
-        products, stores = loop_work(loop)
+        products, stores, loads = loop_work(loop)
         if stores == 0 and products > 0:
             reduction.append((loop, "product", products))
         elif stores > 0:
             elementwise.append((loop, "element", stores))
-    for group in (reduction, elementwise):
+        elif loads > 0:
+            scans.append((loop, "element", loads))
+    for group in (reduction, elementwise, scans):
         # Innermost: no other loop of the same kind lies inside it.
         inner = [c for c in group
                  if not any(o is not c and c[0]["start"] <= o[0]["start"]

@@ -567,7 +567,10 @@ def _on_device(arrays, out, body):
                                  f"{device}")
         with cuda.gpus[device.index if device.index is not None else 0]:
             stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-            dev = [cuda.as_cuda_array(x.detach()) for x in (*arrays, out)]
+            # Views with canonical strides (torch calls a tensor contiguous whatever the
+            # strides of its size-1 dimensions; numba would then type it as non-contiguous).
+            dev = [cuda.as_cuda_array(x.detach().reshape(-1).view(x.shape))
+                   for x in (*arrays, out)]
             body(dev[:-1], dev[-1], stream)
         return out
     if any(tensors):
@@ -696,8 +699,8 @@ def _tiled(name, arrays, names, off, out):
         if fast is not None:
             griddim = ((cols + FAST_BN - 1) // FAST_BN, row_tiles, min(batch, _MAX_GRID_YZ))
             _compiled(fast)[griddim, FAST_THREADS, stream](
-                flat[ri], flat[ci], flat[si], batch, rows, cols, red, off,
-                dout.reshape(dout.size))
+                flat[ri], flat[ci], flat[si], np.int32(batch), np.int32(rows),
+                np.int32(cols), np.int32(red), np.int32(off), dout.reshape(dout.size))
             return
         if col_tiles > _MAX_GRID_YZ:
             raise ValueError(f"{name}: at most {_MAX_GRID_YZ * TILE} output columns are "
