@@ -355,22 +355,35 @@ def all_three(a, b, grad, off):
 FAST_SHAPES = [(1, 13, 19, 9, 0), (2, 7, 5, 9, 1), (1, 6, 16, 8, 2), (3, 1, 9, 1, 1)]
 
 
+# Data kind -> the fast kernels picked for (matmul, left gradient, right gradient).
+FAST_KINDS = {
+    "normal": ["matmul_fast", "matmul_exact_grad_left_fast", "matmul_exact_grad_right_fast"],
+    "zeros": ["matmul_fast_zeros", "matmul_exact_grad_left_fast_zeros",
+              "matmul_exact_grad_right_fast_zeros"],
+    "grad_zeros": ["matmul_fast", "matmul_exact_grad_left_fast_grad_zeros",
+                   "matmul_exact_grad_right_fast_grad_zeros"],
+}
+
+
 @pytest.mark.parametrize("shape", FAST_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
-@pytest.mark.parametrize("kind", ["normal", "zeros"])
+@pytest.mark.parametrize("kind", sorted(FAST_KINDS))
 def test_fast_paths_bit_identical(shape, kind, chosen_paths):
+    """Zeros everywhere (ReLU outputs) mask whole products; zeros only in grad (the exact
+    backward's additive operand) take the cheaper grad-zeros kernels."""
     P, n, k, m, o = shape
-    rng = np.random.default_rng(n * 100 + k * 10 + m + (kind == "zeros"))
-    make = relu_like if kind == "zeros" else normals
-    a, b, grad = make(rng, (P, n, k)), make(rng, (P, k, m)), make(rng, (P, n, m))
+    rng = np.random.default_rng(n * 100 + k * 10 + m + len(kind))
+    a = (relu_like if kind == "zeros" else normals)(rng, (P, n, k))
+    b = (relu_like if kind == "zeros" else normals)(rng, (P, k, m))
+    grad = (normals if kind == "normal" else relu_like)(rng, (P, n, m))
     if kind == "zeros":   # a zero in each operand whatever the random draw
-        a[0, 0, 0] = b[0, -1, -1] = grad[0, 0, -1] = 0.0
+        a[0, 0, 0] = b[0, -1, -1] = 0.0
+    if kind != "normal":
+        grad[0, 0, -1] = 0.0
     got_mm, got_ga, got_gb, want_mm, want_ga, want_gb = all_three(a, b, grad, OFFSETS[o])
     assert_same_bits(got_mm, want_mm)
     assert_same_bits(got_ga, want_ga)
     assert_same_bits(got_gb, want_gb)
-    suffix = "_fast_zeros" if kind == "zeros" else "_fast"
-    assert chosen_paths == [f"matmul{suffix}", f"matmul_exact_grad_left{suffix}",
-                            f"matmul_exact_grad_right{suffix}"]
+    assert chosen_paths == FAST_KINDS[kind]
     assert np.isfinite(got_mm).all() and got_mm.any()
 
 

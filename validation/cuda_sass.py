@@ -274,14 +274,14 @@ def analyse(cuda, kernels, name, arch, ptxas, nvdisasm, workdir):
 
 
 def print_table(rows):
-    head = (f"{'kernel':34s} {'arch':6s} {'instr/unit':>10s} {'unit':8s} {'loop':>6s} "
+    head = (f"{'kernel':40s} {'arch':6s} {'instr/unit':>10s} {'unit':8s} {'loop':>6s} "
             f"{'work':>5s} {'regs':>5s} {'spill':>6s} {'smem':>6s} {'thr':>4s} {'occ':>5s}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ipu = "-" if r["instructions_per_unit"] is None else f"{r['instructions_per_unit']:.2f}"
         spill = r["spill_store_bytes"] + r["spill_load_bytes"]
-        print(f"{r['kernel']:34s} {r['arch']:6s} {ipu:>10s} {str(r['unit'] or '-'):8s} "
+        print(f"{r['kernel']:40s} {r['arch']:6s} {ipu:>10s} {str(r['unit'] or '-'):8s} "
               f"{str(r['loop_instructions'] or '-'):>6s} {r['work_per_iteration']:5d} "
               f"{r['registers']:5d} {spill:6d} {r['smem_bytes']:6d} "
               f"{r['threads_per_block']:4d} {r['occupancy']:5.0%}")

@@ -261,6 +261,11 @@ assert FAST_THREADS % FAST_BK == 0 and FAST_THREADS % FAST_BN == 0
 assert FAST_BM * FAST_BK % FAST_THREADS == 0
 
 _FWD, _LEFT, _RIGHT = 0, 1, 2
+# Masking of the fast kernels: none; zeros of grad only (the exact backward's additive
+# operand: its zeros are staged as 0 and the slope masked, so a product stays one add
+# cheaper); zeros of both factors (the whole product masked).
+_MASK_NONE, _MASK_GRAD, _MASK_BOTH = 0, 1, 2
+_MASK_SUFFIX = {_MASK_NONE: "_fast", _MASK_GRAD: "_fast_grad_zeros", _MASK_BOTH: "_fast_zeros"}
 _NOT_MANT = -8388608          # ~MANT_MASK: clears the 23 mantissa bits
 
 
@@ -272,7 +277,7 @@ def _nonzero_mask(x):
 
 @register_jitable(forceinline=True)
 def _fast_stage(R, C, q0, red, add, rq, rr, roff, rok, cq, cc, coff, cok, sR, sC, smR, smC,
-                full, masked):
+                full, mask_r, mask_c, zero_r, zero_c):
     """Copy R[row0:+BM, q0:+BK] (transposed, + ``add``) and C[q0:+BK, col0:+BN] to shared.
 
     Each thread stages fixed cells: R rows rr + u * _FAST_R_STRIDE at reduction index
@@ -280,33 +285,41 @@ def _fast_stage(R, C, q0, red, add, rq, rr, roff, rok, cq, cc, coff, cok, sR, sC
     q0 + cq + u * _FAST_C_STRIDE at column cc (flat offsets coff[u], inside when ``cok``).
     With ``full`` the whole tile lies below ``red``. Cells outside the arrays hold anything:
     their rows and columns are never stored and their reduction indices never read.
+    ``mask_r`` / ``mask_c``: also stage the operand's _nonzero_mask; ``zero_r`` /
+    ``zero_c``: stage its zeros and subnormals as 0.
     """
     for u in range(_FAST_R_LOADS):
         v = np.int32(0)
         if rok[u] and (full or q0 + rq < red):
             v = R[np.uint32(roff[u])]
+        if zero_r:
+            v = v & _nonzero_mask(v)
         sR[rq, rr + u * _FAST_R_STRIDE] = np.int32(np.int64(v) + add)
-        if masked:
+        if mask_r:
             smR[rq, rr + u * _FAST_R_STRIDE] = _nonzero_mask(v)
     for u in range(_FAST_C_LOADS):
         v = np.int32(0)
         if cok and (full or q0 + cq + u * _FAST_C_STRIDE < red):
             v = C[np.uint32(coff[u])]
+        if zero_c:
+            v = v & _nonzero_mask(v)
         sC[cq + u * _FAST_C_STRIDE, cc] = v
-        if masked:
+        if mask_c:
             smC[cq + u * _FAST_C_STRIDE, cc] = _nonzero_mask(v)
 
 
 @register_jitable(forceinline=True)
-def _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked):
+def _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked, mask_r,
+               mask_c):
     """acc[r, c] += F(R[., qq], C[qq, .], Y[r, c]) for the thread's FAST_TM x FAST_TN outputs."""
     for r in range(FAST_TM):
         rR[r] = sR[qq, ty + r * FAST_TY]
     for c in range(FAST_TN):
         rC[c] = sC[qq, tx + c * FAST_TX]
-    if masked:
+    if mask_r:
         for r in range(FAST_TM):
             mR[r] = smR[qq, ty + r * FAST_TY]
+    if mask_c:
         for c in range(FAST_TN):
             mC[c] = smC[qq, tx + c * FAST_TX]
     for r in range(FAST_TM):
@@ -314,22 +327,33 @@ def _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, maske
             if mode == _FWD:
                 v = np.int64(rR[r]) + rC[c]
             elif mode == _LEFT:
-                v = ((np.int64(Y[r, c]) + rC[c]) & _NOT_MANT) + rR[r]
+                slope = (np.int64(Y[r, c]) + rC[c]) & _NOT_MANT
+                if masked == _MASK_GRAD:       # grad (R) staged as 0 where it is zero
+                    slope = slope & mR[r]
+                v = slope + rR[r]
             else:
-                v = ((np.int64(Y[r, c]) + rR[r]) & _NOT_MANT) + rC[c]
-            if masked:
+                slope = (np.int64(Y[r, c]) + rR[r]) & _NOT_MANT
+                if masked == _MASK_GRAD:       # grad (C) staged as 0 where it is zero
+                    slope = slope & mC[c]
+                v = slope + rC[c]
+            if masked == _MASK_BOTH:
                 v = v & mR[r] & mC[c]
             acc[r, c] += bits.bits_to_f32(np.int32(v))
 
 
 def _make_fast_kernel(mode, masked):
-    """The fast-path kernel of one reduction (_FWD, _LEFT, _RIGHT), with or without masks.
+    """The fast-path kernel of one reduction (_FWD, _LEFT, _RIGHT) with masking ``masked``.
 
     Arguments: R (batch, rows, red), C (batch, red, cols), S (batch, rows, cols; the
     operand whose mantissa enters the slope, unused by the forward kernel), all flat int32;
     batch, rows, cols, red, off (int32); out (batch, rows, cols) flat float32.
     Grid: x = column tiles, y = row tiles, z = batches (grid stride).
     """
+    grad_r = masked == _MASK_GRAD and mode == _LEFT     # grad is R in the left gradient,
+    grad_c = masked == _MASK_GRAD and mode == _RIGHT    # C in the right one
+    mask_r = masked == _MASK_BOTH or grad_r
+    mask_c = masked == _MASK_BOTH or grad_c
+
     def kernel(R, C, S, batch, rows, cols, red, off, out):
         sR = cuda.shared.array((FAST_BK, FAST_BM_PADDED), dtype=int32)
         sC = cuda.shared.array((FAST_BK, FAST_BN), dtype=int32)
@@ -385,7 +409,7 @@ def _make_fast_kernel(mode, masked):
             step_c = np.int32(FAST_BK * cols)
             for _ in range(red_full // FAST_BK):
                 _fast_stage(R, C, 0, red, add, rq, rr, roff, rok, cq, cc, coff, cok,
-                            sR, sC, smR, smC, True, masked)
+                            sR, sC, smR, smC, True, mask_r, mask_c, grad_r, grad_c)
                 for u in range(_FAST_R_LOADS):
                     roff[u] = np.int32(roff[u] + FAST_BK)
                 for u in range(_FAST_C_LOADS):
@@ -393,22 +417,30 @@ def _make_fast_kernel(mode, masked):
                 cuda.syncthreads()
                 # FAST_BK (8) steps written out: NVVM does not unroll a loop this large, and
                 # unrolled, every shared-memory address is a constant offset.
-                _fast_step(0, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
-                _fast_step(1, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
-                _fast_step(2, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
-                _fast_step(3, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
-                _fast_step(4, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
-                _fast_step(5, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
-                _fast_step(6, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
-                _fast_step(7, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked)
+                _fast_step(0, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(1, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(2, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(3, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(4, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(5, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(6, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(7, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
                 cuda.syncthreads()
             if red_full < red:
                 _fast_stage(R, C, red_full, red, add, rq, rr, roff, rok, cq, cc, coff, cok,
-                            sR, sC, smR, smC, False, masked)
+                            sR, sC, smR, smC, False, mask_r, mask_c, grad_r, grad_c)
                 cuda.syncthreads()
                 for qq in range(red - red_full):
                     _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode,
-                               masked)
+                               masked, mask_r, mask_c)
                 cuda.syncthreads()
             for r in range(FAST_TM):
                 i = row0 + ty + r * FAST_TY
@@ -419,7 +451,7 @@ def _make_fast_kernel(mode, masked):
                             out[np.uint32(obase + i * cols + j)] = acc[r, c]
 
     kernel.__name__ = (["_matmul", "_matmul_exact_grad_left", "_matmul_exact_grad_right"][mode]
-                       + ("_fast_zeros_kernel" if masked else "_fast_kernel"))
+                       + _MASK_SUFFIX[masked] + "_kernel")
     kernel.__qualname__ = kernel.__name__
     return kernel
 
@@ -474,14 +506,13 @@ KERNEL_FUNCTIONS = {
     "range_stats": _range_stats_kernel,
 }
 for _mode, _name in enumerate(("matmul", "matmul_exact_grad_left", "matmul_exact_grad_right")):
-    KERNEL_FUNCTIONS[_name + "_fast"] = _make_fast_kernel(_mode, False)
-    KERNEL_FUNCTIONS[_name + "_fast_zeros"] = _make_fast_kernel(_mode, True)
+    for _masked in (_MASK_NONE, _MASK_GRAD, _MASK_BOTH):
+        if not (_mode == _FWD and _masked == _MASK_GRAD):
+            KERNEL_FUNCTIONS[_name + _MASK_SUFFIX[_masked]] = _make_fast_kernel(_mode, _masked)
 
 
 def _signatures():
     """Kernel name -> tuple of numba argument types (what the launchers pass)."""
-    if not _HAVE_NUMBA_CUDA:
-        return {}
     from numba import types as nt
     i1, i3, f3, off = nt.int32[::1], nt.int32[:, :, ::1], nt.float32[:, :, ::1], nt.int64
     sigs = {name: (i1, i1, off, i1) for name in
@@ -492,9 +523,9 @@ def _signatures():
     sigs["matmul_exact_grad_right"] = (i3, i3, i3, off, f3)
     sigs["range_stats"] = (i1, i1)
     i32, f1 = nt.int32, nt.float32[::1]
-    for name in ("matmul", "matmul_exact_grad_left", "matmul_exact_grad_right"):
-        sigs[name + "_fast"] = sigs[name + "_fast_zeros"] = (i1, i1, i1, i32, i32, i32, i32,
-                                                             i32, f1)
+    for name in KERNEL_FUNCTIONS:
+        if "_fast" in name:
+            sigs[name] = (i1, i1, i1, i32, i32, i32, i32, i32, f1)
     return sigs
 
 
@@ -504,8 +535,7 @@ SIGNATURES = _signatures()
 # Kernel name -> threads per block it is launched with (ELEMENTWISE_THREADS if absent).
 THREADS_PER_BLOCK = {"matmul": TILE * TILE, "matmul_exact_grad_left": TILE * TILE,
                      "matmul_exact_grad_right": TILE * TILE, "range_stats": RANGE_STATS_THREADS}
-for _name in ("matmul", "matmul_exact_grad_left", "matmul_exact_grad_right"):
-    THREADS_PER_BLOCK[_name + "_fast"] = THREADS_PER_BLOCK[_name + "_fast_zeros"] = FAST_THREADS
+THREADS_PER_BLOCK.update({name: FAST_THREADS for name in KERNEL_FUNCTIONS if "_fast" in name})
 
 _compiled_cache = {}
 
@@ -657,8 +687,9 @@ def _fast_path(name, flat, off, stream):
     """The fast kernel's name for these operands, or None when the general path must run.
 
     Fast when no operand holds an inf or NaN and the exponent ranges rule out overflow and
-    underflow of every product of normal operands (the CPU kernels' conditions); the
-    "_zeros" variant when a factor of the products (R or C) holds a zero or subnormal.
+    underflow of every product of normal operands (the CPU kernels' conditions). The
+    "_zeros" variant when a factor of the products (R or C) holds a zero or subnormal,
+    except in the exact backward when only grad does: "_fast_grad_zeros".
     """
     from . import cpu
     mode, ri, ci, _, yi = _FAST_SPEC[name]
@@ -672,7 +703,13 @@ def _fast_path(name, flat, off, stream):
         ok = cpu._slope_fast_ok(g[2], g[3], stats[yi][2], stats[yi][3], off)
     if not ok:
         return None
-    return name + ("_fast_zeros" if stats[ri][1] or stats[ci][1] else "_fast")
+    if mode == _FWD:
+        zeros_grad, zeros_other = False, stats[ri][1] or stats[ci][1]
+    else:   # the slope operand is C in the left gradient, R in the right one
+        zeros_grad, zeros_other = stats[2][1], stats[ci if mode == _LEFT else ri][1]
+    if zeros_other:
+        return name + _MASK_SUFFIX[_MASK_BOTH]
+    return name + _MASK_SUFFIX[_MASK_GRAD if zeros_grad else _MASK_NONE]
 
 
 def _tiled(name, arrays, names, off, out):
