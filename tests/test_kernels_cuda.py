@@ -82,6 +82,42 @@ def mixed_matrix(rng, shape, special_fraction=0.1):
     return x
 
 
+def fast_tiles(tx, ty, tm, tn):
+    """The FAST_* constants of pam.kernels.cuda for a tx x ty thread block of tm x tn outputs."""
+    threads = tx * ty
+    c = dict(FAST_TX=tx, FAST_TY=ty, FAST_TM=tm, FAST_TN=tn, FAST_BM=ty * tm, FAST_BN=tx * tn,
+             FAST_THREADS=threads, FAST_BM_PADDED=ty * tm + K.FAST_PAD,
+             _FAST_R_LOADS=ty * tm * K.FAST_BK // threads,
+             _FAST_C_LOADS=K.FAST_BK * tx * tn // threads,
+             _FAST_R_STRIDE=threads // K.FAST_BK, _FAST_C_STRIDE=threads // (tx * tn))
+    assert threads % K.FAST_BK == 0 and threads % c["FAST_BN"] == 0
+    assert c["FAST_BM"] * K.FAST_BK % threads == 0
+    return c
+
+
+PRODUCTION_TILES = {name: getattr(K, name) for name in fast_tiles(16, 16, 8, 8)}
+assert PRODUCTION_TILES == fast_tiles(K.FAST_TX, K.FAST_TY, K.FAST_TM, K.FAST_TN)
+
+
+@pytest.fixture(autouse=True)
+def small_fast_tiles(monkeypatch):
+    """Fast matmul kernels with 8 x 2 threads of 3 x 1 outputs (6 x 8 output tiles).
+
+    The simulator runs one OS thread per CUDA thread and reads the module's constants when
+    a kernel runs: small blocks keep tests fast and make every shape span several tiles.
+    test_fast_paths_production_tiles runs the production configuration.
+    """
+    for name, value in fast_tiles(8, 2, 3, 1).items():
+        monkeypatch.setattr(K, name, value)
+    monkeypatch.setattr(K, "RANGE_STATS_THREADS", 8)
+
+
+@pytest.fixture
+def production_tiles(monkeypatch):
+    for name, value in PRODUCTION_TILES.items():
+        monkeypatch.setattr(K, name, value)
+
+
 @pytest.fixture
 def few_blocks(monkeypatch):
     """Launch at most 2 elementwise blocks, so each thread walks the grid-stride loop."""
@@ -293,6 +329,166 @@ def test_exact_backward_matches_definition():
             assert got_b[0, t, j].view(np.int32) == np.float32(acc).view(np.int32)
 
 
+# --------------------------------------------------------------------------- fast paths
+@pytest.fixture
+def chosen_paths(monkeypatch):
+    """Records the kernel each reduction call runs: a fast kernel's name, or None (general)."""
+    paths = []
+    real = K._fast_path
+
+    def spy(name, flat, off, stream):
+        paths.append(real(name, flat, off, stream))
+        return paths[-1]
+    monkeypatch.setattr(K, "_fast_path", spy)
+    return paths
+
+
+def relu_like(rng, shape, scale_exp=6):
+    """Normals times powers of two, about half of them +0 (ReLU outputs), a few -0 and
+    subnormals (which count as zero)."""
+    x = (rng.standard_normal(shape) * np.exp2(rng.integers(-scale_exp, scale_exp, shape))
+         ).astype(np.float32)
+    x[rng.random(shape) < 0.45] = 0.0
+    x[rng.random(shape) < 0.05] = -0.0
+    x[rng.random(shape) < 0.05] = np.float32(3e-39) * np.float32(rng.choice([-1, 1]))
+    return x
+
+
+def normals(rng, shape, scale_exp=6):
+    return (rng.standard_normal(shape) * np.exp2(rng.integers(-scale_exp, scale_exp, shape))
+            ).astype(np.float32)
+
+
+def all_three(a, b, grad, off):
+    """(matmul, grad w.r.t. a, grad w.r.t. b) on CUDA and on the CPU: six arrays."""
+    return (run_matmul(K, a, b, off), *run_grads(K, a, b, grad, off),
+            run_matmul(cpu, a, b, off), *run_grads(cpu, a, b, grad, off))
+
+
+# (P, n, k, m, offset index) against 6 x 8 output tiles and 8-deep reduction steps: partial
+# tiles in every dimension, a reduction that is only a tail (k < 8), only full steps
+# (k = 16), and both.
+FAST_SHAPES = [(1, 13, 19, 9, 0), (2, 7, 5, 9, 1), (1, 6, 16, 8, 2), (3, 1, 9, 1, 1)]
+
+
+# Data kind -> the fast kernels picked for (matmul, left gradient, right gradient).
+FAST_KINDS = {
+    "normal": ["matmul_fast", "matmul_exact_grad_left_fast", "matmul_exact_grad_right_fast"],
+    "zeros": ["matmul_fast_zeros", "matmul_exact_grad_left_fast_zeros",
+              "matmul_exact_grad_right_fast_zeros"],
+    "grad_zeros": ["matmul_fast", "matmul_exact_grad_left_fast_grad_zeros",
+                   "matmul_exact_grad_right_fast_grad_zeros"],
+}
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+@pytest.mark.parametrize("kind", sorted(FAST_KINDS))
+def test_fast_paths_bit_identical(shape, kind, chosen_paths):
+    """Zeros everywhere (ReLU outputs) mask whole products; zeros only in grad (the exact
+    backward's additive operand) take the cheaper grad-zeros kernels."""
+    P, n, k, m, o = shape
+    rng = np.random.default_rng(n * 100 + k * 10 + m + len(kind))
+    a = (relu_like if kind == "zeros" else normals)(rng, (P, n, k))
+    b = (relu_like if kind == "zeros" else normals)(rng, (P, k, m))
+    grad = (normals if kind == "normal" else relu_like)(rng, (P, n, m))
+    if kind == "zeros":   # a zero in each operand whatever the random draw
+        a[0, 0, 0] = b[0, -1, -1] = 0.0
+    if kind != "normal":
+        grad[0, 0, -1] = 0.0
+    got_mm, got_ga, got_gb, want_mm, want_ga, want_gb = all_three(a, b, grad, OFFSETS[o])
+    assert_same_bits(got_mm, want_mm)
+    assert_same_bits(got_ga, want_ga)
+    assert_same_bits(got_gb, want_gb)
+    assert chosen_paths == FAST_KINDS[kind]
+    assert np.isfinite(got_mm).all() and got_mm.any()
+
+
+@pytest.mark.parametrize("case", ["inf", "nan", "overflow", "underflow", "specials"])
+def test_general_path_when_the_range_check_fails(case, chosen_paths):
+    """Any inf/NaN, or exponent ranges that let a product overflow or underflow, take the
+    general kernels; the bits still match the CPU."""
+    rng = np.random.default_rng(len(case))
+    P, n, k, m = 1, 7, 11, 9
+    a, b, grad = normals(rng, (P, n, k)), normals(rng, (P, k, m)), normals(rng, (P, n, m))
+    if case == "inf":
+        b[0, 3, 4] = -np.inf
+    elif case == "nan":
+        grad[0, 2, 2] = np.nan
+        a[0, 1, 1] = np.nan
+    elif case == "overflow":     # 2^70 * 2^70 overflows: products saturate to inf
+        a[0, 0, :] = np.float32(2.0 ** 70)
+        b[0, :, 0] = np.float32(-(2.0 ** 70))
+        grad[0, 0, :] = np.float32(2.0 ** 100)
+    elif case == "underflow":    # 2^-70 * 2^-70 underflows: products flush to zero
+        a[0, 1, :] = np.float32(2.0 ** -70)
+        b[0, :, 2] = np.float32(2.0 ** -70)
+        grad[0, 1, :] = np.float32(2.0 ** -120)
+    else:
+        a, b, grad = (mixed_matrix(rng, x.shape, 0.2) for x in (a, b, grad))
+    got_mm, got_ga, got_gb, want_mm, want_ga, want_gb = all_three(a, b, grad, OFFSETS[1])
+    assert_same_bits(got_mm, want_mm)
+    assert_same_bits(got_ga, want_ga)
+    assert_same_bits(got_gb, want_gb)
+    assert chosen_paths == [None, None, None]
+    if case == "overflow":
+        assert np.isinf(got_mm[0, 0, 0])
+    if case == "underflow":
+        assert np.isfinite(got_mm).all()
+
+
+def test_fast_path_gradient_edges(chosen_paths):
+    """Zero and subnormal entries of the operand whose mantissa enters the slope (a for
+    the left gradient, b for the right) use the one-sided limit, not a mask; a zero grad
+    row and a zero column of b give exact zeros."""
+    rng = np.random.default_rng(5)
+    a, b, grad = normals(rng, (1, 9, 10)), normals(rng, (1, 10, 7)), normals(rng, (1, 9, 7))
+    a[0, 2, :] = 0.0
+    a[0, 3, 3] = np.float32(-1e-40)
+    b[0, :, 1] = 0.0
+    grad[0, 4, :] = 0.0
+    got_mm, got_ga, got_gb, want_mm, want_ga, want_gb = all_three(a, b, grad, 0)
+    assert_same_bits(got_ga, want_ga)
+    assert_same_bits(got_gb, want_gb)
+    assert_same_bits(got_mm, want_mm)
+    assert chosen_paths == ["matmul_fast_zeros", "matmul_exact_grad_left_fast_zeros",
+                            "matmul_exact_grad_right_fast_zeros"]
+    assert not got_ga[0, 4].any() and got_ga[0, 2].all()
+
+
+def test_fast_path_only_zero_operands(chosen_paths):
+    """All-zero operands (no normal number: the range check sees min normal = INF)."""
+    a = np.zeros((1, 3, 9), np.float32)
+    b = np.ones((1, 9, 4), np.float32)
+    got = run_matmul(K, a, b, 0)
+    assert got.view(np.int32).tolist() == np.zeros((1, 3, 4), np.int32).tolist()
+    assert chosen_paths == ["matmul_fast_zeros"]
+
+
+def test_range_stats_kernel():
+    x = bits(np.array([1.5, -2.0, 0.0, -1e-40, 3e38, -1e-30], np.float32))
+    stats = K._range_stats([x, x[:2], np.array([0x7FC00000, -1], np.int32),
+                            np.empty(0, np.int32)], cuda.default_stream())
+    u = x & 0x7FFFFFFF
+    assert stats[0] == (False, True, int(u[u >= 0x00800000].min()), int(u.max()))
+    assert stats[1] == (False, False, int(u[:2].min()), int(u[:2].max()))
+    assert stats[2] == (True, False, 0x7F800000, 0x7FFFFFFF)   # NaN is not normal
+    assert stats[3] == (False, False, 0x7F800000, 0)
+
+
+def test_fast_paths_production_tiles(production_tiles, chosen_paths):
+    """The production block (16 x 16 threads of 8 x 8 outputs): one partial tile with a full
+    reduction step and a tail, zeros masked, an offset."""
+    rng = np.random.default_rng(9)
+    a, b, grad = relu_like(rng, (1, 3, 11)), relu_like(rng, (1, 11, 5)), relu_like(rng, (1, 3, 5))
+    a[0, 0, 0] = b[0, 0, 0] = grad[0, 0, 0] = 0.0
+    got_mm, got_ga, got_gb, want_mm, want_ga, want_gb = all_three(a, b, grad, OFFSETS[1])
+    assert_same_bits(got_mm, want_mm)
+    assert_same_bits(got_ga, want_ga)
+    assert_same_bits(got_gb, want_gb)
+    assert chosen_paths == ["matmul_fast_zeros", "matmul_exact_grad_left_fast_zeros",
+                            "matmul_exact_grad_right_fast_zeros"]
+
+
 # --------------------------------------------------------------------------- argument errors
 def test_errors_name_the_argument():
     x = np.zeros(4, np.int32)
@@ -331,6 +527,12 @@ def test_same_names_as_cpu_backend():
     for name in BINARY + UNARY + ["matmul", "matmul_exact_grad_left", "matmul_exact_grad_right"]:
         assert callable(getattr(K, name))
         assert name in K.KERNEL_FUNCTIONS
+
+
+def test_every_kernel_has_a_signature():
+    """Tools (validation/cuda_sass.py) compile every kernel from SIGNATURES."""
+    assert sorted(K.SIGNATURES) == sorted(K.KERNEL_FUNCTIONS)
+    assert all(isinstance(sig, tuple) and sig for sig in K.SIGNATURES.values())
 
 
 def test_without_numba_cuda_import_works_and_launch_explains():
@@ -376,19 +578,8 @@ PTX_SCRIPT = textwrap.dedent(r"""
         print(f"NVVM unavailable: {type(e).__name__}: {e}")
         sys.exit(77)
     from pam.kernels import cuda as K
-    i1, i3 = nt.int32[::1], nt.int32[:, :, ::1]
-    f3, off = nt.float32[:, :, ::1], nt.int64
-    sigs = {n: (i1, i1, off, i1) for n in
-            ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den"]}
-    sigs.update({n: (i1, i1) for n in ["exp2", "log2", "exp2_slope", "log2_slope"]})
-    sigs.update({n + sfx: (i1, i1, off, i1) for n in
-                 ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den"]
-                 for sfx in ("_bs", "_as")})
-    sigs.update(getattr(K, "PTX_SIGNATURES", lambda nt: {})(nt))
-    sigs["matmul"] = (i3, i3, off, f3)
-    sigs["matmul_exact_grad_left"] = sigs["matmul_exact_grad_right"] = (i3, i3, i3, off, f3)
     report = {}
-    for name, sig in sigs.items():
+    for name, sig in K.SIGNATURES.items():
         try:
             ptx, _ = cuda.compile_ptx(K.KERNEL_FUNCTIONS[name], sig, cc=(9, 0))
         except Exception as e:
@@ -418,5 +609,7 @@ def test_ptx_has_no_float_multiply():
         bad = [op for op in r["float_ops"] if not op.startswith("add.")]
         assert not bad, f"{name} emits float multiply/divide/fma: {bad}"
     # The reductions accumulate with float adds: the regular expression does see float ops.
-    for name in ["matmul", "matmul_exact_grad_left", "matmul_exact_grad_right"]:
+    for name in [n + suffix for n in ["matmul", "matmul_exact_grad_left",
+                                      "matmul_exact_grad_right"]
+                 for suffix in ["", "_fast", "_fast_zeros"]]:
         assert any(op.startswith("add.") for op in report[name]["float_ops"]), report[name]

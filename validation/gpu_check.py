@@ -8,11 +8,15 @@ under the CUDA simulator.
    API: ``pam.mul`` / ``pam.div`` / ``pam.exp2`` / ``pam.log2`` on random data with special
    values (zeros of both signs, subnormals, inf, NaN, huge and tiny values), with and
    without offset; ``pam.matmul`` on odd sizes, a batched case, 1024^2 and the transformer
-   shape 4096x256 @ 256x1024; the exact backward of ``pam.matmul`` (both gradients).
+   shape 4096x256 @ 256x1024, each with three kinds of data: normals (the fast kernel),
+   ReLU-like normals with zeros (the fast "_zeros" kernel) and a sprinkle of specials (the
+   general kernel); the exact backward of ``pam.matmul`` (both gradients) on the same kinds.
+   Each check names the CUDA kernel the range check picked.
 2. Timing (CUDA events, median of ``--repeats`` after warm-up) of ``pam.matmul`` on CUDA
-   against ``torch.matmul`` (cuBLAS float32, TF32 off) and against a plain 32x32-tile
-   float32 numba-cuda kernel (``acc += a * b``; a float reference kernel, so it multiplies;
-   it lives here, not in pam).
+   (fast path) against ``torch.matmul`` (cuBLAS float32, TF32 off), against pam's general
+   kernel (the kernel before the fast path, forced), against a plain float32 numba-cuda GEMM
+   with the fast kernel's tiling (``acc += a * b``; a float reference, so it multiplies; it
+   lives here, not in pam) and a plain 32x32-tile one; and the exact backward.
 
 Prints a table and writes validation/results/gpu_check.json.
 
@@ -103,10 +107,53 @@ def record(results, what, got, want):
     print(f"  {'OK  ' if bad == 0 else 'FAIL'} {what}: {bad} of {total} differ", flush=True)
 
 
+class PathSpy:
+    """Records the kernels pam.kernels.cuda's range check picks (fast kernel name or None)."""
+
+    def __init__(self, active):
+        self.paths = []
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            from pam.kernels import cuda as pam_cuda
+            self.module, self.real = pam_cuda, pam_cuda._fast_path
+
+            def spy(*args):
+                self.paths.append(self.real(*args) or "general")
+                return None if self.paths[-1] == "general" else self.paths[-1]
+            pam_cuda._fast_path = spy
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.module._fast_path = self.real
+
+    def take(self):
+        paths, self.paths = self.paths, []
+        return "/".join(dict.fromkeys(paths)) or "-"
+
+
+def relu_like(gen, shape, scale_exp=4):
+    """Normals times powers of two, about half of them +0 (ReLU outputs)."""
+    x = mixed(gen, shape, 0.0, scale_exp)
+    x[torch.from_numpy(gen.random(shape) < 0.5)] = 0.0
+    return x
+
+
+# Data kinds of the matmul checks: (label, maker(gen, shape)).
+MATMUL_KINDS = [
+    ("normals", lambda gen, shape: mixed(gen, shape, 0.0, 4)),
+    ("relu zeros", relu_like),
+    ("specials", lambda gen, shape: mixed(gen, shape, 0.001, 4)),
+]
+
+
 def identity_checks(device, reference, matmul_shapes, seed=0):
     """Run every bit-identity check of ``device`` against ``reference`` (both torch devices)."""
     gen = np.random.default_rng(seed)
     results = []
+    spy = PathSpy(device != reference and str(device).startswith("cuda"))
     special_pairs = torch.cartesian_prod(torch.from_numpy(SPECIAL), torch.from_numpy(SPECIAL))
     inputs = {
         "special pairs": (special_pairs[:, 0].contiguous(), special_pairs[:, 1].contiguous()),
@@ -146,34 +193,41 @@ def identity_checks(device, reference, matmul_shapes, seed=0):
 
     for shape in matmul_shapes:
         batch, n, k, m = shape
-        a = mixed(gen, with_batch(batch, n, k), special_fraction=0.001, scale_exp=4)
-        b = mixed(gen, with_batch(batch, k, m), special_fraction=0.001, scale_exp=4)
-        t0 = time.perf_counter()
-        want = pam.matmul(a.to(reference), b.to(reference))
-        t1 = time.perf_counter()
-        got = pam.matmul(a.to(device), b.to(device))
-        record(results, f"matmul {shape_name(shape)} (reference {t1 - t0:.2f} s)", got, want)
+        for kind, make in MATMUL_KINDS:
+            a = make(gen, with_batch(batch, n, k))
+            b = make(gen, with_batch(batch, k, m))
+            t0 = time.perf_counter()
+            want = pam.matmul(a.to(reference), b.to(reference))
+            t1 = time.perf_counter()
+            with spy:
+                got = pam.matmul(a.to(device), b.to(device))
+            record(results, f"matmul {shape_name(shape)} {kind} [{spy.take()}] "
+                            f"(reference {t1 - t0:.2f} s)", got, want)
     a = mixed(gen, (37, 53), 0.0, 4)
     b = mixed(gen, (53, 29), 0.0, 4)
-    record(results, "matmul offset=1.0552",
-           pam.matmul(a.to(device), b.to(device), offset=1.0552),
+    with spy:
+        got = pam.matmul(a.to(device), b.to(device), offset=1.0552)
+    record(results, f"matmul offset=1.0552 [{spy.take()}]", got,
            pam.matmul(a.to(reference), b.to(reference), offset=1.0552))
 
     for shape in GRAD_SHAPES:
         batch, n, k, m = shape
-        a = mixed(gen, with_batch(batch, n, k), 0.01, 4)
-        b = mixed(gen, with_batch(batch, k, m), 0.01, 4)
-        g = mixed(gen, with_batch(batch, n, m), 0.01, 4)
-        out = {}
-        for dev in (device, reference):
-            x = a.to(dev).requires_grad_()
-            z = b.to(dev).requires_grad_()
-            pam.matmul(x, z, backward="exact").backward(g.to(dev))
-            out[dev] = (x.grad, z.grad)
-        record(results, f"matmul exact backward {shape_name(shape)}, grad a",
-               out[device][0], out[reference][0])
-        record(results, f"matmul exact backward {shape_name(shape)}, grad b",
-               out[device][1], out[reference][1])
+        for kind, make in MATMUL_KINDS:
+            a = make(gen, with_batch(batch, n, k))
+            b = make(gen, with_batch(batch, k, m))
+            g = make(gen, with_batch(batch, n, m))
+            out = {}
+            for dev in (device, reference):
+                x = a.to(dev).requires_grad_()
+                z = b.to(dev).requires_grad_()
+                with spy:
+                    pam.matmul(x, z, backward="exact").backward(g.to(dev))
+                out[dev] = (x.grad, z.grad)
+            paths = spy.take()
+            record(results, f"matmul exact backward {shape_name(shape)} {kind}, grad a "
+                            f"[{paths}]", out[device][0], out[reference][0])
+            record(results, f"matmul exact backward {shape_name(shape)} {kind}, grad b",
+                   out[device][1], out[reference][1])
     return results
 
 
@@ -222,6 +276,91 @@ def float_tiled_matmul_kernel():
     return run
 
 
+def float_fast_tiling_kernel():
+    """A plain float32 matmul with the tiling of pam's fast kernels (multiplies: a float
+    reference, not PAM): FAST_TY x FAST_TX threads of FAST_TM x FAST_TN outputs, FAST_BK-deep
+    shared-memory steps."""
+    if "fast_tiling" in _BASELINE:
+        return _BASELINE["fast_tiling"]
+    from numba import cuda, float32
+    from pam.kernels import cuda as K
+
+    TX, TY, TM, TN, BK = K.FAST_TX, K.FAST_TY, K.FAST_TM, K.FAST_TN, K.FAST_BK
+    BM, BN, BMP, NT = K.FAST_BM, K.FAST_BN, K.FAST_BM_PADDED, K.FAST_THREADS
+
+    @cuda.jit
+    def kernel(a, b, out):
+        sa = cuda.shared.array((BK, BMP), dtype=float32)
+        sb = cuda.shared.array((BK, BN), dtype=float32)
+        acc = cuda.local.array((TM, TN), dtype=float32)
+        ra = cuda.local.array(TM, dtype=float32)
+        rb = cuda.local.array(TN, dtype=float32)
+        n, k = a.shape
+        m = b.shape[1]
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid % TX
+        row0 = cuda.blockIdx.y * BM
+        col0 = cuda.blockIdx.x * BN
+        for r in range(TM):
+            for c in range(TN):
+                acc[r, c] = float32(0.0)
+        for k0 in range(0, k, BK):
+            for u in range(BM * BK // NT):
+                e = tid + u * NT
+                r = e // BK
+                q = e % BK
+                ok = row0 + r < n and k0 + q < k
+                sa[q, r] = a[row0 + r, k0 + q] if ok else float32(0.0)
+            for u in range(BK * BN // NT):
+                e = tid + u * NT
+                q = e // BN
+                c = e % BN
+                ok = k0 + q < k and col0 + c < m
+                sb[q, c] = b[k0 + q, col0 + c] if ok else float32(0.0)
+            cuda.syncthreads()
+            for qq in range(BK):
+                for r in range(TM):
+                    ra[r] = sa[qq, ty + r * TY]
+                for c in range(TN):
+                    rb[c] = sb[qq, tx + c * TX]
+                for r in range(TM):
+                    for c in range(TN):
+                        acc[r, c] += ra[r] * rb[c]
+            cuda.syncthreads()
+        for r in range(TM):
+            for c in range(TN):
+                i = row0 + ty + r * TY
+                j = col0 + tx + c * TX
+                if i < n and j < m:
+                    out[i, j] = acc[r, c]
+
+    def run(a, b, out):
+        n, m = out.shape
+        stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+        grid = ((m + BN - 1) // BN, (n + BM - 1) // BM)
+        kernel[grid, NT, stream](cuda.as_cuda_array(a), cuda.as_cuda_array(b),
+                                 cuda.as_cuda_array(out))
+        return out
+
+    _BASELINE["fast_tiling"] = run
+    return run
+
+
+def general_path_only():
+    """Context manager: pam's CUDA reductions run their general kernels (the old ones)."""
+    class Force(PathSpy):
+        def __enter__(self):
+            from pam.kernels import cuda as pam_cuda
+            self.module, self.real = pam_cuda, pam_cuda._fast_path
+            pam_cuda._fast_path = lambda *args: None
+            return self
+
+        def __exit__(self, *exc):
+            self.module._fast_path = self.real
+    return Force(True)
+
+
 def cuda_time_ms(fn, repeats, warmup=3):
     """Median milliseconds of ``fn()`` on the current CUDA stream (CUDA events)."""
     for _ in range(warmup):
@@ -243,7 +382,8 @@ def timing(shapes, repeats, seed=1):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
-    baseline = float_tiled_matmul_kernel()
+    baselines = {"numba_float_tiled": float_tiled_matmul_kernel(),
+                 "numba_float_fast_tiling": float_fast_tiling_kernel()}
     gen = np.random.default_rng(seed)
     rows = []
     for shape in shapes:
@@ -252,51 +392,64 @@ def timing(shapes, repeats, seed=1):
         b = mixed(gen, with_batch(batch, k, m), 0.0, 4).cuda()
         flops = 2.0 * (batch or 1) * n * k * m
         row = {"shape": shape_name(shape), "batch": batch, "n": n, "k": k, "m": m}
+        with PathSpy(True) as spy:
+            pam.matmul(a, b)
+        row["pam_path"] = spy.take()
         row["pam_ms"] = cuda_time_ms(lambda: pam.matmul(a, b), repeats)
+        with general_path_only():
+            row["pam_general_ms"] = cuda_time_ms(lambda: pam.matmul(a, b),
+                                                 max(3, repeats // 4), warmup=1)
         row["torch_fp32_ms"] = cuda_time_ms(lambda: torch.matmul(a, b), repeats)
-        if batch is None:
-            out = torch.empty(n, m, device="cuda")
-            row["numba_float_tiled_ms"] = cuda_time_ms(lambda: baseline(a, b, out), repeats)
-            want = torch.matmul(a.double(), b.double())
-            row["numba_float_tiled_max_rel_err"] = float(
-                ((out.double() - want).abs().max() / want.abs().max()).item())
-        else:
-            row["numba_float_tiled_ms"] = None
+        for key, baseline in baselines.items():
+            if batch is None:
+                out = torch.empty(n, m, device="cuda")
+                row[f"{key}_ms"] = cuda_time_ms(lambda: baseline(a, b, out), repeats)
+                want = torch.matmul(a.double(), b.double())
+                row[f"{key}_max_rel_err"] = float(
+                    ((out.double() - want).abs().max() / want.abs().max()).item())
+            else:
+                row[f"{key}_ms"] = None
         # Exact backward (both gradients) of pam.matmul, for scale.
         x = a.clone().requires_grad_()
         z = b.clone().requires_grad_()
-        y = pam.matmul(x, z)
+        y = pam.matmul(x, z, backward="exact")
         g = torch.ones_like(y)
         row["pam_exact_backward_ms"] = cuda_time_ms(
             lambda: torch.autograd.grad(y, (x, z), g, retain_graph=True), max(3, repeats // 4),
             warmup=1)
-        for key in ("pam_ms", "torch_fp32_ms", "numba_float_tiled_ms"):
+        for key in ("pam_ms", "pam_general_ms", "torch_fp32_ms", "numba_float_tiled_ms",
+                    "numba_float_fast_tiling_ms"):
             if row.get(key):
                 row[key.replace("_ms", "_gflops")] = flops / (row[key] * 1e-3) / 1e9
         row["pam_vs_torch"] = row["pam_ms"] / row["torch_fp32_ms"]
-        if row["numba_float_tiled_ms"]:
-            row["pam_vs_numba_float_tiled"] = row["pam_ms"] / row["numba_float_tiled_ms"]
+        row["general_vs_fast"] = row["pam_general_ms"] / row["pam_ms"]
+        if row["numba_float_fast_tiling_ms"]:
+            row["pam_vs_numba_float_fast_tiling"] = (row["pam_ms"]
+                                                     / row["numba_float_fast_tiling_ms"])
         rows.append(row)
-        print(f"  {row['shape']:28s} pam {row['pam_ms']:9.3f} ms"
+        print(f"  {row['shape']:28s} pam {row['pam_ms']:9.3f} ms [{row['pam_path']}]"
+              f"  general {row['pam_general_ms']:9.3f} ms"
               f"  torch {row['torch_fp32_ms']:8.3f} ms"
-              f"  numba-float {row['numba_float_tiled_ms'] or float('nan'):8.3f} ms"
-              f"  pam/torch {row['pam_vs_torch']:6.1f}x"
+              f"  numba-float(same tiling) "
+              f"{row['numba_float_fast_tiling_ms'] or float('nan'):8.3f} ms"
               f"  backward {row['pam_exact_backward_ms']:9.3f} ms", flush=True)
     return rows
 
 
 def print_table(rows):
-    head = (f"{'shape':28s} {'pam ms':>9s} {'GFLOP/s':>8s} {'torch ms':>9s} {'GFLOP/s':>8s} "
-            f"{'numba-f ms':>10s} {'pam/torch':>9s} {'pam/numba-f':>11s} {'bwd ms':>9s}")
+    head = (f"{'shape':28s} {'pam ms':>9s} {'GFLOP/s':>8s} {'general ms':>10s} "
+            f"{'torch ms':>9s} {'GFLOP/s':>8s} {'float-same ms':>13s} {'float-32 ms':>11s} "
+            f"{'pam/torch':>9s} {'pam/float-same':>14s} {'gen/fast':>8s} {'bwd ms':>9s}")
     print(head)
     print("-" * len(head))
+    nan = math.nan
     for r in rows:
-        nf = r["numba_float_tiled_ms"]
         print(f"{r['shape']:28s} {r['pam_ms']:9.3f} {r['pam_gflops']:8.0f} "
-              f"{r['torch_fp32_ms']:9.3f} {r['torch_fp32_gflops']:8.0f} "
-              f"{(nf if nf else math.nan):10.3f} {r['pam_vs_torch']:9.1f} "
-              f"{r.get('pam_vs_numba_float_tiled', math.nan):11.2f} "
-              f"{r['pam_exact_backward_ms']:9.3f}")
+              f"{r['pam_general_ms']:10.3f} {r['torch_fp32_ms']:9.3f} "
+              f"{r['torch_fp32_gflops']:8.0f} {r['numba_float_fast_tiling_ms'] or nan:13.3f} "
+              f"{r['numba_float_tiled_ms'] or nan:11.3f} {r['pam_vs_torch']:9.2f} "
+              f"{r.get('pam_vs_numba_float_fast_tiling', nan):14.2f} "
+              f"{r['general_vs_fast']:8.1f} {r['pam_exact_backward_ms']:9.3f}")
 
 
 # --------------------------------------------------------------------------- main
@@ -348,7 +501,9 @@ def main(argv=None):
         if pam_cuda._compiled_cache:
             sys.exit("--tile must be set before the first CUDA kernel is compiled")
         pam_cuda.TILE = args.tile   # read by the kernels when they are compiled (lazily)
-    report = {"environment": environment(), "tile": pam_cuda.TILE}
+    report = {"environment": environment(), "tile": pam_cuda.TILE,
+              "fast_tiles": {name: getattr(pam_cuda, name) for name in
+                             ("FAST_TX", "FAST_TY", "FAST_TM", "FAST_TN", "FAST_BK")}}
     print(json.dumps(report["environment"]), flush=True)
 
     print("bit identity, CUDA vs CPU:", flush=True)

@@ -4,13 +4,21 @@ Same names, argument orders and semantics as :mod:`pam.kernels.cpu`; every kerne
 the scalar definitions of :mod:`pam.bits`, so CPU and CUDA compute the same bits.
 
 * Elementwise (``a, b, off, out`` or ``x, out``): one thread per element, grid-stride loop.
-* ``matmul`` and the exact-backward kernels: tiled shared-memory kernels (``TILE`` x
-  ``TILE`` threads per block, ``TILE`` x ``TILE`` tiles of both operands in shared memory).
-  Each thread owns one output element and accumulates in float32 in increasing order of
-  the reduced index, exactly as the CPU kernels do: no split reductions, no atomics, so the
-  result is deterministic and equal to the CPU result bit for bit. Sizes need not be
-  multiples of ``TILE`` (loads and stores are bounds-checked). The batch dimension is
-  walked with a grid-stride loop, so any batch size works.
+* ``matmul`` and the exact-backward kernels: each call first runs one range check
+  (``_range_stats_kernel``: max |bits|, min normal |bits|, min |bits| of every operand,
+  3 int32 per operand copied back to the host). When no operand holds an inf or NaN and
+  the exponent ranges rule out overflow and underflow (the CPU fast path's conditions), a
+  register-tiled fast kernel runs whose product is integer adds on the bit patterns
+  (``FAST_*`` constants; ``_zeros`` variants mask products with a zero or subnormal
+  factor to +0). Otherwise the general tiled kernel runs (``TILE`` x ``TILE`` threads,
+  one output each, calling bits.mul_bits / bits.mul_slope_bits per product). In both,
+  each output is accumulated by one thread in float32 in increasing order of the reduced
+  index, exactly as the CPU kernels do: no split reductions, no atomics, so the result is
+  deterministic and equal to the CPU result bit for bit. Sizes need not be multiples of
+  any tile (loads and stores are bounds-checked). The batch dimension is walked with a
+  grid-stride loop, so any batch size works.
+* ``SIGNATURES`` gives every kernel's numba argument types (kernels are compiled with
+  them), so tools compile each ahead of time (validation/cuda_sass.py: SASS per product).
 
 Arguments
 ---------
@@ -29,6 +37,7 @@ import importlib.util
 import sys
 
 import numpy as np
+from numba.extending import register_jitable
 
 from .. import bits, optim_bits, rows_bits
 
@@ -41,6 +50,8 @@ TILE = 16
 # Threads per block of the elementwise kernels, and the most blocks launched (grid stride).
 ELEMENTWISE_THREADS = 256
 ELEMENTWISE_MAX_BLOCKS = 8192
+# Threads per block of the range check that picks the matmul kernels' path.
+RANGE_STATS_THREADS = 256
 # CUDA limits the y and z grid dimensions to 65535 blocks.
 _MAX_GRID_YZ = 65535
 
@@ -49,9 +60,9 @@ try:
 except (ImportError, ValueError):  # pragma: no cover - a broken or blocked installation
     _HAVE_NUMBA_CUDA = False
 if _HAVE_NUMBA_CUDA:
-    from numba import cuda, int32
+    from numba import cuda, float32, int32, types
 else:  # pragma: no cover - exercised only where numba-cuda is absent
-    cuda = int32 = None
+    cuda = float32 = int32 = types = None
 
 
 def available():
@@ -211,6 +222,273 @@ def _matmul_exact_grad_right_kernel(at, b, grad, off, out):
             out[p, t, j] = acc
 
 
+# ----------------------------------------------------------------- fast paths
+# When one range check per call (_range_stats_kernel) shows that no operand holds an inf or
+# NaN and the exponent ranges rule out overflow and underflow, every PAM product of normal
+# operands is a wrapping int32 addition of bit patterns (see pam.kernels.cpu): the
+# forward product is bits(a) + bits(b) + (off - ONE), the exact-backward product is
+# ((Y + bits(y)) & NOT_MANT) + bits(g), with Y = Mx + off - ONE fixed per output. A
+# product with a zero or subnormal factor is +-0, and adding +-0 to an accumulator that
+# started at +0.0 never changes its bits (round-to-nearest makes x + (-x) = +0, so the
+# accumulator is never -0); the "_zeros" variants mask such products to +0 with one AND.
+#
+# The three reductions share one shape: out[r, c] = sum_q F(R[r, q], C[q, c], Y[r, c]) over
+# q increasing, in float32, one accumulator per output (the CPU's order, so the bits agree).
+# Each block computes a FAST_BM x FAST_BN output tile with FAST_TY x FAST_TX threads; each
+# thread owns FAST_TM x FAST_TN outputs in registers, rows ty + FAST_TY * r and columns
+# tx + FAST_TX * c (strided, so that the shared-memory reads of a warp hit distinct banks
+# or broadcast). Per step of FAST_BK reduction indices the block stages R (transposed, rows
+# padded by FAST_PAD words so that the transposing stores hit distinct banks) and C in
+# shared memory; each reduction index then costs FAST_TM + FAST_TN shared loads for
+# FAST_TM * FAST_TN products of one integer add (forward) plus one float add. Index math
+# is int32 over flat arrays (the launcher checks that every array has < 2^31 elements).
+FAST_TX = 16
+FAST_TY = 16
+FAST_TM = 8
+FAST_TN = 8
+FAST_BK = 8                # the kernel spells out 8 steps per staged tile
+FAST_PAD = 4
+FAST_BM = FAST_TY * FAST_TM
+FAST_BN = FAST_TX * FAST_TN
+FAST_THREADS = FAST_TX * FAST_TY
+FAST_BM_PADDED = FAST_BM + FAST_PAD   # row length of the transposed R tile in shared memory
+_FAST_R_LOADS = FAST_BM * FAST_BK // FAST_THREADS    # R elements each thread stages per step
+_FAST_C_LOADS = FAST_BK * FAST_BN // FAST_THREADS
+_FAST_R_STRIDE = FAST_THREADS // FAST_BK             # tile rows staged per pass
+_FAST_C_STRIDE = FAST_THREADS // FAST_BN             # reduction indices of C staged per pass
+# Every thread stages whole cells: the block's threads divide both staged tiles evenly.
+assert FAST_THREADS % FAST_BK == 0 and FAST_THREADS % FAST_BN == 0
+assert FAST_BM * FAST_BK % FAST_THREADS == 0
+
+_FWD, _LEFT, _RIGHT = 0, 1, 2
+# Masking of the fast kernels: none; zeros of grad only (the exact backward's additive
+# operand: its zeros are staged as 0 and the slope masked, so a product stays one add
+# cheaper); zeros of both factors (the whole product masked).
+_MASK_NONE, _MASK_GRAD, _MASK_BOTH = 0, 1, 2
+_MASK_SUFFIX = {_MASK_NONE: "_fast", _MASK_GRAD: "_fast_grad_zeros", _MASK_BOTH: "_fast_zeros"}
+_NOT_MANT = -8388608          # ~MANT_MASK: clears the 23 mantissa bits
+
+
+@register_jitable(forceinline=True)
+def _nonzero_mask(x):
+    """-1 (all ones) when bit pattern x is a normal number, inf or NaN; 0 for zero/subnormal."""
+    return np.int32(-1) if (np.int64(x) & bits.ABS_MASK) >= bits.MIN_NORMAL else np.int32(0)
+
+
+@register_jitable(forceinline=True)
+def _fast_stage(R, C, q0, red, add, rq, rr, roff, rok, cq, cc, coff, cok, sR, sC, smR, smC,
+                full, mask_r, mask_c, zero_r, zero_c):
+    """Copy R[row0:+BM, q0:+BK] (transposed, + ``add``) and C[q0:+BK, col0:+BN] to shared.
+
+    Each thread stages fixed cells: R rows rr + u * _FAST_R_STRIDE at reduction index
+    q0 + rq (flat offsets roff[u], inside the array when rok[u]), and C reduction indices
+    q0 + cq + u * _FAST_C_STRIDE at column cc (flat offsets coff[u], inside when ``cok``).
+    With ``full`` the whole tile lies below ``red``. Cells outside the arrays hold anything:
+    their rows and columns are never stored and their reduction indices never read.
+    ``mask_r`` / ``mask_c``: also stage the operand's _nonzero_mask; ``zero_r`` /
+    ``zero_c``: stage its zeros and subnormals as 0.
+    """
+    for u in range(_FAST_R_LOADS):
+        v = np.int32(0)
+        if rok[u] and (full or q0 + rq < red):
+            v = R[np.uint32(roff[u])]
+        if zero_r:
+            v = v & _nonzero_mask(v)
+        sR[rq, rr + u * _FAST_R_STRIDE] = np.int32(np.int64(v) + add)
+        if mask_r:
+            smR[rq, rr + u * _FAST_R_STRIDE] = _nonzero_mask(v)
+    for u in range(_FAST_C_LOADS):
+        v = np.int32(0)
+        if cok and (full or q0 + cq + u * _FAST_C_STRIDE < red):
+            v = C[np.uint32(coff[u])]
+        if zero_c:
+            v = v & _nonzero_mask(v)
+        sC[cq + u * _FAST_C_STRIDE, cc] = v
+        if mask_c:
+            smC[cq + u * _FAST_C_STRIDE, cc] = _nonzero_mask(v)
+
+
+@register_jitable(forceinline=True)
+def _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked, mask_r,
+               mask_c):
+    """acc[r, c] += F(R[., qq], C[qq, .], Y[r, c]) for the thread's FAST_TM x FAST_TN outputs."""
+    for r in range(FAST_TM):
+        rR[r] = sR[qq, ty + r * FAST_TY]
+    for c in range(FAST_TN):
+        rC[c] = sC[qq, tx + c * FAST_TX]
+    if mask_r:
+        for r in range(FAST_TM):
+            mR[r] = smR[qq, ty + r * FAST_TY]
+    if mask_c:
+        for c in range(FAST_TN):
+            mC[c] = smC[qq, tx + c * FAST_TX]
+    for r in range(FAST_TM):
+        for c in range(FAST_TN):
+            if mode == _FWD:
+                v = np.int64(rR[r]) + rC[c]
+            elif mode == _LEFT:
+                slope = (np.int64(Y[r, c]) + rC[c]) & _NOT_MANT
+                if masked == _MASK_GRAD:       # grad (R) staged as 0 where it is zero
+                    slope = slope & mR[r]
+                v = slope + rR[r]
+            else:
+                slope = (np.int64(Y[r, c]) + rR[r]) & _NOT_MANT
+                if masked == _MASK_GRAD:       # grad (C) staged as 0 where it is zero
+                    slope = slope & mC[c]
+                v = slope + rC[c]
+            if masked == _MASK_BOTH:
+                v = v & mR[r] & mC[c]
+            acc[r, c] += bits.bits_to_f32(np.int32(v))
+
+
+def _make_fast_kernel(mode, masked):
+    """The fast-path kernel of one reduction (_FWD, _LEFT, _RIGHT) with masking ``masked``.
+
+    Arguments: R (batch, rows, red), C (batch, red, cols), S (batch, rows, cols; the
+    operand whose mantissa enters the slope, unused by the forward kernel), all flat int32;
+    batch, rows, cols, red, off (int32); out (batch, rows, cols) flat float32.
+    Grid: x = column tiles, y = row tiles, z = batches (grid stride).
+    """
+    grad_r = masked == _MASK_GRAD and mode == _LEFT     # grad is R in the left gradient,
+    grad_c = masked == _MASK_GRAD and mode == _RIGHT    # C in the right one
+    mask_r = masked == _MASK_BOTH or grad_r
+    mask_c = masked == _MASK_BOTH or grad_c
+
+    def kernel(R, C, S, batch, rows, cols, red, off, out):
+        sR = cuda.shared.array((FAST_BK, FAST_BM_PADDED), dtype=int32)
+        sC = cuda.shared.array((FAST_BK, FAST_BN), dtype=int32)
+        smR = cuda.shared.array((FAST_BK, FAST_BM_PADDED), dtype=int32)
+        smC = cuda.shared.array((FAST_BK, FAST_BN), dtype=int32)
+        acc = cuda.local.array((FAST_TM, FAST_TN), dtype=float32)
+        Y = cuda.local.array((FAST_TM, FAST_TN), dtype=int32)
+        rR = cuda.local.array(FAST_TM, dtype=int32)
+        rC = cuda.local.array(FAST_TN, dtype=int32)
+        mR = cuda.local.array(FAST_TM, dtype=int32)
+        mC = cuda.local.array(FAST_TN, dtype=int32)
+        roff = cuda.local.array(_FAST_R_LOADS, dtype=int32)
+        rok = cuda.local.array(_FAST_R_LOADS, dtype=types.boolean)
+        coff = cuda.local.array(_FAST_C_LOADS, dtype=int32)
+        tid = np.int32(cuda.threadIdx.x)
+        ty = tid // FAST_TX
+        tx = tid - ty * FAST_TX
+        rr = tid // FAST_BK
+        rq = tid - rr * FAST_BK
+        cq = tid // FAST_BN
+        cc = tid - cq * FAST_BN
+        col0 = np.int32(cuda.blockIdx.x) * FAST_BN
+        row0 = np.int32(cuda.blockIdx.y) * FAST_BM
+        cok = col0 + cc < cols
+        # The forward kernel folds the constant into R once per staged tile.
+        add = np.int32(np.int64(off) - bits.ONE) if mode == _FWD else np.int32(0)
+        red_full = red - red % FAST_BK
+        for p in range(cuda.blockIdx.z, batch, cuda.gridDim.z):
+            rbase = np.int32(p * rows * red)
+            cbase = np.int32(p * red * cols)
+            obase = np.int32(p * rows * cols)
+            for u in range(_FAST_R_LOADS):
+                i = row0 + rr + u * _FAST_R_STRIDE
+                rok[u] = i < rows
+                roff[u] = np.int32(rbase + i * red + rq)
+            for u in range(_FAST_C_LOADS):
+                coff[u] = np.int32(cbase + (cq + u * _FAST_C_STRIDE) * cols + col0 + cc)
+            for r in range(FAST_TM):
+                for c in range(FAST_TN):
+                    acc[r, c] = np.float32(0.0)
+            if mode != _FWD:
+                # Y = Mx + off - ONE: the mantissa of the output's own operand (0 for a
+                # zero or subnormal one: the one-sided limit of bits.mul_slope_bits).
+                for r in range(FAST_TM):
+                    i = row0 + ty + r * FAST_TY
+                    for c in range(FAST_TN):
+                        j = col0 + tx + c * FAST_TX
+                        x = np.int64(0)
+                        if i < rows and j < cols:
+                            x = np.int64(S[np.uint32(obase + i * cols + j)]) & bits.ABS_MASK
+                        mx = x & bits.MANT_MASK if x >= bits.MIN_NORMAL else np.int64(0)
+                        Y[r, c] = np.int32(mx + off - bits.ONE)
+            step_c = np.int32(FAST_BK * cols)
+            for _ in range(red_full // FAST_BK):
+                _fast_stage(R, C, 0, red, add, rq, rr, roff, rok, cq, cc, coff, cok,
+                            sR, sC, smR, smC, True, mask_r, mask_c, grad_r, grad_c)
+                for u in range(_FAST_R_LOADS):
+                    roff[u] = np.int32(roff[u] + FAST_BK)
+                for u in range(_FAST_C_LOADS):
+                    coff[u] = np.int32(coff[u] + step_c)
+                cuda.syncthreads()
+                # FAST_BK (8) steps written out: NVVM does not unroll a loop this large, and
+                # unrolled, every shared-memory address is a constant offset.
+                _fast_step(0, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(1, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(2, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(3, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(4, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(5, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(6, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                _fast_step(7, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
+                           mask_r, mask_c)
+                cuda.syncthreads()
+            if red_full < red:
+                _fast_stage(R, C, red_full, red, add, rq, rr, roff, rok, cq, cc, coff, cok,
+                            sR, sC, smR, smC, False, mask_r, mask_c, grad_r, grad_c)
+                cuda.syncthreads()
+                for qq in range(red - red_full):
+                    _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode,
+                               masked, mask_r, mask_c)
+                cuda.syncthreads()
+            for r in range(FAST_TM):
+                i = row0 + ty + r * FAST_TY
+                if i < rows:
+                    for c in range(FAST_TN):
+                        j = col0 + tx + c * FAST_TX
+                        if j < cols:
+                            out[np.uint32(obase + i * cols + j)] = acc[r, c]
+
+    kernel.__name__ = (["_matmul", "_matmul_exact_grad_left", "_matmul_exact_grad_right"][mode]
+                       + _MASK_SUFFIX[masked] + "_kernel")
+    kernel.__qualname__ = kernel.__name__
+    return kernel
+
+
+# ----------------------------------------------------------------- range check
+def _range_stats_kernel(x, stats):
+    """stats[0] = max |bits| (>= INF: an inf or NaN), stats[1] = min normal |bits| (INF when
+    none), stats[2] = min |bits| (< MIN_NORMAL: a zero or subnormal), over flat int32 ``x``.
+
+    ``stats`` must hold (0, INF, INF) before the launch; blocks combine with atomics.
+    """
+    blk = cuda.shared.array(3, dtype=int32)
+    tid = cuda.threadIdx.x
+    if tid == 0:
+        blk[0] = 0
+        blk[1] = bits.INF
+        blk[2] = bits.INF
+    cuda.syncthreads()
+    hi = np.int32(0)
+    lo = np.int32(bits.INF)
+    zmin = np.int32(bits.INF)
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        u = np.int32(x[i] & bits.ABS_MASK)
+        hi = max(hi, u)
+        zmin = min(zmin, u)
+        if u >= bits.MIN_NORMAL:
+            lo = min(lo, u)
+    cuda.atomic.max(blk, 0, hi)
+    cuda.atomic.min(blk, 1, lo)
+    cuda.atomic.min(blk, 2, zmin)
+    cuda.syncthreads()
+    if tid == 0:
+        cuda.atomic.max(stats, 0, blk[0])
+        cuda.atomic.min(stats, 1, blk[1])
+        cuda.atomic.min(stats, 2, blk[2])
+
+
 # Kernel name -> plain Python kernel function (what cuda.jit and cuda.compile_ptx take).
 KERNEL_FUNCTIONS = {
     "mul": _mul_kernel,
@@ -225,7 +503,39 @@ KERNEL_FUNCTIONS = {
     "matmul": _matmul_kernel,
     "matmul_exact_grad_left": _matmul_exact_grad_left_kernel,
     "matmul_exact_grad_right": _matmul_exact_grad_right_kernel,
+    "range_stats": _range_stats_kernel,
 }
+for _mode, _name in enumerate(("matmul", "matmul_exact_grad_left", "matmul_exact_grad_right")):
+    for _masked in (_MASK_NONE, _MASK_GRAD, _MASK_BOTH):
+        if not (_mode == _FWD and _masked == _MASK_GRAD):
+            KERNEL_FUNCTIONS[_name + _MASK_SUFFIX[_masked]] = _make_fast_kernel(_mode, _masked)
+
+
+def _signatures():
+    """Kernel name -> tuple of numba argument types (what the launchers pass)."""
+    from numba import types as nt
+    i1, i3, f3, off = nt.int32[::1], nt.int32[:, :, ::1], nt.float32[:, :, ::1], nt.int64
+    sigs = {name: (i1, i1, off, i1) for name in
+            ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den")}
+    sigs.update({name: (i1, i1) for name in ("exp2", "log2", "exp2_slope", "log2_slope")})
+    sigs["matmul"] = (i3, i3, off, f3)
+    sigs["matmul_exact_grad_left"] = (i3, i3, i3, off, f3)
+    sigs["matmul_exact_grad_right"] = (i3, i3, i3, off, f3)
+    sigs["range_stats"] = (i1, i1)
+    i32, f1 = nt.int32, nt.float32[::1]
+    for name in KERNEL_FUNCTIONS:
+        if "_fast" in name:
+            sigs[name] = (i1, i1, i1, i32, i32, i32, i32, i32, f1)
+    return sigs
+
+
+# Kernel name -> numba argument types: every kernel can be compiled ahead of time
+# (cuda.compile_ptx(KERNEL_FUNCTIONS[name], SIGNATURES[name], cc=...)) by tools and tests.
+SIGNATURES = _signatures()
+# Kernel name -> threads per block it is launched with (ELEMENTWISE_THREADS if absent).
+THREADS_PER_BLOCK = {"matmul": TILE * TILE, "matmul_exact_grad_left": TILE * TILE,
+                     "matmul_exact_grad_right": TILE * TILE, "range_stats": RANGE_STATS_THREADS}
+THREADS_PER_BLOCK.update({name: FAST_THREADS for name in KERNEL_FUNCTIONS if "_fast" in name})
 
 _compiled_cache = {}
 
@@ -235,7 +545,8 @@ def _compiled(name):
     _require_numba_cuda()
     kernel = _compiled_cache.get(name)
     if kernel is None:
-        kernel = cuda.jit(KERNEL_FUNCTIONS[name])
+        from numba import types as nt
+        kernel = cuda.jit(nt.void(*SIGNATURES[name]))(KERNEL_FUNCTIONS[name])
         _compiled_cache[name] = kernel
     return kernel
 
@@ -269,13 +580,13 @@ def _check_array(x, name, ndim, dtype):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
 
 
-def _launch(name, griddim, blockdim, arrays, scalars, out):
-    """Launch kernel ``name`` with ``(*arrays, *scalars, out)``.
+def _on_device(arrays, out, body):
+    """Call ``body(device_arrays, device_out, stream)`` and return ``out``.
 
-    torch CUDA tensors are passed zero-copy on torch's current stream; NumPy arrays are
-    copied to the device and the result is copied back into ``out``.
+    torch CUDA tensors are passed zero-copy on torch's current stream of their device;
+    NumPy arrays are copied to the device and the result is copied back into ``out``.
     """
-    kernel = _compiled(name)
+    _require_numba_cuda()
     tensors = [_is_torch_tensor(x) for x in (*arrays, out)]
     if all(tensors):
         import torch
@@ -286,16 +597,30 @@ def _launch(name, griddim, blockdim, arrays, scalars, out):
                                  f"{device}")
         with cuda.gpus[device.index if device.index is not None else 0]:
             stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-            dev = [cuda.as_cuda_array(x.detach()) for x in (*arrays, out)]
-            kernel[griddim, blockdim, stream](*dev[:-1], *scalars, dev[-1])
+            # Views with canonical strides (torch calls a tensor contiguous whatever the
+            # strides of its size-1 dimensions; numba would then type it as non-contiguous).
+            dev = [cuda.as_cuda_array(x.detach().reshape(-1).view(x.shape))
+                   for x in (*arrays, out)]
+            body(dev[:-1], dev[-1], stream)
         return out
     if any(tensors):
         raise TypeError("pass either only torch CUDA tensors or only NumPy arrays")
-    dev = [cuda.to_device(x) for x in arrays]
-    dout = cuda.to_device(out)
-    kernel[griddim, blockdim](*dev, *scalars, dout)
-    dout.copy_to_host(out)
+    stream = cuda.default_stream()
+    dev = [cuda.to_device(x, stream=stream) for x in arrays]
+    dout = cuda.to_device(out, stream=stream)
+    body(dev, dout, stream)
+    dout.copy_to_host(out, stream=stream)
+    stream.synchronize()
     return out
+
+
+def _launch(name, griddim, blockdim, arrays, scalars, out):
+    """Launch kernel ``name`` with ``(*arrays, *scalars, out)`` (see _on_device)."""
+    kernel = _compiled(name)
+
+    def body(dev, dout, stream):
+        kernel[griddim, blockdim, stream](*dev, *scalars, dout)
+    return _on_device(arrays, out, body)
 
 
 def _elementwise_grid(size):
@@ -327,19 +652,99 @@ def _unary(name, x, out):
                    out)
 
 
-def _tiled(name, left, right, extra, off, out, names):
-    """Launch a tiled reduction kernel; ``out`` is (P, rows, cols) float32."""
-    for x, label in ((*zip((left, right, *extra), names), (out, "out"))):
+# Reduction name -> (mode, index of R, of C, of S among the public arguments, index of the
+# operand whose range bounds the slope's exponent (None for the forward product)).
+_FAST_SPEC = {
+    "matmul": (_FWD, 0, 1, 0, None),
+    "matmul_exact_grad_left": (_LEFT, 2, 1, 0, 1),       # R = grad, C = bt, S = a
+    "matmul_exact_grad_right": (_RIGHT, 0, 2, 1, 0),     # R = at, C = grad, S = b
+}
+_INT32_LIMIT = 2 ** 31
+
+
+def _range_stats(flat, stream):
+    """(has inf/NaN, has zero/subnormal, min normal |bits|, max |bits|) of each flat array.
+
+    One _range_stats_kernel launch per array and one copy of 3 int32 per array back to
+    the host (this synchronizes with the stream).
+    """
+    init = np.empty((len(flat), 3), np.int32)
+    init[:] = (0, bits.INF, bits.INF)
+    dstats = cuda.to_device(init, stream=stream)
+    kernel = _compiled("range_stats")
+    for i, x in enumerate(flat):
+        if x.size:
+            blocks = min((x.size + RANGE_STATS_THREADS - 1) // RANGE_STATS_THREADS,
+                         ELEMENTWISE_MAX_BLOCKS)
+            kernel[blocks, RANGE_STATS_THREADS, stream](x, dstats[i])
+    stats = dstats.copy_to_host(stream=stream)
+    stream.synchronize()
+    return [(int(hi) >= bits.INF, int(zmin) < bits.MIN_NORMAL, int(lo), int(hi))
+            for hi, lo, zmin in stats]
+
+
+def _fast_path(name, flat, off, stream):
+    """The fast kernel's name for these operands, or None when the general path must run.
+
+    Fast when no operand holds an inf or NaN and the exponent ranges rule out overflow and
+    underflow of every product of normal operands (the CPU kernels' conditions). The
+    "_zeros" variant when a factor of the products (R or C) holds a zero or subnormal,
+    except in the exact backward when only grad does: "_fast_grad_zeros".
+    """
+    from . import cpu
+    mode, ri, ci, _, yi = _FAST_SPEC[name]
+    stats = _range_stats(flat, stream)
+    if any(s[0] for s in stats):
+        return None
+    if mode == _FWD:
+        ok = cpu._mul_fast_ok(stats[ri][2], stats[ri][3], stats[ci][2], stats[ci][3], off)
+    else:
+        g = stats[2]
+        ok = cpu._slope_fast_ok(g[2], g[3], stats[yi][2], stats[yi][3], off)
+    if not ok:
+        return None
+    if mode == _FWD:
+        zeros_grad, zeros_other = False, stats[ri][1] or stats[ci][1]
+    else:   # the slope operand is C in the left gradient, R in the right one
+        zeros_grad, zeros_other = stats[2][1], stats[ci if mode == _LEFT else ri][1]
+    if zeros_other:
+        return name + _MASK_SUFFIX[_MASK_BOTH]
+    return name + _MASK_SUFFIX[_MASK_GRAD if zeros_grad else _MASK_NONE]
+
+
+def _tiled(name, arrays, names, off, out):
+    """Launch reduction ``name`` (fast path when the range check allows, else general).
+
+    ``arrays`` are the public kernel's int32 operands, ``out`` is (P, rows, cols) float32.
+    """
+    for x, label in ((*zip(arrays, names), (out, "out"))):
         _check_array(x, label, 3, np.float32 if label == "out" else np.int32)
     batch, rows, cols = out.shape
     if batch == 0 or rows == 0 or cols == 0:
         return out
+    mode, ri, ci, si, _ = _FAST_SPEC[name]
+    red = arrays[ri].shape[2]
+    row_tiles = (rows + FAST_BM - 1) // FAST_BM
+    fast_fits = (row_tiles <= _MAX_GRID_YZ and -_INT32_LIMIT <= int(off) < _INT32_LIMIT
+                 and all(x.size < _INT32_LIMIT for x in (*arrays, out)))
     col_tiles = (cols + TILE - 1) // TILE
-    if col_tiles > _MAX_GRID_YZ:
-        raise ValueError(f"{name}: at most {_MAX_GRID_YZ * TILE} output columns are "
-                         f"supported, got {cols}")
-    griddim = ((rows + TILE - 1) // TILE, col_tiles, min(batch, _MAX_GRID_YZ))
-    return _launch(name, griddim, (TILE, TILE), (left, right, *extra), (int(off),), out)
+    off = int(off)
+
+    def body(dev, dout, stream):
+        flat = [x.reshape(x.size) for x in dev]
+        fast = _fast_path(name, flat, off, stream) if fast_fits else None
+        if fast is not None:
+            griddim = ((cols + FAST_BN - 1) // FAST_BN, row_tiles, min(batch, _MAX_GRID_YZ))
+            _compiled(fast)[griddim, FAST_THREADS, stream](
+                flat[ri], flat[ci], flat[si], np.int32(batch), np.int32(rows),
+                np.int32(cols), np.int32(red), np.int32(off), dout.reshape(dout.size))
+            return
+        if col_tiles > _MAX_GRID_YZ:
+            raise ValueError(f"{name}: at most {_MAX_GRID_YZ * TILE} output columns are "
+                             f"supported on the general path, got {cols}")
+        griddim = ((rows + TILE - 1) // TILE, col_tiles, min(batch, _MAX_GRID_YZ))
+        _compiled(name)[griddim, (TILE, TILE), stream](*dev, off, dout)
+    return _on_device(arrays, out, body)
 
 
 def _shape_error(what, **shapes):
@@ -404,7 +809,7 @@ def matmul(a, b, off, out):
                      and out.shape[1] == a.shape[1] and out.shape[2] == b.shape[2])):
         raise _shape_error("matmul expects a (P, n, k), b (P, k, m), out (P, n, m)",
                            a=a.shape, b=b.shape, out=out.shape)
-    return _tiled("matmul", a, b, (), off, out, ("a", "b"))
+    return _tiled("matmul", (a, b), ("a", "b"), off, out)
 
 
 def matmul_exact_grad_left(a, bt, grad, off, out):
@@ -422,7 +827,7 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
                            "grad (P, n, m), out (P, n, k)",
                            a=a.shape, bt=bt.shape, grad=grad.shape, out=out.shape)
     # Thread layout: rows i, columns t; the extra operand a is read per thread.
-    return _tiled("matmul_exact_grad_left", a, bt, (grad,), off, out, ("a", "bt", "grad"))
+    return _tiled("matmul_exact_grad_left", (a, bt, grad), ("a", "bt", "grad"), off, out)
 
 
 def matmul_exact_grad_right(at, b, grad, off, out):
@@ -439,10 +844,6 @@ def matmul_exact_grad_right(at, b, grad, off, out):
         raise _shape_error("matmul_exact_grad_right expects at (P, k, n), b (P, k, m), "
                            "grad (P, n, m), out (P, k, m)",
                            at=at.shape, b=b.shape, grad=grad.shape, out=out.shape)
-    return _tiled("matmul_exact_grad_right", at, b, (grad,), off, out, ("at", "b", "grad"))
-
-
-# ===========================================================================
 # Added kernels (scalar operands, fused optimizer and row kernels). Same conventions as
 # above; the matmul kernels are not touched here.
 # ===========================================================================
@@ -757,10 +1158,16 @@ KERNEL_FUNCTIONS.update({"gelu_forward": _gelu_forward_kernel,
 __all__ += ["gelu_forward", "gelu_backward"]
 
 
-def PTX_SIGNATURES(nt):
-    """numba signatures of the kernels added in this section that the PTX test compiles
-    (the scalar-operand kernels share the elementwise signature and are listed there)."""
+def _added_signatures():
+    """Argument types of the kernels added in this section (see SIGNATURES)."""
+    from numba import types as nt
     i1, i64 = nt.int32[::1], nt.int64
-    return {"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6,
-            "adamw_unbiased": (i1,) * 5 + (i64,) * 8,
-            "gelu_forward": (i1,) * 4, "gelu_backward": (i1,) * 4 + (nt.boolean, i1)}
+    sigs = {name + sfx: (i1, i1, i64, i1) for sfx in ("_bs", "_as") for name in
+            ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den")}
+    sigs.update({"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6,
+                 "adamw_unbiased": (i1,) * 5 + (i64,) * 8,
+                 "gelu_forward": (i1,) * 4, "gelu_backward": (i1,) * 4 + (nt.boolean, i1)})
+    return sigs
+
+
+SIGNATURES.update(_added_signatures())
