@@ -52,7 +52,8 @@ import numpy as np
 from numba import njit, prange
 
 from .. import bits
-from .cpu import _mm_fast_block, _mul_fast_ok, _signed_const, _stats
+from .cpu import (_add1, _add4, _add4m, _mantissa_const, _mm_fast_block, _mul_fast_ok,
+                  _signed_const, _sl1, _sl4, _sl4m, _slope_fast_ok, _stats)
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
@@ -63,6 +64,8 @@ POS_TILE = 256
 PATCH_BUDGET = 1 << 16
 # Output channels that share one pass over a tile's patches.
 O_BLOCK = 4
+# Output channels per task of ``conv_grad_weight`` (they share the gathered patches).
+GW_O_BLOCK = 8
 
 ONE = bits.ONE
 ABS_MASK = bits.ABS_MASK
@@ -80,17 +83,44 @@ def _valid_range(base, s, size, count):
 
 
 @njit(cache=True, nogil=True)
-def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
-    """Patches of output positions q0 .. q0 + width - 1 (width = P.shape[1]) of group g.
+def _patch(x, n, ci0, ih0, iw0, KH, KW, dh, dw, vals, mask):
+    """The patch under output position (ih0, iw0) = (oh sh - ph, ow sw - pw) of image n.
 
-    Position q = (n OH + oh) OW + ow. P[t, i] = x[n, g Cg + c, ih, iw] under tap
-    t = (c KH + kh) KW + kw of position q0 + i (+0 in the padding); M[t, i] = 0 where that
-    value is zero or subnormal, -1 elsewhere; qn[i] = n, qs[i] = oh OW + ow. Returns True
-    when some value is zero or subnormal.
+    vals[t] = x[n, ci0 + c, ih0 + kh dh, iw0 + kw dw] at t = (c KH + kh) KW + kw for the
+    vals.size // (KH KW) channels of the group (+0 in the padding); mask[t] = 0 where
+    vals[t] is zero or subnormal, -1 elsewhere. Returns True when some value is.
     """
     H = x.shape[2]
     W = x.shape[3]
+    any_zero = False
+    t = 0
+    for c in range(vals.size // (KH * KW)):
+        for kh in range(KH):
+            ih = ih0 + kh * dh
+            for kw in range(KW):
+                iw = iw0 + kw * dw
+                inside = 0 <= ih < H and 0 <= iw < W
+                v = x[n, ci0 + c, ih, iw] if inside else np.int32(0)
+                vals[t] = v
+                normal = (v & ABS_MASK) >= MIN_NORMAL
+                mask[t] = -1 if normal else 0
+                any_zero = any_zero or not normal
+                t += 1
+    return any_zero
+
+
+@njit(cache=True, nogil=True)
+def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
+    """Patches of output positions q0 .. q0 + width - 1 (width = P.shape[1]) of group g.
+
+    Position q = (n OH + oh) OW + ow; column i of P (values) and M (zero masks) is
+    ``_patch`` of position q0 + i; qn[i] = n, qs[i] = oh OW + ow. Returns True when some
+    value is zero or subnormal.
+    """
     S = OH * OW
+    K = P.shape[0]
+    vals = np.empty(K, np.int32)
+    mask = np.empty(K, np.int32)
     any_zero = False
     for i in range(P.shape[1]):
         q = q0 + i
@@ -99,21 +129,12 @@ def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
         qn[i] = n
         qs[i] = rem
         oh = rem // OW
-        ih0 = oh * sh - ph
-        iw0 = (rem - oh * OW) * sw - pw
-        t = 0
-        for c in range(Cg):
-            for kh in range(KH):
-                ih = ih0 + kh * dh
-                for kw in range(KW):
-                    iw = iw0 + kw * dw
-                    inside = 0 <= ih < H and 0 <= iw < W
-                    v = x[n, g * Cg + c, ih, iw] if inside else np.int32(0)
-                    P[t, i] = v
-                    normal = (v & ABS_MASK) >= MIN_NORMAL
-                    M[t, i] = -1 if normal else 0
-                    any_zero = any_zero or not normal
-                    t += 1
+        z = _patch(x, n, g * Cg, oh * sh - ph, (rem - oh * OW) * sw - pw, KH, KW, dh, dw,
+                   vals, mask)
+        any_zero = any_zero or z
+        for t in range(K):
+            P[t, i] = vals[t]
+            M[t, i] = mask[t]
     return any_zero
 
 
@@ -252,37 +273,105 @@ def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
     _grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
 
 
+# Weight gradient: out[o, t] = sum over positions q (increasing) of term(grad[q, o], w[o, t],
+# patch[q, t]). A task owns GW_O_BLOCK output channels of one group and walks every
+# position tile, gathering the tile's patches position-major (PT[i, t]); for each position
+# the terms of all K taps are added at once, vectorized across t. Int32 fast path (as the
+# matmul backward): approx PAM(g, x) = bits(x) + (|bits(g)| - ONE + off, sign), exact
+# PAM(g, slope(w, x)) = ((Mw + off - ONE + bits(x)) & ~MANT) + bits(g); zero or
+# subnormal g is skipped, zero x (or padding) masked to +0.
 @njit(**_JIT)
-def _grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
-    N, C, H, W = x.shape
+def _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, tile, off,
+                       out):
+    N = x.shape[0]
     O, Cg, KH, KW = w.shape
+    K = Cg * KH * KW
+    Og = O // groups
     OH = grad.shape[2]
     OW = grad.shape[3]
-    Og = O // groups
-    for task in prange(O * Cg):
-        o = task // Cg
-        c = task - o * Cg
-        ci = (o // Og) * Cg + c
-        acc = np.zeros((KH, KW), np.float32)
-        for n in range(N):
-            for oh in range(OH):
-                grow = grad[n, o, oh]
-                for kh in range(KH):
-                    ih = oh * sh - ph + kh * dh
-                    inside = 0 <= ih < H
-                    for kw in range(KW):
-                        wv = w[o, c, kh, kw]
-                        base = kw * dw - pw
-                        s = acc[kh, kw]
-                        for ow in range(OW):
-                            iw = ow * sw + base
-                            xv = x[n, ci, ih, iw] if inside and 0 <= iw < W else np.int32(0)
-                            if exact:
-                                s += _grad_term(grow[ow], wv, xv, True, off)
+    S = OH * OW
+    Q = N * S
+    wflat = w.reshape(O, K)
+    g3 = grad.reshape(N, O, S)
+    out2 = out.reshape(O, K)
+    oblocks = (Og + GW_O_BLOCK - 1) // GW_O_BLOCK
+    for task in prange(groups * oblocks):
+        gi = task // oblocks
+        o0 = gi * Og + (task - gi * oblocks) * GW_O_BLOCK
+        rows = min(GW_O_BLOCK, (gi + 1) * Og - o0)
+        acc = np.zeros((rows, K), np.float32)
+        am = np.empty((rows, K), np.int32)
+        for r in range(rows):
+            _mantissa_const(wflat[o0 + r], off, am[r])
+        PT = np.empty((tile, K), np.int32)
+        MT = np.empty((tile, K), np.int32)
+        gv = np.empty((rows, tile), np.int32)
+        for q0 in range(0, Q, tile):
+            width = min(tile, Q - q0)
+            use_mask = False
+            for i in range(width):
+                q = q0 + i
+                n = q // S
+                rem = q - n * S
+                oh = rem // OW
+                z = _patch(x, n, gi * Cg, oh * sh - ph, (rem - oh * OW) * sw - pw, KH, KW,
+                           dh, dw, PT[i], MT[i])
+                use_mask = use_mask or z
+                for r in range(rows):
+                    gv[r, i] = g3[n, o0 + r, rem]
+            if not fast:
+                for i in range(width):
+                    prow = PT[i]
+                    for r in range(rows):
+                        g = gv[r, i]
+                        arow = acc[r]
+                        wrow = wflat[o0 + r]
+                        for t in range(K):
+                            arow[t] += _grad_term(g, wrow[t], prow[t], exact, off)
+                continue
+            i4 = width - width % 4
+            for r in range(rows):
+                arow = acc[r]
+                y = am[r]
+                gr = gv[r]
+                for i in range(0, width + 3, 4):
+                    if i < i4:
+                        g0, g1, g2, g3_ = gr[i], gr[i + 1], gr[i + 2], gr[i + 3]
+                        if ((g0 & ABS_MASK) >= MIN_NORMAL and (g1 & ABS_MASK) >= MIN_NORMAL
+                                and (g2 & ABS_MASK) >= MIN_NORMAL
+                                and (g3_ & ABS_MASK) >= MIN_NORMAL):
+                            if exact and use_mask:
+                                _sl4m(arow, y, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], MT[i],
+                                      MT[i + 1], MT[i + 2], MT[i + 3], g0, g1, g2, g3_, K)
+                            elif exact:
+                                _sl4(arow, y, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], g0, g1,
+                                     g2, g3_, K)
+                            elif use_mask:
+                                _add4m(arow, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], MT[i],
+                                       MT[i + 1], MT[i + 2], MT[i + 3], _gconst(g0, off),
+                                       _gconst(g1, off), _gconst(g2, off), _gconst(g3_, off),
+                                       K)
                             else:
-                                s += _grad_term(grow[ow], wv, xv, False, off)
-                        acc[kh, kw] = s
-        out[o, c] = acc
+                                _add4(arow, PT[i], PT[i + 1], PT[i + 2], PT[i + 3],
+                                      _gconst(g0, off), _gconst(g1, off), _gconst(g2, off),
+                                      _gconst(g3_, off), K)
+                            continue
+                    for u in range(i, min(i + 4, width)):
+                        g = gr[u]
+                        if (g & ABS_MASK) < MIN_NORMAL:
+                            continue
+                        if exact:
+                            _sl1(arow, y, PT[u], MT[u], use_mask, g, K)
+                        else:
+                            _add1(arow, PT[u], MT[u], use_mask, _gconst(g, off), K)
+        out2[o0:o0 + rows] = acc
+
+
+@njit(cache=True, nogil=True)
+def _gconst(g, off):
+    """int32 constant c with PAM(g, x) = int32(bits(x) + c) for normal g, x (fast path)."""
+    v = np.int64(g)
+    return _signed_const((v & ABS_MASK) - ONE + off, v < 0)
 
 
 @njit(cache=True, nogil=True)
@@ -295,4 +384,14 @@ def conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out
     """
     if out.size == 0:
         return
-    _grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
+    sx, zx, lo_x, hi_x = _stats(x)
+    sw_, zw, lo_w, hi_w = _stats(w)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    if exact:
+        fast = not (sx or sw_ or sg) and _slope_fast_ok(lo_g, hi_g, lo_x, hi_x, off)
+    else:
+        fast = not (sx or sg) and _mul_fast_ok(lo_g, hi_g, lo_x, hi_x, off)
+    K = out.size // out.shape[0]
+    tile = max(8, min(POS_TILE, PATCH_BUDGET // K))
+    _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, tile, off,
+                       out)
