@@ -73,9 +73,10 @@ def _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
     sizes = [_output_size(s, lo, hi, d, k, st) for s, lo, hi, d, k, st in
              zip((H, W), pad_lo, pad_hi, dilation, (KH, KW), stride)]
     if min(sizes) < 1:
+        extent = (dilation[0] * (KH - 1) + 1, dilation[1] * (KW - 1) + 1)
         raise ValueError(f"convolution output would be empty: input spatial size "
                          f"{(H, W)} with padding {pad_lo}/{pad_hi} is smaller than the "
-                         f"dilated kernel {(dilation[0] * (KH - 1) + 1, dilation[1] * (KW - 1) + 1)}")
+                         f"dilated kernel {extent}")
     out = torch.empty((N, O, *sizes), dtype=torch.float32, device=x4.device)
     if out.numel():
         _launch("conv_forward", x4.device, D.as_bits(x4), D.as_bits(w4), *stride, *pad_lo,

@@ -23,7 +23,6 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numba  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pam  # noqa: E402

@@ -53,7 +53,7 @@ from numba import njit, prange
 
 from .. import bits
 from .cpu import (_add1, _add4, _add4m, _mantissa_const, _mm_fast_block, _mul_fast_ok,
-                  _signed_const, _sl1, _sl4, _sl4m, _slope_fast_ok, _stats)
+                  _signed_const, _sl1, _sl4, _sl4m, _slope_fast_ok, _sr1, _sr4m, _stats)
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
@@ -72,14 +72,6 @@ ABS_MASK = bits.ABS_MASK
 MIN_NORMAL = bits.MIN_NORMAL
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight"]
-
-
-@njit(cache=True, nogil=True)
-def _valid_range(base, s, size, count):
-    """(lo, hi): the outputs j in [0, count) whose input j s + base lies in [0, size)."""
-    lo = max(0, -(base // s))
-    hi = min(count, (size - 1 - base) // s + 1)
-    return lo, max(lo, hi)
 
 
 @njit(cache=True, nogil=True)
@@ -229,36 +221,127 @@ def _grad_term(g, a, b, exact, off):
     return bits.bits_to_f32(bits.mul_bits(g, b, off))
 
 
+# Input gradient: a matrix product per group over r = (o, kh, kw), the flattened
+# (output channel of the group, tap) index: out[p, g Cg + c] = sum over r (increasing) of
+# term(G[r, p], x[p, c], w[g Og + o, c, kh, kw]), p the flattened (n, ih, iw) input
+# position and G[r, p] = grad[n, o, oh, ow] for the output position that reads p through
+# tap (kh, kw), when one exists (valid). Positions are taken in tiles, G is gathered per
+# tile (R x tile entries, R = Og KH KW), and the products are vectorized across the tile's
+# positions: the approximate gradient with the CPU matmul's inner block, the exact one with
+# the int32 fast path of the matmul's right-operand gradient. Invalid entries are masked
+# (+0 in the fast paths; skipped, i.e. +0.0 added, in the general path).
 @njit(**_JIT)
-def _grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+def _grad_input_tiles(x, wperm, wc, wnz, wnz4, grad, sh, sw, ph, pw, dh, dw, groups, KH, KW,
+                      exact, fast, tile, off, out):
     N, C, H, W = x.shape
-    O, Cg, KH, KW = w.shape
+    Cg = C // groups
+    O = grad.shape[1]
+    Og = O // groups
+    R = Og * KH * KW
     OH = grad.shape[2]
     OW = grad.shape[3]
+    HW = H * W
+    Pn = N * HW
+    x3 = x.reshape(N, C, HW)
+    out3 = out.reshape(N, C, HW)
+    tiles = (Pn + tile - 1) // tile
+    for task in prange(groups * tiles):
+        gi = task // tiles
+        p0 = (task - gi * tiles) * tile
+        width = min(tile, Pn - p0)
+        G = np.empty((R, width), np.int32)
+        MG = np.empty((R, width), np.int32)
+        pn = np.empty(width, np.int64)
+        ps = np.empty(width, np.int64)
+        for i in range(width):
+            p = p0 + i
+            n = p // HW
+            rem = p - n * HW
+            pn[i] = n
+            ps[i] = rem
+            ih = rem // W
+            iw = rem - ih * W
+            r = 0
+            for o in range(gi * Og, (gi + 1) * Og):
+                for kh in range(KH):
+                    th = ih + ph - kh * dh
+                    oh = th // sh
+                    row_ok = th >= 0 and oh * sh == th and oh < OH
+                    for kw in range(KW):
+                        tw = iw + pw - kw * dw
+                        ow = tw // sw
+                        ok = row_ok and tw >= 0 and ow * sw == tw and ow < OW
+                        v = grad[n, o, oh, ow] if ok else np.int32(0)
+                        G[r, i] = v
+                        if fast:
+                            ok = ok and (v & ABS_MASK) >= MIN_NORMAL
+                        MG[r, i] = -1 if ok else 0
+                        r += 1
+        xm = np.empty((Cg, width), np.int32)
+        for c in range(Cg):
+            for i in range(width):
+                xm[c, i] = x3[pn[i], gi * Cg + c, ps[i]]
+            if fast and exact:
+                _mantissa_const(xm[c].copy(), off, xm[c])
+        acc = np.empty((O_BLOCK, width), np.float32)
+        for c0 in range(0, Cg, O_BLOCK):
+            rows = min(O_BLOCK, Cg - c0)
+            ci0 = gi * Cg + c0
+            a = acc[:rows]
+            a[:] = 0.0
+            if fast and not exact:
+                _mm_fast_block(a, G, MG, True, wc[ci0:ci0 + rows], wnz[ci0:ci0 + rows],
+                               wnz4[ci0:ci0 + rows], R, 0, width)
+            elif fast:
+                R4 = R - R % 4
+                for q in range(rows):
+                    arow = a[q]
+                    bm = xm[c0 + q]
+                    cs = wc[ci0 + q]
+                    z = wnz[ci0 + q]
+                    for r in range(0, R4, 4):
+                        if wnz4[ci0 + q, r >> 2]:
+                            _sr4m(arow, bm, G[r], G[r + 1], G[r + 2], G[r + 3], MG[r],
+                                  MG[r + 1], MG[r + 2], MG[r + 3], cs[r], cs[r + 1],
+                                  cs[r + 2], cs[r + 3], width)
+                        else:
+                            for u in range(r, r + 4):
+                                if z[u]:
+                                    _sr1(arow, bm, G[u], MG[u], True, cs[u], width)
+                    for u in range(R4, R):
+                        if z[u]:
+                            _sr1(arow, bm, G[u], MG[u], True, cs[u], width)
+            else:
+                for r in range(R):
+                    grow = G[r]
+                    vrow = MG[r]
+                    for q in range(rows):
+                        wv = wperm[ci0 + q, r]
+                        arow = a[q]
+                        xrow = xm[c0 + q]
+                        for i in range(width):
+                            term = _grad_term(grow[i], xrow[i], wv, exact, off)
+                            arow[i] += term if vrow[i] else np.float32(0.0)
+            for q in range(rows):
+                for i in range(width):
+                    out3[pn[i], ci0 + q, ps[i]] = a[q, i]
+
+
+@njit(cache=True, nogil=True)
+def _weight_by_input_channel(w, groups):
+    """(C, Og KH KW) int32: row g Cg + c holds w[g Og + o, c, kh, kw] at (o KH + kh) KW + kw."""
+    O, Cg, KH, KW = w.shape
     Og = O // groups
-    for task in prange(N * C):
-        n = task // C
-        ci = task - n * C
-        gi = ci // Cg
-        c = ci - gi * Cg
-        acc = np.zeros((H, W), np.float32)
-        for o in range(gi * Og, (gi + 1) * Og):
-            for kh in range(KH):
-                for kw in range(KW):
-                    wv = w[o, c, kh, kw]
-                    base = kw * dw - pw
-                    lo, hi = _valid_range(base, sw, W, OW)
-                    for oh in range(OH):
-                        ih = oh * sh - ph + kh * dh
-                        if ih < 0 or ih >= H:
-                            continue
-                        grow = grad[n, o, oh]
-                        xrow = x[n, ci, ih]
-                        arow = acc[ih]
-                        for ow in range(lo, hi):
-                            iw = ow * sw + base
-                            arow[iw] += _grad_term(grow[ow], xrow[iw], wv, exact, off)
-        out[n, ci] = acc
+    wperm = np.empty((groups * Cg, Og * KH * KW), np.int32)
+    for g in range(groups):
+        for c in range(Cg):
+            r = 0
+            for o in range(Og):
+                for kh in range(KH):
+                    for kw in range(KW):
+                        wperm[g * Cg + c, r] = w[g * Og + o, c, kh, kw]
+                        r += 1
+    return wperm
 
 
 @njit(cache=True, nogil=True)
@@ -270,7 +353,32 @@ def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
     """
     if out.size == 0:
         return
-    _grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
+    sx, zx, lo_x, hi_x = _stats(x)
+    sw_, zw, lo_w, hi_w = _stats(w)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    if exact:
+        fast = not (sx or sw_ or sg) and _slope_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
+    else:
+        fast = not (sw_ or sg) and _mul_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
+    wperm = _weight_by_input_channel(w, groups)
+    C, R = wperm.shape
+    # Fast-path constants per (input channel, r), sign folded in: exact |bits(w)|,
+    # approximate |bits(w)| - ONE + off; wnz: w is normal; wnz4: four in a row are.
+    wc = np.empty((C, R), np.int32)
+    wnz = np.empty((C, R), np.bool_)
+    wnz4 = np.empty((C, R // 4), np.bool_)
+    for ci in range(C):
+        for r in range(R):
+            v = np.int64(wperm[ci, r])
+            u = v & ABS_MASK
+            wnz[ci, r] = u >= MIN_NORMAL
+            wc[ci, r] = _signed_const(u if exact else u - ONE + off, v < 0)
+        for r in range(0, R - R % 4, 4):
+            wnz4[ci, r >> 2] = (wnz[ci, r] and wnz[ci, r + 1] and wnz[ci, r + 2]
+                                and wnz[ci, r + 3])
+    tile = max(8, min(POS_TILE, PATCH_BUDGET // max(R, 1)))
+    _grad_input_tiles(x, wperm, wc, wnz, wnz4, grad, sh, sw, ph, pw, dh, dw, groups,
+                      w.shape[2], w.shape[3], exact, fast, tile, off, out)
 
 
 # Weight gradient: out[o, t] = sum over positions q (increasing) of term(grad[q, o], w[o, t],
