@@ -221,56 +221,87 @@ def _grad_term(g, a, b, exact, off):
     return bits.bits_to_f32(bits.mul_bits(g, b, off))
 
 
-# Input gradient: a matrix product per group over r = (o, kh, kw), the flattened
-# (output channel of the group, tap) index: out[p, g Cg + c] = sum over r (increasing) of
-# term(G[r, p], x[p, c], w[g Og + o, c, kh, kw]), p the flattened (n, ih, iw) input
-# position and G[r, p] = grad[n, o, oh, ow] for the output position that reads p through
-# tap (kh, kw), when one exists (valid). Positions are taken in tiles, G is gathered per
-# tile (R x tile entries, R = Og KH KW), and the products are vectorized across the tile's
-# positions: the approximate gradient with the CPU matmul's inner block, the exact one with
-# the int32 fast path of the matmul's right-operand gradient. Invalid entries are masked
-# (+0 in the fast paths; skipped, i.e. +0.0 added, in the general path).
+# Input gradient: per group a matrix product over r = (o, kh, kw), the flattened (output
+# channel of the group, tap) index: out[n, g Cg + c, ih, iw] = sum over r (increasing) of
+# term(G[r, p], x[n, g Cg + c, ih, iw], w[g Og + o, c, kh, kw]), where p = (n, ih, iw) and
+# G[r, p] = grad[n, o, oh, ow] for the output position (oh, ow) that reads p through tap
+# (kh, kw), when one exists (valid). Input positions are split into stride phases
+# (ih mod sh, iw mod sw): within a phase the same taps can be valid, and only those enter r
+# (skipping a tap that is never valid is the same as adding +0.0). Positions of a phase are
+# taken in tiles, G is gathered per tile (R x tile entries, R = Og x the phase's taps), and
+# the products are vectorized across the tile's positions: the approximate gradient with
+# the CPU matmul's inner block, the exact one with the int32 fast path of the matmul's
+# right-operand gradient. Entries without an output position are masked (+0 in the fast
+# paths; +0.0 added in the general path).
 @njit(**_JIT)
-def _grad_input_tiles(x, wperm, wc, wnz, wnz4, grad, sh, sw, ph, pw, dh, dw, groups, KH, KW,
-                      exact, fast, tile, off, out):
+def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, fast, off,
+                      out):
     N, C, H, W = x.shape
-    Cg = C // groups
-    O = grad.shape[1]
+    O, Cg, KH, KW = w.shape
     Og = O // groups
-    R = Og * KH * KW
     OH = grad.shape[2]
     OW = grad.shape[3]
-    HW = H * W
-    Pn = N * HW
-    x3 = x.reshape(N, C, HW)
-    out3 = out.reshape(N, C, HW)
-    tiles = (Pn + tile - 1) // tile
-    for task in prange(groups * tiles):
-        gi = task // tiles
-        p0 = (task - gi * tiles) * tile
-        width = min(tile, Pn - p0)
+    T = table.shape[0]
+    for task in prange(groups * T):
+        gi = task // T
+        a, b, q0, width = table[task - gi * T]
+        nh = (H - a + sh - 1) // sh
+        nw = (W - b + sw - 1) // sw
+        khs = np.empty(KH, np.int64)
+        nkh = 0
+        for kh in range(KH):
+            if (a + ph - kh * dh) % sh == 0:
+                khs[nkh] = kh
+                nkh += 1
+        kws = np.empty(KW, np.int64)
+        nkw = 0
+        for kw in range(KW):
+            if (b + pw - kw * dw) % sw == 0:
+                kws[nkw] = kw
+                nkw += 1
+        R = Og * nkh * nkw
+        # the weights of this group and phase, by input channel and r; fast-path
+        # constants with the sign folded in: exact |bits(w)|, approx |bits(w)| - ONE + off
+        wp = np.empty((Cg, R), np.int32)
+        wc = np.empty((Cg, R), np.int32)
+        wnz = np.empty((Cg, R), np.bool_)
+        wnz4 = np.empty((Cg, R // 4), np.bool_)
+        for c in range(Cg):
+            r = 0
+            for o in range(Og):
+                for jh in range(nkh):
+                    for jw in range(nkw):
+                        v = np.int64(w[gi * Og + o, c, khs[jh], kws[jw]])
+                        u = v & ABS_MASK
+                        wp[c, r] = v
+                        wnz[c, r] = u >= MIN_NORMAL
+                        wc[c, r] = _signed_const(u if exact else u - ONE + off, v < 0)
+                        r += 1
+            for r in range(0, R - R % 4, 4):
+                wnz4[c, r >> 2] = wnz[c, r] and wnz[c, r + 1] and wnz[c, r + 2] and wnz[c, r + 3]
         G = np.empty((R, width), np.int32)
         MG = np.empty((R, width), np.int32)
         pn = np.empty(width, np.int64)
-        ps = np.empty(width, np.int64)
+        pih = np.empty(width, np.int64)
+        piw = np.empty(width, np.int64)
         for i in range(width):
-            p = p0 + i
-            n = p // HW
-            rem = p - n * HW
+            q = q0 + i
+            n = q // (nh * nw)
+            rem = q - n * (nh * nw)
+            jh = rem // nw
+            ih = a + jh * sh
+            iw = b + (rem - jh * nw) * sw
             pn[i] = n
-            ps[i] = rem
-            ih = rem // W
-            iw = rem - ih * W
+            pih[i] = ih
+            piw[i] = iw
             r = 0
             for o in range(gi * Og, (gi + 1) * Og):
-                for kh in range(KH):
-                    th = ih + ph - kh * dh
-                    oh = th // sh
-                    row_ok = th >= 0 and oh * sh == th and oh < OH
-                    for kw in range(KW):
-                        tw = iw + pw - kw * dw
-                        ow = tw // sw
-                        ok = row_ok and tw >= 0 and ow * sw == tw and ow < OW
+                for jh in range(nkh):
+                    oh = (ih + ph - khs[jh] * dh) // sh
+                    row_ok = 0 <= oh < OH
+                    for jw in range(nkw):
+                        ow = (iw + pw - kws[jw] * dw) // sw
+                        ok = row_ok and 0 <= ow < OW
                         v = grad[n, o, oh, ow] if ok else np.int32(0)
                         G[r, i] = v
                         if fast:
@@ -280,27 +311,26 @@ def _grad_input_tiles(x, wperm, wc, wnz, wnz4, grad, sh, sw, ph, pw, dh, dw, gro
         xm = np.empty((Cg, width), np.int32)
         for c in range(Cg):
             for i in range(width):
-                xm[c, i] = x3[pn[i], gi * Cg + c, ps[i]]
+                xm[c, i] = x[pn[i], gi * Cg + c, pih[i], piw[i]]
             if fast and exact:
                 _mantissa_const(xm[c].copy(), off, xm[c])
         acc = np.empty((O_BLOCK, width), np.float32)
         for c0 in range(0, Cg, O_BLOCK):
             rows = min(O_BLOCK, Cg - c0)
-            ci0 = gi * Cg + c0
-            a = acc[:rows]
-            a[:] = 0.0
+            A = acc[:rows]
+            A[:] = 0.0
             if fast and not exact:
-                _mm_fast_block(a, G, MG, True, wc[ci0:ci0 + rows], wnz[ci0:ci0 + rows],
-                               wnz4[ci0:ci0 + rows], R, 0, width)
+                _mm_fast_block(A, G, MG, True, wc[c0:c0 + rows], wnz[c0:c0 + rows],
+                               wnz4[c0:c0 + rows], R, 0, width)
             elif fast:
                 R4 = R - R % 4
                 for q in range(rows):
-                    arow = a[q]
+                    arow = A[q]
                     bm = xm[c0 + q]
-                    cs = wc[ci0 + q]
-                    z = wnz[ci0 + q]
+                    cs = wc[c0 + q]
+                    z = wnz[c0 + q]
                     for r in range(0, R4, 4):
-                        if wnz4[ci0 + q, r >> 2]:
+                        if wnz4[c0 + q, r >> 2]:
                             _sr4m(arow, bm, G[r], G[r + 1], G[r + 2], G[r + 3], MG[r],
                                   MG[r + 1], MG[r + 2], MG[r + 3], cs[r], cs[r + 1],
                                   cs[r + 2], cs[r + 3], width)
@@ -316,32 +346,41 @@ def _grad_input_tiles(x, wperm, wc, wnz, wnz4, grad, sh, sw, ph, pw, dh, dw, gro
                     grow = G[r]
                     vrow = MG[r]
                     for q in range(rows):
-                        wv = wperm[ci0 + q, r]
-                        arow = a[q]
+                        wv = wp[c0 + q, r]
+                        arow = A[q]
                         xrow = xm[c0 + q]
                         for i in range(width):
                             term = _grad_term(grow[i], xrow[i], wv, exact, off)
                             arow[i] += term if vrow[i] else np.float32(0.0)
             for q in range(rows):
                 for i in range(width):
-                    out3[pn[i], ci0 + q, ps[i]] = a[q, i]
+                    out[pn[i], gi * Cg + c0 + q, pih[i], piw[i]] = A[q, i]
 
 
 @njit(cache=True, nogil=True)
-def _weight_by_input_channel(w, groups):
-    """(C, Og KH KW) int32: row g Cg + c holds w[g Og + o, c, kh, kw] at (o KH + kh) KW + kw."""
-    O, Cg, KH, KW = w.shape
-    Og = O // groups
-    wperm = np.empty((groups * Cg, Og * KH * KW), np.int32)
-    for g in range(groups):
-        for c in range(Cg):
-            r = 0
-            for o in range(Og):
-                for kh in range(KH):
-                    for kw in range(KW):
-                        wperm[g * Cg + c, r] = w[g * Og + o, c, kh, kw]
-                        r += 1
-    return wperm
+def _phase_tiles(N, H, W, KH, KW, Og, sh, sw, ph, pw, dh, dw):
+    """Rows (a, b, q0, width): tiles of the input positions with ih % sh = a, iw % sw = b.
+
+    A tile holds at most about PATCH_BUDGET / R positions (at least 8, at most POS_TILE),
+    R = Og x the number of taps that can reach the phase.
+    """
+    rows = []
+    for a in range(min(sh, H)):
+        nkh = 0
+        for kh in range(KH):
+            nkh += (a + ph - kh * dh) % sh == 0
+        for b in range(min(sw, W)):
+            nkw = 0
+            for kw in range(KW):
+                nkw += (b + pw - kw * dw) % sw == 0
+            count = N * ((H - a + sh - 1) // sh) * ((W - b + sw - 1) // sw)
+            tile = max(8, min(POS_TILE, PATCH_BUDGET // max(1, Og * nkh * nkw)))
+            for q0 in range(0, count, tile):
+                rows.append((a, b, q0, min(tile, count - q0)))
+    table = np.empty((len(rows), 4), np.int64)
+    for i in range(len(rows)):
+        table[i, 0], table[i, 1], table[i, 2], table[i, 3] = rows[i]
+    return table
 
 
 @njit(cache=True, nogil=True)
@@ -360,25 +399,11 @@ def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
         fast = not (sx or sw_ or sg) and _slope_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
     else:
         fast = not (sw_ or sg) and _mul_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
-    wperm = _weight_by_input_channel(w, groups)
-    C, R = wperm.shape
-    # Fast-path constants per (input channel, r), sign folded in: exact |bits(w)|,
-    # approximate |bits(w)| - ONE + off; wnz: w is normal; wnz4: four in a row are.
-    wc = np.empty((C, R), np.int32)
-    wnz = np.empty((C, R), np.bool_)
-    wnz4 = np.empty((C, R // 4), np.bool_)
-    for ci in range(C):
-        for r in range(R):
-            v = np.int64(wperm[ci, r])
-            u = v & ABS_MASK
-            wnz[ci, r] = u >= MIN_NORMAL
-            wc[ci, r] = _signed_const(u if exact else u - ONE + off, v < 0)
-        for r in range(0, R - R % 4, 4):
-            wnz4[ci, r >> 2] = (wnz[ci, r] and wnz[ci, r + 1] and wnz[ci, r + 2]
-                                and wnz[ci, r + 3])
-    tile = max(8, min(POS_TILE, PATCH_BUDGET // max(R, 1)))
-    _grad_input_tiles(x, wperm, wc, wnz, wnz4, grad, sh, sw, ph, pw, dh, dw, groups,
-                      w.shape[2], w.shape[3], exact, fast, tile, off, out)
+    N, C, H, W = x.shape
+    O, Cg, KH, KW = w.shape
+    table = _phase_tiles(N, H, W, KH, KW, O // groups, sh, sw, ph, pw, dh, dw)
+    _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, fast, off,
+                      out)
 
 
 # Weight gradient: out[o, t] = sum over positions q (increasing) of term(grad[q, o], w[o, t],
