@@ -241,6 +241,7 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
     Og = O // groups
     OH = grad.shape[2]
     OW = grad.shape[3]
+    g3 = grad.reshape(grad.shape[0], O, OH * OW)
     T = table.shape[0]
     for task in prange(groups * T):
         gi = task // T
@@ -279,11 +280,13 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
                         r += 1
             for r in range(0, R - R % 4, 4):
                 wnz4[c, r >> 2] = wnz[c, r] and wnz[c, r + 1] and wnz[c, r + 2] and wnz[c, r + 3]
-        G = np.empty((R, width), np.int32)
-        MG = np.empty((R, width), np.int32)
+        # per position: its image, its input row/column, and for each of the phase's taps
+        # the flat output position oh OW + ow reading it through that tap (-1: none)
         pn = np.empty(width, np.int64)
         pih = np.empty(width, np.int64)
         piw = np.empty(width, np.int64)
+        ntap = nkh * nkw
+        gidx = np.empty((ntap, width), np.int64)
         for i in range(width):
             q = q0 + i
             n = q // (nh * nw)
@@ -294,20 +297,28 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
             pn[i] = n
             pih[i] = ih
             piw[i] = iw
-            r = 0
-            for o in range(gi * Og, (gi + 1) * Og):
-                for jh in range(nkh):
-                    oh = (ih + ph - khs[jh] * dh) // sh
-                    row_ok = 0 <= oh < OH
-                    for jw in range(nkw):
-                        ow = (iw + pw - kws[jw] * dw) // sw
-                        ok = row_ok and 0 <= ow < OW
-                        v = grad[n, o, oh, ow] if ok else np.int32(0)
-                        G[r, i] = v
-                        if fast:
-                            ok = ok and (v & ABS_MASK) >= MIN_NORMAL
-                        MG[r, i] = -1 if ok else 0
-                        r += 1
+            for th in range(nkh):
+                oh = (ih + ph - khs[th] * dh) // sh
+                for tw in range(nkw):
+                    ow = (iw + pw - kws[tw] * dw) // sw
+                    ok = 0 <= oh < OH and 0 <= ow < OW
+                    gidx[th * nkw + tw, i] = oh * OW + ow if ok else -1
+        G = np.empty((R, width), np.int32)
+        MG = np.empty((R, width), np.int32)
+        for o in range(Og):
+            for t in range(ntap):
+                r = o * ntap + t
+                grow = G[r]
+                mrow = MG[r]
+                idx = gidx[t]
+                for i in range(width):
+                    k = idx[i]
+                    v = g3[pn[i], gi * Og + o, k] if k >= 0 else np.int32(0)
+                    grow[i] = v
+                    ok = k >= 0
+                    if fast:
+                        ok = ok and (v & ABS_MASK) >= MIN_NORMAL
+                    mrow[i] = -1 if ok else 0
         xm = np.empty((Cg, width), np.int32)
         for c in range(Cg):
             for i in range(width):
