@@ -8,6 +8,13 @@ The exact slope reference ``ref_slope`` reads sign and exponent of PAM(1.Ma, b),
 with reference.pam, with np.frexp/np.ldexp (exact). Results are compared as bit patterns
 (any NaN matches any NaN).
 """
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -323,6 +330,60 @@ def test_cuda_grid_stride_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="4-D"):
         K.conv_forward(i32(x)[0], i32(w), 1, 1, 0, 0, 1, 1, 1, 0,
                        np.empty((1, 3, 3, 5), np.float32))
+
+
+PTX_SCRIPT = textwrap.dedent(r"""
+    import json, re, sys, types
+    root = sys.argv[1]
+    # Load pam.bits and the CUDA kernels without pam/__init__ (which imports torch).
+    for name, path in [("pam", "pam"), ("pam.kernels", "pam/kernels")]:
+        mod = types.ModuleType(name)
+        mod.__path__ = [f"{root}/{path}"]
+        sys.modules[name] = mod
+    from numba import cuda, types as nt
+    if not cuda.is_available():
+        import numba.cuda.dispatcher as D
+        D.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    try:
+        cuda.compile_ptx(lambda x: None, (nt.int32[::1],), cc=(9, 0))
+    except Exception as e:
+        print(f"NVVM unavailable: {type(e).__name__}: {e}")
+        sys.exit(77)
+    from pam.kernels import cuda_conv as K
+    i4, f4, i = nt.int32[:, :, :, ::1], nt.float32[:, :, :, ::1], nt.int64
+    sigs = {"conv_forward": (i4, i4) + (i,) * 8 + (f4,),
+            "conv_grad_input": (i4, i4, i4) + (i,) * 7 + (nt.boolean, i, f4)}
+    sigs["conv_grad_weight"] = sigs["conv_grad_input"]
+    report = {}
+    for name, sig in sigs.items():
+        ptx, _ = cuda.compile_ptx(K.KERNEL_FUNCTIONS[name], sig, cc=(9, 0))
+        ops = sorted(set(re.findall(r"\b(?:mul|div|fma|mad|rcp|add)\.[a-z0-9.]*f(?:32|64)\b",
+                                    ptx)))
+        report[name] = ops
+    print("REPORT" + json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+def test_cuda_kernels_compile_to_ptx_without_float_multiply():
+    """The conv kernels compile for sm_90 (real numba-cuda typing, not the simulator) and
+    emit float additions but no float mul/div/fma. Needs NVVM (numba-cuda[cu12]); point
+    PAM_PTX_PYTHON at an interpreter that has it (torch is not needed there)."""
+    _cuda_kernels()
+    python = os.environ.get("PAM_PTX_PYTHON", sys.executable)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([python, "-c", PTX_SCRIPT, str(root)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip().splitlines()[-1][:300])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
+    report = json.loads(line[len("REPORT"):])
+    assert sorted(report) == ["conv_forward", "conv_grad_input", "conv_grad_weight"]
+    for name, ops in report.items():
+        assert any(op.startswith("add.") for op in ops), (name, ops)
+        assert all(op.startswith("add.") for op in ops), f"{name} multiplies floats: {ops}"
 
 
 # --------------------------------------------------------------------------- ops
