@@ -13,7 +13,8 @@ and CUDA give the same bits. A 1-D convolution is the 2-D one with H = 1.
 for the weight (a transposed convolution and a correlation with PAM products). The bias
 gradient is a plain sum of the output gradient (additions only).
 
-Memory: the output and one accumulator plane per parallel task; no im2col buffer.
+Memory: the output, weight-sized tables and per-thread tile buffers of bounded size
+(:mod:`pam.kernels.cpu_conv`); never an im2col matrix.
 
 ``conv_forward`` and ``conv_backward`` are the same computations on plain tensors, without
 autograd, with ``aten.convolution`` / ``aten.convolution_backward`` style arguments, for

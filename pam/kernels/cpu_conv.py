@@ -45,8 +45,14 @@ input's bit pattern and a per-weight constant (the matmul's int32 fast path); ze
 subnormal weights are skipped and zero, subnormal or padding inputs give +0 (masked). This
 is exact because an accumulator that starts at +0.0 never becomes -0.0 and adding +-0 to it
 changes nothing. Otherwise every term calls bits.mul_bits. Both paths give the same bits.
-The backward kernels call bits.mul_bits / bits.mul_slope_bits for every term; their extra
-memory is one accumulator plane per task.
+
+The backward kernels are organised the same way (see the comments above
+``_grad_input_tiles`` and ``_grad_weight_tiles``): gathered tiles of output-gradient entries
+or patches, vectorized reductions, the int32 fast paths of the matmul backward (exact and
+approximate) when the operands allow them, bits.mul_bits / bits.mul_slope_bits per term
+otherwise. Extra memory: per task a tile buffer of about PATCH_BUDGET int32 entries (at
+least 8 positions' worth) and its accumulators, plus weight-sized constant tables; nothing
+scales with batch x output x kernel size.
 """
 import numpy as np
 from numba import njit, prange
