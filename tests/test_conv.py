@@ -269,6 +269,42 @@ def test_cpu_kernels_edge_values(kind, offset):
                          ref_grad_weight(x, w, g, stride, lo, dil, groups, exact, offset))
 
 
+def test_cpu_kernels_do_not_depend_on_the_thread_count():
+    import numba
+    rng = np.random.default_rng(21)
+    x, w = values(rng, (2, 4, 10, 9), "zeros"), values(rng, (6, 2, 3, 3), "zeros")
+    geom = ((2, 1), (1, 1), (1, 1), (1, 2), 2)
+    out = run_forward(cpu_conv, x, w, *geom, None)
+    g = values(rng, out.shape, "normal")
+    stride, lo, _, dil, groups = geom
+
+    def run_all():
+        return [run_forward(cpu_conv, x, w, *geom, None)] + [
+            run_grad(cpu_conv, which, x, w, g, stride, lo, dil, groups, exact, None)
+            for which in ("input", "weight") for exact in (True, False)]
+
+    default = run_all()
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        single = run_all()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(single, default):
+        assert_same_bits(a, b)
+
+
+def test_empty_batch_and_channels():
+    w = torch.randn(3, 2, 2, 2, requires_grad=True)
+    x = torch.randn(0, 2, 4, 4, requires_grad=True)
+    y = pam.conv2d(x, w)
+    assert y.shape == (0, 3, 3, 3)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    y = pam.conv2d(torch.randn(1, 2, 4, 4), torch.randn(0, 2, 2, 2))
+    assert y.shape == (1, 0, 3, 3)
+
+
 def test_special_cases_by_hand():
     """Padding zeros times an infinite weight give NaN (as 0 * inf in torch); a zero
     weight gives +0, a negative-zero input gives +0 sums; overflow saturates to inf."""
