@@ -63,13 +63,16 @@ from .cpu import (_add1, _add4, _add4m, _mantissa_const, _mm_fast_block, _mul_fa
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
-# Output positions per tile of ``conv_forward`` (the vector length of its inner loops).
+# Positions per tile: output positions of ``conv_forward``, input positions of
+# ``conv_grad_input``, output positions per step of ``conv_grad_weight``.
 POS_TILE = 256
-# Tiles shrink (to 8 positions at least) so that a patch buffer holds about this many
-# int32 entries: K x tile, K = in_channels / groups x KH x KW.
+# Tiles shrink (to 8 positions at least) so that a tile buffer holds about this many int32
+# entries: K x tile (forward, weight gradient; K = in_channels / groups x KH x KW) or
+# R x tile (input gradient; R = out_channels / groups x the taps reaching a stride phase).
 PATCH_BUDGET = 1 << 16
-# Output channels that share one pass over a tile's patches.
-O_BLOCK = 4
+# Output channels (forward) or input channels (input gradient) that share one pass over
+# a tile of gathered entries.
+O_BLOCK = 8
 # Output channels per task of ``conv_grad_weight`` (they share the gathered patches).
 GW_O_BLOCK = 8
 
