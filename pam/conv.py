@@ -13,7 +13,8 @@ and CUDA give the same bits. A 1-D convolution is the 2-D one with H = 1.
 for the weight (a transposed convolution and a correlation with PAM products). The bias
 gradient is a plain sum of the output gradient (additions only).
 
-Memory: the output and one accumulator plane per parallel task; no im2col buffer.
+Memory: the output, weight-sized tables and per-thread tile buffers of bounded size
+(:mod:`pam.kernels.cpu_conv`); never an im2col matrix.
 
 ``conv_forward`` and ``conv_backward`` are the same computations on plain tensors, without
 autograd, with ``aten.convolution`` / ``aten.convolution_backward`` style arguments, for
@@ -73,9 +74,10 @@ def _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
     sizes = [_output_size(s, lo, hi, d, k, st) for s, lo, hi, d, k, st in
              zip((H, W), pad_lo, pad_hi, dilation, (KH, KW), stride)]
     if min(sizes) < 1:
+        extent = (dilation[0] * (KH - 1) + 1, dilation[1] * (KW - 1) + 1)
         raise ValueError(f"convolution output would be empty: input spatial size "
                          f"{(H, W)} with padding {pad_lo}/{pad_hi} is smaller than the "
-                         f"dilated kernel {(dilation[0] * (KH - 1) + 1, dilation[1] * (KW - 1) + 1)}")
+                         f"dilated kernel {extent}")
     out = torch.empty((N, O, *sizes), dtype=torch.float32, device=x4.device)
     if out.numel():
         _launch("conv_forward", x4.device, D.as_bits(x4), D.as_bits(w4), *stride, *pad_lo,

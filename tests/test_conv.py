@@ -8,6 +8,13 @@ The exact slope reference ``ref_slope`` reads sign and exponent of PAM(1.Ma, b),
 with reference.pam, with np.frexp/np.ldexp (exact). Results are compared as bit patterns
 (any NaN matches any NaN).
 """
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -262,6 +269,42 @@ def test_cpu_kernels_edge_values(kind, offset):
                          ref_grad_weight(x, w, g, stride, lo, dil, groups, exact, offset))
 
 
+def test_cpu_kernels_do_not_depend_on_the_thread_count():
+    import numba
+    rng = np.random.default_rng(21)
+    x, w = values(rng, (2, 4, 10, 9), "zeros"), values(rng, (6, 2, 3, 3), "zeros")
+    geom = ((2, 1), (1, 1), (1, 1), (1, 2), 2)
+    out = run_forward(cpu_conv, x, w, *geom, None)
+    g = values(rng, out.shape, "normal")
+    stride, lo, _, dil, groups = geom
+
+    def run_all():
+        return [run_forward(cpu_conv, x, w, *geom, None)] + [
+            run_grad(cpu_conv, which, x, w, g, stride, lo, dil, groups, exact, None)
+            for which in ("input", "weight") for exact in (True, False)]
+
+    default = run_all()
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        single = run_all()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(single, default):
+        assert_same_bits(a, b)
+
+
+def test_empty_batch_and_channels():
+    w = torch.randn(3, 2, 2, 2, requires_grad=True)
+    x = torch.randn(0, 2, 4, 4, requires_grad=True)
+    y = pam.conv2d(x, w)
+    assert y.shape == (0, 3, 3, 3)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    y = pam.conv2d(torch.randn(1, 2, 4, 4), torch.randn(0, 2, 2, 2))
+    assert y.shape == (1, 0, 3, 3)
+
+
 def test_special_cases_by_hand():
     """Padding zeros times an infinite weight give NaN (as 0 * inf in torch); a zero
     weight gives +0, a negative-zero input gives +0 sums; overflow saturates to inf."""
@@ -323,6 +366,60 @@ def test_cuda_grid_stride_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="4-D"):
         K.conv_forward(i32(x)[0], i32(w), 1, 1, 0, 0, 1, 1, 1, 0,
                        np.empty((1, 3, 3, 5), np.float32))
+
+
+PTX_SCRIPT = textwrap.dedent(r"""
+    import json, re, sys, types
+    root = sys.argv[1]
+    # Load pam.bits and the CUDA kernels without pam/__init__ (which imports torch).
+    for name, path in [("pam", "pam"), ("pam.kernels", "pam/kernels")]:
+        mod = types.ModuleType(name)
+        mod.__path__ = [f"{root}/{path}"]
+        sys.modules[name] = mod
+    from numba import cuda, types as nt
+    if not cuda.is_available():
+        import numba.cuda.dispatcher as D
+        D.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    try:
+        cuda.compile_ptx(lambda x: None, (nt.int32[::1],), cc=(9, 0))
+    except Exception as e:
+        print(f"NVVM unavailable: {type(e).__name__}: {e}")
+        sys.exit(77)
+    from pam.kernels import cuda_conv as K
+    i4, f4, i = nt.int32[:, :, :, ::1], nt.float32[:, :, :, ::1], nt.int64
+    sigs = {"conv_forward": (i4, i4) + (i,) * 8 + (f4,),
+            "conv_grad_input": (i4, i4, i4) + (i,) * 7 + (nt.boolean, i, f4)}
+    sigs["conv_grad_weight"] = sigs["conv_grad_input"]
+    report = {}
+    for name, sig in sigs.items():
+        ptx, _ = cuda.compile_ptx(K.KERNEL_FUNCTIONS[name], sig, cc=(9, 0))
+        ops = sorted(set(re.findall(r"\b(?:mul|div|fma|mad|rcp|add)\.[a-z0-9.]*f(?:32|64)\b",
+                                    ptx)))
+        report[name] = ops
+    print("REPORT" + json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+def test_cuda_kernels_compile_to_ptx_without_float_multiply():
+    """The conv kernels compile for sm_90 (real numba-cuda typing, not the simulator) and
+    emit float additions but no float mul/div/fma. Needs NVVM (numba-cuda[cu12]); point
+    PAM_PTX_PYTHON at an interpreter that has it (torch is not needed there)."""
+    _cuda_kernels()
+    python = os.environ.get("PAM_PTX_PYTHON", sys.executable)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([python, "-c", PTX_SCRIPT, str(root)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip().splitlines()[-1][:300])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
+    report = json.loads(line[len("REPORT"):])
+    assert sorted(report) == ["conv_forward", "conv_grad_input", "conv_grad_weight"]
+    for name, ops in report.items():
+        assert any(op.startswith("add.") for op in ops), (name, ops)
+        assert all(op.startswith("add.") for op in ops), f"{name} multiplies floats: {ops}"
 
 
 # --------------------------------------------------------------------------- ops

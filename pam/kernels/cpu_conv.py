@@ -45,24 +45,36 @@ input's bit pattern and a per-weight constant (the matmul's int32 fast path); ze
 subnormal weights are skipped and zero, subnormal or padding inputs give +0 (masked). This
 is exact because an accumulator that starts at +0.0 never becomes -0.0 and adding +-0 to it
 changes nothing. Otherwise every term calls bits.mul_bits. Both paths give the same bits.
-The backward kernels call bits.mul_bits / bits.mul_slope_bits for every term; their extra
-memory is one accumulator plane per task.
+
+The backward kernels are organised the same way (see the comments above
+``_grad_input_tiles`` and ``_grad_weight_tiles``): gathered tiles of output-gradient entries
+or patches, vectorized reductions, the int32 fast paths of the matmul backward (exact and
+approximate) when the operands allow them, bits.mul_bits / bits.mul_slope_bits per term
+otherwise. Extra memory: per task a tile buffer of about PATCH_BUDGET int32 entries (at
+least 8 positions' worth) and its accumulators, plus weight-sized constant tables; nothing
+scales with batch x output x kernel size.
 """
 import numpy as np
 from numba import njit, prange
 
 from .. import bits
-from .cpu import _mm_fast_block, _mul_fast_ok, _signed_const, _stats
+from .cpu import (_add1, _add4, _add4m, _mantissa_const, _mm_fast_block, _mul_fast_ok,
+                  _signed_const, _sl1, _sl4, _sl4m, _slope_fast_ok, _sr1, _sr4m, _stats)
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
-# Output positions per tile of ``conv_forward`` (the vector length of its inner loops).
+# Positions per tile: output positions of ``conv_forward``, input positions of
+# ``conv_grad_input``, output positions per step of ``conv_grad_weight``.
 POS_TILE = 256
-# Tiles shrink (to 8 positions at least) so that a patch buffer holds about this many
-# int32 entries: K x tile, K = in_channels / groups x KH x KW.
+# Tiles shrink (to 8 positions at least) so that a tile buffer holds about this many int32
+# entries: K x tile (forward, weight gradient; K = in_channels / groups x KH x KW) or
+# R x tile (input gradient; R = out_channels / groups x the taps reaching a stride phase).
 PATCH_BUDGET = 1 << 16
-# Output channels that share one pass over a tile's patches.
-O_BLOCK = 4
+# Output channels (forward) or input channels (input gradient) that share one pass over
+# a tile of gathered entries.
+O_BLOCK = 8
+# Output channels per task of ``conv_grad_weight`` (they share the gathered patches).
+GW_O_BLOCK = 8
 
 ONE = bits.ONE
 ABS_MASK = bits.ABS_MASK
@@ -72,25 +84,44 @@ __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight"]
 
 
 @njit(cache=True, nogil=True)
-def _valid_range(base, s, size, count):
-    """(lo, hi): the outputs j in [0, count) whose input j s + base lies in [0, size)."""
-    lo = max(0, -(base // s))
-    hi = min(count, (size - 1 - base) // s + 1)
-    return lo, max(lo, hi)
+def _patch(x, n, ci0, ih0, iw0, KH, KW, dh, dw, vals, mask):
+    """The patch under output position (ih0, iw0) = (oh sh - ph, ow sw - pw) of image n.
+
+    vals[t] = x[n, ci0 + c, ih0 + kh dh, iw0 + kw dw] at t = (c KH + kh) KW + kw for the
+    vals.size // (KH KW) channels of the group (+0 in the padding); mask[t] = 0 where
+    vals[t] is zero or subnormal, -1 elsewhere. Returns True when some value is.
+    """
+    H = x.shape[2]
+    W = x.shape[3]
+    any_zero = False
+    t = 0
+    for c in range(vals.size // (KH * KW)):
+        for kh in range(KH):
+            ih = ih0 + kh * dh
+            for kw in range(KW):
+                iw = iw0 + kw * dw
+                inside = 0 <= ih < H and 0 <= iw < W
+                v = x[n, ci0 + c, ih, iw] if inside else np.int32(0)
+                vals[t] = v
+                normal = (v & ABS_MASK) >= MIN_NORMAL
+                mask[t] = -1 if normal else 0
+                any_zero = any_zero or not normal
+                t += 1
+    return any_zero
 
 
 @njit(cache=True, nogil=True)
 def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
     """Patches of output positions q0 .. q0 + width - 1 (width = P.shape[1]) of group g.
 
-    Position q = (n OH + oh) OW + ow. P[t, i] = x[n, g Cg + c, ih, iw] under tap
-    t = (c KH + kh) KW + kw of position q0 + i (+0 in the padding); M[t, i] = 0 where that
-    value is zero or subnormal, -1 elsewhere; qn[i] = n, qs[i] = oh OW + ow. Returns True
-    when some value is zero or subnormal.
+    Position q = (n OH + oh) OW + ow; column i of P (values) and M (zero masks) is
+    ``_patch`` of position q0 + i; qn[i] = n, qs[i] = oh OW + ow. Returns True when some
+    value is zero or subnormal.
     """
-    H = x.shape[2]
-    W = x.shape[3]
     S = OH * OW
+    K = P.shape[0]
+    vals = np.empty(K, np.int32)
+    mask = np.empty(K, np.int32)
     any_zero = False
     for i in range(P.shape[1]):
         q = q0 + i
@@ -99,21 +130,12 @@ def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
         qn[i] = n
         qs[i] = rem
         oh = rem // OW
-        ih0 = oh * sh - ph
-        iw0 = (rem - oh * OW) * sw - pw
-        t = 0
-        for c in range(Cg):
-            for kh in range(KH):
-                ih = ih0 + kh * dh
-                for kw in range(KW):
-                    iw = iw0 + kw * dw
-                    inside = 0 <= ih < H and 0 <= iw < W
-                    v = x[n, g * Cg + c, ih, iw] if inside else np.int32(0)
-                    P[t, i] = v
-                    normal = (v & ABS_MASK) >= MIN_NORMAL
-                    M[t, i] = -1 if normal else 0
-                    any_zero = any_zero or not normal
-                    t += 1
+        z = _patch(x, n, g * Cg, oh * sh - ph, (rem - oh * OW) * sw - pw, KH, KW, dh, dw,
+                   vals, mask)
+        any_zero = any_zero or z
+        for t in range(K):
+            P[t, i] = vals[t]
+            M[t, i] = mask[t]
     return any_zero
 
 
@@ -208,36 +230,177 @@ def _grad_term(g, a, b, exact, off):
     return bits.bits_to_f32(bits.mul_bits(g, b, off))
 
 
+# Input gradient: per group a matrix product over r = (o, kh, kw), the flattened (output
+# channel of the group, tap) index: out[n, g Cg + c, ih, iw] = sum over r (increasing) of
+# term(G[r, p], x[n, g Cg + c, ih, iw], w[g Og + o, c, kh, kw]), where p = (n, ih, iw) and
+# G[r, p] = grad[n, o, oh, ow] for the output position (oh, ow) that reads p through tap
+# (kh, kw), when one exists (valid). Input positions are split into stride phases
+# (ih mod sh, iw mod sw): within a phase the same taps can be valid, and only those enter r
+# (skipping a tap that is never valid is the same as adding +0.0). Positions of a phase are
+# taken in tiles, G is gathered per tile (R x tile entries, R = Og x the phase's taps), and
+# the products are vectorized across the tile's positions: the approximate gradient with
+# the CPU matmul's inner block, the exact one with the int32 fast path of the matmul's
+# right-operand gradient. Entries without an output position are masked (+0 in the fast
+# paths; +0.0 added in the general path).
 @njit(**_JIT)
-def _grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, fast, off,
+                      out):
     N, C, H, W = x.shape
     O, Cg, KH, KW = w.shape
+    Og = O // groups
     OH = grad.shape[2]
     OW = grad.shape[3]
-    Og = O // groups
-    for task in prange(N * C):
-        n = task // C
-        ci = task - n * C
-        gi = ci // Cg
-        c = ci - gi * Cg
-        acc = np.zeros((H, W), np.float32)
-        for o in range(gi * Og, (gi + 1) * Og):
-            for kh in range(KH):
-                for kw in range(KW):
-                    wv = w[o, c, kh, kw]
-                    base = kw * dw - pw
-                    lo, hi = _valid_range(base, sw, W, OW)
-                    for oh in range(OH):
-                        ih = oh * sh - ph + kh * dh
-                        if ih < 0 or ih >= H:
-                            continue
-                        grow = grad[n, o, oh]
-                        xrow = x[n, ci, ih]
-                        arow = acc[ih]
-                        for ow in range(lo, hi):
-                            iw = ow * sw + base
-                            arow[iw] += _grad_term(grow[ow], xrow[iw], wv, exact, off)
-        out[n, ci] = acc
+    g3 = grad.reshape(grad.shape[0], O, OH * OW)
+    T = table.shape[0]
+    for task in prange(groups * T):
+        gi = task // T
+        a, b, q0, width = table[task - gi * T]
+        nh = (H - a + sh - 1) // sh
+        nw = (W - b + sw - 1) // sw
+        khs = np.empty(KH, np.int64)
+        nkh = 0
+        for kh in range(KH):
+            if (a + ph - kh * dh) % sh == 0:
+                khs[nkh] = kh
+                nkh += 1
+        kws = np.empty(KW, np.int64)
+        nkw = 0
+        for kw in range(KW):
+            if (b + pw - kw * dw) % sw == 0:
+                kws[nkw] = kw
+                nkw += 1
+        R = Og * nkh * nkw
+        # the weights of this group and phase, by input channel and r; fast-path
+        # constants with the sign folded in: exact |bits(w)|, approx |bits(w)| - ONE + off
+        wp = np.empty((Cg, R), np.int32)
+        wc = np.empty((Cg, R), np.int32)
+        wnz = np.empty((Cg, R), np.bool_)
+        wnz4 = np.empty((Cg, R // 4), np.bool_)
+        for c in range(Cg):
+            r = 0
+            for o in range(Og):
+                for jh in range(nkh):
+                    for jw in range(nkw):
+                        v = np.int64(w[gi * Og + o, c, khs[jh], kws[jw]])
+                        u = v & ABS_MASK
+                        wp[c, r] = v
+                        wnz[c, r] = u >= MIN_NORMAL
+                        wc[c, r] = _signed_const(u if exact else u - ONE + off, v < 0)
+                        r += 1
+            for r in range(0, R - R % 4, 4):
+                wnz4[c, r >> 2] = wnz[c, r] and wnz[c, r + 1] and wnz[c, r + 2] and wnz[c, r + 3]
+        # per position: its image, its input row/column, and for each of the phase's taps
+        # the flat output position oh OW + ow reading it through that tap (-1: none)
+        pn = np.empty(width, np.int64)
+        pih = np.empty(width, np.int64)
+        piw = np.empty(width, np.int64)
+        ntap = nkh * nkw
+        gidx = np.empty((ntap, width), np.int64)
+        for i in range(width):
+            q = q0 + i
+            n = q // (nh * nw)
+            rem = q - n * (nh * nw)
+            jh = rem // nw
+            ih = a + jh * sh
+            iw = b + (rem - jh * nw) * sw
+            pn[i] = n
+            pih[i] = ih
+            piw[i] = iw
+            for th in range(nkh):
+                oh = (ih + ph - khs[th] * dh) // sh
+                for tw in range(nkw):
+                    ow = (iw + pw - kws[tw] * dw) // sw
+                    ok = 0 <= oh < OH and 0 <= ow < OW
+                    gidx[th * nkw + tw, i] = oh * OW + ow if ok else -1
+        G = np.empty((R, width), np.int32)
+        MG = np.empty((R, width), np.int32)
+        for o in range(Og):
+            for t in range(ntap):
+                r = o * ntap + t
+                grow = G[r]
+                mrow = MG[r]
+                idx = gidx[t]
+                for i in range(width):
+                    k = idx[i]
+                    v = g3[pn[i], gi * Og + o, k] if k >= 0 else np.int32(0)
+                    grow[i] = v
+                    ok = k >= 0
+                    if fast:
+                        ok = ok and (v & ABS_MASK) >= MIN_NORMAL
+                    mrow[i] = -1 if ok else 0
+        xm = np.empty((Cg, width), np.int32)
+        for c in range(Cg):
+            for i in range(width):
+                xm[c, i] = x[pn[i], gi * Cg + c, pih[i], piw[i]]
+            if fast and exact:
+                _mantissa_const(xm[c].copy(), off, xm[c])
+        acc = np.empty((O_BLOCK, width), np.float32)
+        for c0 in range(0, Cg, O_BLOCK):
+            rows = min(O_BLOCK, Cg - c0)
+            A = acc[:rows]
+            A[:] = 0.0
+            if fast and not exact:
+                _mm_fast_block(A, G, MG, True, wc[c0:c0 + rows], wnz[c0:c0 + rows],
+                               wnz4[c0:c0 + rows], R, 0, width)
+            elif fast:
+                R4 = R - R % 4
+                for q in range(rows):
+                    arow = A[q]
+                    bm = xm[c0 + q]
+                    cs = wc[c0 + q]
+                    z = wnz[c0 + q]
+                    for r in range(0, R4, 4):
+                        if wnz4[c0 + q, r >> 2]:
+                            _sr4m(arow, bm, G[r], G[r + 1], G[r + 2], G[r + 3], MG[r],
+                                  MG[r + 1], MG[r + 2], MG[r + 3], cs[r], cs[r + 1],
+                                  cs[r + 2], cs[r + 3], width)
+                        else:
+                            for u in range(r, r + 4):
+                                if z[u]:
+                                    _sr1(arow, bm, G[u], MG[u], True, cs[u], width)
+                    for u in range(R4, R):
+                        if z[u]:
+                            _sr1(arow, bm, G[u], MG[u], True, cs[u], width)
+            else:
+                for r in range(R):
+                    grow = G[r]
+                    vrow = MG[r]
+                    for q in range(rows):
+                        wv = wp[c0 + q, r]
+                        arow = A[q]
+                        xrow = xm[c0 + q]
+                        for i in range(width):
+                            term = _grad_term(grow[i], xrow[i], wv, exact, off)
+                            arow[i] += term if vrow[i] else np.float32(0.0)
+            for q in range(rows):
+                for i in range(width):
+                    out[pn[i], gi * Cg + c0 + q, pih[i], piw[i]] = A[q, i]
+
+
+@njit(cache=True, nogil=True)
+def _phase_tiles(N, H, W, KH, KW, Og, sh, sw, ph, pw, dh, dw):
+    """Rows (a, b, q0, width): tiles of the input positions with ih % sh = a, iw % sw = b.
+
+    A tile holds at most about PATCH_BUDGET / R positions (at least 8, at most POS_TILE),
+    R = Og x the number of taps that can reach the phase.
+    """
+    rows = []
+    for a in range(min(sh, H)):
+        nkh = 0
+        for kh in range(KH):
+            nkh += (a + ph - kh * dh) % sh == 0
+        for b in range(min(sw, W)):
+            nkw = 0
+            for kw in range(KW):
+                nkw += (b + pw - kw * dw) % sw == 0
+            count = N * ((H - a + sh - 1) // sh) * ((W - b + sw - 1) // sw)
+            tile = max(8, min(POS_TILE, PATCH_BUDGET // max(1, Og * nkh * nkw)))
+            for q0 in range(0, count, tile):
+                rows.append((a, b, q0, min(tile, count - q0)))
+    table = np.empty((len(rows), 4), np.int64)
+    for i in range(len(rows)):
+        table[i, 0], table[i, 1], table[i, 2], table[i, 3] = rows[i]
+    return table
 
 
 @njit(cache=True, nogil=True)
@@ -249,40 +412,119 @@ def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
     """
     if out.size == 0:
         return
-    _grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
-
-
-@njit(**_JIT)
-def _grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+    sx, zx, lo_x, hi_x = _stats(x)
+    sw_, zw, lo_w, hi_w = _stats(w)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    if exact:
+        fast = not (sx or sw_ or sg) and _slope_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
+    else:
+        fast = not (sw_ or sg) and _mul_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
     N, C, H, W = x.shape
     O, Cg, KH, KW = w.shape
+    table = _phase_tiles(N, H, W, KH, KW, O // groups, sh, sw, ph, pw, dh, dw)
+    _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, fast, off,
+                      out)
+
+
+# Weight gradient: out[o, t] = sum over positions q (increasing) of term(grad[q, o], w[o, t],
+# patch[q, t]). A task owns GW_O_BLOCK output channels of one group and walks every
+# position tile, gathering the tile's patches position-major (PT[i, t]); for each position
+# the terms of all K taps are added at once, vectorized across t. Int32 fast path (as the
+# matmul backward): approx PAM(g, x) = bits(x) + (|bits(g)| - ONE + off, sign), exact
+# PAM(g, slope(w, x)) = ((Mw + off - ONE + bits(x)) & ~MANT) + bits(g); zero or
+# subnormal g is skipped, zero x (or padding) masked to +0.
+@njit(**_JIT)
+def _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, tile, off,
+                       out):
+    N = x.shape[0]
+    O, Cg, KH, KW = w.shape
+    K = Cg * KH * KW
+    Og = O // groups
     OH = grad.shape[2]
     OW = grad.shape[3]
-    Og = O // groups
-    for task in prange(O * Cg):
-        o = task // Cg
-        c = task - o * Cg
-        ci = (o // Og) * Cg + c
-        acc = np.zeros((KH, KW), np.float32)
-        for n in range(N):
-            for oh in range(OH):
-                grow = grad[n, o, oh]
-                for kh in range(KH):
-                    ih = oh * sh - ph + kh * dh
-                    inside = 0 <= ih < H
-                    for kw in range(KW):
-                        wv = w[o, c, kh, kw]
-                        base = kw * dw - pw
-                        s = acc[kh, kw]
-                        for ow in range(OW):
-                            iw = ow * sw + base
-                            xv = x[n, ci, ih, iw] if inside and 0 <= iw < W else np.int32(0)
-                            if exact:
-                                s += _grad_term(grow[ow], wv, xv, True, off)
+    S = OH * OW
+    Q = N * S
+    wflat = w.reshape(O, K)
+    g3 = grad.reshape(N, O, S)
+    out2 = out.reshape(O, K)
+    oblocks = (Og + GW_O_BLOCK - 1) // GW_O_BLOCK
+    for task in prange(groups * oblocks):
+        gi = task // oblocks
+        o0 = gi * Og + (task - gi * oblocks) * GW_O_BLOCK
+        rows = min(GW_O_BLOCK, (gi + 1) * Og - o0)
+        acc = np.zeros((rows, K), np.float32)
+        am = np.empty((rows, K), np.int32)
+        for r in range(rows):
+            _mantissa_const(wflat[o0 + r], off, am[r])
+        PT = np.empty((tile, K), np.int32)
+        MT = np.empty((tile, K), np.int32)
+        gv = np.empty((rows, tile), np.int32)
+        for q0 in range(0, Q, tile):
+            width = min(tile, Q - q0)
+            use_mask = False
+            for i in range(width):
+                q = q0 + i
+                n = q // S
+                rem = q - n * S
+                oh = rem // OW
+                z = _patch(x, n, gi * Cg, oh * sh - ph, (rem - oh * OW) * sw - pw, KH, KW,
+                           dh, dw, PT[i], MT[i])
+                use_mask = use_mask or z
+                for r in range(rows):
+                    gv[r, i] = g3[n, o0 + r, rem]
+            if not fast:
+                for i in range(width):
+                    prow = PT[i]
+                    for r in range(rows):
+                        g = gv[r, i]
+                        arow = acc[r]
+                        wrow = wflat[o0 + r]
+                        for t in range(K):
+                            arow[t] += _grad_term(g, wrow[t], prow[t], exact, off)
+                continue
+            i4 = width - width % 4
+            for r in range(rows):
+                arow = acc[r]
+                y = am[r]
+                gr = gv[r]
+                for i in range(0, width + 3, 4):
+                    if i < i4:
+                        g0, g1, g2, g3_ = gr[i], gr[i + 1], gr[i + 2], gr[i + 3]
+                        if ((g0 & ABS_MASK) >= MIN_NORMAL and (g1 & ABS_MASK) >= MIN_NORMAL
+                                and (g2 & ABS_MASK) >= MIN_NORMAL
+                                and (g3_ & ABS_MASK) >= MIN_NORMAL):
+                            if exact and use_mask:
+                                _sl4m(arow, y, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], MT[i],
+                                      MT[i + 1], MT[i + 2], MT[i + 3], g0, g1, g2, g3_, K)
+                            elif exact:
+                                _sl4(arow, y, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], g0, g1,
+                                     g2, g3_, K)
+                            elif use_mask:
+                                _add4m(arow, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], MT[i],
+                                       MT[i + 1], MT[i + 2], MT[i + 3], _gconst(g0, off),
+                                       _gconst(g1, off), _gconst(g2, off), _gconst(g3_, off),
+                                       K)
                             else:
-                                s += _grad_term(grow[ow], wv, xv, False, off)
-                        acc[kh, kw] = s
-        out[o, c] = acc
+                                _add4(arow, PT[i], PT[i + 1], PT[i + 2], PT[i + 3],
+                                      _gconst(g0, off), _gconst(g1, off), _gconst(g2, off),
+                                      _gconst(g3_, off), K)
+                            continue
+                    for u in range(i, min(i + 4, width)):
+                        g = gr[u]
+                        if (g & ABS_MASK) < MIN_NORMAL:
+                            continue
+                        if exact:
+                            _sl1(arow, y, PT[u], MT[u], use_mask, g, K)
+                        else:
+                            _add1(arow, PT[u], MT[u], use_mask, _gconst(g, off), K)
+        out2[o0:o0 + rows] = acc
+
+
+@njit(cache=True, nogil=True)
+def _gconst(g, off):
+    """int32 constant c with PAM(g, x) = int32(bits(x) + c) for normal g, x (fast path)."""
+    v = np.int64(g)
+    return _signed_const((v & ABS_MASK) - ONE + off, v < 0)
 
 
 @njit(cache=True, nogil=True)
@@ -295,4 +537,14 @@ def conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out
     """
     if out.size == 0:
         return
-    _grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
+    sx, zx, lo_x, hi_x = _stats(x)
+    sw_, zw, lo_w, hi_w = _stats(w)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    if exact:
+        fast = not (sx or sw_ or sg) and _slope_fast_ok(lo_g, hi_g, lo_x, hi_x, off)
+    else:
+        fast = not (sx or sg) and _mul_fast_ok(lo_g, hi_g, lo_x, hi_x, off)
+    K = out.size // out.shape[0]
+    tile = max(8, min(POS_TILE, PATCH_BUDGET // K))
+    _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, tile, off,
+                       out)

@@ -32,7 +32,7 @@ MAX_BLOCKS = 8192
 
 # =========================================================================== kernels
 def _conv_forward_kernel(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
-    """out[n, o, oh, ow] = sum over c, kh, kw (increasing) of PAM(x[..., ih, iw], w[o, c, kh, kw])."""
+    """out[n, o, oh, ow] = sum over c, kh, kw (increasing) of PAM(x, w[o, c, kh, kw])."""
     H = x.shape[2]
     W = x.shape[3]
     O = w.shape[0]
