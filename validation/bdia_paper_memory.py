@@ -26,7 +26,8 @@ Measures (float arithmetic, CPU; the paper measured GPU memory):
 
 Rows: the paper's setting at ``--depth`` (default 6) for each variant, with the paper's
 three numbers (693.4 MB BDIA, 1570.6 MB ViT, 572.7 MB RevViT; GPU peak training memory,
-ICLR 2025 submission) beside them; then a depth sweep (``--depths``, default 2 4 6 8 16 32).
+ICLR 2025 submission) beside them; then a depth sweep (``--depths``, default 2 4 6 8 16 32)
+at batch ``--sweep-batch`` (default 32, to stay within a few GB on a shared machine).
 Writes validation/results/bdia_paper_memory.json (a ``rows`` list, each with a ``variant``
 key) and bdia_paper_memory.png. ``--quick``: tiny shapes for tests.
 """
@@ -78,8 +79,12 @@ def allocation_trace(fn) -> tuple[int, int]:
     if not events:
         return 0, 0
     events.sort(key=lambda e: e.start_time_ns)
-    return (int(max(max(e.extra_fields.total_allocated for e in events), 0)),
-            int(events[-1].extra_fields.total_allocated))
+    # The reporter's running total is process-wide and does not drop when a tensor allocated
+    # under an earlier profile is freed outside one, so count from the total before the first event.
+    first = events[0].extra_fields
+    base = first.total_allocated - first.alloc_size
+    return (int(max(max(e.extra_fields.total_allocated for e in events) - base, 0)),
+            int(events[-1].extra_fields.total_allocated - base))
 
 
 def build(variant: str, depth: int, args) -> torch.nn.Module:
@@ -90,13 +95,13 @@ def build(variant: str, depth: int, args) -> torch.nn.Module:
     return (RevViTTransformer if variant == "revvit" else BDIATransformer)(cfg)
 
 
-def measure(variant: str, depth: int, args) -> dict:
-    """Memory and time of one training step of ``variant`` at ``depth`` blocks."""
+def measure(variant: str, depth: int, batch: int, args) -> dict:
+    """Memory and time of one training step of ``variant`` at ``depth`` blocks on ``batch`` images."""
     torch.manual_seed(0)
     model = build(variant, depth, args).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(batch, 3, args.image_size, args.image_size)
+    y = torch.randint(0, 10, (batch,))
     gen = torch.Generator().manual_seed(0)
 
     def forward():
@@ -122,8 +127,8 @@ def measure(variant: str, depth: int, args) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     n_params = sum(p.numel() for p in model.parameters())
-    tokens = args.batch * ((args.image_size // 4) ** 2 + 1)
-    return {"variant": variant, "depth": depth, "parameters": n_params,
+    tokens = batch * ((args.image_size // 4) ** 2 + 1)
+    return {"variant": variant, "depth": depth, "batch": batch, "parameters": n_params,
             "static_mib": 4 * 4 * n_params / MIB,  # params + grads + 2 AdamW moments, float32
             "held_mib": held_bytes / MIB, "peak_mib": peak_bytes / MIB,
             "total_mib": 4 * 4 * n_params / MIB + peak_bytes / MIB,
@@ -149,7 +154,8 @@ def markdown(rows, args) -> list[str]:
                      f"{ours} | {PAPER_MB[v] / PAPER_MB['bdia']:.2f} |")
     sweep = sorted({r["depth"] for r in rows if r.get("setting") == "sweep"})
     if sweep:
-        lines += ["", "Depth sweep (same width and batch): held-for-backward / step-peak MiB, CPU s per step", "",
+        lines += ["", f"Depth sweep (width {args.width}, batch {args.sweep_batch}): held-for-backward / "
+                  "step-peak MiB, CPU s per step", "",
                   "| K | " + " | ".join(f"{v} held | {v} peak | {v} CPU s" for v in VARIANTS) + " |",
                   "|---|" + "---|---|---|" * len(VARIANTS)]
         by = {(r["variant"], r["depth"]): r for r in rows if r.get("setting") == "sweep"}
@@ -197,30 +203,33 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="default 128 (the paper's)")
     ap.add_argument("--width", type=int, default=None, help="default 192 (ViT-Tiny width)")
     ap.add_argument("--heads", type=int, default=None, help="default 3")
+    ap.add_argument("--sweep-batch", type=int, default=None,
+                    help="batch of the depth sweep (default 32: stored K = 32 at batch 128 would "
+                         "need ~7 GB on this shared machine)")
     ap.add_argument("--mlp-ratio", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2, help="timed steps per configuration")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
-    full = dict(depths=[2, 4, 6, 8, 16, 32], batch=128, width=192, heads=3, image_size=32)
-    quick = dict(depths=[2, 4], batch=4, width=16, heads=2, image_size=8)
+    full = dict(depths=[2, 4, 6, 8, 16, 32], batch=128, sweep_batch=32, width=192, heads=3, image_size=32)
+    quick = dict(depths=[2, 8], batch=4, sweep_batch=2, width=16, heads=2, image_size=8)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     torch.set_num_threads(args.threads)
 
     rows, t0 = [], time.time()
-    configs = [("paper", v, args.depth) for v in VARIANTS]
-    configs += [("sweep", v, d) for d in sorted(set(args.depths)) for v in VARIANTS]
+    configs = [("paper", v, args.depth, args.batch) for v in VARIANTS]
+    configs += [("sweep", v, d, args.sweep_batch) for d in sorted(set(args.depths)) for v in VARIANTS]
     done = {}
-    for setting, v, d in configs:
-        if (v, d) not in done:
-            done[(v, d)] = measure(v, d, args)
-            r = done[(v, d)]
-            print(f"K={d:>3} {v:<7} held {r['held_mib']:8.1f} MiB  peak {r['peak_mib']:8.1f} MiB  "
+    for setting, v, d, b in configs:
+        if (v, d, b) not in done:
+            done[(v, d, b)] = measure(v, d, b, args)
+            r = done[(v, d, b)]
+            print(f"K={d:>3} B={b:>3} {v:<7} held {r['held_mib']:8.1f} MiB  peak {r['peak_mib']:8.1f} MiB  "
                   f"step {r['step_s']:.2f} s (cpu {r['step_cpu_s']:.2f})  [{time.time() - t0:.0f}s]",
                   file=sys.stderr, flush=True)
-        row = dict(done[(v, d)], setting=setting)
+        row = dict(done[(v, d, b)], setting=setting)
         if setting == "paper":
             row["paper_peak_mb"] = PAPER_MB[v]
         rows.append(row)
@@ -238,7 +247,7 @@ def main(argv=None):
     stem = "bdia_paper_memory" + ("_quick" if args.quick else "")
     result = {"benchmark": "bdia_paper_memory", "argv": sys.argv[1:] if argv is None else list(argv),
               "config": {"image": f"{args.image_size}x{args.image_size}x3", "patch_size": 4, "depth": args.depth,
-                         "batch": args.batch, "width": args.width, "heads": args.heads,
+                         "batch": args.batch, "sweep_batch": args.sweep_batch, "width": args.width, "heads": args.heads,
                          "mlp_ratio": args.mlp_ratio, "frac_bits": 9, "arithmetic": "float",
                          "optimizer": "AdamW", "threads": args.threads, "repeats": args.repeats,
                          "measure": "torch.profiler CPU allocation events: held = bytes allocated by "
