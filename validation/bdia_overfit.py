@@ -53,8 +53,9 @@ the task and training config match), so an interrupted run continues where it st
 
 Writes validation/results/bdia_overfit.json and bdia_overfit.png (``--task text`` /
 ``cifar10``: bdia_overfit_text.* / bdia_overfit_cifar10.*). ``--arithmetics float`` or ``pam``
-runs only that part of the job list, so the slow PAM runs can go in a second process at the
-same time: each write merges the runs another process has stored in the same JSON. ``--quick``: a tiny configuration for tests.
+(and ``--run-seeds``) run only that part of the job list, so parallel processes can share the
+work (e.g. one per seed, one per PAM run): each write merges the runs another process has
+stored in the same JSON. ``--quick``: a tiny configuration for tests.
 """
 import os
 
@@ -296,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--test-images", type=int, default=None, help="cifar10: held-out images (default all)")
     ap.add_argument("--arithmetics", nargs="+", choices=("float", "pam"), default=["float", "pam"],
                     help="run only these parts of the job list (the table still lists every cell)")
+    ap.add_argument("--run-seeds", type=int, nargs="+", default=None,
+                    help="run only these seeds' jobs (for parallel processes; default all)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads")
     ap.add_argument("--fresh", action="store_true", help="delete the output JSON first (no cached runs)")
@@ -368,7 +371,7 @@ def main(argv=None):
     all_jobs = [(v, "float", s) for s in range(args.seeds) for v in variants]
     all_jobs += [(v, "pam", s) for s in range(args.pam_seeds) for v in pam_variants]
     cells = list(dict.fromkeys((v, a) for v, a, _ in all_jobs))
-    jobs = [j for j in all_jobs if j[1] in args.arithmetics]
+    jobs = [j for j in all_jobs if j[1] in args.arithmetics and (args.run_seeds is None or j[2] in args.run_seeds)]
 
     def write(done):
         for k, r in stored_runs().items():  # runs another process (--arithmetics) finished meanwhile
