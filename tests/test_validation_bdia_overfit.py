@@ -113,3 +113,17 @@ def test_cifar10_errors(script, tmp_path):
     root = write_cifar_standin(str(tmp_path / "d"))
     with pytest.raises(ValueError, match="--train-images"):
         script.main(["--task", "cifar10", "--data", root, "--quick", "--train-images", "21"])
+
+
+def test_quick_text_run(script, tmp_path):
+    out = script.main(["--task", "text", "--quick", "--seeds", "1", "--variants", "stored", "bdia",
+                       "--pam-variants", "--out", str(tmp_path)])
+    assert out["metric"] == "bpc" and out["complete"] is True
+    assert out["config"]["n_train"] == 2048 and out["config"]["n_heldout"] == 64 * 16 + 1
+    from bdia_pam.data import default_text
+    held = default_text().encode("utf-8")[2048:2048 + 64 * 16 + 1]
+    bytes_per_char = len(held) / len(held.decode("utf-8", errors="ignore"))
+    assert bytes_per_char > 1  # this slice holds a few multi-byte characters
+    for r in out["runs"]:  # bits per character = nats / ln 2 * bytes per character
+        assert r["val_bpc_final"] == pytest.approx(r["val_loss_final"] / np.log(2) * bytes_per_char, rel=1e-6)
+    assert os.path.exists(tmp_path / "bdia_overfit_text_quick.json")
