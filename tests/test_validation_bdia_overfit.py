@@ -64,6 +64,12 @@ def test_quick_digits_run(script, tmp_path, capsys):
     stored = [r["val_loss_best"] for r in runs if r["variant"] == "stored"]
     assert res["table"][0]["val_loss_best"][0] == pytest.approx(np.mean(stored))
     assert any(line.startswith("| bdia | float | 2 |") for line in res["table_markdown"])
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    paired = {p["variant"]: p for p in res["paired"]}
+    assert set(paired) == {"bdia", "nogamma"}
+    d = [by[("bdia", s)]["val_loss_final"] - by[("stored", s)]["val_loss_final"] for s in (0, 1)]
+    assert paired["bdia"]["val_loss_final_diff_per_seed"] == d
+    assert paired["bdia"]["val_loss_final_diff"][0] == pytest.approx(np.mean(d))
     assert os.path.getsize(tmp_path / "bdia_overfit_quick.png") > 1000
     assert out["runs"] == runs
     capsys.readouterr()

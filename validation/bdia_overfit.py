@@ -229,6 +229,24 @@ def table_of(runs, cells, metric):
     return table
 
 
+def paired_of(runs, cells):
+    """Per seed, variant minus ``stored`` (same arithmetic, same seed = same initial weights and
+    batch order): mean and std over seeds of the best and final held-out loss differences."""
+    by = {(r["variant"], r["arithmetic"], r["seed"]): r for r in runs.values() if "error" not in r}
+    out = []
+    for v, a in cells:
+        if v == "stored":
+            continue
+        seeds = sorted(s for (v2, a2, s) in by if v2 == v and a2 == a and ("stored", a, s) in by)
+        row = {"variant": v, "arithmetic": a, "vs": "stored", "seeds": seeds}
+        for k in ("val_loss_best", "val_loss_final"):
+            d = [by[(v, a, s)][k] - by[("stored", a, s)][k] for s in seeds]
+            row[k + "_diff"] = stats(d)
+            row[k + "_diff_per_seed"] = d
+        out.append(row)
+    return out
+
+
 def markdown(table, metric):
     f = lambda ms, d=4: "n/a" if math.isnan(ms[0]) else f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"  # noqa: E731
     mname = "bits/char" if metric == "bpc" else "accuracy"
@@ -379,9 +397,18 @@ def main(argv=None):
         ok = [r for r in runs.values() if "error" not in r]
         done = done and all(f"{v}/{a}/s{s}" in runs for v, a, s in all_jobs)
         table = table_of(runs, cells, metric)
+        paired = paired_of(runs, cells)
+        f = lambda ms: "n/a" if math.isnan(ms[0]) else f"{ms[0]:+.4f} ± {ms[1]:.4f}"  # noqa: E731
+        lines = markdown(table, metric) + [
+            "", "Paired by seed, variant minus stored (negative: lower held-out loss than stored)", "",
+            "| variant | arithmetic | seeds | best held-out loss diff | final held-out loss diff | final, per seed |",
+            "|---|---|---|---|---|---|"] + [
+            f"| {p['variant']} | {p['arithmetic']} | {len(p['seeds'])} | {f(p['val_loss_best_diff'])} | "
+            f"{f(p['val_loss_final_diff'])} | {', '.join(f'{d:+.3f}' for d in p['val_loss_final_diff_per_seed'])} |"
+            for p in paired]
         out = {"benchmark": "bdia_overfit", "task_description": desc, "config": config, "metric": metric,
                "argv": sys.argv[1:] if argv is None else list(argv), "complete": done,
-               "table": list(table.values()), "table_markdown": markdown(table, metric),
+               "table": list(table.values()), "paired": paired, "table_markdown": lines,
                "runs": ok, "failed_runs": {k: r for k, r in runs.items() if "error" in r}}
         with open(jpath + ".tmp", "w") as f:
             json.dump(out, f, indent=1)
