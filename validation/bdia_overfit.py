@@ -11,10 +11,10 @@ Tasks (``--task``):
   digits   (default) ViT on a small subset of sklearn digits (``--train-images``, default 200
            training images; every other image of the 1797, 1597, held out). 4 blocks of width
            64 over 2x2-pixel patches (17 tokens), ~200k parameters: it memorizes 200 images in
-           a couple of hundred steps, and the stored baseline's held-out loss is lowest
-           after ~250 steps and then rises steadily (a 1500-step pilot: 1.19 at step 250,
-           2.43 at the end; the default run is 500 steps). Mirrors the paper's ViT experiments in
-           miniature, cheap enough for 3 seeds per variant plus PAM runs on 2 CPU cores.
+           a couple of hundred steps, and in the default 500-step float run the stored
+           baseline's held-out loss is lowest at step 125-150 and 0.2-0.4 nats higher at the
+           end. Mirrors the paper's ViT experiments in miniature, cheap enough for 3 seeds per
+           variant plus PAM runs on 2 CPU cores.
   text     causal byte-level LM on a slice of Python's bundled English help texts
            (``bdia_pam.data.default_text``, ``pydoc_data.topics``: ships with every Python,
            nothing downloaded). The first ``--train-bytes`` bytes are the training set; the
@@ -22,7 +22,7 @@ Tasks (``--task``):
            ``bdia_pam.train.evaluate`` scores). Metric: held-out loss (nats/byte) and bits
            per character. Mirrors the paper's GPT-2-on-a-small-slice experiment, but a byte
            model big enough to memorize 16 KB needs thousands of steps at ~0.1-0.3 s (float)
-           and ~1.5 s (PAM) each here: over the budget of this machine, so not the default.
+           and 1.0-1.5 s (PAM) each here: over the budget of this machine, so not the default.
   cifar10  ViT on the user's "CIFAR-10 python version" directory (``--data DIR``; nothing is
            downloaded), the paper's setting: 32x32x3, 4x4 patches, K = 6 blocks, batch 128.
            ``--train-images`` / ``--test-images`` take the first N images (default: all).
