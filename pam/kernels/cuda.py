@@ -844,6 +844,10 @@ def matmul_exact_grad_right(at, b, grad, off, out):
         raise _shape_error("matmul_exact_grad_right expects at (P, k, n), b (P, k, m), "
                            "grad (P, n, m), out (P, k, m)",
                            at=at.shape, b=b.shape, grad=grad.shape, out=out.shape)
+    return _tiled("matmul_exact_grad_right", (at, b, grad), ("at", "b", "grad"), off, out)
+
+
+# ===========================================================================
 # Added kernels (scalar operands, fused optimizer and row kernels). Same conventions as
 # above; the matmul kernels are not touched here.
 # ===========================================================================
