@@ -68,3 +68,102 @@ def gelu_backward_bits(ix, ig, knots, slopes, exact):
         else:
             acc = bits.f32_to_bits(bits.bits_to_f32(acc) + bits.bits_to_f32(gr))
     return acc
+
+
+# --------------------------------------------------------------------------- softmax rows
+LOG2_E_BITS = 0x3FB8AA3B       # float32(log2 e)
+LN_2_BITS = 0x3F317218         # float32(ln 2)
+
+
+@register_jitable
+def _floor_f32(m):
+    """torch.floor on a finite float32 (values of magnitude >= 2^23 are integers)."""
+    if m >= np.float32(8388608.0) or m <= np.float32(-8388608.0):
+        return m
+    return np.float32(np.int64(np.floor(np.float64(m))))
+
+
+@register_jitable
+def softmax_row_shift(x, base, n, off):
+    """floor(max_j PAM(x_j, log2 e; off)) over the row, 0 when that max is not finite."""
+    m = np.float32(-np.inf)
+    nan = False
+    for j in range(n):
+        v = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off))
+        if v != v:
+            nan = True
+        elif v > m:
+            m = v
+    if nan or m == np.float32(np.inf) or m == np.float32(-np.inf):
+        return np.float32(0.0)
+    return _floor_f32(m)
+
+
+@register_jitable
+def softmax_row_forward(x, out, base, n, off, safe):
+    """One row of the PA softmax: PAD(e_j, s) with e_j = pa_exp2(PAM(x_j, log2 e) - m),
+    s = e_0 + e_1 + ... (float32, increasing j); ``safe``: a zero sum counts as 1.
+
+    ``out`` holds e_j after the first pass, the probabilities after the second.
+    """
+    m = softmax_row_shift(x, base, n, off)
+    s = np.float32(0.0)
+    for j in range(n):
+        z = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
+        e = bits.exp2_bits(bits.f32_to_bits(z))
+        out[base + j] = e
+        s += bits.bits_to_f32(e)
+    if safe and s == np.float32(0.0):
+        s = np.float32(1.0)
+    sb = bits.f32_to_bits(s)
+    for j in range(n):
+        out[base + j] = bits.div_bits(out[base + j], sb, 0)
+
+
+@register_jitable
+def softmax_row_backward(x, g, out, base, n, off, safe, exact):
+    """Input gradient of softmax_row_forward for output gradient ``g`` (one row).
+
+    The chain rule through the composite's pieces (pam.ops): PAD's gradients w.r.t. e_j
+    and s (exact slopes or, ``exact`` False, PAD(g, s) and -PAD(PAM(g, p), s)), the
+    s-gradient summed in increasing j and zeroed where ``safe`` replaced s = 0, then
+    pa_exp2's and PAM(x, log2 e)'s gradients (exact slopes, or PAM(g, PAM(e, ln 2)) and
+    PAM(g, log2 e; off)).
+    """
+    m = softmax_row_shift(x, base, n, off)
+    s = np.float32(0.0)
+    for j in range(n):
+        z = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
+        s += bits.bits_to_f32(bits.exp2_bits(bits.f32_to_bits(z)))
+    zero_sum = safe and s == np.float32(0.0)
+    if zero_sum:
+        s = np.float32(1.0)
+    sb = bits.f32_to_bits(s)
+    gs = np.float32(0.0)
+    for j in range(n):
+        z = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
+        e = bits.exp2_bits(bits.f32_to_bits(z))
+        if exact:
+            t = bits.mul_bits(g[base + j], bits.div_slope_den_bits(e, sb, 0), 0)
+        else:
+            p = bits.div_bits(e, sb, 0)
+            t = bits.div_bits(bits.mul_bits(g[base + j], p, 0), sb, 0) ^ bits.SIGN
+        gs += bits.bits_to_f32(t)
+    if zero_sum:
+        gs = np.float32(0.0)
+    for j in range(n):
+        xl = bits.mul_bits(x[base + j], LOG2_E_BITS, off)
+        zb = bits.f32_to_bits(bits.bits_to_f32(xl) - m)
+        e = bits.exp2_bits(zb)
+        if exact:
+            ge = bits.mul_bits(g[base + j], bits.div_slope_num_bits(e, sb, 0), 0)
+        else:
+            ge = bits.div_bits(g[base + j], sb, 0)
+        ge = bits.f32_to_bits(bits.bits_to_f32(ge) + gs)
+        if exact:
+            gz = bits.mul_bits(ge, bits.exp2_slope_bits(zb), 0)
+            out[base + j] = bits.mul_bits(gz, bits.mul_slope_bits(x[base + j], LOG2_E_BITS,
+                                                                  off), 0)
+        else:
+            gz = bits.mul_bits(ge, bits.mul_bits(e, LN_2_BITS, 0), 0)
+            out[base + j] = bits.mul_bits(gz, LOG2_E_BITS, off)

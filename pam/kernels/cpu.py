@@ -942,3 +942,27 @@ def gelu_backward(x, grad, knots, slopes, exact, out):
     else:
         for i in prange(n):
             out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)
+
+
+@njit(**_JIT)
+def softmax_forward(x, out, n, off, safe):
+    """Rows of length ``n`` of flat int32 ``x`` -> PA softmax (pam.rows_bits)."""
+    rows = x.size // n if n else 0
+    if x.size < FUSED_PARALLEL_MIN:
+        for r in range(rows):
+            rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
+    else:
+        for r in prange(rows):
+            rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
+
+
+@njit(**_JIT)
+def softmax_backward(x, g, out, n, off, safe, exact):
+    """Input gradient of softmax_forward for output gradient ``g`` (pam.rows_bits)."""
+    rows = x.size // n if n else 0
+    if x.size < FUSED_PARALLEL_MIN:
+        for r in range(rows):
+            rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
+    else:
+        for r in prange(rows):
+            rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
