@@ -557,22 +557,22 @@ def mul_slope_as(s, b, off, out):
 
 
 def div_slope_num_bs(a, s, off, out):
-    """out[i] = div_slope_num(a[i], s[0]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_num(a[i], s[0]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_num_bs", a, s, off, out, False)
 
 
 def div_slope_num_as(s, b, off, out):
-    """out[i] = div_slope_num(s[0], b[i]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_num(s[0], b[i]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_num_as", b, s, off, out, True)
 
 
 def div_slope_den_bs(a, s, off, out):
-    """out[i] = div_slope_den(a[i], s[0]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_den(a[i], s[0]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_den_bs", a, s, off, out, False)
 
 
 def div_slope_den_as(s, b, off, out):
-    """out[i] = div_slope_den(s[0], b[i]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_den(s[0], b[i]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_den_as", b, s, off, out, True)
 
 
