@@ -111,6 +111,22 @@ def sequential_reduce(monkeypatch):
     monkeypatch.setattr(P, "_reduce_to", reduce_to)
 
 
+class FusedSoftmax(torch.autograd.Function):
+    """pam.fused's softmax entry points under autograd (as a dispatch mode would use them)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, offset, backward, safe):
+        ctx.save_for_backward(x)
+        ctx.args = (dim, offset, safe, backward)
+        return fused.softmax_forward(x, dim, offset, safe)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        dim, offset, safe, backward = ctx.args
+        return fused.softmax_backward(grad, x, dim, offset, safe, backward), *[None] * 4
+
+
 def _softmax_inputs():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 5, 9, generator=g) * 3
@@ -132,8 +148,7 @@ def test_softmax_fused_equals_composite(sequential_reduce, backward, dim, offset
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     xf = x.clone().requires_grad_()
     xc = x.clone().requires_grad_()
-    from pam.functional import _softmax
-    yf = _softmax(xf, dim, offset, backward, safe)
+    yf = FusedSoftmax.apply(xf, dim, offset, backward, safe)
     yc = softmax_composite(xc, dim, offset, backward, safe)
     same = (yf.view(torch.int32) == yc.view(torch.int32)) | (yf.isnan() & yc.isnan())
     assert bool(same.all())
@@ -150,10 +165,12 @@ def test_softmax_one_launch_per_pass_and_edge_shapes(monkeypatch):
     monkeypatch.setattr(pam.dispatch, "launch",
                         lambda name, *a: (calls.append(name), orig(name, *a))[1])
     x = torch.randn(4, 7, requires_grad=True)
-    pam.nn.functional.softmax(x, dim=0).sum().backward()
+    FusedSoftmax.apply(x, 0, None, "exact", False).sum().backward()
     assert calls == ["softmax_forward", "softmax_backward"]
-    assert pam.nn.functional.softmax(torch.empty(0, 3)).shape == (0, 3)
-    assert pam.nn.functional.softmax(torch.tensor(2.0), dim=0).item() == 1.0
+    assert fused.softmax_forward(torch.empty(0, 3)).shape == (0, 3)
+    assert fused.softmax_forward(torch.tensor(2.0), dim=0).item() == 1.0
+    with pytest.raises(ValueError, match="grad shape"):
+        fused.softmax_backward(torch.ones(3), x.detach())
 
 
 def test_softmax_matches_torch_order_sum_closely():
@@ -164,6 +181,6 @@ def test_softmax_matches_torch_order_sum_closely():
     z = _shifted_log2(x, -1, None, "exact")
     e = P.exp2(z)
     old = P.div(e, e.sum(dim=-1, keepdim=True))
-    new = pam.nn.functional.softmax(x)
+    new = fused.softmax_forward(x)
     rel = ((new - old).abs() / old.abs().clamp_min(1e-30)).max().item()
     assert rel < 2e-6
