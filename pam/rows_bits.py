@@ -20,6 +20,34 @@ def _relu_f32(t):
     return np.float32(0.0)
 
 
+@register_jitable(forceinline=True)
+def gelu_term_bits(ix, kb, db):
+    """PAM(relu(x - k), d) for one knot k and slope change d (bit patterns)."""
+    r = _relu_f32(bits.bits_to_f32(ix) - bits.bits_to_f32(kb))
+    return bits.mul_bits(bits.f32_to_bits(r), db, 0)
+
+
+@register_jitable(forceinline=True)
+def gelu_grad_term_bits(ix, ig, kb, db, exact):
+    """One knot's contribution to the GELU input gradient: PAM(g, s) where
+    relu(x - k) > 0 (or is NaN), else +0; s the exact slope of PAM(r, d) w.r.t. r
+    (``exact``; equal to d except at NaN) or d."""
+    r = _relu_f32(bits.bits_to_f32(ix) - bits.bits_to_f32(kb))
+    if exact:
+        s = bits.mul_slope_bits(bits.f32_to_bits(r), db, 0)
+    else:
+        s = np.int64(db)
+    if r != r or r > np.float32(0.0):
+        return bits.mul_bits(ig, s, 0)
+    return np.int64(0)
+
+
+@register_jitable(forceinline=True)
+def add_f32_bits(ia, ib):
+    """float32 a + b on bit patterns."""
+    return bits.f32_to_bits(bits.bits_to_f32(ia) + bits.bits_to_f32(ib))
+
+
 @register_jitable
 def gelu_forward_bits(ix, knots, slopes):
     """Piecewise-affine GELU: y = sum_j PAM(relu(x - k_j), d_j), j ascending, float32 sums.
@@ -27,46 +55,22 @@ def gelu_forward_bits(ix, knots, slopes):
     ``knots`` and ``slopes`` hold the float32 bit patterns of pam.functional.GELU_KNOTS and
     GELU_SLOPE_CHANGES (every d_j a power of two, so each product is exact).
     """
-    x = bits.bits_to_f32(ix)
-    y = np.int64(0)
-    for j in range(knots.size):
-        r = _relu_f32(x - bits.bits_to_f32(knots[j]))
-        h = bits.mul_bits(bits.f32_to_bits(r), slopes[j], 0)
-        if j == 0:
-            y = h
-        else:
-            y = bits.f32_to_bits(bits.bits_to_f32(y) + bits.bits_to_f32(h))
+    y = gelu_term_bits(ix, knots[0], slopes[0])
+    for j in range(1, knots.size):
+        y = add_f32_bits(y, gelu_term_bits(ix, knots[j], slopes[j]))
     return y
 
 
 @register_jitable
 def gelu_backward_bits(ix, ig, knots, slopes, exact):
-    """Input gradient of gelu_forward_bits as autograd computes the composite.
-
-    Branch j contributes PAM(g, s_j) where relu(x - k_j) > 0 (or is NaN), else +0, with
-    s_j the exact slope of PAM(r_j, d_j) w.r.t. r_j (``exact``; equal to d_j except at
-    NaN) or d_j itself; the contributions are summed in float32 from the last knot to the
-    first (the order in which autograd accumulates them).
-    """
-    x = bits.bits_to_f32(ix)
-    acc = np.int64(0)
+    """Input gradient of gelu_forward_bits as autograd computes the composite: the
+    gelu_grad_term_bits of every knot, summed in float32 from the last knot to the first
+    (the order in which autograd accumulates them)."""
     n = knots.size
-    for jj in range(n):
+    acc = gelu_grad_term_bits(ix, ig, knots[n - 1], slopes[n - 1], exact)
+    for jj in range(1, n):
         j = n - 1 - jj
-        r = _relu_f32(x - bits.bits_to_f32(knots[j]))
-        rb = bits.f32_to_bits(r)
-        if exact:
-            s = bits.mul_slope_bits(rb, slopes[j], 0)
-        else:
-            s = np.int64(slopes[j])
-        if r != r or r > np.float32(0.0):
-            gr = bits.mul_bits(ig, s, 0)
-        else:
-            gr = np.int64(0)
-        if jj == 0:
-            acc = gr
-        else:
-            acc = bits.f32_to_bits(bits.bits_to_f32(acc) + bits.bits_to_f32(gr))
+        acc = add_f32_bits(acc, gelu_grad_term_bits(ix, ig, knots[j], slopes[j], exact))
     return acc
 
 

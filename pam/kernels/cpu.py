@@ -845,28 +845,68 @@ def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, fl
 
 
 # --------------------------------------------------------------------------- fused composites
+# GELU: per block of GELU_BLOCK elements, knot by knot (the same terms and float32 sums, in
+# the same order per element as pam.rows_bits.gelu_forward_bits / gelu_backward_bits, with
+# the loop over elements innermost so that it vectorizes).
+GELU_BLOCK = 4096
+
+
+@njit(cache=True, nogil=True)
+def _gelu_forward_block(x, knots, slopes, out, lo, hi):
+    k0 = knots[0]
+    d0 = slopes[0]
+    for i in range(lo, hi):
+        out[i] = rows_bits.gelu_term_bits(x[i], k0, d0)
+    for j in range(1, knots.size):
+        kj = knots[j]
+        dj = slopes[j]
+        for i in range(lo, hi):
+            out[i] = rows_bits.add_f32_bits(out[i], rows_bits.gelu_term_bits(x[i], kj, dj))
+
+
+@njit(cache=True, nogil=True)
+def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi):
+    n = knots.size
+    kl = knots[n - 1]
+    dl = slopes[n - 1]
+    for i in range(lo, hi):
+        out[i] = rows_bits.gelu_grad_term_bits(x[i], grad[i], kl, dl, exact)
+    for jj in range(1, n):
+        kj = knots[n - 1 - jj]
+        dj = slopes[n - 1 - jj]
+        for i in range(lo, hi):
+            out[i] = rows_bits.add_f32_bits(
+                out[i], rows_bits.gelu_grad_term_bits(x[i], grad[i], kj, dj, exact))
+
+
 @njit(**_JIT)
 def gelu_forward(x, knots, slopes, out):
     """out[i] = pam.rows_bits.gelu_forward_bits(x[i]) (flat int32 arrays)."""
     n = x.size
+    blocks = (n + GELU_BLOCK - 1) // GELU_BLOCK
     if n < FUSED_PARALLEL_MIN:
-        for i in range(n):
-            out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+        for b in range(blocks):
+            _gelu_forward_block(x, knots, slopes, out, b * GELU_BLOCK,
+                                min(n, (b + 1) * GELU_BLOCK))
     else:
-        for i in prange(n):
-            out[i] = rows_bits.gelu_forward_bits(x[i], knots, slopes)
+        for b in prange(blocks):
+            _gelu_forward_block(x, knots, slopes, out, b * GELU_BLOCK,
+                                min(n, (b + 1) * GELU_BLOCK))
 
 
 @njit(**_JIT)
 def gelu_backward(x, grad, knots, slopes, exact, out):
     """out[i] = pam.rows_bits.gelu_backward_bits(x[i], grad[i]) (flat int32 arrays)."""
     n = x.size
+    blocks = (n + GELU_BLOCK - 1) // GELU_BLOCK
     if n < FUSED_PARALLEL_MIN:
-        for i in range(n):
-            out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)
+        for b in range(blocks):
+            _gelu_backward_block(x, grad, knots, slopes, exact, out, b * GELU_BLOCK,
+                                 min(n, (b + 1) * GELU_BLOCK))
     else:
-        for i in prange(n):
-            out[i] = rows_bits.gelu_backward_bits(x[i], grad[i], knots, slopes, exact)
+        for b in prange(blocks):
+            _gelu_backward_block(x, grad, knots, slopes, exact, out, b * GELU_BLOCK,
+                                 min(n, (b + 1) * GELU_BLOCK))
 
 
 @njit(**_JIT)
