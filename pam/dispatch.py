@@ -46,7 +46,7 @@ def as_operand(x, name, like):
     not modify them in place (no PAM op does).
     """
     if isinstance(x, (int, float)) and not isinstance(x, bool):
-        key = (float(x), like.device)
+        key = (float(x).hex(), like.device)          # tells -0.0 from 0.0; NaN hits
         t = _SCALAR_CACHE.get(key)
         if t is None:
             if len(_SCALAR_CACHE) >= _SCALAR_CACHE_MAX:

@@ -171,7 +171,11 @@ def softmax(input, dim=-1, offset=None, backward="exact"):
     -inf entries get probability 0; a row that is entirely -inf gives NaN (as torch). An
     empty input (e.g. a 0-size ``dim``) gives an empty result.
     pa_exp2(y - n) = 2^-n pa_exp2(y) for integer n, so the shift changes the result only
-    through the rounding of y - n (last bits of entries far below the max). The sum is a float32 addition in torch's order.
+    through the rounding of y - n (last bits of entries far below the max). The sum is a
+    float32 addition in torch's order. :func:`pam.fused.softmax_forward` /
+    ``softmax_backward`` compute the same chain in one row kernel per pass with the sums
+    in increasing index order (not used here: on 2 cores its scalar code is slower than
+    this vectorized chain, 32 ms vs 15 ms forward + backward at (16, 4, 64, 64)).
     """
     return _softmax(input, dim, offset, backward, safe=False)
 

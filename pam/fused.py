@@ -7,6 +7,9 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
 * :func:`sgd_step`: the SGD update of :class:`pam.optim.SGD` for lists of tensors.
 * :func:`gelu_forward`, :func:`gelu_backward`: the piecewise-affine GELU of
   :func:`pam.nn.functional.gelu` and its input gradient, one elementwise launch each.
+* :func:`softmax_forward`, :func:`softmax_backward`: the PA softmax of
+  :func:`pam.nn.functional.softmax` along one dimension and its input gradient, one row
+  kernel launch each.
 
 A list is processed as one flat buffer (the tensors are concatenated, updated by a single
 kernel and copied back; a list of one contiguous tensor is updated in place), so a step
@@ -18,7 +21,8 @@ import torch
 from . import dispatch as D
 from . import optim_bits as OB
 
-__all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward"]
+__all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward", "softmax_forward",
+           "softmax_backward"]
 
 
 def _check_lists(device, **lists):
@@ -214,3 +218,57 @@ def gelu_backward(grad, x, backward="exact"):
                  D.as_bits(grad).reshape(-1), knots, slopes, backward == "exact",
                  out.view(-1))
     return out.view(torch.float32)
+
+
+# --------------------------------------------------------------------------- softmax
+def _rows(x, dim):
+    """x with ``dim`` moved last, contiguous, as flat int32 bits, and the row length."""
+    xm = x.detach().movedim(dim, -1).contiguous()
+    return xm, xm.view(torch.int32).view(-1), xm.shape[-1]
+
+
+def softmax_forward(x, dim=-1, offset=None, safe=False):
+    """PA softmax of float32 ``x`` along ``dim`` (no autograd), one launch.
+
+    Per row (see :func:`pam.rows_bits.softmax_row_forward`): x' = PAM(x, log2 e; offset),
+    m = floor(max x') (0 if not finite), e = pa_exp2(x' - m), s = sum e in increasing
+    index order, result PAD(e, s). ``safe``: a row whose sum is 0 gives zeros, not NaN
+    (scaled_dot_product_attention's fully masked rows).
+    """
+    D.check_float32(x, "x")
+    off = D.offset_constant(offset)
+    if x.dim() == 0:
+        x1 = x.reshape(1)
+        return softmax_forward(x1, 0, offset, safe).reshape(())
+    xm, xb, n = _rows(x, dim)
+    out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        D.launch("softmax_forward", x.device, xb, out.view(-1), n, off, bool(safe))
+    return out.view(torch.float32).movedim(-1, dim)
+
+
+def softmax_backward(grad, x, dim=-1, offset=None, safe=False, backward="exact"):
+    """Input gradient of :func:`softmax_forward` at ``x`` for output gradient ``grad``.
+
+    The chain rule through the composite's pieces, per row (see
+    :func:`pam.rows_bits.softmax_row_backward`): ``backward="exact"`` uses the exact
+    power-of-two slopes, ``"approx"`` PAM/PAD as if exact (the paper's choice).
+    """
+    D.check_float32(x, "x")
+    D.check_float32(grad, "grad")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
+                         f"{tuple(x.shape)}")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    off = D.offset_constant(offset)
+    if x.dim() == 0:
+        return softmax_backward(grad.reshape(1), x.reshape(1), 0, offset, safe,
+                                backward).reshape(())
+    xm, xb, n = _rows(x, dim)
+    _, gb, _ = _rows(grad, dim)
+    out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        D.launch("softmax_backward", x.device, xb, gb, out.view(-1), n, off, bool(safe),
+                 backward == "exact")
+    return out.view(torch.float32).movedim(-1, dim)

@@ -99,8 +99,9 @@ class AdamW(_PamOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=True, moments=moments)
+                        decoupled_weight_decay=True)
         super().__init__(params, defaults, offset)
+        self.moments = moments
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -132,7 +133,7 @@ class AdamW(_PamOptimizer):
                                  eps=float(group["eps"]),
                                  weight_decay=float(group["weight_decay"]),
                                  amsgrad=group["amsgrad"], maximize=group["maximize"],
-                                 offset=self.offset, moments=group.get("moments", "paper"))
+                                 offset=self.offset, moments=self.moments)
         return loss
 
 

@@ -85,3 +85,6 @@ def test_cached_number_tensors_are_per_device_and_value():
     assert a is D.as_operand(2.0, "b", x)
     assert a.item() == 2.0 and a.dtype == torch.float32
     assert D.as_operand(3.0, "b", x).item() == 3.0
+    zero, neg_zero = D.as_operand(0.0, "b", x), D.as_operand(-0.0, "b", x)
+    assert not torch.signbit(zero) and torch.signbit(neg_zero)
+    assert torch.signbit(pam.mul(torch.ones(2), -0.0)).all()

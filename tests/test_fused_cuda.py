@@ -100,3 +100,26 @@ def test_gelu_kernels_match_cpu():
         K.gelu_backward(x, g, knots, slopes, exact, a)
         cpu.gelu_backward(x, g, knots, slopes, exact, b)
         assert np.array_equal(a, b)
+
+
+def test_softmax_kernels_match_cpu():
+    rng = np.random.default_rng(4)
+    n = 7
+    x = (rng.standard_normal(6 * n) * 3).astype(np.float32)
+    x[:n] = -np.inf                                  # a fully masked row
+    x[n + 2] = np.nan
+    x[2 * n + 1] = np.inf
+    x = x.view(np.int32)
+    g = rng.standard_normal(x.size).astype(np.float32).view(np.int32)
+    a, b = np.empty_like(x), np.empty_like(x)
+    for off in (0, dispatch.offset_constant(1.0552)):
+        for safe in (False, True):
+            K.softmax_forward(x, a, n, off, safe)
+            cpu.softmax_forward(x, b, n, off, safe)
+            assert np.array_equal(a, b)
+            for exact in (True, False):
+                K.softmax_backward(x, g, a, n, off, safe, exact)
+                cpu.softmax_backward(x, g, b, n, off, safe, exact)
+                assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="must be positive and divide"):
+        K.softmax_forward(x, a, 5, 0, False)

@@ -62,6 +62,21 @@ def compile_all_kernels():
         getattr(cpu, name)(a, b, 0, out)
     for name in ("exp2", "log2", "exp2_slope", "log2_slope"):
         getattr(cpu, name)(a, out)
+    s = b[:1].copy()
+    for name in ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den"):
+        getattr(cpu, name + "_bs")(a, s, 0, out)
+        getattr(cpu, name + "_as")(s, b, 0, out)
+    # fused kernels (pam.optim_bits, pam.rows_bits); flags 7 / 63 turn every branch on
+    m, v, mx = a.copy(), np.abs(b.view(np.float32)).view(np.int32), a.copy()
+    cpu.adamw(a.copy(), b, m, v, mx, *([0x3F000000] * 8), 0, 7)
+    cpu.adamw_unbiased(a.copy(), b, m, v, mx, *([0x3F000000] * 5), 0, 0, 7)
+    cpu.sgd(a.copy(), b, m, *([0x3F000000] * 4), 0, 63)
+    knots = np.array([-1.0, 0.5], np.float32).view(np.int32)
+    slopes = np.array([0.25, 0.5], np.float32).view(np.int32)
+    cpu.gelu_forward(a, knots, slopes, out)
+    cpu.gelu_backward(a, b, knots, slopes, True, out)
+    cpu.softmax_forward(a, out, 8, 0, True)
+    cpu.softmax_backward(a, b, out, 8, 0, True, True)
     for kind in ("normal", "zeros", "special"):
         x = _operands(rng, (2, 5, 6), kind)
         y = _operands(rng, (2, 6, 7), kind)

@@ -962,22 +962,22 @@ def mul_slope_as(s, b, off, out):
 
 
 def div_slope_num_bs(a, s, off, out):
-    """out[i] = div_slope_num(a[i], s[0]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_num(a[i], s[0]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_num_bs", a, s, off, out, False)
 
 
 def div_slope_num_as(s, b, off, out):
-    """out[i] = div_slope_num(s[0], b[i]) (see :func:`div_slope_num`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_num(s[0], b[i]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_num_as", b, s, off, out, True)
 
 
 def div_slope_den_bs(a, s, off, out):
-    """out[i] = div_slope_den(a[i], s[0]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_den(a[i], s[0]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_den_bs", a, s, off, out, False)
 
 
 def div_slope_den_as(s, b, off, out):
-    """out[i] = div_slope_den(s[0], b[i]) (see :func:`div_slope_den`); ``s`` is a 1-element array."""
+    """out[i] = div_slope_den(s[0], b[i]); ``s`` is a 1-element array."""
     return _scalar_operand("div_slope_den_as", b, s, off, out, True)
 
 
@@ -1157,9 +1157,53 @@ def gelu_backward(x, grad, knots, slopes, exact, out):
                    (x, grad, knots, slopes), (bool(exact),), out)
 
 
+def _softmax_forward_kernel(x, n, off, safe, out):
+    rows = x.size // n
+    for r in range(cuda.grid(1), rows, cuda.gridsize(1)):
+        rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
+
+
+def _softmax_backward_kernel(x, g, n, off, safe, exact, out):
+    rows = x.size // n
+    for r in range(cuda.grid(1), rows, cuda.gridsize(1)):
+        rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
+
+
+def _check_rows(n, **arrays):
+    size = None
+    for label, a in arrays.items():
+        _check_array(a, label, 1, np.int32)
+        if size is not None and a.shape[0] != size:
+            raise ValueError(f"{label} must have {size} elements, got {a.shape[0]}")
+        size = a.shape[0]
+    if n <= 0 or size % n:
+        raise ValueError(f"row length n={n} must be positive and divide {size}")
+    return size // n
+
+
+def softmax_forward(x, out, n, off, safe):
+    """Rows of length ``n`` -> PA softmax, one thread per row (see the CPU kernel)."""
+    rows = _check_rows(int(n), x=x, out=out)
+    if rows == 0:
+        return out
+    return _launch("softmax_forward", _elementwise_grid(rows), ELEMENTWISE_THREADS, (x,),
+                   (int(n), int(off), bool(safe)), out)
+
+
+def softmax_backward(x, g, out, n, off, safe, exact):
+    """Input gradient of softmax_forward, one thread per row (see the CPU kernel)."""
+    rows = _check_rows(int(n), x=x, g=g, out=out)
+    if rows == 0:
+        return out
+    return _launch("softmax_backward", _elementwise_grid(rows), ELEMENTWISE_THREADS, (x, g),
+                   (int(n), int(off), bool(safe), bool(exact)), out)
+
+
 KERNEL_FUNCTIONS.update({"gelu_forward": _gelu_forward_kernel,
-                         "gelu_backward": _gelu_backward_kernel})
-__all__ += ["gelu_forward", "gelu_backward"]
+                         "gelu_backward": _gelu_backward_kernel,
+                         "softmax_forward": _softmax_forward_kernel,
+                         "softmax_backward": _softmax_backward_kernel})
+__all__ += ["gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward"]
 
 
 def _added_signatures():
@@ -1170,7 +1214,9 @@ def _added_signatures():
             ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den")}
     sigs.update({"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6,
                  "adamw_unbiased": (i1,) * 5 + (i64,) * 8,
-                 "gelu_forward": (i1,) * 4, "gelu_backward": (i1,) * 4 + (nt.boolean, i1)})
+                 "gelu_forward": (i1,) * 4, "gelu_backward": (i1,) * 4 + (nt.boolean, i1),
+                 "softmax_forward": (i1, i64, i64, nt.boolean, i1),
+                 "softmax_backward": (i1, i1, i64, i64, nt.boolean, nt.boolean, i1)})
     return sigs
 
 
