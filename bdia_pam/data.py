@@ -144,7 +144,8 @@ class _ArraysOnly(pickle.Unpickler):
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"),
+               ("_codecs", "encode")}   # bytes in protocol-2 pickles written by Python 3
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:

@@ -112,8 +112,9 @@ class CouplingStack(nn.Module):
             for blk in self.blocks:
                 x1 = x1 + _f(blk, x2)
                 x2 = x2 + _g(blk, x1)
-        # (x1 + x2) / 2 in the blocks' arithmetic (PAM: exact, a power of two)
-        return self.blocks[0].attn.arith.scale(x1 + x2, 0.5)
+        # (x1 + x2) / 2 in the model's arithmetic (under pam.arithmetic: PAM by a power of
+        # two, exact)
+        return (x1 + x2) * 0.5
 
 
 class RevViTTransformer(BDIATransformer):
