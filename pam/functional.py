@@ -433,8 +433,9 @@ def attention_scale(head_dim):
     """PAD(1, pa_sqrt(head_dim)) as a Python float: exact when head_dim is a power of 4.
 
     Computed in pure Python on the bit patterns (the bits of ``pam.div(1, pam.sqrt(d))`` on
-    tensors), so it is a constant under ``torch.compile``."""
-    return L.pad_scalar(1.0, L.pa_sqrt_scalar(float(head_dim)))
+    tensors), so it is a constant under ``torch.compile`` (a symbolic head_dim of a
+    dynamic-shape trace is specialized to its value)."""
+    return L.pad_scalar(1.0, L.pa_sqrt_scalar(float(L.static_int(head_dim))))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,

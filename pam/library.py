@@ -28,6 +28,8 @@ kernel nor reads a tensor back with ``.item()``; they are marked
 ``torch._dynamo.assume_constant_result`` (their arguments are Python numbers, constants of
 the trace), so Dynamo evaluates them while tracing and sees a constant, not a graph break.
 """
+import operator
+
 import numpy as np
 import torch
 
@@ -36,7 +38,7 @@ from . import dispatch as D
 
 __all__ = ["binary_map", "unary_map", "matmul3", "matmul_exact_grad_left",
            "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
-           "gelu_forward", "gelu_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar"]
+           "gelu_forward", "gelu_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar", "static_int"]
 
 
 def _direct(*tensors):
@@ -328,6 +330,13 @@ def _f32_bits(x):
 
 def _f32(i):
     return float(np.int32(i).view(np.float32))
+
+
+def static_int(n):
+    """``n`` as a Python int; a symbolic size of a dynamic-shape trace is specialized (the
+    graph is guarded on its value), so scalars derived from it are trace constants.
+    (``operator.index`` specializes under Dynamo; ``int()`` would stay symbolic.)"""
+    return operator.index(n)
 
 
 @torch._dynamo.assume_constant_result

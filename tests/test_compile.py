@@ -233,3 +233,29 @@ def test_mode_without_fullgraph_runs_eagerly():
     got = _mode_step(model, torch.compile(model, backend="aot_eager"), x)
     _assert_same(ref, got)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_square_gradient_through_an_alias():
+    """pam.mul(x, x) (the operand aliased for Dynamo) gives x the sum of both operand
+    gradients, as two separate leaves holding the same values do."""
+    torch.manual_seed(2)
+    v = torch.randn(9)
+    g = torch.randn(9)
+    x = v.clone().requires_grad_()
+    pam.mul(x, x).backward(g)
+    a, b = v.clone().requires_grad_(), v.clone().requires_grad_()
+    pam.mul(a, b).backward(g)
+    assert torch.equal(_bits(x.grad), _bits(a.grad + b.grad))
+
+
+def test_attention_scale_is_a_constant_per_head_dim():
+    """The scale computed at trace time follows the head dimension (8, then 16: a new
+    graph for the new shapes), same bits as eager; no graph break."""
+    sdpa = pnn.functional.scaled_dot_product_attention
+    torch._dynamo.reset()
+    compiled = torch.compile(sdpa, backend="aot_eager", fullgraph=True)
+    for E in (8, 16):
+        torch.manual_seed(E)
+        q, k, v = (torch.randn(1, 2, 3, E) for _ in range(3))
+        assert torch.equal(_bits(compiled(q, k, v, is_causal=True)),
+                           _bits(sdpa(q, k, v, is_causal=True)))
