@@ -7,7 +7,9 @@ compiled with ``fullgraph=True``. Variants: eager, ``backend="aot_eager"``,
 ``backend="inductor"``. Each variant starts from the same weights and data; reported:
 
 * ``first_call_s``: the first training step (compilation included for compiled variants);
-* ``ms_per_step``: median of the following ``--steps`` steps (forward, backward, optimizer);
+* ``ms_per_step`` (and ``ms_per_step_min``): median (minimum) over ``--steps`` steps
+  (forward, backward, optimizer) after one more warm-up step, the variants' steps
+  interleaved (eager, aot_eager, inductor, eager, ...) so that all see the same load;
 * ``same_bits``: the first step's loss and every gradient bit-identical to eager's;
 * ``graph_breaks``: ``torch._dynamo.explain`` of the model on the batch.
 
@@ -15,7 +17,7 @@ The op-level mode (``pam.arithmetic()``) is recorded as not compilable: it is a
 TorchDispatchMode, and Dynamo compiles no frame run under one (fullgraph=True raises,
 otherwise everything runs eagerly; see tests/test_compile.py).
 
-    python validation/bench_compile.py [--steps 5] [--width 64] [--depth 2] [--threads 2]
+    python validation/bench_compile.py [--steps 15] [--width 64] [--depth 2] [--threads 2]
 
 prints a table and writes validation/results/bench_compile.json.
 """
@@ -62,7 +64,8 @@ def _same(a, b):
     return all(torch.equal(u.view(torch.int32), v.view(torch.int32)) for u, v in zip(a, b))
 
 
-def bench_variant(variant, args, ref_grads):
+def prepare(variant, args):
+    """Model, step callable and optimizer of one variant, after its first (timed) step."""
     model, x, y = _setup(args)
     opt = pam.optim.AdamW(model.parameters(), lr=1e-3)
     breaks = None
@@ -76,20 +79,38 @@ def bench_variant(variant, args, ref_grads):
     t0 = time.perf_counter()
     grads = _step(model, fn, opt, x, y)
     first = time.perf_counter() - t0
-    times = []
+    return dict(variant=variant, first_call_s=first, graph_breaks=breaks), grads, \
+        (lambda: _step(model, fn, opt, x, y))
+
+
+def bench(args):
+    """Prepare every variant, then time their steps interleaved (one step of each per
+    round), so that all see the same machine load; median per variant."""
+    rows, steps, ref = [], [], None
+    for v in args.variants:
+        row, grads, step = prepare(v, args)
+        if v == "eager":
+            ref = grads
+        row["same_bits"] = None if ref is None or v == "eager" else _same(ref, grads)
+        rows.append(row)
+        steps.append(step)
+    for s in steps:
+        s()                                       # one more warm-up step each
+    times = [[] for _ in steps]
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        _step(model, fn, opt, x, y)
-        times.append(time.perf_counter() - t0)
-    return dict(variant=variant, first_call_s=first,
-                ms_per_step=1e3 * statistics.median(times),
-                same_bits=None if ref_grads is None else _same(ref_grads, grads),
-                graph_breaks=breaks), grads
+        for i, s in enumerate(steps):
+            t0 = time.perf_counter()
+            s()
+            times[i].append(time.perf_counter() - t0)
+    for row, t in zip(rows, times):
+        row["ms_per_step"] = 1e3 * statistics.median(t)
+        row["ms_per_step_min"] = 1e3 * min(t)
+    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
@@ -99,21 +120,17 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, ref = [], None
-    for v in args.variants:
-        row, grads = bench_variant(v, args, ref)
-        if v == "eager":
-            ref = grads
-        rows.append(row)
+    rows = bench(args)
     eager = next((r["ms_per_step"] for r in rows if r["variant"] == "eager"), None)
     print(f"GPT width {args.width}, depth {args.depth}, heads {args.heads}, seq "
           f"{args.context}, batch {args.batch}, {args.threads} threads, "
           f"{args.steps} steps")
-    print(f"{'variant':<10} {'first call s':>12} {'ms/step':>9} {'vs eager':>9} "
+    print(f"{'variant':<10} {'first call s':>12} {'ms/step':>9} {'min ms':>8} {'vs eager':>9} "
           f"{'same bits':>9} {'breaks':>6}")
     for r in rows:
         ratio = f"{r['ms_per_step'] / eager:.2f}x" if eager else "-"
         print(f"{r['variant']:<10} {r['first_call_s']:>12.2f} {r['ms_per_step']:>9.1f} "
+              f"{r['ms_per_step_min']:>8.1f} "
               f"{ratio:>9} {str(r['same_bits']):>9} {str(r['graph_breaks']):>6}")
     print("op-level mode (pam.arithmetic): not compiled (Dynamo skips frames under a "
           "TorchDispatchMode)")
