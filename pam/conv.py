@@ -23,25 +23,10 @@ callers that dispatch below autograd.
 import torch
 
 from . import dispatch as D
+from . import library as L
 from .ops import _check_mode
 
 __all__ = ["conv1d", "conv2d", "conv_forward", "conv_backward"]
-
-
-def _kernels(device):
-    if device.type == "cpu":
-        from .kernels import cpu_conv
-        return cpu_conv
-    from .kernels import cuda_conv
-    return cuda_conv
-
-
-def _launch(name, device, *args):
-    """Run convolution kernel ``name`` on ``device`` (tensor arguments passed zero-copy)."""
-    kernel = getattr(_kernels(device), name)
-    if device.type == "cpu":
-        args = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
-    return kernel(*args)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -78,34 +63,21 @@ def _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
         raise ValueError(f"convolution output would be empty: input spatial size "
                          f"{(H, W)} with padding {pad_lo}/{pad_hi} is smaller than the "
                          f"dilated kernel {extent}")
-    out = torch.empty((N, O, *sizes), dtype=torch.float32, device=x4.device)
-    if out.numel():
-        _launch("conv_forward", x4.device, D.as_bits(x4), D.as_bits(w4), *stride, *pad_lo,
-                *dilation, groups, off, out)
-    return out
+    return L.conv_forward(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
 
 
 def _backward_bits(grad4, x4, w4, stride, pad_lo, dilation, groups, off, exact,
                    need_input, need_weight):
     """(grad_input, grad_weight) of ``_forward_bits`` (None where not needed)."""
-    gx = gw = None
-    gb = D.as_bits(grad4)
-    xb, wb = D.as_bits(x4), D.as_bits(w4)
-    geometry = (*stride, *pad_lo, *dilation, groups, bool(exact), off)
-    if need_input:
-        gx = torch.empty(x4.shape, dtype=torch.float32, device=x4.device)
-        if gx.numel():
-            _launch("conv_grad_input", x4.device, xb, wb, gb, *geometry, gx)
-    if need_weight:
-        gw = torch.empty(w4.shape, dtype=torch.float32, device=w4.device)
-        if gw.numel():
-            _launch("conv_grad_weight", w4.device, xb, wb, gb, *geometry, gw)
+    geometry = (stride, pad_lo, dilation, groups, bool(exact), off)
+    gx = L.conv_grad_input(grad4, x4, w4, *geometry) if need_input else None
+    gw = L.conv_grad_weight(grad4, x4, w4, *geometry) if need_weight else None
     return gx, gw
 
 
 def _add_bias(out4, bias):
     if bias is not None:
-        out4.add_(bias.detach().reshape(1, -1, 1, 1))
+        out4 = out4 + bias.detach().reshape(1, -1, 1, 1)
     return out4
 
 

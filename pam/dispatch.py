@@ -4,6 +4,10 @@ Kernels see int32 views of float32 data (the bit patterns). On CPU the views are
 arrays sharing the tensors' memory (``tensor.numpy()``); on CUDA the tensors are handed to
 :mod:`pam.kernels.cuda`, which wraps them with ``__cuda_array_interface__`` and launches on
 torch's current stream. Both backends expose kernels with the same names and signatures.
+
+These functions write kernel results into buffers they allocate, behind torch's back: they
+are the implementations, not traceable by ``torch.compile``. PAM ops call them through
+:mod:`pam.library`, whose custom ops wrap them for tracing.
 """
 import numpy as np
 import torch
@@ -43,9 +47,12 @@ def as_operand(x, name, like):
     """A Python number becomes a float32 scalar tensor on ``like``'s device.
 
     The tensors made for numbers are cached per (value, device) and shared: callers must
-    not modify them in place (no PAM op does).
+    not modify them in place (no PAM op does). Under ``torch.compile`` a fresh constant is
+    made instead (no global cache for Dynamo to trace and guard on).
     """
     if isinstance(x, (int, float)) and not isinstance(x, bool):
+        if torch.compiler.is_compiling():
+            return torch.full((), float(x), dtype=torch.float32, device=like.device)
         key = (float(x).hex(), like.device)          # tells -0.0 from 0.0; NaN hits
         t = _SCALAR_CACHE.get(key)
         if t is None:
@@ -120,9 +127,10 @@ def binary_map(name, a, b, off):
         shape, kind = sb, "_as"
     else:
         shape, kind = torch.broadcast_shapes(sa, sb), None
-    out = torch.empty(shape, dtype=torch.int32, device=a.device)
-    if out.numel() == 0:
-        return out.view(torch.float32)
+    result = torch.empty(shape, dtype=torch.float32, device=a.device)
+    if result.numel() == 0:
+        return result
+    out = result.view(torch.int32)
     if kind is None:
         ab = as_bits(a.expand(shape)).reshape(-1)
         bb = as_bits(b.expand(shape)).reshape(-1)
@@ -131,13 +139,12 @@ def binary_map(name, a, b, off):
         ab = as_bits(a).reshape(-1)
         bb = as_bits(b).reshape(-1)
     launch(name + kind, a.device, ab, bb, off, out.view(-1))
-    return out.view(torch.float32)
+    return result
 
 
 def unary_map(name, x):
     """Elementwise kernel ``name`` over float32 tensor x -> float32 tensor."""
-    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
-    if out.numel() == 0:
-        return out.view(torch.float32)
-    launch(name, x.device, as_bits(x).reshape(-1), out.view(-1))
-    return out.view(torch.float32)
+    result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if result.numel():
+        launch(name, x.device, as_bits(x).reshape(-1), result.view(torch.int32).view(-1))
+    return result

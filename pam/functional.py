@@ -49,6 +49,7 @@ import math
 import torch
 
 from . import fused
+from . import library as L
 from . import ops as P
 
 __all__ = ["linear", "matmul", "bmm", "softmax", "log_softmax", "cross_entropy",
@@ -83,13 +84,15 @@ def _scalar(value, like):
 
 
 def _pam_scalar(a, b):
-    """PAM product of two Python numbers, as a Python float (float32 result)."""
-    return float(P.mul(torch.tensor(float(a), dtype=torch.float32), float(b)))
+    """PAM product of two Python numbers, as a Python float (float32 result); pure Python
+    on the bit patterns (no tensor, no ``.item()``: a constant under ``torch.compile``)."""
+    return L.pam_scalar(a, b)
 
 
 def _pad_scalar(a, b):
-    """PAD quotient of two Python numbers, as a Python float (float32 result)."""
-    return float(P.div(torch.tensor(float(a), dtype=torch.float32), float(b)))
+    """PAD quotient of two Python numbers, as a Python float (float32 result); pure
+    Python on the bit patterns, like :func:`_pam_scalar`."""
+    return L.pad_scalar(a, b)
 
 
 def _check_tensor(x, name):
@@ -385,12 +388,12 @@ class _Gelu(torch.autograd.Function):
     def forward(ctx, x, backward):
         ctx.save_for_backward(x)
         ctx.mode = backward
-        return fused.gelu_forward(x)
+        return L.gelu_forward(x)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return fused.gelu_backward(grad.contiguous(), x, ctx.mode), None
+        return L.gelu_backward(grad.contiguous(), x, ctx.mode), None
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -427,9 +430,12 @@ def dropout(input, p=0.5, training=True, inplace=False, backward="exact", genera
 
 # ----------------------------------------------------------------------------- attention
 def attention_scale(head_dim):
-    """PAD(1, pa_sqrt(head_dim)) as a Python float: exact when head_dim is a power of 4."""
-    s = P.sqrt(torch.tensor(float(head_dim), dtype=torch.float32))
-    return float(P.div(torch.ones((), dtype=torch.float32), s))
+    """PAD(1, pa_sqrt(head_dim)) as a Python float: exact when head_dim is a power of 4.
+
+    Computed in pure Python on the bit patterns (the bits of ``pam.div(1, pam.sqrt(d))`` on
+    tensors), so it is a constant under ``torch.compile`` (a symbolic head_dim of a
+    dynamic-shape trace is specialized to its value)."""
+    return L.pad_scalar(1.0, L.pa_sqrt_scalar(float(L.static_int(head_dim))))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,

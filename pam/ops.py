@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import dispatch as D
+from . import library as L
 
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
            "BACKWARD_MODES"]
@@ -56,7 +57,7 @@ def _reduce_to(grad, shape):
 
 
 def _pam(a, b, off=0):
-    return D.binary_map("mul", a, b, off)
+    return L.binary_map("mul", a, b, off)
 
 
 def _scalar(value, like):
@@ -79,9 +80,9 @@ class _Mul(torch.autograd.Function):
         ga = gb = None
         if ctx.mode == "exact":
             if ctx.needs_input_grad[0]:
-                ga = _pam(grad, D.binary_map("mul_slope", a, b, ctx.off))
+                ga = _pam(grad, L.binary_map("mul_slope", a, b, ctx.off))
             if ctx.needs_input_grad[1]:
-                gb = _pam(grad, D.binary_map("mul_slope", b, a, ctx.off))
+                gb = _pam(grad, L.binary_map("mul_slope", b, a, ctx.off))
         else:
             if ctx.needs_input_grad[0]:
                 ga = _pam(grad, b, ctx.off)
@@ -97,7 +98,7 @@ class _Mul(torch.autograd.Function):
 class _Div(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, off, mode):
-        c = D.binary_map("div", a, b, off)
+        c = L.binary_map("div", a, b, off)
         ctx.save_for_backward(a, b, c)
         ctx.off, ctx.mode = off, mode
         return c
@@ -110,15 +111,15 @@ class _Div(torch.autograd.Function):
         ga = gb = None
         if ctx.mode == "exact":
             if ctx.needs_input_grad[0]:
-                ga = _pam(grad, D.binary_map("div_slope_num", a, b, ctx.off))
+                ga = _pam(grad, L.binary_map("div_slope_num", a, b, ctx.off))
             if ctx.needs_input_grad[1]:
-                gb = _pam(grad, D.binary_map("div_slope_den", a, b, ctx.off))
+                gb = _pam(grad, L.binary_map("div_slope_den", a, b, ctx.off))
         else:
             # d(a/b)/da = 1/b; d(a/b)/db = -(a/b)/b
             if ctx.needs_input_grad[0]:
-                ga = D.binary_map("div", grad, b, ctx.off)
+                ga = L.binary_map("div", grad, b, ctx.off)
             if ctx.needs_input_grad[1]:
-                gb = D.binary_map("div", _pam(grad, c), b, ctx.off).neg()
+                gb = L.binary_map("div", _pam(grad, c), b, ctx.off).neg()
         if ga is not None:
             ga = _reduce_to(ga, a.shape)
         if gb is not None:
@@ -126,11 +127,19 @@ class _Div(torch.autograd.Function):
         return ga, gb, None, None
 
 
+def _distinct(a, b):
+    """``b``, or an alias of it when it is the very tensor ``a``: Dynamo cannot trace an
+    autograd.Function given one tensor twice. Autograd then sums the two gradients into
+    ``a`` as before (one addition, same bits)."""
+    return b.view_as(b) if b is a else b
+
+
 def _binary_args(a, b):
     a = D.check_float32(a, "a")
     b = D.as_operand(b, "b", a)
     if a.device != b.device:
         D.check_same_device(a=a, b=b)
+    b = _distinct(a, b)
     if a.shape == b.shape or b.dim() == 0:
         return a, b
     try:
@@ -167,7 +176,7 @@ def div(a, b, offset=None, backward="exact"):
 class _Exp2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, mode):
-        c = D.unary_map("exp2", y)
+        c = L.unary_map("exp2", y)
         ctx.save_for_backward(y, c)
         ctx.mode = mode
         return c
@@ -178,7 +187,7 @@ class _Exp2(torch.autograd.Function):
     def backward(ctx, grad):
         y, c = ctx.saved_tensors
         if ctx.mode == "exact":
-            return _pam(grad, D.unary_map("exp2_slope", y)), None
+            return _pam(grad, L.unary_map("exp2_slope", y)), None
         return _pam(grad, _pam(c, _scalar(LN_2, c))), None
 
 
@@ -187,7 +196,7 @@ class _Log2(torch.autograd.Function):
     def forward(ctx, x, mode):
         ctx.save_for_backward(x)
         ctx.mode = mode
-        return D.unary_map("log2", x)
+        return L.unary_map("log2", x)
 
     @staticmethod
     @_first_order
@@ -195,8 +204,8 @@ class _Log2(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         if ctx.mode == "exact":
-            return _pam(grad, D.unary_map("log2_slope", x)), None
-        return D.binary_map("div", grad, _pam(x, _scalar(LN_2, x)), 0), None
+            return _pam(grad, L.unary_map("log2_slope", x)), None
+        return L.binary_map("div", grad, _pam(x, _scalar(LN_2, x)), 0), None
 
 
 def exp2(y, backward="exact"):
@@ -279,19 +288,6 @@ def sqrt(a, backward="exact"):
 
 
 # --------------------------------------------------------------------------- matmul
-def _matmul_bits(a3, b3, off):
-    """(P, n, k) @ (P, k, m) float32 -> (P, n, m) PAM matmul, no autograd."""
-    P, n, k = a3.shape
-    m = b3.shape[2]
-    out = torch.empty((P, n, m), dtype=torch.float32, device=a3.device)
-    if out.numel() == 0:
-        return out
-    if k == 0:
-        return out.zero_()
-    D.launch("matmul", a3.device, D.as_bits(a3), D.as_bits(b3), off, out)
-    return out
-
-
 def _transpose(x):
     return x.transpose(-1, -2)
 
@@ -303,7 +299,7 @@ class _Matmul(torch.autograd.Function):
     def forward(ctx, a3, b3, off, mode):
         ctx.save_for_backward(a3, b3)
         ctx.off, ctx.mode = off, mode
-        return _matmul_bits(a3, b3, off)
+        return L.matmul3(a3, b3, off)
 
     @staticmethod
     @_first_order
@@ -314,22 +310,17 @@ class _Matmul(torch.autograd.Function):
         ga = gb = None
         if ctx.mode == "approx":
             if ctx.needs_input_grad[0]:
-                ga = _matmul_bits(grad, _transpose(b3), ctx.off)
+                ga = L.matmul3(grad, _transpose(b3), ctx.off)
             if ctx.needs_input_grad[1]:
-                gb = _matmul_bits(_transpose(a3), grad, ctx.off)
+                gb = L.matmul3(_transpose(a3), grad, ctx.off)
             return ga, gb, None, None
         if a3.shape[2] == 0 or grad.numel() == 0:
             return (torch.zeros_like(a3) if ctx.needs_input_grad[0] else None,
                     torch.zeros_like(b3) if ctx.needs_input_grad[1] else None, None, None)
-        gbits = D.as_bits(grad)
         if ctx.needs_input_grad[0]:
-            ga = torch.empty(a3.shape, dtype=torch.float32, device=a3.device)
-            D.launch("matmul_exact_grad_left", a3.device, D.as_bits(a3),
-                     D.as_bits(_transpose(b3)), gbits, ctx.off, ga)
+            ga = L.matmul_exact_grad_left(a3, b3, grad, ctx.off)
         if ctx.needs_input_grad[1]:
-            gb = torch.empty(b3.shape, dtype=torch.float32, device=b3.device)
-            D.launch("matmul_exact_grad_right", b3.device, D.as_bits(_transpose(a3)),
-                     D.as_bits(b3), gbits, ctx.off, gb)
+            gb = L.matmul_exact_grad_right(a3, b3, grad, ctx.off)
         return ga, gb, None, None
 
 
@@ -359,7 +350,7 @@ def matmul(a, b, offset=None, backward="exact"):
         # Shared right operand: fold every batch dimension of a into its rows (no copies).
         batch = a2.shape[:-2]
         rows = math.prod(batch) * n
-        c = _Matmul.apply(a2.reshape(1, rows, k), b2.unsqueeze(0), off, mode)
+        c = _Matmul.apply(a2.reshape(1, rows, k), _distinct(a2, b2).unsqueeze(0), off, mode)
         c = c.reshape(*batch, n, m)
     else:
         try:
@@ -369,7 +360,7 @@ def matmul(a, b, offset=None, backward="exact"):
                              f"cannot be broadcast together") from None
         a3 = a2.expand(*batch, n, k).reshape(-1, n, k)
         b3 = b2.expand(*batch, k, m).reshape(-1, k, m)
-        c = _Matmul.apply(a3, b3, off, mode).reshape(*batch, n, m)
+        c = _Matmul.apply(a3, _distinct(a3, b3), off, mode).reshape(*batch, n, m)
     if a.dim() == 1:
         c = c.squeeze(-2)
     if b.dim() == 1:

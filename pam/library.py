@@ -1,0 +1,363 @@
+"""PAM kernels as torch custom ops (``torch.ops.pam.*``), for ``torch.compile``.
+
+Every kernel entry point reached from :mod:`pam.ops`, :mod:`pam.conv` and the GELU of
+:mod:`pam.functional` is a ``torch.library.custom_op`` that returns a new tensor and mutates
+none of its inputs (``mutates_args=()``), with a fake implementation giving the result's
+shape, dtype and device. Dynamo records these ops as single graph nodes (it cannot trace a
+Numba dispatcher), and AOT autograd's functionalization sees every result as a fresh
+tensor: the kernels' writes into their own output buffers happen inside the op, never
+behind torch's back.
+
+Autograd stays in the ``torch.autograd.Function`` classes of :mod:`pam.ops`,
+:mod:`pam.conv` and :mod:`pam.functional`: their ``forward`` and ``backward`` call the
+functions below, and Dynamo traces those Functions (forward and backward) into the graph.
+The custom ops themselves have no autograd formula (differentiating through them directly
+raises torch's "no autograd kernel" error).
+
+Eager cost. Going through the torch dispatcher costs tens of microseconds per call, a
+large share of a small PAM op; so the Python functions below (``binary_map``,
+``unary_map``, ``matmul3``, ...) call the implementation directly unless Dynamo is tracing
+(``torch.compiler.is_compiling()``) or an operand is not a plain tensor (a fake or
+functional tensor of another tracer); both paths run the same implementation, so they
+give the same bits (tests/test_compile.py checks that).
+
+Scalars. :func:`pam_scalar` and :func:`pad_scalar` compute PAM/PAD of two Python numbers in
+pure Python on the bit patterns (the :mod:`pam.bits` definitions the kernels compile), so
+code that derives constants (an attention scale, a dropout scale) neither launches a
+kernel nor reads a tensor back with ``.item()``; they are marked
+``torch._dynamo.assume_constant_result`` (their arguments are Python numbers, constants of
+the trace), so Dynamo evaluates them while tracing and sees a constant, not a graph break.
+"""
+import operator
+
+import numpy as np
+import torch
+
+from . import bits
+from . import dispatch as D
+
+__all__ = ["binary_map", "unary_map", "matmul3", "matmul_exact_grad_left",
+           "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
+           "gelu_forward", "gelu_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar", "static_int"]
+
+
+def _direct(*tensors):
+    """True when the implementation may be called directly: eager mode, plain tensors."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+# --------------------------------------------------------------------------- elementwise
+def _binary_shape(a, b):
+    return torch.broadcast_shapes(a.shape, b.shape)
+
+
+@torch.library.custom_op("pam::binary_map", mutates_args=())
+def _binary_map_op(name: str, a: torch.Tensor, b: torch.Tensor, off: int) -> torch.Tensor:
+    return D.binary_map(name, a, b, off)
+
+
+@_binary_map_op.register_fake
+def _(name, a, b, off):
+    return a.new_empty(_binary_shape(a, b))
+
+
+@torch.library.custom_op("pam::unary_map", mutates_args=())
+def _unary_map_op(name: str, x: torch.Tensor) -> torch.Tensor:
+    return D.unary_map(name, x)
+
+
+@_unary_map_op.register_fake
+def _(name, x):
+    return x.new_empty(x.shape)
+
+
+def binary_map(name, a, b, off):
+    """Elementwise kernel ``name`` over broadcast float32 a, b (see :func:`pam.dispatch.binary_map`)."""
+    if _direct(a, b):
+        return D.binary_map(name, a, b, off)
+    return _binary_map_op(name, a, b, off)
+
+
+def unary_map(name, x):
+    """Elementwise kernel ``name`` over float32 x (see :func:`pam.dispatch.unary_map`)."""
+    if _direct(x):
+        return D.unary_map(name, x)
+    return _unary_map_op(name, x)
+
+
+# --------------------------------------------------------------------------- matmul
+def _matmul_impl(a3, b3, off):
+    P, n, k = a3.shape
+    m = b3.shape[2]
+    out = torch.empty((P, n, m), dtype=torch.float32, device=a3.device)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    D.launch("matmul", a3.device, D.as_bits(a3), D.as_bits(b3), off, out)
+    return out
+
+
+@torch.library.custom_op("pam::matmul", mutates_args=())
+def _matmul_op(a3: torch.Tensor, b3: torch.Tensor, off: int) -> torch.Tensor:
+    return _matmul_impl(a3, b3, off)
+
+
+@_matmul_op.register_fake
+def _(a3, b3, off):
+    return a3.new_empty((a3.shape[0], a3.shape[1], b3.shape[2]))
+
+
+def matmul3(a3, b3, off):
+    """(P, n, k) @ (P, k, m) float32 -> new (P, n, m) PAM matmul, no autograd."""
+    if _direct(a3, b3):
+        return _matmul_impl(a3, b3, off)
+    return _matmul_op(a3, b3, off)
+
+
+def _grad_left_impl(a3, b3, grad, off):
+    out = torch.empty(a3.shape, dtype=torch.float32, device=a3.device)
+    if out.numel():
+        D.launch("matmul_exact_grad_left", a3.device, D.as_bits(a3),
+                 D.as_bits(b3.transpose(-1, -2)), D.as_bits(grad), off, out)
+    return out
+
+
+def _grad_right_impl(a3, b3, grad, off):
+    out = torch.empty(b3.shape, dtype=torch.float32, device=b3.device)
+    if out.numel():
+        D.launch("matmul_exact_grad_right", b3.device, D.as_bits(a3.transpose(-1, -2)),
+                 D.as_bits(b3), D.as_bits(grad), off, out)
+    return out
+
+
+@torch.library.custom_op("pam::matmul_exact_grad_left", mutates_args=())
+def _grad_left_op(a3: torch.Tensor, b3: torch.Tensor, grad: torch.Tensor,
+                  off: int) -> torch.Tensor:
+    return _grad_left_impl(a3, b3, grad, off)
+
+
+@_grad_left_op.register_fake
+def _(a3, b3, grad, off):
+    return a3.new_empty(a3.shape)
+
+
+@torch.library.custom_op("pam::matmul_exact_grad_right", mutates_args=())
+def _grad_right_op(a3: torch.Tensor, b3: torch.Tensor, grad: torch.Tensor,
+                   off: int) -> torch.Tensor:
+    return _grad_right_impl(a3, b3, grad, off)
+
+
+@_grad_right_op.register_fake
+def _(a3, b3, grad, off):
+    return b3.new_empty(b3.shape)
+
+
+def matmul_exact_grad_left(a3, b3, grad, off):
+    """Exact gradient of ``matmul3(a3, b3, off)`` w.r.t. a3 for output gradient ``grad``
+    (the true derivative of the PAM products), a new tensor shaped like a3 (no k = 0 or
+    empty-gradient special cases: the caller handles those)."""
+    if _direct(a3, b3, grad):
+        return _grad_left_impl(a3, b3, grad, off)
+    return _grad_left_op(a3, b3, grad, off)
+
+
+def matmul_exact_grad_right(a3, b3, grad, off):
+    """Exact gradient of ``matmul3(a3, b3, off)`` w.r.t. b3, a new tensor shaped like b3."""
+    if _direct(a3, b3, grad):
+        return _grad_right_impl(a3, b3, grad, off)
+    return _grad_right_op(a3, b3, grad, off)
+
+
+# --------------------------------------------------------------------------- convolution
+def _conv_kernels(device):
+    if device.type == "cpu":
+        from .kernels import cpu_conv
+        return cpu_conv
+    from .kernels import cuda_conv
+    return cuda_conv
+
+
+def _conv_launch(name, device, *args):
+    """Run convolution kernel ``name`` on ``device`` (tensor arguments passed zero-copy)."""
+    kernel = getattr(_conv_kernels(device), name)
+    if device.type == "cpu":
+        args = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
+    return kernel(*args)
+
+
+def _conv_out_shape(x4, w4, stride, pad_lo, pad_hi, dilation):
+    sizes = [(s + lo + hi - d * (k - 1) - 1) // st + 1 for s, lo, hi, d, k, st in
+             zip(x4.shape[2:], pad_lo, pad_hi, dilation, w4.shape[2:], stride)]
+    return (x4.shape[0], w4.shape[0], *sizes)
+
+
+def _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
+    out = torch.empty(_conv_out_shape(x4, w4, stride, pad_lo, pad_hi, dilation),
+                      dtype=torch.float32, device=x4.device)
+    if out.numel():
+        _conv_launch("conv_forward", x4.device, D.as_bits(x4), D.as_bits(w4), *stride,
+                     *pad_lo, *dilation, groups, off, out)
+    return out
+
+
+@torch.library.custom_op("pam::conv_forward", mutates_args=())
+def _conv_forward_op(x4: torch.Tensor, w4: torch.Tensor, stride: list[int],
+                     pad_lo: list[int], pad_hi: list[int], dilation: list[int], groups: int,
+                     off: int) -> torch.Tensor:
+    return _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
+
+
+@_conv_forward_op.register_fake
+def _(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
+    return x4.new_empty(_conv_out_shape(x4, w4, stride, pad_lo, pad_hi, dilation))
+
+
+def conv_forward(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
+    """(N, C, H, W) x (O, C/groups, KH, KW) PAM convolution (no bias), a new float32
+    tensor; the caller checks that the output is not empty-sized by geometry."""
+    stride, pad_lo, pad_hi, dilation = (list(v) for v in (stride, pad_lo, pad_hi, dilation))
+    if _direct(x4, w4):
+        return _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
+    return _conv_forward_op(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
+
+
+def _conv_grad_impl(name, like, grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+    out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    if out.numel():
+        _conv_launch(name, x4.device, D.as_bits(x4), D.as_bits(w4), D.as_bits(grad4),
+                     *stride, *pad_lo, *dilation, groups, bool(exact), off, out)
+    return out
+
+
+@torch.library.custom_op("pam::conv_grad_input", mutates_args=())
+def _conv_grad_input_op(grad4: torch.Tensor, x4: torch.Tensor, w4: torch.Tensor,
+                        stride: list[int], pad_lo: list[int], dilation: list[int],
+                        groups: int, exact: bool, off: int) -> torch.Tensor:
+    return _conv_grad_impl("conv_grad_input", x4, grad4, x4, w4, stride, pad_lo, dilation,
+                           groups, exact, off)
+
+
+@_conv_grad_input_op.register_fake
+def _(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+    return x4.new_empty(x4.shape)
+
+
+@torch.library.custom_op("pam::conv_grad_weight", mutates_args=())
+def _conv_grad_weight_op(grad4: torch.Tensor, x4: torch.Tensor, w4: torch.Tensor,
+                         stride: list[int], pad_lo: list[int], dilation: list[int],
+                         groups: int, exact: bool, off: int) -> torch.Tensor:
+    return _conv_grad_impl("conv_grad_weight", w4, grad4, x4, w4, stride, pad_lo, dilation,
+                           groups, exact, off)
+
+
+@_conv_grad_weight_op.register_fake
+def _(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+    return w4.new_empty(w4.shape)
+
+
+def conv_grad_input(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+    """Gradient of :func:`conv_forward` w.r.t. x4 (exact or approximate), a new tensor."""
+    stride, pad_lo, dilation = list(stride), list(pad_lo), list(dilation)
+    if _direct(grad4, x4, w4):
+        return _conv_grad_impl("conv_grad_input", x4, grad4, x4, w4, stride, pad_lo,
+                               dilation, groups, exact, off)
+    return _conv_grad_input_op(grad4, x4, w4, stride, pad_lo, dilation, groups, bool(exact),
+                               off)
+
+
+def conv_grad_weight(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+    """Gradient of :func:`conv_forward` w.r.t. w4 (exact or approximate), a new tensor."""
+    stride, pad_lo, dilation = list(stride), list(pad_lo), list(dilation)
+    if _direct(grad4, x4, w4):
+        return _conv_grad_impl("conv_grad_weight", w4, grad4, x4, w4, stride, pad_lo,
+                               dilation, groups, exact, off)
+    return _conv_grad_weight_op(grad4, x4, w4, stride, pad_lo, dilation, groups,
+                                bool(exact), off)
+
+
+# --------------------------------------------------------------------------- fused GELU
+@torch.library.custom_op("pam::gelu_forward", mutates_args=())
+def _gelu_forward_op(x: torch.Tensor) -> torch.Tensor:
+    from . import fused
+    return fused.gelu_forward(x)
+
+
+@_gelu_forward_op.register_fake
+def _(x):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("pam::gelu_backward", mutates_args=())
+def _gelu_backward_op(grad: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    from . import fused
+    return fused.gelu_backward(grad, x, "exact" if exact else "approx")
+
+
+@_gelu_backward_op.register_fake
+def _(grad, x, exact):
+    return x.new_empty(x.shape)
+
+
+def gelu_forward(x):
+    """:func:`pam.fused.gelu_forward` (the piecewise-affine GELU), traceable."""
+    if _direct(x):
+        from . import fused
+        return fused.gelu_forward(x)
+    return _gelu_forward_op(x)
+
+
+def gelu_backward(grad, x, backward="exact"):
+    """:func:`pam.fused.gelu_backward` (input gradient of the PA GELU), traceable."""
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    if _direct(grad, x):
+        from . import fused
+        return fused.gelu_backward(grad, x, backward)
+    return _gelu_backward_op(grad, x, backward == "exact")
+
+
+# --------------------------------------------------------------------------- scalars
+def _f32_bits(x):
+    with np.errstate(over="ignore"):
+        return int(np.float32(x).view(np.int32))
+
+
+def _f32(i):
+    return float(np.int32(i).view(np.float32))
+
+
+def static_int(n):
+    """``n`` as a Python int; a symbolic size of a dynamic-shape trace is specialized (the
+    graph is guarded on its value), so scalars derived from it are trace constants.
+    (``operator.index`` specializes under Dynamo; ``int()`` would stay symbolic.)"""
+    return operator.index(n)
+
+
+@torch._dynamo.assume_constant_result
+def pam_scalar(a, b, off=0):
+    """PAM(a, b) of two Python numbers (rounded to float32 first) as a Python float.
+
+    The same bits as ``pam.mul`` on float32 tensors (``off``: the offset constant of
+    :func:`pam.dispatch.offset_constant`)."""
+    return _f32(bits.mul_bits(_f32_bits(a), _f32_bits(b), off))
+
+
+@torch._dynamo.assume_constant_result
+def pad_scalar(a, b, off=0):
+    """PAD(a, b) of two Python numbers (rounded to float32 first) as a Python float: the
+    same bits as ``pam.div``."""
+    return _f32(bits.div_bits(_f32_bits(a), _f32_bits(b), off))
+
+
+@torch._dynamo.assume_constant_result
+def pa_sqrt_scalar(a):
+    """pa_sqrt(a) = pa_exp2(PAM(pa_log2(a), 0.5)) of a Python number as a Python float:
+    the same bits as ``pam.sqrt`` on a float32 tensor (a >= 0; sqrt(+-0) = +0)."""
+    half = bits.mul_bits(bits.log2_bits(_f32_bits(a)), _f32_bits(0.5), 0)
+    return _f32(bits.exp2_bits(half))
