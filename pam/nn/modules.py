@@ -65,46 +65,40 @@ def _check_padding_mode(padding_mode):
     return padding_mode
 
 
-class Conv1d(PamModule, nn.Conv1d):
+class _Conv(PamModule):
+    """Shared body of Conv1d/Conv2d: torch's constructor and parameters, PAM forward."""
+    _torch = None            # the torch class
+    _fn = None               # pam.conv1d / pam.conv2d
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, offset=None, backward="exact"):
+        self._torch.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
+                             padding=padding, dilation=dilation, groups=groups, bias=bias,
+                             padding_mode=_check_padding_mode(padding_mode), device=device,
+                             dtype=dtype)
+        self._pam_init(offset, backward)
+
+    def forward(self, input):
+        _check_padding_mode(self.padding_mode)
+        return type(self)._fn(input, self.weight, self.bias, self.stride, self.padding,
+                              self.dilation, self.groups, offset=self.offset,
+                              backward=self.backward)
+
+    def extra_repr(self):
+        return f"{self._torch.extra_repr(self)}, {self._pam_repr()}"
+
+
+class Conv1d(_Conv, nn.Conv1d):
     """1-D convolution with PAM products (:func:`pam.conv1d`); parameters as ``nn.Conv1d``."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
-                 dtype=None, offset=None, backward="exact"):
-        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
-                           padding=padding, dilation=dilation, groups=groups, bias=bias,
-                           padding_mode=_check_padding_mode(padding_mode), device=device,
-                           dtype=dtype)
-        self._pam_init(offset, backward)
-
-    def forward(self, input):
-        _check_padding_mode(self.padding_mode)
-        return conv1d(input, self.weight, self.bias, self.stride, self.padding,
-                      self.dilation, self.groups, offset=self.offset, backward=self.backward)
-
-    def extra_repr(self):
-        return f"{nn.Conv1d.extra_repr(self)}, {self._pam_repr()}"
+    _torch = nn.Conv1d
+    _fn = staticmethod(conv1d)
 
 
-class Conv2d(PamModule, nn.Conv2d):
+class Conv2d(_Conv, nn.Conv2d):
     """2-D convolution with PAM products (:func:`pam.conv2d`); parameters as ``nn.Conv2d``."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
-                 dtype=None, offset=None, backward="exact"):
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
-                           padding=padding, dilation=dilation, groups=groups, bias=bias,
-                           padding_mode=_check_padding_mode(padding_mode), device=device,
-                           dtype=dtype)
-        self._pam_init(offset, backward)
-
-    def forward(self, input):
-        _check_padding_mode(self.padding_mode)
-        return conv2d(input, self.weight, self.bias, self.stride, self.padding,
-                      self.dilation, self.groups, offset=self.offset, backward=self.backward)
-
-    def extra_repr(self):
-        return f"{nn.Conv2d.extra_repr(self)}, {self._pam_repr()}"
+    _torch = nn.Conv2d
+    _fn = staticmethod(conv2d)
 
 
 class LayerNorm(PamModule, nn.LayerNorm):
