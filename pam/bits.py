@@ -313,3 +313,135 @@ def log2_slope_bits(ix):
 def mul_f32(a, b, off):
     """PAM on float32 values (convenience for kernels that hold floats)."""
     return bits_to_f32(mul_bits(f32_to_bits(a), f32_to_bits(b), off))
+
+
+# =========================================================================== families
+# L-Mul (Luo & Sun 2024) and the rounding of float32 operands to narrow formats. Both are
+# integer arithmetic on the bit patterns, like everything above.
+TWO23 = 1 << 23            # the hidden bit of a float32 significand
+SIGN_EXP_MASK = SIGN | EXP_MASK
+
+
+@register_jitable
+def lmul_constant(mant_bits):
+    """c = 2^(23 - l) for L-Mul on operands with ``mant_bits`` mantissa bits.
+
+    l = m for m <= 3, 3 for m = 4, 4 for m > 4 (Luo & Sun's l(m)): float32, bfloat16 and
+    float16 give 2^19, e4m3 (m = 3) gives 2^20, e5m2 (m = 2) gives 2^21.
+    """
+    if mant_bits <= 3:
+        l = mant_bits
+    elif mant_bits == 4:
+        l = 3
+    else:
+        l = 4
+    return np.int64(1) << (23 - l)
+
+
+@register_jitable(forceinline=True)
+def lmul_bits(ia, ib, c):
+    """L-Mul(a, b): (1 + Ma + Mb + 2^-l) 2^(Ea + Eb) on bit patterns, c = 2^(23 - l).
+
+    With s = Ma + Mb + c (23-bit mantissa fields, 0 <= c < 2^23): if s < 2^23 the result
+    is bits(|a|) + bits(|b|) - 0x3F800000 + c (PAM with off = c); otherwise the value
+    (2^23 + s) 2^(Ea + Eb - 23) has exponent field Ea + Eb - 127 + 1 and mantissa field
+    (s - 2^23) / 2 rounded to nearest even (only float32 operands can make it odd). An
+    integer adder would give mantissa s - 2^23 instead: that is PAM with offset 1 + 2^-l,
+    not this function. Zero and subnormal inputs count as zero, results below the smallest
+    normal are signed zeros, at or above the infinity pattern signed infinities; 0 * inf
+    and NaN inputs give NaN. Selects, not early returns (the matmul loop vectorizes).
+    """
+    ia = np.int64(ia)
+    ib = np.int64(ib)
+    sign = SIGN if (ia ^ ib) < 0 else 0
+    ua = ia & ABS_MASK
+    ub = ib & ABS_MASK
+    r = ua + ub - ONE + c
+    # t = s - 2^23 when the mantissa sum carries, else 0; the carry case replaces the
+    # mantissa t by its half rounded to nearest even: r - t + rne(t / 2).
+    t = max((ua & MANT_MASK) + (ub & MANT_MASK) + c - TWO23, 0)
+    r = r - t + ((t + ((t >> 1) & 1)) >> 1)
+    mag = INF if r >= INF else r
+    zero_in = (ua < MIN_NORMAL) | (ub < MIN_NORMAL)
+    inf_in = (ua == INF) | (ub == INF)
+    mag = INF if inf_in else mag
+    mag = 0 if (zero_in | (mag < MIN_NORMAL)) else mag
+    nan = (ua > INF) | (ub > INF) | (zero_in & inf_in)
+    return np.int64(QNAN) if nan else np.int64(mag | sign)
+
+
+@register_jitable(forceinline=True)
+def pow2_part_bits(ix):
+    """sign(x) 2^E(x): the sign and exponent fields of x, mantissa cleared.
+
+    Zero and subnormal x give a zero of x's sign, +-inf gives +-inf, NaN gives NaN
+    (0x7FC00000). The exact slope of L-Mul: d lmul(a, b) / da = pow2_part(b).
+    """
+    ix = np.int64(ix)
+    nan = (ix & ABS_MASK) > INF
+    return np.int64(QNAN) if nan else np.int64(ix & SIGN_EXP_MASK)
+
+
+# Operand formats: code -> name, and the parameters of each in float32 terms.
+FMT_FLOAT32, FMT_BFLOAT16, FMT_FLOAT16, FMT_E4M3, FMT_E5M2 = 0, 1, 2, 3, 4
+FORMAT_NAMES = ("float32", "bfloat16", "float16", "e4m3", "e5m2")
+# Mantissa bits of each format (index = fmt code).
+FORMAT_MANT_BITS = (23, 7, 10, 3, 2)
+N_FORMATS = len(FORMAT_NAMES)
+
+
+@register_jitable(forceinline=True)
+def _format_params(fmt):
+    """(mantissa bits, float32 exponent field of the smallest normal, largest finite
+    float32 pattern, saturate) of operand format ``fmt`` (codes FMT_*)."""
+    if fmt == FMT_BFLOAT16:
+        return 7, 1, 0x7F7F0000, False             # 3.3895e38
+    if fmt == FMT_FLOAT16:
+        return 10, 127 - 14, 0x477FE000, False     # 65504
+    if fmt == FMT_E4M3:
+        return 3, 127 - 6, 0x43E00000, True        # 448, OCP E4M3FN satfinite
+    if fmt == FMT_E5M2:
+        return 2, 127 - 14, 0x47600000, False      # 57344
+    return 23, 1, 0x7F7FFFFF, False                # float32
+
+
+@register_jitable
+def quantize_bits(ix, fmt, flush):
+    """Round float32 ``ix`` to operand format ``fmt``: the float32 holding the result exactly.
+
+    Round to nearest, ties to even, on the significand with integer arithmetic only, in the
+    target's own grid: its mantissa width for normals and its gradual subnormals (fixed
+    ulp 2^(emin - m)) below its smallest normal; values at most half the smallest subnormal
+    become a zero of their sign (exactly half: a tie, to the even zero). Overflow (a
+    rounded magnitude above the largest finite value) and +-inf give +-inf, except e4m3,
+    which saturates both to +-448. float32 (fmt 0) is the identity. NaN gives the quiet NaN
+    0x7FC00000 (the sign is not kept) in every format. ``flush`` (0/1): results that are
+    subnormal in the target format (float32 subnormals for fmt 0) become a zero of their
+    sign. Codes: 0 float32, 1 bfloat16, 2 float16, 3 e4m3, 4 e5m2.
+    """
+    ix = np.int64(ix)
+    sign = ix & SIGN
+    u = ix & ABS_MASK
+    mbits, emin_field, max_pat, saturate = _format_params(fmt)
+    if u > INF:
+        return np.int64(QNAN)
+    if u == INF:
+        return np.int64((max_pat if saturate else INF) | sign)
+    # u = (e - 1) 2^23 + sig with e = max(E, 1) and sig the significand (hidden bit set for
+    # normals), so rounding sig to a multiple of 2^d rounds the value; carries propagate
+    # into the exponent field by themselves.
+    e = max(u >> 23, 1)
+    sig = (u & MANT_MASK) | (TWO23 if u >= MIN_NORMAL else 0)
+    d = min(23 - mbits + max(emin_field - e, 0), 25)
+    q = sig >> d
+    rem = sig - (q << d)
+    half = np.int64(1) << d >> 1
+    up = (rem > half) | ((rem == half) & ((q & 1) == 1) & (d > 0))
+    q = q + (1 if up else 0)
+    # (q = 0 only happens for d > 23: the value rounds to zero.)
+    r = ((e - 1) << 23) + (q << d) if q > 0 else np.int64(0)
+    if r > max_pat:
+        r = max_pat if saturate else INF
+    if flush and r < (emin_field << 23):
+        r = 0
+    return np.int64(r | sign)

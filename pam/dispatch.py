@@ -15,7 +15,8 @@ import torch
 from . import bits
 
 __all__ = ["check_float32", "check_same_device", "offset_constant", "launch",
-           "binary_map", "unary_map", "as_bits"]
+           "binary_map", "unary_map", "as_bits", "KINDS", "kernel_suffix", "check_format",
+           "quantize"]
 
 
 def check_float32(x, name):
@@ -147,4 +148,38 @@ def unary_map(name, x):
     result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if result.numel():
         launch(name, x.device, as_bits(x).reshape(-1), result.view(torch.int32).view(-1))
+    return result
+
+
+# Product families that have their own kernels: kind -> suffix of the kernel names
+# (``matmul`` / ``matmul_lmul``, ``conv_forward`` / ``conv_forward_lmul``, ...). The kinds'
+# constants (PAM offset, L-Mul c) travel in the kernels' ``off`` slot.
+KINDS = {"pam": "", "lmul": "_lmul"}
+
+
+def kernel_suffix(kind):
+    """The kernel-name suffix of product family ``kind`` ("pam" or "lmul")."""
+    suffix = KINDS.get(kind) if isinstance(kind, str) else None
+    if suffix is None:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    return suffix
+
+
+def check_format(fmt):
+    """``fmt`` as an int format code (0 float32, 1 bfloat16, 2 float16, 3 e4m3, 4 e5m2)."""
+    if isinstance(fmt, (bool, np.bool_)) or not isinstance(fmt, (int, np.integer)) \
+            or not 0 <= int(fmt) < bits.N_FORMATS:
+        names = ", ".join(f"{i} {n}" for i, n in enumerate(bits.FORMAT_NAMES))
+        raise ValueError(f"fmt must be an operand format code ({names}), got {fmt!r}")
+    return int(fmt)
+
+
+def quantize(x, fmt, flush):
+    """float32 tensor ``x`` rounded to operand format ``fmt`` (see bits.quantize_bits), as a
+    new float32 tensor; ``flush``: subnormals of the format become signed zeros."""
+    fmt = check_format(fmt)
+    result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if result.numel():
+        launch("quantize", x.device, as_bits(x).reshape(-1), fmt, int(bool(flush)),
+               result.view(torch.int32).view(-1))
     return result

@@ -36,9 +36,11 @@ import torch
 from . import bits
 from . import dispatch as D
 
-__all__ = ["binary_map", "unary_map", "matmul3", "matmul_exact_grad_left",
+__all__ = ["binary_map", "unary_map", "quantize", "pow2_part", "matmul3",
+           "matmul_exact_grad_left",
            "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
-           "gelu_forward", "gelu_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar", "static_int"]
+           "gelu_forward", "gelu_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar", "static_int",
+           "lmul_scalar", "quantize_scalar"]
 
 
 def _direct(*tensors):
@@ -90,8 +92,36 @@ def unary_map(name, x):
     return _unary_map_op(name, x)
 
 
+@torch.library.custom_op("pam::quantize", mutates_args=())
+def _quantize_op(x: torch.Tensor, fmt: int, flush: bool) -> torch.Tensor:
+    return D.quantize(x, fmt, flush)
+
+
+@_quantize_op.register_fake
+def _(x, fmt, flush):
+    return x.new_empty(x.shape)
+
+
+def quantize(x, fmt, flush=False):
+    """float32 ``x`` rounded to operand format ``fmt`` (0 float32, 1 bfloat16, 2 float16,
+    3 e4m3, 4 e5m2; :func:`pam.bits.quantize_bits`): round to nearest even, the format's
+    overflow rule, NaN -> 0x7FC00000; ``flush``: its subnormals become signed zeros. A new
+    float32 tensor holding the rounded values exactly."""
+    fmt = D.check_format(fmt)
+    if _direct(x):
+        return D.quantize(x, fmt, flush)
+    return _quantize_op(x, fmt, bool(flush))
+
+
+def pow2_part(x):
+    """sign(x) 2^E(x) elementwise (:func:`pam.bits.pow2_part_bits`): zero/subnormal ->
+    signed zero, inf -> inf, NaN -> NaN. The exact slope of L-Mul: d lmul(a, b)/da =
+    pow2_part(b)."""
+    return unary_map("pow2_part", x)
+
+
 # --------------------------------------------------------------------------- matmul
-def _matmul_impl(a3, b3, off):
+def _matmul_impl(a3, b3, off, kind="pam"):
     P, n, k = a3.shape
     m = b3.shape[2]
     out = torch.empty((P, n, m), dtype=torch.float32, device=a3.device)
@@ -99,25 +129,30 @@ def _matmul_impl(a3, b3, off):
         return out
     if k == 0:
         return out.zero_()
-    D.launch("matmul", a3.device, D.as_bits(a3), D.as_bits(b3), off, out)
+    D.launch("matmul" + D.kernel_suffix(kind), a3.device, D.as_bits(a3), D.as_bits(b3), off,
+             out)
     return out
 
 
 @torch.library.custom_op("pam::matmul", mutates_args=())
-def _matmul_op(a3: torch.Tensor, b3: torch.Tensor, off: int) -> torch.Tensor:
-    return _matmul_impl(a3, b3, off)
+def _matmul_op(a3: torch.Tensor, b3: torch.Tensor, off: int,
+               kind: str = "pam") -> torch.Tensor:
+    return _matmul_impl(a3, b3, off, kind)
 
 
 @_matmul_op.register_fake
-def _(a3, b3, off):
+def _(a3, b3, off, kind="pam"):
     return a3.new_empty((a3.shape[0], a3.shape[1], b3.shape[2]))
 
 
-def matmul3(a3, b3, off):
-    """(P, n, k) @ (P, k, m) float32 -> new (P, n, m) PAM matmul, no autograd."""
+def matmul3(a3, b3, off, kind="pam"):
+    """(P, n, k) @ (P, k, m) float32 -> new (P, n, m) matmul, no autograd. ``kind``: the
+    product family, "pam" (``off``: the offset constant) or "lmul" (``off``: the L-Mul
+    constant c of :func:`pam.bits.lmul_constant`)."""
+    D.kernel_suffix(kind)
     if _direct(a3, b3):
-        return _matmul_impl(a3, b3, off)
-    return _matmul_op(a3, b3, off)
+        return _matmul_impl(a3, b3, off, kind)
+    return _matmul_op(a3, b3, off, kind)
 
 
 def _grad_left_impl(a3, b3, grad, off):
@@ -197,88 +232,107 @@ def _conv_out_shape(x4, w4, stride, pad_lo, pad_hi, dilation):
     return (x4.shape[0], w4.shape[0], *sizes)
 
 
-def _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
+def _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind="pam"):
     out = torch.empty(_conv_out_shape(x4, w4, stride, pad_lo, pad_hi, dilation),
                       dtype=torch.float32, device=x4.device)
     if out.numel():
-        _conv_launch("conv_forward", x4.device, D.as_bits(x4), D.as_bits(w4), *stride,
-                     *pad_lo, *dilation, groups, off, out)
+        _conv_launch("conv_forward" + D.kernel_suffix(kind), x4.device, D.as_bits(x4),
+                     D.as_bits(w4), *stride, *pad_lo, *dilation, groups, off, out)
     return out
 
 
 @torch.library.custom_op("pam::conv_forward", mutates_args=())
 def _conv_forward_op(x4: torch.Tensor, w4: torch.Tensor, stride: list[int],
                      pad_lo: list[int], pad_hi: list[int], dilation: list[int], groups: int,
-                     off: int) -> torch.Tensor:
-    return _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
+                     off: int, kind: str = "pam") -> torch.Tensor:
+    return _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind)
 
 
 @_conv_forward_op.register_fake
-def _(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
+def _(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind="pam"):
     return x4.new_empty(_conv_out_shape(x4, w4, stride, pad_lo, pad_hi, dilation))
 
 
-def conv_forward(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
-    """(N, C, H, W) x (O, C/groups, KH, KW) PAM convolution (no bias), a new float32
-    tensor; the caller checks that the output is not empty-sized by geometry."""
+def conv_forward(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind="pam"):
+    """(N, C, H, W) x (O, C/groups, KH, KW) convolution (no bias), a new float32 tensor;
+    the caller checks that the output is not empty-sized by geometry. ``kind``: the product
+    family, "pam" or "lmul" (``off``: its constant, as in :func:`matmul3`)."""
     stride, pad_lo, pad_hi, dilation = (list(v) for v in (stride, pad_lo, pad_hi, dilation))
+    D.kernel_suffix(kind)
     if _direct(x4, w4):
-        return _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
-    return _conv_forward_op(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
+        return _conv_forward_impl(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off,
+                                  kind)
+    return _conv_forward_op(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind)
 
 
-def _conv_grad_impl(name, like, grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+def _check_grad_kind(kind, exact):
+    D.kernel_suffix(kind)
+    if exact and kind != "pam":
+        raise ValueError(f"the exact backward has PAM kernels only, got kind={kind!r}: the "
+                         f"exact L-Mul slope is a power of two, so its gradients are PAM "
+                         f"products with pow2_part (approximate PAM kernel at off = 0)")
+
+
+def _conv_grad_impl(name, like, grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off,
+                    kind="pam"):
     out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
     if out.numel():
-        _conv_launch(name, x4.device, D.as_bits(x4), D.as_bits(w4), D.as_bits(grad4),
-                     *stride, *pad_lo, *dilation, groups, bool(exact), off, out)
+        _conv_launch(name + D.kernel_suffix(kind), x4.device, D.as_bits(x4), D.as_bits(w4),
+                     D.as_bits(grad4), *stride, *pad_lo, *dilation, groups, bool(exact), off,
+                     out)
     return out
 
 
 @torch.library.custom_op("pam::conv_grad_input", mutates_args=())
 def _conv_grad_input_op(grad4: torch.Tensor, x4: torch.Tensor, w4: torch.Tensor,
                         stride: list[int], pad_lo: list[int], dilation: list[int],
-                        groups: int, exact: bool, off: int) -> torch.Tensor:
+                        groups: int, exact: bool, off: int,
+                        kind: str = "pam") -> torch.Tensor:
     return _conv_grad_impl("conv_grad_input", x4, grad4, x4, w4, stride, pad_lo, dilation,
-                           groups, exact, off)
+                           groups, exact, off, kind)
 
 
 @_conv_grad_input_op.register_fake
-def _(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+def _(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off, kind="pam"):
     return x4.new_empty(x4.shape)
 
 
 @torch.library.custom_op("pam::conv_grad_weight", mutates_args=())
 def _conv_grad_weight_op(grad4: torch.Tensor, x4: torch.Tensor, w4: torch.Tensor,
                          stride: list[int], pad_lo: list[int], dilation: list[int],
-                         groups: int, exact: bool, off: int) -> torch.Tensor:
+                         groups: int, exact: bool, off: int,
+                         kind: str = "pam") -> torch.Tensor:
     return _conv_grad_impl("conv_grad_weight", w4, grad4, x4, w4, stride, pad_lo, dilation,
-                           groups, exact, off)
+                           groups, exact, off, kind)
 
 
 @_conv_grad_weight_op.register_fake
-def _(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
+def _(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off, kind="pam"):
     return w4.new_empty(w4.shape)
 
 
-def conv_grad_input(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
-    """Gradient of :func:`conv_forward` w.r.t. x4 (exact or approximate), a new tensor."""
+def conv_grad_input(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off, kind="pam"):
+    """Gradient of :func:`conv_forward` w.r.t. x4 (exact or approximate), a new tensor.
+    ``kind="lmul"``: the approximate backward with L-Mul products (``exact`` must be false)."""
     stride, pad_lo, dilation = list(stride), list(pad_lo), list(dilation)
+    _check_grad_kind(kind, exact)
     if _direct(grad4, x4, w4):
         return _conv_grad_impl("conv_grad_input", x4, grad4, x4, w4, stride, pad_lo,
-                               dilation, groups, exact, off)
+                               dilation, groups, exact, off, kind)
     return _conv_grad_input_op(grad4, x4, w4, stride, pad_lo, dilation, groups, bool(exact),
-                               off)
+                               off, kind)
 
 
-def conv_grad_weight(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off):
-    """Gradient of :func:`conv_forward` w.r.t. w4 (exact or approximate), a new tensor."""
+def conv_grad_weight(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off, kind="pam"):
+    """Gradient of :func:`conv_forward` w.r.t. w4 (exact or approximate), a new tensor.
+    ``kind="lmul"``: the approximate backward with L-Mul products (``exact`` must be false)."""
     stride, pad_lo, dilation = list(stride), list(pad_lo), list(dilation)
+    _check_grad_kind(kind, exact)
     if _direct(grad4, x4, w4):
         return _conv_grad_impl("conv_grad_weight", w4, grad4, x4, w4, stride, pad_lo,
-                               dilation, groups, exact, off)
+                               dilation, groups, exact, off, kind)
     return _conv_grad_weight_op(grad4, x4, w4, stride, pad_lo, dilation, groups,
-                                bool(exact), off)
+                                bool(exact), off, kind)
 
 
 # --------------------------------------------------------------------------- fused GELU
@@ -346,6 +400,20 @@ def pam_scalar(a, b, off=0):
     The same bits as ``pam.mul`` on float32 tensors (``off``: the offset constant of
     :func:`pam.dispatch.offset_constant`)."""
     return _f32(bits.mul_bits(_f32_bits(a), _f32_bits(b), off))
+
+
+@torch._dynamo.assume_constant_result
+def lmul_scalar(a, b, c):
+    """L-Mul(a, b; c) of two Python numbers (rounded to float32 first) as a Python float:
+    the same bits as the ``mul_lmul`` kernel (c = :func:`pam.bits.lmul_constant`)."""
+    return _f32(bits.lmul_bits(_f32_bits(a), _f32_bits(b), c))
+
+
+@torch._dynamo.assume_constant_result
+def quantize_scalar(x, fmt, flush=False):
+    """A Python number rounded to float32, then to operand format ``fmt``, as a Python
+    float: the same bits as :func:`quantize`."""
+    return _f32(bits.quantize_bits(_f32_bits(x), D.check_format(fmt), int(bool(flush))))
 
 
 @torch._dynamo.assume_constant_result

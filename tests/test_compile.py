@@ -106,6 +106,13 @@ def test_custom_op_path_gives_the_direct_bits(case, monkeypatch):
     ("conv_forward", lambda: (torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), [1, 1],
                               [1, 1], [1, 1], [1, 1], 1, 0)),
     ("gelu_backward", lambda: (torch.randn(6), torch.randn(6), True)),
+    ("matmul", lambda: (torch.randn(2, 3, 4), torch.randn(2, 4, 5), 1 << 19, "lmul")),
+    ("conv_forward", lambda: (torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), [1, 1],
+                              [1, 1], [1, 1], [1, 1], 1, 1 << 20, "lmul")),
+    ("conv_grad_weight", lambda: (torch.randn(1, 3, 5, 5), torch.randn(1, 2, 5, 5),
+                                  torch.randn(3, 2, 3, 3), [1, 1], [1, 1], [1, 1], 1, False,
+                                  1 << 19, "lmul")),
+    ("quantize", lambda: (torch.randn(7), 3, True)),
 ])
 def test_opcheck(op, args):
     """Schema (no mutation, no aliasing) and fake implementation agree with the kernels."""

@@ -250,7 +250,7 @@ def test_fast_and_general_paths_agree(regime):
     for off in (0, _off(1.0552)):
         x, y = np.empty((2, 19, 23), np.float32), np.empty((2, 19, 23), np.float32)
         cpu.matmul(a, b, off, x)
-        cpu._matmul_general(a, b, off, y)
+        cpu._matmul_general(a, b, off, False, y)
         assert_same_bits(x, y, "matmul")
         x, y = np.empty((2, 19, 37), np.float32), np.empty((2, 19, 37), np.float32)
         cpu.matmul_exact_grad_left(a, bt, g, off, x)

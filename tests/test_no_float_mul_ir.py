@@ -60,12 +60,17 @@ def compile_all_kernels():
     out = np.empty(64, np.int32)
     for name in ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den"):
         getattr(cpu, name)(a, b, 0, out)
-    for name in ("exp2", "log2", "exp2_slope", "log2_slope"):
+    for name in ("exp2", "log2", "exp2_slope", "log2_slope", "pow2_part"):
         getattr(cpu, name)(a, out)
+    for fmt in range(5):
+        cpu.quantize(b, fmt, 1, out)
     s = b[:1].copy()
     for name in ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den"):
         getattr(cpu, name + "_bs")(a, s, 0, out)
         getattr(cpu, name + "_as")(s, b, 0, out)
+    cpu.mul_lmul(a, b, 1 << 19, out)
+    cpu.mul_lmul_bs(a, s, 1 << 19, out)
+    cpu.mul_lmul_as(s, b, 1 << 19, out)
     # fused kernels (pam.optim_bits, pam.rows_bits); flags 7 / 63 turn every branch on
     m, v, mx = a.copy(), np.abs(b.view(np.float32)).view(np.int32), a.copy()
     cpu.adamw(a.copy(), b, m, v, mx, *([0x3F000000] * 8), 0, 7)
@@ -84,6 +89,7 @@ def compile_all_kernels():
         xt = np.ascontiguousarray(x.transpose(0, 2, 1))
         yt = np.ascontiguousarray(y.transpose(0, 2, 1))
         cpu.matmul(x, y, 0, np.empty((2, 5, 7), np.float32))
+        cpu.matmul_lmul(x, y, 1 << 19, np.empty((2, 5, 7), np.float32))
         cpu.matmul_exact_grad_left(x, yt, g, 0, np.empty((2, 5, 6), np.float32))
         cpu.matmul_exact_grad_right(xt, y, g, 0, np.empty((2, 6, 7), np.float32))
         # convolutions: forward (fast path with normal operands, general with inf/NaN),
@@ -95,6 +101,12 @@ def compile_all_kernels():
             cg = _operands(rng, (2, 4, 6, ow), kind)
             cpu_conv.conv_forward(cx, cw, 1, sw, 1, 1, 1, 1, 2, 0,
                                   np.empty((2, 4, 6, ow), np.float32))
+            cpu_conv.conv_forward_lmul(cx, cw, 1, sw, 1, 1, 1, 1, 2, 1 << 19,
+                                       np.empty((2, 4, 6, ow), np.float32))
+            cpu_conv.conv_grad_input_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
+                                          np.empty((2, 4, 6, 7), np.float32))
+            cpu_conv.conv_grad_weight_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
+                                           np.empty((4, 2, 3, 2), np.float32))
             for exact in (True, False):
                 cpu_conv.conv_grad_input(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
                                          np.empty((2, 4, 6, 7), np.float32))
@@ -152,7 +164,9 @@ def test_every_kernel_is_found_and_compiled(compiled):
     public = {"mul", "div", "mul_slope", "div_slope_num", "div_slope_den", "exp2", "log2",
               "exp2_slope", "log2_slope", "matmul", "matmul_exact_grad_left",
               "matmul_exact_grad_right", "cpu_conv.conv_forward", "cpu_conv.conv_grad_input",
-              "cpu_conv.conv_grad_weight"}
+              "cpu_conv.conv_grad_weight", "quantize", "pow2_part", "mul_lmul", "mul_lmul_bs",
+              "mul_lmul_as", "matmul_lmul", "cpu_conv.conv_forward_lmul",
+              "cpu_conv.conv_grad_input_lmul", "cpu_conv.conv_grad_weight_lmul"}
     assert public <= set(compiled)
     missing = sorted(name for name, sigs in compiled.items() if not sigs)
     assert not missing, (f"kernels never compiled by compile_all_kernels(), extend it so their "

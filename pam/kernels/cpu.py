@@ -14,9 +14,17 @@ PAM product is one wrapping 32-bit integer addition (8 lanes per vpaddd); zero o
 skipped or masked to +0, which is exact because the accumulators start at +0.0. Otherwise
 the general path calls bits.mul_bits / bits.mul_slope_bits per product. Both give the same
 bits; tests/test_kernels_cpu.py checks them against NumPy references and against each other.
+
+Families and formats: ``matmul_lmul`` is ``matmul`` with L-Mul products (bits.lmul_bits;
+the L-Mul constant c in the ``off`` slot): the same range check, the same accumulation
+order, the same vectorized fast path with a branch-free integer carry correction per
+product (``_lprod``); ``mul_lmul`` (``_bs``, ``_as``) is its elementwise form,
+``pow2_part`` the exact L-Mul slope and ``quantize`` the rounding of float32 to an operand
+format (bits.quantize_bits). tests/test_families.py checks them.
 """
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 
 from .. import bits, optim_bits, rows_bits
 
@@ -33,6 +41,7 @@ GRAD_COL_TILE = 1024
 
 ONE = bits.ONE
 MANT_MASK = bits.MANT_MASK
+EXP_MASK = bits.EXP_MASK
 ABS_MASK = bits.ABS_MASK
 MIN_NORMAL = bits.MIN_NORMAL
 INF = bits.INF
@@ -149,6 +158,53 @@ def div_slope_den_as(s, b, off, out):
         out[i] = bits.div_slope_den_bits(sa, b[i], off)
 
 
+@njit(cache=True, nogil=True)
+def _check_lmul_constant(c):
+    if c < 0 or c >= bits.TWO23:
+        raise ValueError("L-Mul constant c must be in [0, 2^23) (see bits.lmul_constant)")
+
+
+@njit(**_SERIAL)
+def mul_lmul(a, b, c, out):
+    """out = L-Mul(a, b; c) elementwise (bits.lmul_bits); ``_bs`` / ``_as``: scalar operand."""
+    _check_lmul_constant(c)
+    for i in range(a.size):
+        out[i] = bits.lmul_bits(a[i], b[i], c)
+
+
+@njit(**_SERIAL)
+def mul_lmul_bs(a, s, c, out):
+    _check_lmul_constant(c)
+    sb = s[0]
+    for i in range(a.size):
+        out[i] = bits.lmul_bits(a[i], sb, c)
+
+
+@njit(**_SERIAL)
+def mul_lmul_as(s, b, c, out):
+    _check_lmul_constant(c)
+    sa = s[0]
+    for i in range(b.size):
+        out[i] = bits.lmul_bits(sa, b[i], c)
+
+
+@njit(**_SERIAL)
+def pow2_part(x, out):
+    """out = sign(x) 2^E(x) elementwise (bits.pow2_part_bits): the exact L-Mul slope."""
+    for i in range(x.size):
+        out[i] = bits.pow2_part_bits(x[i])
+
+
+@njit(**_SERIAL)
+def quantize(x, fmt, flush, out):
+    """out = x rounded to operand format ``fmt`` (bits.quantize_bits), flat int32 arrays."""
+    if fmt < 0 or fmt >= bits.N_FORMATS:
+        raise ValueError("quantize: fmt must be a format code 0..4 "
+                         "(float32, bfloat16, float16, e4m3, e5m2)")
+    for i in range(x.size):
+        out[i] = bits.quantize_bits(x[i], fmt, flush)
+
+
 @njit(**_SERIAL)
 def exp2(y, out):
     for i in range(y.size):
@@ -225,6 +281,17 @@ def _floor_exp(x):
 def _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off):
     """True when PAM of any two normal operands with these |bits| ranges is normal."""
     return lo_a + lo_b - ONE + off >= MIN_NORMAL and hi_a + hi_b - ONE + off < INF
+
+
+@njit(cache=True, nogil=True)
+def _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul):
+    """``_mul_fast_ok`` for PAM; for L-Mul (off = c) a product of normals lies between
+    2^(Ea + Eb) (exponent field Ea + Eb - 127) and the PAM sum with off = c, so the
+    exponent fields of the smallest magnitudes bound it from below."""
+    if lmul:
+        return _mul_fast_ok(lo_a & EXP_MASK, hi_a, lo_b & EXP_MASK, hi_b, 0) and \
+            _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off)
+    return _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off)
 
 
 @njit(cache=True, nogil=True)
@@ -383,8 +450,173 @@ def _mm_fast_block(acc, B, M, use_mask, cs, nz, nz4, k, j0, w):
                 _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
 
 
+# L-Mul fast path. With the per-row constants c = |bits(a)| - ONE + off (+2^31 for negative
+# a, as in PAM) and e = Ma + off - 2^23, the product of normal operands is the PAM sum
+# y + c corrected in the carry case: t = max(My + e, 0) = s - 2^23 (or 0 without carry)
+# and the mantissa t becomes rne(t / 2) = (t + ((t >> 1) & 1)) >> 1. Branch-free integer
+# ops, vectorized across j like the PAM loops.
+@register_jitable(forceinline=True)
+def _lprod(y, c, e):
+    # int32 truncations at each step let LLVM keep 8 lanes of 32 bits (vpaddd, vpmaxsd).
+    t = max(np.int32((y & MANT_MASK) + e), np.int32(0))
+    h = np.int32((t + ((t >> 1) & 1)) >> 1)
+    return np.int32(np.int32(y + c) - np.int32(t - h))
+
+
+@njit(cache=True, nogil=True)
+def _ladd4x2(acc0, acc1, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, e0, e1, e2, e3,
+             f0, f1, f2, f3, w):
+    for j in range(w):
+        y0 = x0[j]
+        y1 = x1[j]
+        y2 = x2[j]
+        y3 = x3[j]
+        s = acc0[j]
+        s += bits.bits_to_f32(np.int32(_lprod(y0, c0, e0)))
+        s += bits.bits_to_f32(np.int32(_lprod(y1, c1, e1)))
+        s += bits.bits_to_f32(np.int32(_lprod(y2, c2, e2)))
+        s += bits.bits_to_f32(np.int32(_lprod(y3, c3, e3)))
+        acc0[j] = s
+        s = acc1[j]
+        s += bits.bits_to_f32(np.int32(_lprod(y0, d0, f0)))
+        s += bits.bits_to_f32(np.int32(_lprod(y1, d1, f1)))
+        s += bits.bits_to_f32(np.int32(_lprod(y2, d2, f2)))
+        s += bits.bits_to_f32(np.int32(_lprod(y3, d3, f3)))
+        acc1[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _ladd4x2m(acc0, acc1, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, d0, d1, d2, d3,
+              e0, e1, e2, e3, f0, f1, f2, f3, w):
+    for j in range(w):
+        y0 = x0[j]
+        y1 = x1[j]
+        y2 = x2[j]
+        y3 = x3[j]
+        k0 = m0[j]
+        k1 = m1[j]
+        k2 = m2[j]
+        k3 = m3[j]
+        s = acc0[j]
+        s += bits.bits_to_f32(np.int32(_lprod(y0, c0, e0) & k0))
+        s += bits.bits_to_f32(np.int32(_lprod(y1, c1, e1) & k1))
+        s += bits.bits_to_f32(np.int32(_lprod(y2, c2, e2) & k2))
+        s += bits.bits_to_f32(np.int32(_lprod(y3, c3, e3) & k3))
+        acc0[j] = s
+        s = acc1[j]
+        s += bits.bits_to_f32(np.int32(_lprod(y0, d0, f0) & k0))
+        s += bits.bits_to_f32(np.int32(_lprod(y1, d1, f1) & k1))
+        s += bits.bits_to_f32(np.int32(_lprod(y2, d2, f2) & k2))
+        s += bits.bits_to_f32(np.int32(_lprod(y3, d3, f3) & k3))
+        acc1[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _ladd4(acc, x0, x1, x2, x3, c0, c1, c2, c3, e0, e1, e2, e3, w):
+    for j in range(w):
+        s = acc[j]
+        s += bits.bits_to_f32(np.int32(_lprod(x0[j], c0, e0)))
+        s += bits.bits_to_f32(np.int32(_lprod(x1[j], c1, e1)))
+        s += bits.bits_to_f32(np.int32(_lprod(x2[j], c2, e2)))
+        s += bits.bits_to_f32(np.int32(_lprod(x3[j], c3, e3)))
+        acc[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _ladd4m(acc, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, e0, e1, e2, e3, w):
+    for j in range(w):
+        s = acc[j]
+        s += bits.bits_to_f32(np.int32(_lprod(x0[j], c0, e0) & m0[j]))
+        s += bits.bits_to_f32(np.int32(_lprod(x1[j], c1, e1) & m1[j]))
+        s += bits.bits_to_f32(np.int32(_lprod(x2[j], c2, e2) & m2[j]))
+        s += bits.bits_to_f32(np.int32(_lprod(x3[j], c3, e3) & m3[j]))
+        acc[j] = s
+
+
+@njit(cache=True, nogil=True)
+def _ladd1(acc, x0, m0, use_mask, c0, e0, w):
+    if use_mask:
+        for j in range(w):
+            acc[j] += bits.bits_to_f32(np.int32(_lprod(x0[j], c0, e0) & m0[j]))
+    else:
+        for j in range(w):
+            acc[j] += bits.bits_to_f32(np.int32(_lprod(x0[j], c0, e0)))
+
+
+@njit(cache=True, nogil=True)
+def _lmm_fast_block(acc, B, M, use_mask, cs, es, nz, nz4, k, j0, w):
+    """acc[r, :w] = sum_t L-Mul(a[r, t], B[t, j0:j0+w]) for the rows of one row block.
+
+    As ``_mm_fast_block`` (cs: |bits(a)| - ONE + c with the sign; nz, nz4, M, use_mask),
+    plus es[r, t] = Ma + c - 2^23 for the carry correction.
+    """
+    rows = acc.shape[0]
+    j1 = j0 + w
+    k4 = k - k % 4
+    for t in range(0, k4, 4):
+        x0 = B[t, j0:j1]
+        x1 = B[t + 1, j0:j1]
+        x2 = B[t + 2, j0:j1]
+        x3 = B[t + 3, j0:j1]
+        m0 = M[t, j0:j1]
+        m1 = M[t + 1, j0:j1]
+        m2 = M[t + 2, j0:j1]
+        m3 = M[t + 3, j0:j1]
+        r = 0
+        while r + 2 <= rows:
+            c = cs[r]
+            d = cs[r + 1]
+            e = es[r]
+            f = es[r + 1]
+            if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
+                if use_mask:
+                    _ladd4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
+                              c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
+                              d[t + 3], e[t], e[t + 1], e[t + 2], e[t + 3], f[t], f[t + 1],
+                              f[t + 2], f[t + 3], w)
+                else:
+                    _ladd4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
+                             c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], e[t], e[t + 1],
+                             e[t + 2], e[t + 3], f[t], f[t + 1], f[t + 2], f[t + 3], w)
+            else:
+                for q in range(r, r + 2):
+                    for u in range(t, t + 4):
+                        if nz[q, u]:
+                            _ladd1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u],
+                                   es[q, u], w)
+            r += 2
+        for r in range(r, rows):
+            c = cs[r]
+            e = es[r]
+            z = nz[r]
+            if nz4[r, t >> 2]:
+                if use_mask:
+                    _ladd4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
+                            c[t], c[t + 1], c[t + 2], c[t + 3], e[t], e[t + 1], e[t + 2],
+                            e[t + 3], w)
+                else:
+                    _ladd4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3],
+                           e[t], e[t + 1], e[t + 2], e[t + 3], w)
+            else:
+                for u in range(t, t + 4):
+                    if z[u]:
+                        _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], e[u], w)
+    for u in range(k4, k):
+        for r in range(rows):
+            if nz[r, u]:
+                _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], es[r, u], w)
+
+
+@njit(cache=True, nogil=True)
+def _lmul_row_consts(arow, c, es):
+    """es[t] = Ma + c - 2^23 of the L-Mul fast path for the left-operand row ``arow``."""
+    for t in range(arow.size):
+        es[t] = np.int32((np.int64(arow[t]) & MANT_MASK) + c - bits.TWO23)
+
+
 @njit(**_JIT)
-def _matmul_fast(a, b, bmask, use_mask, off, out):
+def _matmul_fast(a, b, bmask, use_mask, off, lmul, out):
+    """Fast path of ``matmul`` (PAM products) or, with ``lmul``, of ``matmul_lmul``."""
     batch, n, k = a.shape
     m = b.shape[2]
     row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
@@ -393,6 +625,7 @@ def _matmul_fast(a, b, bmask, use_mask, off, out):
         i0 = (task - p * row_blocks) * ROW_BLOCK
         rows = min(i0 + ROW_BLOCK, n) - i0
         cs = np.empty((rows, k), np.int32)
+        es = np.empty((rows, k if lmul else 0), np.int32)
         nz = np.empty((rows, k), np.bool_)
         for r in range(rows):
             for t in range(k):
@@ -400,6 +633,8 @@ def _matmul_fast(a, b, bmask, use_mask, off, out):
                 ua = ia & ABS_MASK
                 nz[r, t] = ua >= MIN_NORMAL
                 cs[r, t] = _signed_const(ua - ONE + off, ia < 0)
+            if lmul:
+                _lmul_row_consts(a[p, i0 + r], off, es[r])
         nz4 = np.empty((rows, k // 4), np.bool_)
         for r in range(rows):
             for t in range(0, k - k % 4, 4):
@@ -409,13 +644,17 @@ def _matmul_fast(a, b, bmask, use_mask, off, out):
         for j0 in range(0, m, COL_TILE):
             w = min(COL_TILE, m - j0)
             acc[:, :w] = 0.0
-            _mm_fast_block(acc, b[p], M, use_mask, cs, nz, nz4, k, j0, w)
+            if lmul:
+                _lmm_fast_block(acc, b[p], M, use_mask, cs, es, nz, nz4, k, j0, w)
+            else:
+                _mm_fast_block(acc, b[p], M, use_mask, cs, nz, nz4, k, j0, w)
             for r in range(rows):
                 out[p, i0 + r, j0:j0 + w] = acc[r, :w]
 
 
 @njit(**_JIT)
-def _matmul_general(a, b, off, out):
+def _matmul_general(a, b, off, lmul, out):
+    """General path of ``matmul`` (bits.mul_bits) or, with ``lmul``, of ``matmul_lmul``."""
     batch, n, k = a.shape
     m = b.shape[2]
     row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
@@ -433,8 +672,12 @@ def _matmul_general(a, b, off, out):
                 for r in range(i1 - i0):
                     ai = a[p, i0 + r, t]
                     accr = acc[r]
-                    for j in range(w):
-                        accr[j] += bits.bits_to_f32(bits.mul_bits(ai, brow[j], off))
+                    if lmul:
+                        for j in range(w):
+                            accr[j] += bits.bits_to_f32(bits.lmul_bits(ai, brow[j], off))
+                    else:
+                        for j in range(w):
+                            accr[j] += bits.bits_to_f32(bits.mul_bits(ai, brow[j], off))
             for r in range(i1 - i0):
                 out[p, i0 + r, j0:j1] = acc[r, :w]
 
@@ -452,14 +695,38 @@ def matmul(a, b, off, out):
     if a.shape[2] == 0:
         out[:] = 0.0
         return
+    _matmul_dispatch(a, b, off, False, out)
+
+
+@njit(cache=True, nogil=True)
+def _matmul_dispatch(a, b, off, lmul, out):
+    """The range check, then the fast or the general path (PAM or L-Mul products)."""
     sa, za, lo_a, hi_a = _stats(a)
     sb, zb, lo_b, hi_b = _stats(b)
-    if sa or sb or not _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off):
-        _matmul_general(a, b, off, out)
+    if sa or sb or not _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul):
+        _matmul_general(a, b, off, lmul, out)
     elif zb:
-        _matmul_fast(a, b, _zero_mask(b), True, off, out)
+        _matmul_fast(a, b, _zero_mask(b), True, off, lmul, out)
     else:
-        _matmul_fast(a, b, b, False, off, out)
+        _matmul_fast(a, b, b, False, off, lmul, out)
+
+
+@njit(cache=True, nogil=True)
+def matmul_lmul(a, b, c, out):
+    """out[p, i, j] = sum_t L-Mul(a[p, i, t], b[p, t, j]; c), float32, t increasing.
+
+    As ``matmul`` with bits.lmul_bits products (c = bits.lmul_constant(m), 0 <= c < 2^23):
+    bit-identical to accumulating them for every input; one range check, then a
+    vectorized int32 fast path (PAM's add plus a branch-free carry correction) when no
+    special value, overflow or underflow can occur, the general path otherwise.
+    """
+    _check_lmul_constant(c)
+    if out.size == 0:
+        return
+    if a.shape[2] == 0:
+        out[:] = 0.0
+        return
+    _matmul_dispatch(a, b, c, True, out)
 
 
 # Exact backward. slope(x, y) = sign(y) 2^(E(y) + carry) has the exponent field of

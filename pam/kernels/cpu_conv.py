@@ -53,12 +53,21 @@ approximate) when the operands allow them, bits.mul_bits / bits.mul_slope_bits p
 otherwise. Extra memory: per task a tile buffer of about PATCH_BUDGET int32 entries (at
 least 8 positions' worth) and its accumulators, plus weight-sized constant tables; nothing
 scales with batch x output x kernel size.
+
+L-Mul: ``conv_forward_lmul``, ``conv_grad_input_lmul`` and ``conv_grad_weight_lmul`` (the
+approximate backward only) take the same arguments with the L-Mul constant c in the
+``off`` slot and every PAM term replaced by bits.lmul_bits (same order, same fast paths
+with the L-Mul carry correction of pam.kernels.cpu). The exact L-Mul backward needs no
+kernel of its own: the slope is a power of two (bits.pow2_part_bits of the other operand),
+so it is the approximate PAM backward at off = 0 with that operand replaced by its
+pow2_part.
 """
 import numpy as np
 from numba import njit, prange
 
 from .. import bits
-from .cpu import (_add1, _add4, _add4m, _mantissa_const, _mm_fast_block, _mul_fast_ok,
+from .cpu import (_add1, _add4, _add4m, _check_lmul_constant, _fast_ok, _ladd1, _ladd4,
+                  _ladd4m, _lmm_fast_block, _mantissa_const, _mm_fast_block,
                   _signed_const, _sl1, _sl4, _sl4m, _slope_fast_ok, _sr1, _sr4m, _stats)
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
@@ -80,7 +89,9 @@ ONE = bits.ONE
 ABS_MASK = bits.ABS_MASK
 MIN_NORMAL = bits.MIN_NORMAL
 
-__all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight"]
+__all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "conv_forward_lmul",
+           "conv_grad_input_lmul", "conv_grad_weight_lmul"]
+MANT_MASK = bits.MANT_MASK
 
 
 @njit(cache=True, nogil=True)
@@ -146,8 +157,8 @@ def _gather(x, g, q0, Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, P, M, qn, qs):
 # the whole im2col matrix), and the products are vectorized across the positions of a tile
 # exactly as the CPU matmul vectorizes across columns (its inner block is reused).
 @njit(**_JIT)
-def _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups, KH,
-                   KW, off, out):
+def _forward_tiles(x, wflat, cs, es, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups, KH,
+                   KW, off, lmul, out):
     N, C, H, W = x.shape
     O, K = wflat.shape
     Cg = C // groups
@@ -172,7 +183,10 @@ def _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, gr
             rows = min(O_BLOCK, (g + 1) * Og - o0)
             a = acc[:rows]
             a[:] = 0.0
-            if fast:
+            if fast and lmul:
+                _lmm_fast_block(a, P, M, use_mask, cs[o0:o0 + rows], es[o0:o0 + rows],
+                                nz[o0:o0 + rows], nz4[o0:o0 + rows], K, 0, width)
+            elif fast:
                 _mm_fast_block(a, P, M, use_mask, cs[o0:o0 + rows], nz[o0:o0 + rows],
                                nz4[o0:o0 + rows], K, 0, width)
             else:
@@ -181,8 +195,12 @@ def _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, gr
                     for r in range(rows):
                         wv = wflat[o0 + r, t]
                         arow = a[r]
-                        for i in range(width):
-                            arow[i] += bits.bits_to_f32(bits.mul_bits(wv, prow[i], off))
+                        if lmul:
+                            for i in range(width):
+                                arow[i] += bits.bits_to_f32(bits.lmul_bits(wv, prow[i], off))
+                        else:
+                            for i in range(width):
+                                arow[i] += bits.bits_to_f32(bits.mul_bits(wv, prow[i], off))
             for r in range(rows):
                 for i in range(width):
                     out3[qn[i], o0 + r, qs[i]] = a[r, i]
@@ -195,6 +213,19 @@ def conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
     x: (N, C, H, W), w: (O, C // groups, KH, KW) int32; out: (N, O, OH, OW) float32.
     An empty reduction (no input channels) gives zeros.
     """
+    _conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, False, out)
+
+
+@njit(cache=True, nogil=True)
+def conv_forward_lmul(x, w, sh, sw, ph, pw, dh, dw, groups, c, out):
+    """``conv_forward`` with L-Mul products (bits.lmul_bits; c = bits.lmul_constant(m)),
+    the same order of accumulation, the same fast path (with the L-Mul carry correction)."""
+    _check_lmul_constant(c)
+    _conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, c, True, out)
+
+
+@njit(cache=True, nogil=True)
+def _conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, lmul, out):
     if out.size == 0:
         return
     if w.size == 0:
@@ -202,11 +233,12 @@ def conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
         return
     sx, zx, lo_x, hi_x = _stats(x)
     sw_, zw, lo_w, hi_w = _stats(w)
-    fast = not (sx or sw_) and _mul_fast_ok(lo_x, hi_x, lo_w, hi_w, off)
+    fast = not (sx or sw_) and _fast_ok(lo_x, hi_x, lo_w, hi_w, off, lmul)
     O = w.shape[0]
     wflat = w.reshape(O, -1)
     K = wflat.shape[1]
     cs = np.empty((O, K), np.int32)
+    es = np.empty((O, K), np.int32)      # L-Mul: Mw + c - 2^23 (see cpu._lprod)
     nz = np.empty((O, K), np.bool_)
     nz4 = np.empty((O, K // 4), np.bool_)
     for o in range(O):
@@ -215,16 +247,20 @@ def conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
             u = v & ABS_MASK
             nz[o, t] = u >= MIN_NORMAL
             cs[o, t] = _signed_const(u - ONE + off, v < 0)
+            es[o, t] = np.int32((u & MANT_MASK) + off - bits.TWO23)
         for t in range(0, K - K % 4, 4):
             nz4[o, t >> 2] = nz[o, t] and nz[o, t + 1] and nz[o, t + 2] and nz[o, t + 3]
     tile = max(8, min(POS_TILE, PATCH_BUDGET // K))
-    _forward_tiles(x, wflat, cs, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups,
-                   w.shape[2], w.shape[3], off, out)
+    _forward_tiles(x, wflat, cs, es, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups,
+                   w.shape[2], w.shape[3], off, lmul, out)
 
 
 @njit(cache=True, nogil=True)
-def _grad_term(g, a, b, exact, off):
-    """PAM(g, slope_a(a, b)) (exact) or PAM(g, b; offset) (approx), as float32."""
+def _grad_term(g, a, b, exact, off, lmul):
+    """PAM(g, slope_a(a, b)) (exact) or PAM(g, b; offset) (approx), as float32; with
+    ``lmul`` (approx only) L-Mul(g, b; c)."""
+    if lmul:
+        return bits.bits_to_f32(bits.lmul_bits(g, b, off))
     if exact:
         return bits.bits_to_f32(bits.mul_bits(g, bits.mul_slope_bits(a, b, off), 0))
     return bits.bits_to_f32(bits.mul_bits(g, b, off))
@@ -244,7 +280,7 @@ def _grad_term(g, a, b, exact, off):
 # paths; +0.0 added in the general path).
 @njit(**_JIT)
 def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, fast, off,
-                      out):
+                      lmul, out):
     N, C, H, W = x.shape
     O, Cg, KH, KW = w.shape
     Og = O // groups
@@ -276,6 +312,7 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
         wc = np.empty((Cg, R), np.int32)
         wnz = np.empty((Cg, R), np.bool_)
         wnz4 = np.empty((Cg, R // 4), np.bool_)
+        we = np.empty((Cg, R), np.int32)     # L-Mul: Mw + c - 2^23
         for c in range(Cg):
             r = 0
             for o in range(Og):
@@ -286,6 +323,7 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
                         wp[c, r] = v
                         wnz[c, r] = u >= MIN_NORMAL
                         wc[c, r] = _signed_const(u if exact else u - ONE + off, v < 0)
+                        we[c, r] = np.int32((u & MANT_MASK) + off - bits.TWO23)
                         r += 1
             for r in range(0, R - R % 4, 4):
                 wnz4[c, r >> 2] = wnz[c, r] and wnz[c, r + 1] and wnz[c, r + 2] and wnz[c, r + 3]
@@ -339,7 +377,10 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
             rows = min(O_BLOCK, Cg - c0)
             A = acc[:rows]
             A[:] = 0.0
-            if fast and not exact:
+            if fast and lmul:
+                _lmm_fast_block(A, G, MG, True, wc[c0:c0 + rows], we[c0:c0 + rows],
+                                wnz[c0:c0 + rows], wnz4[c0:c0 + rows], R, 0, width)
+            elif fast and not exact:
                 _mm_fast_block(A, G, MG, True, wc[c0:c0 + rows], wnz[c0:c0 + rows],
                                wnz4[c0:c0 + rows], R, 0, width)
             elif fast:
@@ -370,7 +411,7 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
                         arow = A[q]
                         xrow = xm[c0 + q]
                         for i in range(width):
-                            term = _grad_term(grow[i], xrow[i], wv, exact, off)
+                            term = _grad_term(grow[i], xrow[i], wv, exact, off, lmul)
                             arow[i] += term if vrow[i] else np.float32(0.0)
             for q in range(rows):
                 for i in range(width):
@@ -410,6 +451,22 @@ def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
     x: (N, C, H, W), w: (O, C // groups, KH, KW), grad: (N, O, OH, OW) int32;
     out: (N, C, H, W) float32. Inputs no output reads get +0.0.
     """
+    _conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, False, out)
+
+
+@njit(cache=True, nogil=True)
+def conv_grad_input_lmul(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, c, out):
+    """Approximate gradient of ``conv_forward_lmul`` w.r.t. x: ``conv_grad_input``'s sums
+    with L-Mul(grad, w; c) terms. ``exact`` must be False (the exact L-Mul slope is
+    pow2_part(w): use ``conv_grad_input`` with pow2_part(w) and off = 0)."""
+    if exact:
+        raise ValueError("conv_grad_input_lmul: only the approximate backward (exact=False)")
+    _check_lmul_constant(c)
+    _conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, False, c, True, out)
+
+
+@njit(cache=True, nogil=True)
+def _conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, lmul, out):
     if out.size == 0:
         return
     sx, zx, lo_x, hi_x = _stats(x)
@@ -418,12 +475,12 @@ def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
     if exact:
         fast = not (sx or sw_ or sg) and _slope_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
     else:
-        fast = not (sw_ or sg) and _mul_fast_ok(lo_g, hi_g, lo_w, hi_w, off)
+        fast = not (sw_ or sg) and _fast_ok(lo_g, hi_g, lo_w, hi_w, off, lmul)
     N, C, H, W = x.shape
     O, Cg, KH, KW = w.shape
     table = _phase_tiles(N, H, W, KH, KW, O // groups, sh, sw, ph, pw, dh, dw)
     _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, fast, off,
-                      out)
+                      lmul, out)
 
 
 # Weight gradient: out[o, t] = sum over positions q (increasing) of term(grad[q, o], w[o, t],
@@ -435,7 +492,7 @@ def conv_grad_input(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out)
 # subnormal g is skipped, zero x (or padding) masked to +0.
 @njit(**_JIT)
 def _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, tile, off,
-                       out):
+                       lmul, out):
     N = x.shape[0]
     O, Cg, KH, KW = w.shape
     K = Cg * KH * KW
@@ -480,7 +537,7 @@ def _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, 
                         arow = acc[r]
                         wrow = wflat[o0 + r]
                         for t in range(K):
-                            arow[t] += _grad_term(g, wrow[t], prow[t], exact, off)
+                            arow[t] += _grad_term(g, wrow[t], prow[t], exact, off, lmul)
                 continue
             i4 = width - width % 4
             for r in range(rows):
@@ -493,7 +550,9 @@ def _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, 
                         if ((g0 & ABS_MASK) >= MIN_NORMAL and (g1 & ABS_MASK) >= MIN_NORMAL
                                 and (g2 & ABS_MASK) >= MIN_NORMAL
                                 and (g3_ & ABS_MASK) >= MIN_NORMAL):
-                            if exact and use_mask:
+                            if lmul:
+                                _lw4(arow, PT, MT, i, use_mask, g0, g1, g2, g3_, off, K)
+                            elif exact and use_mask:
                                 _sl4m(arow, y, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], MT[i],
                                       MT[i + 1], MT[i + 2], MT[i + 3], g0, g1, g2, g3_, K)
                             elif exact:
@@ -513,11 +572,33 @@ def _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, 
                         g = gr[u]
                         if (g & ABS_MASK) < MIN_NORMAL:
                             continue
-                        if exact:
+                        if lmul:
+                            _ladd1(arow, PT[u], MT[u], use_mask, _gconst(g, off),
+                                   _gmant(g, off), K)
+                        elif exact:
                             _sl1(arow, y, PT[u], MT[u], use_mask, g, K)
                         else:
                             _add1(arow, PT[u], MT[u], use_mask, _gconst(g, off), K)
         out2[o0:o0 + rows] = acc
+
+
+@njit(cache=True, nogil=True)
+def _gmant(g, c):
+    """int32 constant Mg + c - 2^23 of the L-Mul fast path (see cpu._lprod)."""
+    return np.int32((np.int64(g) & MANT_MASK) + c - bits.TWO23)
+
+
+@njit(cache=True, nogil=True)
+def _lw4(arow, PT, MT, i, use_mask, g0, g1, g2, g3, c, K):
+    """arow[:K] += L-Mul(g_u, PT[i + u]) for u = 0..3 in order (weight gradient fast path)."""
+    if use_mask:
+        _ladd4m(arow, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], MT[i], MT[i + 1], MT[i + 2],
+                MT[i + 3], _gconst(g0, c), _gconst(g1, c), _gconst(g2, c), _gconst(g3, c),
+                _gmant(g0, c), _gmant(g1, c), _gmant(g2, c), _gmant(g3, c), K)
+    else:
+        _ladd4(arow, PT[i], PT[i + 1], PT[i + 2], PT[i + 3], _gconst(g0, c), _gconst(g1, c),
+               _gconst(g2, c), _gconst(g3, c), _gmant(g0, c), _gmant(g1, c), _gmant(g2, c),
+               _gmant(g3, c), K)
 
 
 @njit(cache=True, nogil=True)
@@ -535,6 +616,22 @@ def conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out
     out: (O, C // groups, KH, KW) float32. An empty reduction (N = 0 or no outputs) gives
     zeros.
     """
+    _conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, False, out)
+
+
+@njit(cache=True, nogil=True)
+def conv_grad_weight_lmul(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, c, out):
+    """Approximate gradient of ``conv_forward_lmul`` w.r.t. w: ``conv_grad_weight``'s sums
+    with L-Mul(grad, x; c) terms. ``exact`` must be False (the exact L-Mul slope is
+    pow2_part(x): use ``conv_grad_weight`` with pow2_part(x) and off = 0)."""
+    if exact:
+        raise ValueError("conv_grad_weight_lmul: only the approximate backward (exact=False)")
+    _check_lmul_constant(c)
+    _conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, False, c, True, out)
+
+
+@njit(cache=True, nogil=True)
+def _conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, lmul, out):
     if out.size == 0:
         return
     sx, zx, lo_x, hi_x = _stats(x)
@@ -543,8 +640,8 @@ def conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out
     if exact:
         fast = not (sx or sw_ or sg) and _slope_fast_ok(lo_g, hi_g, lo_x, hi_x, off)
     else:
-        fast = not (sx or sg) and _mul_fast_ok(lo_g, hi_g, lo_x, hi_x, off)
+        fast = not (sx or sg) and _fast_ok(lo_g, hi_g, lo_x, hi_x, off, lmul)
     K = out.size // out.shape[0]
     tile = max(8, min(POS_TILE, PATCH_BUDGET // K))
     _grad_weight_tiles(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, fast, tile, off,
-                       out)
+                       lmul, out)

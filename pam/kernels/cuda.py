@@ -17,6 +17,11 @@ the scalar definitions of :mod:`pam.bits`, so CPU and CUDA compute the same bits
   deterministic and equal to the CPU result bit for bit. Sizes need not be multiples of
   any tile (loads and stores are bounds-checked). The batch dimension is walked with a
   grid-stride loop, so any batch size works.
+* ``matmul_lmul``: ``matmul`` with L-Mul products (bits.lmul_bits, the L-Mul constant in
+  the ``off`` slot): the same range check (L-Mul's underflow bound), the fast kernel in its
+  L-Mul mode (``_LMUL``: PAM's add plus the carry correction, the row operand's
+  Ma + c - 2^23 staged in shared memory) or the general kernel. Elementwise:
+  ``mul_lmul`` (``_bs``, ``_as``), ``pow2_part``, ``quantize`` (bits.quantize_bits).
 * ``SIGNATURES`` gives every kernel's numba argument types (kernels are compiled with
   them), so tools compile each ahead of time (validation/cuda_sass.py: SASS per product).
 
@@ -130,8 +135,22 @@ def _log2_slope_kernel(x, out):
 # ----------------------------------------------------------------- matmul
 # Grid: x = tiles of output rows, y = tiles of output columns, z = batch (grid stride).
 # threadIdx.x walks columns, so global loads of the right operand and stores are coalesced.
-def _matmul_kernel(a, b, off, out):
-    """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing."""
+def _make_matmul_kernel(lmul):
+    """The general matmul kernel with PAM (bits.mul_bits) or L-Mul (bits.lmul_bits) products."""
+
+    def kernel(a, b, off, out):
+        """out[p, i, j] = sum_t F(a[p, i, t], b[p, t, j]), float32, t increasing."""
+        _matmul_body(a, b, off, out, lmul)
+
+    kernel.__name__ = "_matmul_lmul_kernel" if lmul else "_matmul_kernel"
+    kernel.__qualname__ = kernel.__name__
+    return kernel
+
+
+@register_jitable(forceinline=True)
+def _matmul_body(a, b, off, out, lmul):
+    """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]) (L-Mul with ``lmul``), float32,
+    t increasing."""
     sa = cuda.shared.array((TILE, TILE), dtype=int32)
     sb = cuda.shared.array((TILE, TILE), dtype=int32)
     batch = a.shape[0]
@@ -152,7 +171,10 @@ def _matmul_kernel(a, b, off, out):
                 sb[ty, tx] = b[p, t0 + ty, j]
             cuda.syncthreads()
             for tt in range(min(TILE, k - t0)):
-                acc += bits.bits_to_f32(bits.mul_bits(sa[ty, tt], sb[tt, tx], off))
+                if lmul:
+                    acc += bits.bits_to_f32(bits.lmul_bits(sa[ty, tt], sb[tt, tx], off))
+                else:
+                    acc += bits.bits_to_f32(bits.mul_bits(sa[ty, tt], sb[tt, tx], off))
             cuda.syncthreads()
         if i < n and j < m:
             out[p, i, j] = acc
@@ -260,7 +282,7 @@ _FAST_C_STRIDE = FAST_THREADS // FAST_BN             # reduction indices of C st
 assert FAST_THREADS % FAST_BK == 0 and FAST_THREADS % FAST_BN == 0
 assert FAST_BM * FAST_BK % FAST_THREADS == 0
 
-_FWD, _LEFT, _RIGHT = 0, 1, 2
+_FWD, _LEFT, _RIGHT, _LMUL = 0, 1, 2, 3   # _LMUL: the forward with L-Mul products
 # Masking of the fast kernels: none; zeros of grad only (the exact backward's additive
 # operand: its zeros are staged as 0 and the slope masked, so a product stays one add
 # cheaper); zeros of both factors (the whole product masked).
@@ -277,7 +299,7 @@ def _nonzero_mask(x):
 
 @register_jitable(forceinline=True)
 def _fast_stage(R, C, q0, red, add, rq, rr, roff, rok, cq, cc, coff, cok, sR, sC, smR, smC,
-                full, mask_r, mask_c, zero_r, zero_c):
+                full, mask_r, mask_c, zero_r, zero_c, sE, lmul, lc):
     """Copy R[row0:+BM, q0:+BK] (transposed, + ``add``) and C[q0:+BK, col0:+BN] to shared.
 
     Each thread stages fixed cells: R rows rr + u * _FAST_R_STRIDE at reduction index
@@ -286,7 +308,8 @@ def _fast_stage(R, C, q0, red, add, rq, rr, roff, rok, cq, cc, coff, cok, sR, sC
     With ``full`` the whole tile lies below ``red``. Cells outside the arrays hold anything:
     their rows and columns are never stored and their reduction indices never read.
     ``mask_r`` / ``mask_c``: also stage the operand's _nonzero_mask; ``zero_r`` /
-    ``zero_c``: stage its zeros and subnormals as 0.
+    ``zero_c``: stage its zeros and subnormals as 0. ``lmul``: also stage the L-Mul
+    carry constant Ma + lc - 2^23 of R in sE.
     """
     for u in range(_FAST_R_LOADS):
         v = np.int32(0)
@@ -295,6 +318,9 @@ def _fast_stage(R, C, q0, red, add, rq, rr, roff, rok, cq, cc, coff, cok, sR, sC
         if zero_r:
             v = v & _nonzero_mask(v)
         sR[rq, rr + u * _FAST_R_STRIDE] = np.int32(np.int64(v) + add)
+        if lmul:
+            sE[rq, rr + u * _FAST_R_STRIDE] = np.int32(
+                (np.int64(v) & bits.MANT_MASK) + lc - bits.TWO23)
         if mask_r:
             smR[rq, rr + u * _FAST_R_STRIDE] = _nonzero_mask(v)
     for u in range(_FAST_C_LOADS):
@@ -310,12 +336,17 @@ def _fast_stage(R, C, q0, red, add, rq, rr, roff, rok, cq, cc, coff, cok, sR, sC
 
 @register_jitable(forceinline=True)
 def _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked, mask_r,
-               mask_c):
+               mask_c, sE, rE, rM):
     """acc[r, c] += F(R[., qq], C[qq, .], Y[r, c]) for the thread's FAST_TM x FAST_TN outputs."""
     for r in range(FAST_TM):
         rR[r] = sR[qq, ty + r * FAST_TY]
     for c in range(FAST_TN):
         rC[c] = sC[qq, tx + c * FAST_TX]
+    if mode == _LMUL:
+        for r in range(FAST_TM):
+            rE[r] = sE[qq, ty + r * FAST_TY]
+        for c in range(FAST_TN):
+            rM[c] = rC[c] & bits.MANT_MASK
     if mask_r:
         for r in range(FAST_TM):
             mR[r] = smR[qq, ty + r * FAST_TY]
@@ -326,6 +357,12 @@ def _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, maske
         for c in range(FAST_TN):
             if mode == _FWD:
                 v = np.int64(rR[r]) + rC[c]
+            elif mode == _LMUL:
+                # PAM's add, then the carry correction of bits.lmul_bits: the mantissa
+                # t = max(Ma + Mb + c - 2^23, 0) becomes rne(t / 2).
+                t = max(np.int32(np.int64(rM[c]) + rE[r]), np.int32(0))
+                h = np.int32((t + ((t >> 1) & 1)) >> 1)
+                v = np.int64(np.int32(np.int64(rR[r]) + rC[c])) - np.int32(t - h)
             elif mode == _LEFT:
                 slope = (np.int64(Y[r, c]) + rC[c]) & _NOT_MANT
                 if masked == _MASK_GRAD:       # grad (R) staged as 0 where it is zero
@@ -342,7 +379,8 @@ def _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, maske
 
 
 def _make_fast_kernel(mode, masked):
-    """The fast-path kernel of one reduction (_FWD, _LEFT, _RIGHT) with masking ``masked``.
+    """The fast-path kernel of one reduction (_FWD, _LEFT, _RIGHT, _LMUL) with masking
+    ``masked`` (_LMUL: the forward with L-Mul products, ``off`` = c).
 
     Arguments: R (batch, rows, red), C (batch, red, cols), S (batch, rows, cols; the
     operand whose mantissa enters the slope, unused by the forward kernel), all flat int32;
@@ -353,13 +391,17 @@ def _make_fast_kernel(mode, masked):
     grad_c = masked == _MASK_GRAD and mode == _RIGHT    # C in the right one
     mask_r = masked == _MASK_BOTH or grad_r
     mask_c = masked == _MASK_BOTH or grad_c
+    lmul = mode == _LMUL
 
     def kernel(R, C, S, batch, rows, cols, red, off, out):
         sR = cuda.shared.array((FAST_BK, FAST_BM_PADDED), dtype=int32)
         sC = cuda.shared.array((FAST_BK, FAST_BN), dtype=int32)
         smR = cuda.shared.array((FAST_BK, FAST_BM_PADDED), dtype=int32)
         smC = cuda.shared.array((FAST_BK, FAST_BN), dtype=int32)
+        sE = cuda.shared.array((FAST_BK, FAST_BM_PADDED), dtype=int32)
         acc = cuda.local.array((FAST_TM, FAST_TN), dtype=float32)
+        rE = cuda.local.array(FAST_TM, dtype=int32)
+        rM = cuda.local.array(FAST_TN, dtype=int32)
         Y = cuda.local.array((FAST_TM, FAST_TN), dtype=int32)
         rR = cuda.local.array(FAST_TM, dtype=int32)
         rC = cuda.local.array(FAST_TN, dtype=int32)
@@ -379,7 +421,8 @@ def _make_fast_kernel(mode, masked):
         row0 = np.int32(cuda.blockIdx.y) * FAST_BM
         cok = col0 + cc < cols
         # The forward kernel folds the constant into R once per staged tile.
-        add = np.int32(np.int64(off) - bits.ONE) if mode == _FWD else np.int32(0)
+        add = np.int32(np.int64(off) - bits.ONE) if (mode == _FWD or mode == _LMUL) \
+            else np.int32(0)
         red_full = red - red % FAST_BK
         for p in range(cuda.blockIdx.z, batch, cuda.gridDim.z):
             rbase = np.int32(p * rows * red)
@@ -394,7 +437,7 @@ def _make_fast_kernel(mode, masked):
             for r in range(FAST_TM):
                 for c in range(FAST_TN):
                     acc[r, c] = np.float32(0.0)
-            if mode != _FWD:
+            if mode == _LEFT or mode == _RIGHT:
                 # Y = Mx + off - ONE: the mantissa of the output's own operand (0 for a
                 # zero or subnormal one: the one-sided limit of bits.mul_slope_bits).
                 for r in range(FAST_TM):
@@ -409,7 +452,7 @@ def _make_fast_kernel(mode, masked):
             step_c = np.int32(FAST_BK * cols)
             for _ in range(red_full // FAST_BK):
                 _fast_stage(R, C, 0, red, add, rq, rr, roff, rok, cq, cc, coff, cok,
-                            sR, sC, smR, smC, True, mask_r, mask_c, grad_r, grad_c)
+                            sR, sC, smR, smC, True, mask_r, mask_c, grad_r, grad_c, sE, lmul, off)
                 for u in range(_FAST_R_LOADS):
                     roff[u] = np.int32(roff[u] + FAST_BK)
                 for u in range(_FAST_C_LOADS):
@@ -418,29 +461,29 @@ def _make_fast_kernel(mode, masked):
                 # FAST_BK (8) steps written out: NVVM does not unroll a loop this large, and
                 # unrolled, every shared-memory address is a constant offset.
                 _fast_step(0, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 _fast_step(1, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 _fast_step(2, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 _fast_step(3, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 _fast_step(4, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 _fast_step(5, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 _fast_step(6, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 _fast_step(7, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode, masked,
-                           mask_r, mask_c)
+                           mask_r, mask_c, sE, rE, rM)
                 cuda.syncthreads()
             if red_full < red:
                 _fast_stage(R, C, red_full, red, add, rq, rr, roff, rok, cq, cc, coff, cok,
-                            sR, sC, smR, smC, False, mask_r, mask_c, grad_r, grad_c)
+                            sR, sC, smR, smC, False, mask_r, mask_c, grad_r, grad_c, sE, lmul, off)
                 cuda.syncthreads()
                 for qq in range(red - red_full):
                     _fast_step(qq, ty, tx, sR, sC, smR, smC, rR, rC, mR, mC, Y, acc, mode,
-                               masked, mask_r, mask_c)
+                               masked, mask_r, mask_c, sE, rE, rM)
                 cuda.syncthreads()
             for r in range(FAST_TM):
                 i = row0 + ty + r * FAST_TY
@@ -450,7 +493,8 @@ def _make_fast_kernel(mode, masked):
                         if j < cols:
                             out[np.uint32(obase + i * cols + j)] = acc[r, c]
 
-    kernel.__name__ = (["_matmul", "_matmul_exact_grad_left", "_matmul_exact_grad_right"][mode]
+    kernel.__name__ = (["_matmul", "_matmul_exact_grad_left", "_matmul_exact_grad_right",
+                        "_matmul_lmul"][mode]
                        + _MASK_SUFFIX[masked] + "_kernel")
     kernel.__qualname__ = kernel.__name__
     return kernel
@@ -500,14 +544,16 @@ KERNEL_FUNCTIONS = {
     "log2": _log2_kernel,
     "exp2_slope": _exp2_slope_kernel,
     "log2_slope": _log2_slope_kernel,
-    "matmul": _matmul_kernel,
+    "matmul": _make_matmul_kernel(False),
+    "matmul_lmul": _make_matmul_kernel(True),
     "matmul_exact_grad_left": _matmul_exact_grad_left_kernel,
     "matmul_exact_grad_right": _matmul_exact_grad_right_kernel,
     "range_stats": _range_stats_kernel,
 }
-for _mode, _name in enumerate(("matmul", "matmul_exact_grad_left", "matmul_exact_grad_right")):
+for _mode, _name in enumerate(("matmul", "matmul_exact_grad_left", "matmul_exact_grad_right",
+                               "matmul_lmul")):
     for _masked in (_MASK_NONE, _MASK_GRAD, _MASK_BOTH):
-        if not (_mode == _FWD and _masked == _MASK_GRAD):
+        if not (_mode in (_FWD, _LMUL) and _masked == _MASK_GRAD):
             KERNEL_FUNCTIONS[_name + _MASK_SUFFIX[_masked]] = _make_fast_kernel(_mode, _masked)
 
 
@@ -519,6 +565,7 @@ def _signatures():
             ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den")}
     sigs.update({name: (i1, i1) for name in ("exp2", "log2", "exp2_slope", "log2_slope")})
     sigs["matmul"] = (i3, i3, off, f3)
+    sigs["matmul_lmul"] = (i3, i3, off, f3)
     sigs["matmul_exact_grad_left"] = (i3, i3, i3, off, f3)
     sigs["matmul_exact_grad_right"] = (i3, i3, i3, off, f3)
     sigs["range_stats"] = (i1, i1)
@@ -533,7 +580,8 @@ def _signatures():
 # (cuda.compile_ptx(KERNEL_FUNCTIONS[name], SIGNATURES[name], cc=...)) by tools and tests.
 SIGNATURES = _signatures()
 # Kernel name -> threads per block it is launched with (ELEMENTWISE_THREADS if absent).
-THREADS_PER_BLOCK = {"matmul": TILE * TILE, "matmul_exact_grad_left": TILE * TILE,
+THREADS_PER_BLOCK = {"matmul": TILE * TILE, "matmul_lmul": TILE * TILE,
+                     "matmul_exact_grad_left": TILE * TILE,
                      "matmul_exact_grad_right": TILE * TILE, "range_stats": RANGE_STATS_THREADS}
 THREADS_PER_BLOCK.update({name: FAST_THREADS for name in KERNEL_FUNCTIONS if "_fast" in name})
 
@@ -656,6 +704,7 @@ def _unary(name, x, out):
 # operand whose range bounds the slope's exponent (None for the forward product)).
 _FAST_SPEC = {
     "matmul": (_FWD, 0, 1, 0, None),
+    "matmul_lmul": (_LMUL, 0, 1, 0, None),
     "matmul_exact_grad_left": (_LEFT, 2, 1, 0, 1),       # R = grad, C = bt, S = a
     "matmul_exact_grad_right": (_RIGHT, 0, 2, 1, 0),     # R = at, C = grad, S = b
 }
@@ -696,14 +745,15 @@ def _fast_path(name, flat, off, stream):
     stats = _range_stats(flat, stream)
     if any(s[0] for s in stats):
         return None
-    if mode == _FWD:
-        ok = cpu._mul_fast_ok(stats[ri][2], stats[ri][3], stats[ci][2], stats[ci][3], off)
+    if mode == _FWD or mode == _LMUL:
+        ok = cpu._fast_ok(stats[ri][2], stats[ri][3], stats[ci][2], stats[ci][3], off,
+                          mode == _LMUL)
     else:
         g = stats[2]
         ok = cpu._slope_fast_ok(g[2], g[3], stats[yi][2], stats[yi][3], off)
     if not ok:
         return None
-    if mode == _FWD:
+    if mode == _FWD or mode == _LMUL:
         zeros_grad, zeros_other = False, stats[ri][1] or stats[ci][1]
     else:   # the slope operand is C in the left gradient, R in the right one
         zeros_grad, zeros_other = stats[2][1], stats[ci if mode == _LEFT else ri][1]
@@ -1221,3 +1271,108 @@ def _added_signatures():
 
 
 SIGNATURES.update(_added_signatures())
+
+
+# ----------------------------------------------------------------- families and formats
+# L-Mul products (bits.lmul_bits, ``c`` in the ``off`` slot), the power-of-two part (the
+# exact L-Mul slope) and the rounding to operand formats (bits.quantize_bits).
+def _mul_lmul_kernel(a, b, c, out):
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.lmul_bits(a[i], b[i], c)
+
+
+def _mul_lmul_bs_kernel(a, s, c, out):
+    sb = s[0]
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        out[i] = bits.lmul_bits(a[i], sb, c)
+
+
+def _mul_lmul_as_kernel(s, b, c, out):
+    sa = s[0]
+    for i in range(cuda.grid(1), b.size, cuda.gridsize(1)):
+        out[i] = bits.lmul_bits(sa, b[i], c)
+
+
+def _pow2_part_kernel(x, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = bits.pow2_part_bits(x[i])
+
+
+def _quantize_kernel(x, fmt, flush, out):
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        out[i] = bits.quantize_bits(x[i], fmt, flush)
+
+
+def _check_lmul_constant(c):
+    if not 0 <= int(c) < bits.TWO23:
+        raise ValueError(f"L-Mul constant c must be in [0, 2^23) (see bits.lmul_constant), "
+                         f"got {c}")
+
+
+def mul_lmul(a, b, c, out):
+    """out = L-Mul(a, b; c) elementwise (bits.lmul_bits; c = bits.lmul_constant(m))."""
+    _check_lmul_constant(c)
+    return _binary("mul_lmul", a, b, c, out)
+
+
+def mul_lmul_bs(a, s, c, out):
+    """out[i] = mul_lmul(a[i], s[0]); ``s`` is a 1-element array."""
+    _check_lmul_constant(c)
+    return _scalar_operand("mul_lmul_bs", a, s, c, out, False)
+
+
+def mul_lmul_as(s, b, c, out):
+    """out[i] = mul_lmul(s[0], b[i]); ``s`` is a 1-element array."""
+    _check_lmul_constant(c)
+    return _scalar_operand("mul_lmul_as", b, s, c, out, True)
+
+
+def pow2_part(x, out):
+    """out = sign(x) 2^E(x) elementwise (bits.pow2_part_bits), the exact L-Mul slope."""
+    return _unary("pow2_part", x, out)
+
+
+def quantize(x, fmt, flush, out):
+    """out = x rounded to operand format ``fmt`` (bits.quantize_bits), flat int32 arrays."""
+    if isinstance(fmt, bool) or not 0 <= int(fmt) < bits.N_FORMATS:
+        raise ValueError(f"quantize: fmt must be a format code 0..4 (float32, bfloat16, "
+                         f"float16, e4m3, e5m2), got {fmt!r}")
+    _check_array(x, "x", 1, np.int32)
+    _check_array(out, "out", 1, np.int32)
+    if x.shape != out.shape:
+        raise ValueError(f"x and out must have one shape, got {tuple(x.shape)} and "
+                         f"{tuple(out.shape)}")
+    if out.shape[0] == 0:
+        return out
+    return _launch("quantize", _elementwise_grid(out.shape[0]), ELEMENTWISE_THREADS, (x,),
+                   (int(fmt), int(bool(flush))), out)
+
+
+def matmul_lmul(a, b, c, out):
+    """out[p, i, j] = sum_t L-Mul(a[p, i, t], b[p, t, j]; c), float32, t increasing (see
+    the CPU kernel): the range check, then the register-tiled fast kernel in its L-Mul mode
+    (PAM's add plus the carry correction) or the general kernel (bits.lmul_bits)."""
+    _check_lmul_constant(c)
+    if (a.ndim == b.ndim == out.ndim == 3
+            and not (a.shape[0] == b.shape[0] == out.shape[0] and a.shape[2] == b.shape[1]
+                     and out.shape[1] == a.shape[1] and out.shape[2] == b.shape[2])):
+        raise _shape_error("matmul_lmul expects a (P, n, k), b (P, k, m), out (P, n, m)",
+                           a=a.shape, b=b.shape, out=out.shape)
+    return _tiled("matmul_lmul", (a, b), ("a", "b"), c, out)
+
+
+KERNEL_FUNCTIONS.update({"mul_lmul": _mul_lmul_kernel, "mul_lmul_bs": _mul_lmul_bs_kernel,
+                         "mul_lmul_as": _mul_lmul_as_kernel, "pow2_part": _pow2_part_kernel,
+                         "quantize": _quantize_kernel})
+__all__ += ["mul_lmul", "mul_lmul_bs", "mul_lmul_as", "pow2_part", "quantize", "matmul_lmul"]
+
+
+def _family_signatures():
+    from numba import types as nt
+    i1, i64 = nt.int32[::1], nt.int64
+    return {"mul_lmul": (i1, i1, i64, i1), "mul_lmul_bs": (i1, i1, i64, i1),
+            "mul_lmul_as": (i1, i1, i64, i1), "pow2_part": (i1, i1),
+            "quantize": (i1, i64, i64, i1)}
+
+
+SIGNATURES.update(_family_signatures())

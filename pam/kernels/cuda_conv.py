@@ -12,6 +12,9 @@ is inf or NaN, exactly as on CPU.
 * ``conv_grad_input``: one thread per (n, ci, ih, iw), reducing over o, kh, kw (the taps
   whose output position exists).
 * ``conv_grad_weight``: one thread per (o, c, kh, kw), reducing over n, oh, ow.
+* ``conv_forward_lmul``, ``conv_grad_input_lmul``, ``conv_grad_weight_lmul``: the same
+  with L-Mul terms (bits.lmul_bits, the constant c in the ``off`` slot; approximate
+  backward only).
 
 Threads walk the flat output index with a grid-stride loop (``THREADS`` per block, at most
 ``MAX_BLOCKS`` blocks); no shared memory, no atomics. Arguments are either torch CUDA
@@ -20,18 +23,23 @@ to the device and back; what the tests use under ``NUMBA_ENABLE_CUDASIM=1``). Ke
 compiled on first use; importing this module needs neither a GPU nor numba-cuda.
 """
 import numpy as np
+from numba.extending import register_jitable
 
 from .. import bits
 from .cuda import _check_array, _is_torch_tensor, _require_numba_cuda, available, cuda
 
-__all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "available", "THREADS"]
+__all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "conv_forward_lmul",
+           "conv_grad_input_lmul", "conv_grad_weight_lmul", "available", "THREADS"]
 
 THREADS = 128
 MAX_BLOCKS = 8192
 
 
 # =========================================================================== kernels
-def _conv_forward_kernel(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
+# Each body serves the PAM kernel and, with ``lmul``, the L-Mul one (bits.lmul_bits, the
+# L-Mul constant c in the ``off`` slot; approximate backward only).
+@register_jitable(forceinline=True)
+def _conv_forward_body(x, w, sh, sw, ph, pw, dh, dw, groups, off, out, lmul):
     """out[n, o, oh, ow] = sum over c, kh, kw (increasing) of PAM(x, w[o, c, kh, kw])."""
     H = x.shape[2]
     W = x.shape[3]
@@ -60,11 +68,16 @@ def _conv_forward_kernel(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
                     xv = np.int32(0)
                     if ih >= 0 and ih < H and iw >= 0 and iw < W:
                         xv = x[n, ci0 + c, ih, iw]
-                    acc += bits.bits_to_f32(bits.mul_bits(xv, w[o, c, kh, kw], off))
+                    if lmul:
+                        p = bits.lmul_bits(xv, w[o, c, kh, kw], off)
+                    else:
+                        p = bits.mul_bits(xv, w[o, c, kh, kw], off)
+                    acc += bits.bits_to_f32(p)
         out[n, o, oh, ow] = acc
 
 
-def _conv_grad_input_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+@register_jitable(forceinline=True)
+def _conv_grad_input_body(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out, lmul):
     """out[n, ci, ih, iw] = sum over o, kh, kw (increasing) of PAM(grad, slope(x, w) or w)."""
     C = x.shape[1]
     H = x.shape[2]
@@ -100,7 +113,9 @@ def _conv_grad_input_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, o
                         continue
                     g = grad[n, o, oh, tw // sw]
                     wv = w[o, c, kh, kw]
-                    if exact:
+                    if lmul:
+                        p = bits.lmul_bits(g, wv, off)
+                    elif exact:
                         p = bits.mul_bits(g, bits.mul_slope_bits(xv, wv, off), 0)
                     else:
                         p = bits.mul_bits(g, wv, off)
@@ -108,7 +123,8 @@ def _conv_grad_input_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, o
         out[n, ci, ih, iw] = acc
 
 
-def _conv_grad_weight_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+@register_jitable(forceinline=True)
+def _conv_grad_weight_body(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out, lmul):
     """out[o, c, kh, kw] = sum over n, oh, ow (increasing) of PAM(grad, slope(w, x) or x)."""
     N = x.shape[0]
     H = x.shape[2]
@@ -140,7 +156,9 @@ def _conv_grad_weight_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, 
                     if ih >= 0 and ih < H and iw >= 0 and iw < W:
                         xv = x[n, ci, ih, iw]
                     g = grad[n, o, oh, ow]
-                    if exact:
+                    if lmul:
+                        p = bits.lmul_bits(g, xv, off)
+                    elif exact:
                         p = bits.mul_bits(g, bits.mul_slope_bits(wv, xv, off), 0)
                     else:
                         p = bits.mul_bits(g, xv, off)
@@ -148,11 +166,38 @@ def _conv_grad_weight_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, 
         out[o, c, kh, kw] = acc
 
 
+def _conv_forward_kernel(x, w, sh, sw, ph, pw, dh, dw, groups, off, out):
+    _conv_forward_body(x, w, sh, sw, ph, pw, dh, dw, groups, off, out, False)
+
+
+def _conv_forward_lmul_kernel(x, w, sh, sw, ph, pw, dh, dw, groups, c, out):
+    _conv_forward_body(x, w, sh, sw, ph, pw, dh, dw, groups, c, out, True)
+
+
+def _conv_grad_input_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+    _conv_grad_input_body(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out, False)
+
+
+def _conv_grad_input_lmul_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, c, out):
+    _conv_grad_input_body(x, w, grad, sh, sw, ph, pw, dh, dw, groups, False, c, out, True)
+
+
+def _conv_grad_weight_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out):
+    _conv_grad_weight_body(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out, False)
+
+
+def _conv_grad_weight_lmul_kernel(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, c, out):
+    _conv_grad_weight_body(x, w, grad, sh, sw, ph, pw, dh, dw, groups, False, c, out, True)
+
+
 # Kernel name -> plain Python kernel function (what cuda.jit and cuda.compile_ptx take).
 KERNEL_FUNCTIONS = {
     "conv_forward": _conv_forward_kernel,
     "conv_grad_input": _conv_grad_input_kernel,
     "conv_grad_weight": _conv_grad_weight_kernel,
+    "conv_forward_lmul": _conv_forward_lmul_kernel,
+    "conv_grad_input_lmul": _conv_grad_input_lmul_kernel,
+    "conv_grad_weight_lmul": _conv_grad_weight_lmul_kernel,
 }
 
 _compiled_cache = {}
@@ -229,3 +274,33 @@ def conv_grad_weight(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, off, out
     """Gradient w.r.t. w, exact or approximate; out: (O, C // groups, KH, KW) float32."""
     return _launch("conv_grad_weight", (x, w, grad),
                    (*_geometry(sh, sw, ph, pw, dh, dw, groups), bool(exact), int(off)), out)
+
+
+def _lmul_checks(name, c, exact=False):
+    if exact:
+        raise ValueError(f"{name}: only the approximate backward (exact=False); the exact "
+                         f"L-Mul slope is pow2_part of the other operand")
+    if not 0 <= int(c) < bits.TWO23:
+        raise ValueError(f"L-Mul constant c must be in [0, 2^23) (see bits.lmul_constant), "
+                         f"got {c}")
+
+
+def conv_forward_lmul(x, w, sh, sw, ph, pw, dh, dw, groups, c, out):
+    """``conv_forward`` with L-Mul products (bits.lmul_bits, c = bits.lmul_constant(m))."""
+    _lmul_checks("conv_forward_lmul", c)
+    return _launch("conv_forward_lmul", (x, w),
+                   (*_geometry(sh, sw, ph, pw, dh, dw, groups), int(c)), out)
+
+
+def conv_grad_input_lmul(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, c, out):
+    """Approximate gradient w.r.t. x with L-Mul(grad, w; c) terms (``exact`` must be False)."""
+    _lmul_checks("conv_grad_input_lmul", c, exact)
+    return _launch("conv_grad_input_lmul", (x, w, grad),
+                   (*_geometry(sh, sw, ph, pw, dh, dw, groups), False, int(c)), out)
+
+
+def conv_grad_weight_lmul(x, w, grad, sh, sw, ph, pw, dh, dw, groups, exact, c, out):
+    """Approximate gradient w.r.t. w with L-Mul(grad, x; c) terms (``exact`` must be False)."""
+    _lmul_checks("conv_grad_weight_lmul", c, exact)
+    return _launch("conv_grad_weight_lmul", (x, w, grad),
+                   (*_geometry(sh, sw, ph, pw, dh, dw, groups), False, int(c)), out)
