@@ -14,7 +14,10 @@ operands=...)`` context around an unmodified model.
    patterns plus L-Mul's constant computes) against the paper's formula: the share of
    products where they differ and the largest gap.
 2. Training. Two small models trained with ``torch.optim.AdamW`` for ``--steps`` steps,
-   the whole step (forward, backward, optimizer) inside the context, approximate backward:
+   approximate backward, in two settings: ``inside`` -- the whole step (forward,
+   backward, optimizer) inside the context, as a multiplication-free run does; ``outside``
+   -- forward and backward inside, the optimizer step in float32 outside it (the model's
+   arithmetic alone). For ``float`` the two settings are the same run.
    * ``digits_cnn``: a 2-layer CNN + linear head on the bundled sklearn digits (8x8);
    * ``text_lm``: a 1-block GPT-style byte LM (F.scaled_dot_product_attention, LayerNorm,
      GELU) on the bundled text (pydoc topics), context 32.
@@ -186,7 +189,7 @@ def _text_task(seed):
 TASKS = {"digits_cnn": _digits_task, "text_lm": _text_task}
 
 
-def train(model_name, family, fmt, seed, steps, batch):
+def train(model_name, family, fmt, seed, steps, batch, optimizer="inside"):
     torch.manual_seed(seed)
     model, make, loss_fn, held = TASKS[model_name](seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -198,6 +201,9 @@ def train(model_name, family, fmt, seed, steps, batch):
         with ctx:
             loss = loss_fn(model(x), y)
             loss.backward()
+            if optimizer == "inside":
+                opt.step()
+        if optimizer == "outside":
             opt.step()
         opt.zero_grad()
         curve.append(loss.item())
@@ -205,29 +211,36 @@ def train(model_name, family, fmt, seed, steps, batch):
     with torch.no_grad(), ctx:
         hl = loss_fn(model(held[0]), held[1]).item()
     return {"model": model_name, "family": family, "operands": fmt, "seed": seed,
-            "steps": steps, "train_loss_final": statistics.fmean(curve[-10:]),
+            "optimizer": optimizer, "steps": steps, "train_loss_final": statistics.fmean(curve[-10:]),
             "heldout_loss": hl, "wall_s": wall, "curve": curve[::5]}
+
+
+def _settings(runs):
+    return [o for o in ("inside", "outside") if any(r["optimizer"] == o for r in runs)]
+
+
+def _matching(runs, model, fam, fmt, opt):
+    """Runs of one cell; the float family's runs serve both optimizer settings."""
+    return [r for r in runs if (r["model"], r["family"], r["operands"]) == (model, fam, fmt)
+            and (r["optimizer"] == opt or fam == "float")]
 
 
 def summarize(runs):
     rows = []
-    for model in MODELS:
-        for fmt in FORMATS:
-            for fam in FAMILIES:
-                rs = [r for r in runs if (r["model"], r["family"], r["operands"]) ==
-                      (model, fam, fmt)]
-                if not rs:
-                    continue
-                v = [r["heldout_loss"] for r in rs]
-                t = [r["train_loss_final"] for r in rs]
-                finite = all(np.isfinite(v))
-                rows.append({"model": model, "family": fam, "operands": fmt,
-                             "seeds": len(rs),
-                             "heldout_loss": [statistics.fmean(v),
-                                              statistics.stdev(v) if len(v) > 1 and finite
-                                              else 0.0],
-                             "train_loss_final": statistics.fmean(t),
-                             "wall_s": statistics.fmean(r["wall_s"] for r in rs)})
+    for model, opt, fmt, fam in ((m, o, f, a) for m in MODELS for o in _settings(runs)
+                                 for f in FORMATS for a in FAMILIES):
+        rs = _matching(runs, model, fam, fmt, opt)
+        if not rs:
+            continue
+        v = [r["heldout_loss"] for r in rs]
+        t = [r["train_loss_final"] for r in rs]
+        finite = all(np.isfinite(v))
+        rows.append({"model": model, "family": fam, "operands": fmt, "optimizer": opt,
+                     "seeds": len(rs),
+                     "heldout_loss": [statistics.fmean(v),
+                                      statistics.stdev(v) if len(v) > 1 and finite else 0.0],
+                     "train_loss_final": statistics.fmean(t),
+                     "wall_s": statistics.fmean(r["wall_s"] for r in rs)})
     return rows
 
 
@@ -257,11 +270,12 @@ def adder_table(rows):
 
 def training_table(rows):
     out = []
-    for model in MODELS:
-        mrows = [r for r in rows if r["model"] == model]
+    for model, opt in ((m, o) for m in MODELS for o in ("inside", "outside")):
+        mrows = [r for r in rows if r["model"] == model and r["optimizer"] == opt]
         if not mrows:
             continue
-        out.append(f"\n{model}: held-out loss, mean +- std over seeds\n")
+        out.append(f"\n{model}, optimizer {opt} the context: held-out loss, mean +- std "
+                   f"over seeds\n")
         out.append("| operands | " + " | ".join(FAMILIES) + " |")
         out.append("|---|" + "---|" * len(FAMILIES))
         for fmt in FORMATS:
@@ -291,14 +305,15 @@ def plot(errors, rows, path):
     ax.legend(fontsize=8)
     for ax, model in zip(axes[1:], MODELS):
         for i, fam in enumerate(FAMILIES):
-            rs = [r for r in rows if r["model"] == model and r["family"] == fam]
+            rs = [r for r in rows if r["model"] == model and r["family"] == fam
+                  and r["optimizer"] == "inside"]
             if not rs:
                 continue
             x = np.arange(len(rs)) + (i - 1.5) * width
             ax.bar(x, [min(r["heldout_loss"][0], 10.0) for r in rs], width,
                    yerr=[r["heldout_loss"][1] for r in rs], label=fam)
         ax.set_xticks(range(len(FORMATS)), FORMATS)
-        ax.set_title(f"{model}: held-out loss (capped at 10)")
+        ax.set_title(f"{model}: held-out loss, optimizer inside (capped at 10)", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -308,9 +323,10 @@ def plot(errors, rows, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="operand pairs for the errors")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--optimizer", choices=("inside", "outside", "both"), default="both")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--quick", action="store_true", help="10k pairs, 3 steps, 1 seed")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -323,21 +339,23 @@ def main(argv=None):
     print(error_table(errors))
     print()
     print(adder_table(adder))
+    settings = ("inside", "outside") if a.optimizer == "both" else (a.optimizer,)
     runs = []
     for model in a.models:
         for seed in range(a.seeds):
             for fmt in FORMATS:
                 for fam in FAMILIES:
-                    r = train(model, fam, fmt, seed, a.steps, a.batch)
-                    print(f"{model:10s} {fam:10s} {fmt:8s} seed {seed}: held-out "
-                          f"{r['heldout_loss']:.3f}, train {r['train_loss_final']:.3f}, "
-                          f"{r['wall_s']:.1f} s", flush=True)
-                    runs.append(r)
+                    for opt in settings if fam != "float" else settings[:1]:
+                        r = train(model, fam, fmt, seed, a.steps, a.batch, opt)
+                        print(f"{model:10s} {fam:10s} {fmt:8s} opt {opt:7s} seed {seed}: "
+                              f"held-out {r['heldout_loss']:.3f}, train "
+                              f"{r['train_loss_final']:.3f}, {r['wall_s']:.1f} s", flush=True)
+                        runs.append(r)
     rows = summarize(runs)
     print(training_table(rows))
     os.makedirs(a.out, exist_ok=True)
     result = {"n": a.n, "exp_range": EXP_RANGE, "steps": a.steps, "seeds": a.seeds,
-              "batch": a.batch, "errors": errors, "lmul_integer_adder": adder,
+              "batch": a.batch, "optimizer": list(settings), "errors": errors, "lmul_integer_adder": adder,
               "training": rows, "runs": runs}
     with open(os.path.join(a.out, "families.json"), "w") as f:
         json.dump(result, f, indent=1)
