@@ -16,7 +16,8 @@ if "torch" not in _sys.modules:
 from .ops import (BACKWARD_MODES, div, exp, exp2, linear, log, log2, matmul, mul, pow,
                   sqrt)
 from .conv import conv1d, conv2d
-from . import audit, functional, fused, nn, optim
+from . import audit, families, functional, fused, nn, optim
+from .families import FAMILIES, FORMATS
 from .mode import arithmetic, UnsupportedOpError
 from .nn.convert import convert
 
@@ -24,4 +25,4 @@ __version__ = "0.1.0"
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
            "conv1d", "conv2d",
            "BACKWARD_MODES", "arithmetic", "UnsupportedOpError", "nn", "functional", "fused",
-           "optim", "audit", "convert"]
+           "optim", "audit", "convert", "families", "FAMILIES", "FORMATS"]

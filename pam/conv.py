@@ -23,8 +23,9 @@ callers that dispatch below autograd.
 import torch
 
 from . import dispatch as D
+from . import families as FAM
 from . import library as L
-from .ops import _check_mode
+from .ops import _check_mode, _multiplier
 
 __all__ = ["conv1d", "conv2d", "conv_forward", "conv_backward"]
 
@@ -52,8 +53,9 @@ def _output_size(size, lo, hi, dilation, kernel, stride):
     return (size + lo + hi - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
-    """(N, C, H, W) x (O, C/groups, KH, KW) PAM convolution, float32, no bias/autograd."""
+def _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind="pam"):
+    """(N, C, H, W) x (O, C/groups, KH, KW) convolution with ``kind`` ("pam" or "lmul")
+    products, float32, no bias/autograd."""
     N, _, H, W = x4.shape
     O, _, KH, KW = w4.shape
     sizes = [_output_size(s, lo, hi, d, k, st) for s, lo, hi, d, k, st in
@@ -63,13 +65,20 @@ def _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off):
         raise ValueError(f"convolution output would be empty: input spatial size "
                          f"{(H, W)} with padding {pad_lo}/{pad_hi} is smaller than the "
                          f"dilated kernel {extent}")
-    return L.conv_forward(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
+    return L.conv_forward(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind)
 
 
 def _backward_bits(grad4, x4, w4, stride, pad_lo, dilation, groups, off, exact,
-                   need_input, need_weight):
-    """(grad_input, grad_weight) of ``_forward_bits`` (None where not needed)."""
-    geometry = (stride, pad_lo, dilation, groups, bool(exact), off)
+                   need_input, need_weight, kind="pam"):
+    """(grad_input, grad_weight) of ``_forward_bits`` (None where not needed).
+
+    L-Mul's exact derivative d/dx lmul(x, w) = sign(w) 2^E(w) does not depend on x: its
+    exact backward is the approximate PAM backward with the power-of-two parts of the
+    operands (PAM by a power of two is exact)."""
+    if kind == "lmul" and exact:
+        x4, w4 = L.unary_map("pow2_part", x4), L.unary_map("pow2_part", w4)
+        off, exact, kind = 0, False, "pam"
+    geometry = (stride, pad_lo, dilation, groups, bool(exact), off, kind)
     gx = L.conv_grad_input(grad4, x4, w4, *geometry) if need_input else None
     gw = L.conv_grad_weight(grad4, x4, w4, *geometry) if need_weight else None
     return gx, gw
@@ -109,23 +118,24 @@ def _check_groups(x4, w4, groups):
                          f"{Cg} x groups ({groups}) = {Cg * groups}")
 
 
-def conv_forward(x, w, bias, stride, padding, dilation, groups, off):
+def conv_forward(x, w, bias, stride, padding, dilation, groups, off, kind="pam"):
     """PAM convolution of plain float32 tensors, no autograd (``aten.convolution`` style).
 
     x: (N, C, L) or (N, C, H, W); w: (O, C // groups, K) or (O, C // groups, KH, KW);
     bias: (O,) or None; stride, padding (symmetric), dilation: ints or int tuples of one
     entry per spatial dimension; ``off``: the PAM offset constant
-    (:func:`pam.dispatch.offset_constant`). Returns (N, O, OL) or (N, O, OH, OW).
+    (:func:`pam.dispatch.offset_constant`, or L-Mul's constant for ``kind="lmul"``).
+    Returns (N, O, OL) or (N, O, OH, OW).
     """
     x4, w4, stride, padding, dilation = _raw_geometry(x, w, stride, padding, dilation)
     _check_groups(x4, w4, groups)
-    out = _add_bias(_forward_bits(x4, w4, stride, padding, padding, dilation, groups, off),
-                    bias)
+    out = _add_bias(_forward_bits(x4, w4, stride, padding, padding, dilation, groups, off,
+                                  kind), bias)
     return out.squeeze(2) if x.dim() == 3 else out
 
 
 def conv_backward(grad, x, w, stride, padding, dilation, groups, off, exact,
-                  output_mask=(True, True, True)):
+                  output_mask=(True, True, True), kind="pam"):
     """(grad_input, grad_weight, grad_bias) of ``conv_forward``, no autograd.
 
     ``exact``: True for the exact derivative of the PAM products, False for the approximate
@@ -136,7 +146,7 @@ def conv_backward(grad, x, w, stride, padding, dilation, groups, off, exact,
     _check_groups(x4, w4, groups)
     grad4 = grad.unsqueeze(2) if x.dim() == 3 else grad
     gx, gw = _backward_bits(grad4, x4, w4, stride, padding, dilation, groups, off, exact,
-                            output_mask[0], output_mask[1])
+                            output_mask[0], output_mask[1], kind)
     if x.dim() == 3:
         gx = gx.squeeze(2) if gx is not None else None
         gw = gw.squeeze(2) if gw is not None else None
@@ -149,11 +159,11 @@ class _Conv(torch.autograd.Function):
     """PAM conv of 4-D operands; geometry = (stride, pad_lo, pad_hi, dilation, groups)."""
 
     @staticmethod
-    def forward(ctx, x4, w4, bias, geometry, off, exact):
+    def forward(ctx, x4, w4, bias, geometry, off, exact, kind):
         stride, pad_lo, pad_hi, dilation, groups = geometry
         ctx.save_for_backward(x4, w4)
-        ctx.geometry, ctx.off, ctx.exact = geometry, off, exact
-        out = _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off)
+        ctx.geometry, ctx.off, ctx.exact, ctx.kind = geometry, off, exact, kind
+        out = _forward_bits(x4, w4, stride, pad_lo, pad_hi, dilation, groups, off, kind)
         return _add_bias(out, bias)
 
     @staticmethod
@@ -161,12 +171,14 @@ class _Conv(torch.autograd.Function):
         x4, w4 = ctx.saved_tensors
         stride, pad_lo, _, dilation, groups = ctx.geometry
         gx, gw = _backward_bits(grad, x4, w4, stride, pad_lo, dilation, groups, ctx.off,
-                                ctx.exact, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                                ctx.exact, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                ctx.kind)
         gbias = grad.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
-        return gx, gw, gbias, None, None, None
+        return gx, gw, gbias, None, None, None, None
 
 
-def _conv(input, weight, bias, stride, padding, dilation, groups, offset, backward, dims):
+def _conv(input, weight, bias, stride, padding, dilation, groups, offset, backward, dims,
+          family="pam", operands="float32"):
     name = f"conv{dims}d"
     input = D.check_float32(input, "input")
     weight = D.check_float32(weight, "weight")
@@ -177,8 +189,12 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, offset, backwa
     if weight.dim() != dims + 2:
         raise ValueError(f"{name} expects a {dims + 2}-D weight (out_channels, "
                          f"in_channels/groups, kernel...), got shape {tuple(weight.shape)}")
-    off = D.offset_constant(offset)
+    mult = _multiplier(family, operands, offset)
     exact = _check_mode(backward) == "exact"
+    input, weight = FAM.round_operand(input, mult), FAM.round_operand(weight, mult)
+    if mult.kind == "float":
+        torch_conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv1d
+        return torch_conv(input, weight, bias, stride, padding, dilation, groups)
     stride = _pair(stride, "stride", dims, 1)
     dilation = _pair(dilation, "dilation", dims, 1)
     kernel = tuple(weight.shape[2:])
@@ -211,27 +227,30 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, offset, backwa
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got "
                              f"{tuple(bias.shape)}")
-    out = _Conv.apply(x, w, bias, (stride, pad_lo, pad_hi, dilation, groups), off, exact)
+    out = _Conv.apply(x, w, bias, (stride, pad_lo, pad_hi, dilation, groups), mult.off, exact,
+                      mult.kind)
     if dims == 1:
         out = out.squeeze(2)
     return out if batched else out.squeeze(0)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-           offset=None, backward="exact"):
+           offset=None, backward="exact", family="pam", operands="float32"):
     """``torch.nn.functional.conv2d`` with PAM products (see the module docstring).
 
     input: (N, C, H, W) or (C, H, W); weight: (O, C // groups, KH, KW); bias: (O,) or None.
     padding: int, pair, ``"valid"`` (no padding) or ``"same"`` (output size = input size,
     stride 1 only; an odd total padding puts the extra zero after the input, as torch).
     """
-    return _conv(input, weight, bias, stride, padding, dilation, groups, offset, backward, 2)
+    return _conv(input, weight, bias, stride, padding, dilation, groups, offset, backward, 2,
+                 family, operands)
 
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-           offset=None, backward="exact"):
+           offset=None, backward="exact", family="pam", operands="float32"):
     """``torch.nn.functional.conv1d`` with PAM products: conv2d with H = 1.
 
     input: (N, C, L) or (C, L); weight: (O, C // groups, K); bias: (O,) or None.
     """
-    return _conv(input, weight, bias, stride, padding, dilation, groups, offset, backward, 1)
+    return _conv(input, weight, bias, stride, padding, dilation, groups, offset, backward, 1,
+                 family, operands)

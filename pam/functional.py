@@ -104,22 +104,26 @@ def _check_tensor(x, name):
 
 
 # ----------------------------------------------------------------------------- linear
-def linear(input, weight, bias=None, offset=None, backward="exact"):
+def linear(input, weight, bias=None, offset=None, backward="exact", family="pam",
+           operands="float32"):
     """y = input W^T + bias with a PAM matmul (see :func:`pam.linear`)."""
-    return P.linear(input, weight, bias, offset=offset, backward=backward)
+    return P.linear(input, weight, bias, offset=offset, backward=backward, family=family,
+                    operands=operands)
 
 
-def matmul(input, other, offset=None, backward="exact"):
+def matmul(input, other, offset=None, backward="exact", family="pam", operands="float32"):
     """PAM matrix product with ``torch.matmul`` semantics (see :func:`pam.matmul`)."""
-    return P.matmul(input, other, offset=offset, backward=backward)
+    return P.matmul(input, other, offset=offset, backward=backward, family=family,
+                    operands=operands)
 
 
-def bmm(input, mat2, offset=None, backward="exact"):
+def bmm(input, mat2, offset=None, backward="exact", family="pam", operands="float32"):
     """Batched PAM product of (b, n, k) and (b, k, m) tensors, like ``torch.bmm``."""
     if input.dim() != 3 or mat2.dim() != 3 or input.shape[0] != mat2.shape[0]:
         raise ValueError(f"bmm expects (b, n, k) and (b, k, m) tensors with equal b, got "
                          f"{tuple(input.shape)} and {tuple(mat2.shape)}")
-    return P.matmul(input, mat2, offset=offset, backward=backward)
+    return P.matmul(input, mat2, offset=offset, backward=backward, family=family,
+                    operands=operands)
 
 
 def mean(input, dim=None, keepdim=False, backward="exact"):
@@ -440,22 +444,23 @@ def attention_scale(head_dim):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, offset=None,
-                                 backward="exact"):
+                                 backward="exact", family="pam"):
     """PA attention, with ``torch.nn.functional.scaled_dot_product_attention`` semantics.
 
     softmax(PAM(q, scale) k^T + mask) v with PAM matmuls and the PA softmax. ``attn_mask``:
     bool (True = may attend) or float (added), broadcastable to (..., L, S); ``is_causal``
     adds the lower-triangular mask. ``scale`` defaults to PAD(1, pa_sqrt(E)). Rows with
     every key masked output 0 with zero gradient (as torch's math path). ``dropout_p``
-    drops attention weights (always applied when > 0, as torch).
+    drops attention weights (always applied when > 0, as torch). ``family``: the products
+    of the two matmuls ("pam" or "lmul"; the softmax is PAM's in every family).
     """
     out, _ = _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset,
-                        backward, False)
+                        backward, False, family)
     return out
 
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset, backward,
-               need_weights):
+               need_weights, family="pam"):
     """SDPA returning (output, attention weights after dropout or None)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(t, name)
@@ -466,7 +471,8 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset
                          f"{key.shape[-1]}")
     sc = attention_scale(E) if scale is None else float(scale)
     q = P.mul(query, sc, backward=backward)
-    scores = P.matmul(q, key.transpose(-2, -1), offset=offset, backward=backward)
+    scores = P.matmul(q, key.transpose(-2, -1), offset=offset, backward=backward,
+                      family=family)
     ninf = torch.full((), float("-inf"), dtype=torch.float32, device=query.device)
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
@@ -479,7 +485,7 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset
     attn = _softmax(scores, -1, offset, backward, safe=True)
     if dropout_p > 0.0:
         attn = dropout(attn, dropout_p, training=True, backward=backward)
-    out = P.matmul(attn, value, offset=offset, backward=backward)
+    out = P.matmul(attn, value, offset=offset, backward=backward, family=family)
     return out, (attn if need_weights else None)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import dispatch as D
+from . import families as FAM
 from . import library as L
 
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
@@ -65,12 +66,22 @@ def _scalar(value, like):
 
 
 # --------------------------------------------------------------------------- mul / div
+_MUL_KERNEL = {"pam": "mul", "lmul": "mul_lmul"}
+
+
+def _slope(kind, x, y, off):
+    """Exact derivative of the ``kind`` product with respect to ``x`` (a power of two)."""
+    if kind == "lmul":
+        return L.unary_map("pow2_part", y)        # sign(y) 2^E(y), whatever x
+    return L.binary_map("mul_slope", x, y, off)
+
+
 class _Mul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, off, mode):
+    def forward(ctx, a, b, off, mode, kind):
         ctx.save_for_backward(a, b)
-        ctx.off, ctx.mode = off, mode
-        return _pam(a, b, off)
+        ctx.off, ctx.mode, ctx.kind = off, mode, kind
+        return L.binary_map(_MUL_KERNEL[kind], a, b, off)
 
     @staticmethod
     @_first_order
@@ -80,19 +91,20 @@ class _Mul(torch.autograd.Function):
         ga = gb = None
         if ctx.mode == "exact":
             if ctx.needs_input_grad[0]:
-                ga = _pam(grad, L.binary_map("mul_slope", a, b, ctx.off))
+                ga = _pam(grad, _slope(ctx.kind, a, b, ctx.off))
             if ctx.needs_input_grad[1]:
-                gb = _pam(grad, L.binary_map("mul_slope", b, a, ctx.off))
+                gb = _pam(grad, _slope(ctx.kind, b, a, ctx.off))
         else:
+            name = _MUL_KERNEL[ctx.kind]
             if ctx.needs_input_grad[0]:
-                ga = _pam(grad, b, ctx.off)
+                ga = L.binary_map(name, grad, b, ctx.off)
             if ctx.needs_input_grad[1]:
-                gb = _pam(grad, a, ctx.off)
+                gb = L.binary_map(name, grad, a, ctx.off)
         if ga is not None:
             ga = _reduce_to(ga, a.shape)
         if gb is not None:
             gb = _reduce_to(gb, b.shape)
-        return ga, gb, None, None
+        return ga, gb, None, None, None
 
 
 class _Div(torch.autograd.Function):
@@ -150,26 +162,60 @@ def _binary_args(a, b):
     return a, b
 
 
-def mul(a, b, offset=None, backward="exact"):
-    """PAM product of ``a`` and ``b`` (broadcasting like ``torch.mul``).
+def _refuse_float_in_mode(m):
+    """``family="float"`` computes with torch ops; inside a PAM ``pam.arithmetic`` block the
+    mode would recompute them with PAM, so refuse rather than silently change the family."""
+    if m.kind != "float":
+        return
+    from .mode.context import active
+    ctx = active()
+    if ctx is not None and ctx.cfg.multiplier.kind != "float":
+        raise ValueError(f"family='float' inside pam.arithmetic(family="
+                         f"{ctx.cfg.multiplier.family!r}) would run in that family: leave the "
+                         f"block or use pam.arithmetic(family='float')")
 
-    bits(|c|) = bits(|a|) + bits(|b|) - bits(1.0) (+ the offset's constant); exact when an
-    operand is a power of two, otherwise 0 to 11.1 % below the true product in magnitude.
+
+def _multiplier(family, operands, offset):
+    m = FAM.resolve(family, operands, offset)
+    _refuse_float_in_mode(m)
+    return m
+
+
+def mul(a, b, offset=None, backward="exact", family="pam", operands="float32"):
+    """Product of ``a`` and ``b`` in ``family`` arithmetic (broadcasting like ``torch.mul``).
+
+    PAM: bits(|c|) = bits(|a|) + bits(|b|) - bits(1.0) (+ the offset's constant); exact when
+    an operand is a power of two, otherwise 0 to 11.1 % below the true product in magnitude.
     Zero and subnormal inputs count as zero; underflow flushes to a signed zero, overflow
     saturates to a signed infinity; 0 * inf is NaN. ``b`` may be a Python number.
+    ``family`` ("pam", "pam_offset", "lmul", "float") and ``operands`` (the format both
+    operands are rounded to first): see :mod:`pam.families`.
     """
     a, b = _binary_args(a, b)
-    return _Mul.apply(a, b, D.offset_constant(offset), _check_mode(backward))
+    m = _multiplier(family, operands, offset)
+    mode = _check_mode(backward)
+    a, b = FAM.round_operand(a, m), FAM.round_operand(b, m)
+    if m.kind == "float":
+        return torch.mul(a, b)
+    return _Mul.apply(a, b, m.off, mode, m.kind)
 
 
-def div(a, b, offset=None, backward="exact"):
-    """PAD quotient a / b: bits(|c|) = bits(|a|) - bits(|b|) + bits(1.0) (- offset).
+def div(a, b, offset=None, backward="exact", family="pam", operands="float32"):
+    """Quotient a / b; PAD for the PAM families and L-Mul (which defines no division of its
+    own: PAD without offset), torch's float division for ``family="float"``.
 
-    Exact when ``b`` is a power of two, otherwise 0 to 12.5 % above the true quotient in
-    magnitude. 0/0 and inf/inf are NaN; x/0 is a signed infinity; x/inf is a signed zero.
+    PAD: bits(|c|) = bits(|a|) - bits(|b|) + bits(1.0) (- offset); exact when ``b`` is a
+    power of two, otherwise 0 to 12.5 % above the true quotient in magnitude. 0/0 and
+    inf/inf are NaN; x/0 is a signed infinity; x/inf is a signed zero. ``operands``: the
+    format both operands are rounded to first (:mod:`pam.families`).
     """
     a, b = _binary_args(a, b)
-    return _Div.apply(a, b, D.offset_constant(offset), _check_mode(backward))
+    m = _multiplier(family, operands, offset)
+    mode = _check_mode(backward)
+    a, b = FAM.round_operand(a, m), FAM.round_operand(b, m)
+    if m.kind == "float":
+        return torch.div(a, b)
+    return _Div.apply(a, b, m.off if m.kind == "pam" else 0, mode)
 
 
 # --------------------------------------------------------------------------- exp2 / log2
@@ -293,13 +339,14 @@ def _transpose(x):
 
 
 class _Matmul(torch.autograd.Function):
-    """PAM matmul of 3-D operands with equal batch size (broadcasting is done outside)."""
+    """Matmul of 3-D operands with equal batch size (broadcasting is done outside), with
+    ``kind`` "pam" or "lmul" products."""
 
     @staticmethod
-    def forward(ctx, a3, b3, off, mode):
+    def forward(ctx, a3, b3, off, mode, kind):
         ctx.save_for_backward(a3, b3)
-        ctx.off, ctx.mode = off, mode
-        return L.matmul3(a3, b3, off)
+        ctx.off, ctx.mode, ctx.kind = off, mode, kind
+        return L.matmul3(a3, b3, off, kind)
 
     @staticmethod
     @_first_order
@@ -308,28 +355,39 @@ class _Matmul(torch.autograd.Function):
         a3, b3 = ctx.saved_tensors
         grad = grad.contiguous()
         ga = gb = None
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.mode == "approx":
-            if ctx.needs_input_grad[0]:
-                ga = L.matmul3(grad, _transpose(b3), ctx.off)
-            if ctx.needs_input_grad[1]:
-                gb = L.matmul3(_transpose(a3), grad, ctx.off)
-            return ga, gb, None, None
+            if need_a:
+                ga = L.matmul3(grad, _transpose(b3), ctx.off, ctx.kind)
+            if need_b:
+                gb = L.matmul3(_transpose(a3), grad, ctx.off, ctx.kind)
+            return ga, gb, None, None, None
+        if ctx.kind == "lmul":
+            # d/da lmul(a, b) = sign(b) 2^E(b): PAM products with a power of two are exact.
+            if need_a:
+                ga = L.matmul3(grad, _transpose(L.unary_map("pow2_part", b3)), 0, "pam")
+            if need_b:
+                gb = L.matmul3(_transpose(L.unary_map("pow2_part", a3)), grad, 0, "pam")
+            return ga, gb, None, None, None
         if a3.shape[2] == 0 or grad.numel() == 0:
-            return (torch.zeros_like(a3) if ctx.needs_input_grad[0] else None,
-                    torch.zeros_like(b3) if ctx.needs_input_grad[1] else None, None, None)
-        if ctx.needs_input_grad[0]:
+            return (torch.zeros_like(a3) if need_a else None,
+                    torch.zeros_like(b3) if need_b else None, None, None, None)
+        if need_a:
             ga = L.matmul_exact_grad_left(a3, b3, grad, ctx.off)
-        if ctx.needs_input_grad[1]:
+        if need_b:
             gb = L.matmul_exact_grad_right(a3, b3, grad, ctx.off)
-        return ga, gb, None, None
+        return ga, gb, None, None, None
 
 
-def matmul(a, b, offset=None, backward="exact"):
-    """PAM matrix product with ``torch.matmul`` semantics (1-D, 2-D, batched, broadcast).
+def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"):
+    """Matrix product in ``family`` arithmetic with ``torch.matmul`` semantics (1-D, 2-D,
+    batched, broadcast).
 
     C[..., i, j] = sum over k of PAM(a[..., i, k], b[..., k, j]), accumulated in float32 in
     increasing k order: deterministic, and identical on CPU and CUDA. Memory is that of the
-    inputs and the output (broadcast batch dimensions are materialized).
+    inputs and the output (broadcast batch dimensions are materialized). ``family`` and
+    ``operands`` (the format the operands are rounded to first): :mod:`pam.families`;
+    ``family="float"`` is ``torch.matmul`` of the rounded operands.
     """
     a = D.check_float32(a, "a")
     b = D.check_float32(b, "b")
@@ -337,8 +395,12 @@ def matmul(a, b, offset=None, backward="exact"):
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError(f"matmul needs at least 1-D operands, got a {tuple(a.shape)} and "
                          f"b {tuple(b.shape)}")
-    off = D.offset_constant(offset)
+    mult = _multiplier(family, operands, offset)
     mode = _check_mode(backward)
+    a, b = FAM.round_operand(a, mult), FAM.round_operand(b, mult)
+    if mult.kind == "float":
+        return torch.matmul(a, b)
+    off, kind = mult.off, mult.kind
     a2 = a.unsqueeze(0) if a.dim() == 1 else a
     b2 = b.unsqueeze(-1) if b.dim() == 1 else b
     if a2.shape[-1] != b2.shape[-2]:
@@ -350,7 +412,8 @@ def matmul(a, b, offset=None, backward="exact"):
         # Shared right operand: fold every batch dimension of a into its rows (no copies).
         batch = a2.shape[:-2]
         rows = math.prod(batch) * n
-        c = _Matmul.apply(a2.reshape(1, rows, k), _distinct(a2, b2).unsqueeze(0), off, mode)
+        c = _Matmul.apply(a2.reshape(1, rows, k), _distinct(a2, b2).unsqueeze(0), off, mode,
+                          kind)
         c = c.reshape(*batch, n, m)
     else:
         try:
@@ -360,7 +423,7 @@ def matmul(a, b, offset=None, backward="exact"):
                              f"cannot be broadcast together") from None
         a3 = a2.expand(*batch, n, k).reshape(-1, n, k)
         b3 = b2.expand(*batch, k, m).reshape(-1, k, m)
-        c = _Matmul.apply(a3, _distinct(a3, b3), off, mode).reshape(*batch, n, m)
+        c = _Matmul.apply(a3, _distinct(a3, b3), off, mode, kind).reshape(*batch, n, m)
     if a.dim() == 1:
         c = c.squeeze(-2)
     if b.dim() == 1:
@@ -368,8 +431,10 @@ def matmul(a, b, offset=None, backward="exact"):
     return c
 
 
-def linear(x, weight, bias=None, offset=None, backward="exact"):
-    """``torch.nn.functional.linear`` on PAM: y = x W^T + bias (the bias add is a float add)."""
+def linear(x, weight, bias=None, offset=None, backward="exact", family="pam",
+           operands="float32"):
+    """``torch.nn.functional.linear`` in ``family`` arithmetic: y = x W^T + bias (the bias
+    add is a float add); ``family``/``operands`` as for :func:`matmul`."""
     x = D.check_float32(x, "x")
     weight = D.check_float32(weight, "weight")
     D.check_same_device(x=x, weight=weight)
@@ -379,7 +444,8 @@ def linear(x, weight, bias=None, offset=None, backward="exact"):
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dimension must equal in_features={weight.shape[1]}, got "
                          f"x of shape {tuple(x.shape)}")
-    y = matmul(x, weight.t(), offset=offset, backward=backward)
+    y = matmul(x, weight.t(), offset=offset, backward=backward, family=family,
+               operands=operands)
     if bias is not None:
         bias = D.check_float32(bias, "bias")
         D.check_same_device(x=x, bias=bias)

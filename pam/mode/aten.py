@@ -13,7 +13,7 @@ from .. import functional as PF
 from .. import location as _loc
 from .. import ops as P
 from ..audit import is_banned
-from ..dispatch import offset_constant
+from .. import families as FAM
 from .semantics import (LOG2_E, UnsupportedOpError, _is_f32, _operand, add_scaled, addcdiv,
                         addcmul, addmm, div, exp, gelu, gelu_slope, lerp, log, log_softmax,
                         matmul, mean, mul, pow_, reciprocal, rsqrt, sigmoid, silu, softmax,
@@ -152,8 +152,9 @@ def _l2_convolution(c, x, w, bias, stride, padding, dilation, transposed, output
     if transposed:
         raise UnsupportedOpError("transposed convolution is not emulated")
     from .. import conv as C
-    return C.conv_forward(x, w, bias, stride, padding, dilation, groups,
-                          offset_constant(c.offset))
+    m = c.multiplier
+    x, w = FAM.round_operand(x, m), FAM.round_operand(w, m)
+    return C.conv_forward(x, w, bias, stride, padding, dilation, groups, m.off, m.kind)
 
 
 def _l2_convolution_backward(c, grad, x, w, bias_sizes, stride, padding, dilation,
@@ -161,8 +162,10 @@ def _l2_convolution_backward(c, grad, x, w, bias_sizes, stride, padding, dilatio
     if transposed:
         raise UnsupportedOpError("transposed convolution is not emulated")
     from .. import conv as C
-    return C.conv_backward(grad, x, w, stride, padding, dilation, groups,
-                           offset_constant(c.offset), False, tuple(mask))
+    m = c.multiplier
+    x, w = FAM.round_operand(x, m), FAM.round_operand(w, m)
+    return C.conv_backward(grad, x, w, stride, padding, dilation, groups, m.off, False,
+                           tuple(mask), m.kind)
 
 
 def _attention_probs(c, q, k, is_causal, attn_mask, scale):

@@ -4,9 +4,9 @@ import threading
 
 import torch
 
+from .. import families as FAM
 from .. import location as _loc
 from .. import ops as P
-from ..dispatch import offset_constant
 from .aten import _DispatchLayer
 from .functions import _FunctionLayer
 
@@ -15,10 +15,21 @@ FAMILIES = frozenset({"matmul", "conv", "elementwise", "nonlinear", "norm", "los
 
 
 class _Config:
-    def __init__(self, backward, offset, ops, strict):
+    """A context's resolved settings, read by both layers and by the semantics.
+
+    ``offset``: the PAM offset of products of two data operands (1.0552 for
+    ``family="pam_offset"`` unless given; None for "lmul" and "float"); ``family``: the
+    family passed to the pam ops ("pam" for both PAM families, the offset carrying the
+    difference); ``operands``: the operand format of the matmul and conv families.
+    """
+
+    def __init__(self, backward, offset, ops, strict, family="pam", operands="float32"):
         if backward not in P.BACKWARD_MODES:
             raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
-        offset_constant(offset)
+        self.multiplier = FAM.resolve(family, operands, offset)
+        offset = self.multiplier.offset
+        self.family = "pam" if self.multiplier.kind == "pam" else family
+        self.operands = operands
         if ops == "all":
             ops = FAMILIES
         elif ops == "matmul":
@@ -29,9 +40,15 @@ class _Config:
             if bad:
                 raise ValueError(f"unknown op families {sorted(bad)}; choose from "
                                  f"{sorted(FAMILIES)}, 'all' or 'matmul'")
+        if self.multiplier.kind == "float":
+            ops = ops & FLOAT_FAMILY_OPS       # the baseline: only the matrix products change
         self.backward, self.offset, self.ops, self.strict = backward, offset, ops, strict
         self.reported = set()
 
+
+# Under family="float" the mode only rounds the operands of these op families (torch
+# computes them, and everything else, in float32).
+FLOAT_FAMILY_OPS = frozenset({"matmul", "conv"})
 
 _ACTIVE = threading.local()        # the stack of entered arithmetic contexts, per thread
 
@@ -55,11 +72,12 @@ class arithmetic:
     reusable; nested contexts are allowed (the innermost handles an op first).
     """
 
-    def __init__(self, backward="approx", offset=None, ops="all", strict=True):
-        self.cfg = _Config(backward, offset, ops, strict)
+    def __init__(self, backward="approx", offset=None, ops="all", strict=True, family="pam",
+                 operands="float32"):
+        self.cfg = _Config(backward, offset, ops, strict, family, operands)
         self._spec = {"backward": backward, "offset": offset,
                       "ops": ops if isinstance(ops, str) else frozenset(ops),
-                      "strict": strict}
+                      "strict": strict, "family": family, "operands": operands}
         self._entered = []
 
     @property
@@ -69,10 +87,13 @@ class arithmetic:
 
     def __enter__(self):
         _loc.Tracker.start()
-        fmode, dmode = _FunctionLayer(self.cfg), _DispatchLayer(self.cfg)
+        fmode = _FunctionLayer(self.cfg)
+        # family="float" is torch's own arithmetic below the matrix products: no layer 2.
+        dmode = _DispatchLayer(self.cfg) if self.cfg.multiplier.kind != "float" else None
         fastpath = _mha_fastpath(False)
         fmode.__enter__()
-        dmode.__enter__()
+        if dmode is not None:
+            dmode.__enter__()
         self._entered.append((fmode, dmode, fastpath))
         if not hasattr(_ACTIVE, "stack"):
             _ACTIVE.stack = []
@@ -83,7 +104,8 @@ class arithmetic:
         fmode, dmode, fastpath = self._entered.pop()
         try:
             _ACTIVE.stack.pop()
-            dmode.__exit__(*exc)
+            if dmode is not None:
+                dmode.__exit__(*exc)
             fmode.__exit__(*exc)
         finally:
             _mha_fastpath(fastpath)

@@ -95,7 +95,7 @@ def _l1_linear(c, args, kwargs):
     if not _all_f32(a["input"], a["weight"], a["bias"]):
         return NotImplemented
     return P.linear(a["input"], a["weight"], a["bias"], offset=c.offset,
-                    backward=c.backward)
+                    backward=c.backward, family=c.family, operands=c.operands)
 
 
 def _l1_addmm(c, args, kwargs):
@@ -206,7 +206,8 @@ def _l1_sdpa(c, args, kwargs):
         return NotImplemented
     return PF.scaled_dot_product_attention(a["query"], a["key"], a["value"], mask,
                                            a["dropout_p"], a["is_causal"], a["scale"],
-                                           offset=c.offset, backward=c.backward)
+                                           offset=c.offset, backward=c.backward,
+                                           family=c.family)
 
 
 def _l1_conv(n):
@@ -219,7 +220,8 @@ def _l1_conv(n):
             return NotImplemented
         fn = C.conv1d if n == 1 else C.conv2d
         return fn(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
-                  a["dilation"], a["groups"], offset=c.offset, backward=c.backward)
+                  a["dilation"], a["groups"], offset=c.offset, backward=c.backward,
+                  family=c.family, operands=c.operands)
     return h
 
 
@@ -243,8 +245,13 @@ class _MHAView:
         self.v_proj_weight = a["v_proj_weight"]
         self.dropout, self.training = a["dropout_p"], a["training"]
         self.offset, self.backward = c.offset, c.backward
+        self.family, self.operands = c.family, c.operands
         w, b = a["out_proj_weight"], a["out_proj_bias"]
-        self.out_proj = lambda x: P.linear(x, w, b, offset=c.offset, backward=c.backward)
+        self.out_proj = lambda x: P.linear(x, w, b, **self._gemm())
+
+    def _gemm(self):
+        return {"offset": self.offset, "backward": self.backward, "family": self.family,
+                "operands": self.operands}
 
 
 def _bind_mha():

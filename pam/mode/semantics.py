@@ -49,7 +49,7 @@ def mul(c, a, b):
         a, b = b, a
     if not isinstance(a, torch.Tensor):
         return a * b                                    # two Python numbers
-    return P.mul(a, b, offset=_data_offset(c, b), backward=c.backward)
+    return P.mul(a, b, offset=_data_offset(c, b), backward=c.backward, family=c.family)
 
 
 def _data_offset(c, b):
@@ -63,7 +63,7 @@ def div(c, a, b):
         if not isinstance(b, torch.Tensor):
             return a / b
         a = torch.full((), float(a), dtype=torch.float32, device=b.device)
-    return P.div(a, b, backward=c.backward)
+    return P.div(a, b, backward=c.backward, family=c.family)
 
 
 def reciprocal(c, x):
@@ -117,7 +117,8 @@ def rsqrt(c, x):
 
 
 def matmul(c, a, b):
-    return P.matmul(a, b, offset=c.offset, backward=c.backward)
+    return P.matmul(a, b, offset=c.offset, backward=c.backward, family=c.family,
+                    operands=c.operands)
 
 
 def addmm(c, bias, m1, m2, beta=1, alpha=1):

@@ -37,6 +37,7 @@ import warnings
 import torch.nn.functional as F
 from torch import nn
 
+from .. import families as FAM
 from .. import functional as PF
 from . import modules as M
 
@@ -212,16 +213,64 @@ def float_leaves(module):
     return out
 
 
-def convert(module, offset=None, backward="exact", strict=True):
+def convert(module, offset=None, backward="exact", strict=True, family="pam",
+            operands="float32"):
     """Replace supported torch layers of ``module`` by PAM layers, recursively, in place.
 
     Returns ``module`` (or the replacement if ``module`` itself is a supported layer).
     ``offset``/``backward`` configure every new layer. ``strict``: raise (True, default)
     or warn (False) about unsupported torch layers; see the module docstring.
+    ``family``/``operands`` (:mod:`pam.families`) set the multiplier and operand format of
+    the matrix-product layers (Linear, Conv1d/2d, HF Conv1D, MultiheadAttention); the
+    other layers keep PAM's definitions (with ``"pam_offset"``: its offset).
+    ``family="float"`` is the baseline: only Linear, Conv1d/2d and HF Conv1D are replaced,
+    by layers that round their operands to ``operands`` and compute in torch's float32;
+    nothing else changes.
     """
-    M._check_config(offset, backward)
+    mult = FAM.resolve(family, operands, offset)
+    M._check_config(mult.offset, backward)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if mult.kind == "float":
+        return _set_family(_convert_matrix_layers(module, backward), "float", operands)
+    converted = _convert_pam(module, mult.offset, backward, strict)
+    return _set_family(converted, family if mult.kind != "pam" else "pam", operands)
+
+
+_MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _is_matrix_layer(m):
+    return (_is_hf_conv1d(m) or isinstance(m, _MATRIX_LAYERS)) and _factory(m) is not None \
+        and _why_unsupported(m) is None
+
+
+def _convert_matrix_layers(module, backward):
+    """Replace only the Linear/Conv/HF Conv1D layers (for ``family="float"``)."""
+    if _is_matrix_layer(module) and not isinstance(module, M.PamModule):
+        new = _factory(module)(module, None, backward)
+        new.train(module.training)
+        return new
+    for name, child in list(module.named_children()):
+        if isinstance(child, M.PamModule):
+            continue
+        new = _convert_matrix_layers(child, backward)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _set_family(module, family, operands):
+    """Set ``family``/``operands`` on every PAM layer in ``module`` (the matrix-product
+    layers use them)."""
+    for m in module.modules():
+        if isinstance(m, M.PamModule):
+            m.family, m.operands = family, operands
+    return module
+
+
+def _convert_pam(module, offset, backward, strict):
+    """:func:`convert` for the PAM families and L-Mul."""
     why = _why_unsupported(module)
     bad = [("", type(module).__name__, why)] if why is not None else []
     replace = []
@@ -232,7 +281,7 @@ def convert(module, offset=None, backward="exact", strict=True):
         msg = f"pam.convert: unsupported layers: {listing}"
         if strict:
             raise UnsupportedModuleError(msg + " (pass strict=False to keep them as float)")
-        warnings.warn(msg + "; they are kept and compute in float", stacklevel=2)
+        warnings.warn(msg + "; they are kept and compute in float", stacklevel=3)
     factory = _factory(module) if why is None and not isinstance(module, M.PamModule) \
         else None
     if factory is not None:

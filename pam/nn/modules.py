@@ -9,7 +9,11 @@ initialisation is torch's) and override ``forward`` with :mod:`pam.nn.functional
 ``v_proj_weight``, ``out_proj.weight``, ``out_proj.bias``), so state_dicts load both ways.
 
 Every module takes ``offset`` (None or a positive float, PAM offset) and ``backward``
-(``"exact"`` or ``"approx"``); ``extra_repr`` shows them.
+(``"exact"`` or ``"approx"``); ``extra_repr`` shows them. The matrix-product layers
+(``Linear``, ``TransposedLinear``, ``Conv1d``, ``Conv2d``, ``MultiheadAttention``) also
+have ``family`` ("pam" or "lmul") and ``operands`` (the operand format of their matmuls
+and convolutions; attention's two matmuls keep float32 operands): see :mod:`pam.families`.
+``pam.convert(model, family=..., operands=...)`` sets them.
 """
 import torch
 from torch import nn
@@ -32,13 +36,24 @@ def _check_config(offset, backward):
 
 
 class PamModule:
-    """Mixin marking a module whose arithmetic is PAM; holds ``offset`` and ``backward``."""
+    """Mixin marking a module whose arithmetic is PAM; holds ``offset`` and ``backward``
+    (and, for the matrix-product layers, ``family`` and ``operands``)."""
+
+    family = "pam"
+    operands = "float32"
 
     def _pam_init(self, offset=None, backward="exact"):
         self.offset, self.backward = _check_config(offset, backward)
 
     def _pam_repr(self):
-        return f"offset={self.offset}, backward={self.backward!r}"
+        extra = "" if (self.family, self.operands) == ("pam", "float32") else \
+            f", family={self.family!r}, operands={self.operands!r}"
+        return f"offset={self.offset}, backward={self.backward!r}{extra}"
+
+    def _gemm(self):
+        """Keyword arguments of this layer's matrix products."""
+        return {"offset": self.offset, "backward": self.backward, "family": self.family,
+                "operands": self.operands}
 
 
 class Linear(PamModule, nn.Linear):
@@ -51,8 +66,7 @@ class Linear(PamModule, nn.Linear):
         self._pam_init(offset, backward)
 
     def forward(self, input):
-        return PF.linear(input, self.weight, self.bias, offset=self.offset,
-                         backward=self.backward)
+        return PF.linear(input, self.weight, self.bias, **self._gemm())
 
     def extra_repr(self):
         return f"{nn.Linear.extra_repr(self)}, {self._pam_repr()}"
@@ -82,8 +96,7 @@ class _Conv(PamModule):
     def forward(self, input):
         _check_padding_mode(self.padding_mode)
         return type(self)._fn(input, self.weight, self.bias, self.stride, self.padding,
-                              self.dilation, self.groups, offset=self.offset,
-                              backward=self.backward)
+                              self.dilation, self.groups, **self._gemm())
 
     def extra_repr(self):
         return f"{self._torch.extra_repr(self)}, {self._pam_repr()}"
@@ -306,7 +319,7 @@ class MultiheadAttention(PamModule, nn.Module):
     def _attend(self, q, k, v, mask, dropout_p, is_causal, need_weights):
         """(B, H, L, D) heads -> (output, weights or None); overridable for experiments."""
         return PF._attention(q, k, v, mask, dropout_p, is_causal, None, self.offset,
-                             self.backward, need_weights)
+                             self.backward, need_weights, self.family)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
@@ -331,7 +344,7 @@ class MultiheadAttention(PamModule, nn.Module):
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias.chunk(3)
-        kw = {"offset": self.offset, "backward": self.backward}
+        kw = self._gemm()
         H, D = self.num_heads, self.head_dim
         q = PF.linear(query, wq, bq, **kw).view(B, L, H, D).transpose(1, 2)
         k = PF.linear(key, wk, bk, **kw).view(B, S, H, D).transpose(1, 2)
@@ -366,7 +379,7 @@ class TransposedLinear(PamModule, nn.Module):
         self._pam_init(offset, backward)
 
     def forward(self, x):
-        y = PF.matmul(x, self.weight, offset=self.offset, backward=self.backward)
+        y = PF.matmul(x, self.weight, **self._gemm())
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
