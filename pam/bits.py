@@ -391,18 +391,20 @@ N_FORMATS = len(FORMAT_NAMES)
 
 
 @register_jitable(forceinline=True)
-def _format_params(fmt):
+def format_params(fmt):
     """(mantissa bits, float32 exponent field of the smallest normal, largest finite
-    float32 pattern, saturate) of operand format ``fmt`` (codes FMT_*)."""
+    float32 pattern, pattern that overflow and infinity give) of operand format ``fmt``
+    (codes FMT_*); the last is INF, or the largest finite pattern where the format
+    saturates (e4m3)."""
     if fmt == FMT_BFLOAT16:
-        return 7, 1, 0x7F7F0000, False             # 3.3895e38
+        return 7, 1, 0x7F7F0000, INF               # 3.3895e38
     if fmt == FMT_FLOAT16:
-        return 10, 127 - 14, 0x477FE000, False     # 65504
+        return 10, 127 - 14, 0x477FE000, INF       # 65504
     if fmt == FMT_E4M3:
-        return 3, 127 - 6, 0x43E00000, True        # 448, OCP E4M3FN satfinite
+        return 3, 127 - 6, 0x43E00000, 0x43E00000  # 448, OCP E4M3FN satfinite
     if fmt == FMT_E5M2:
-        return 2, 127 - 14, 0x47600000, False      # 57344
-    return 23, 1, 0x7F7FFFFF, False                # float32
+        return 2, 127 - 14, 0x47600000, INF        # 57344
+    return 23, 1, 0x7F7FFFFF, INF                  # float32
 
 
 @register_jitable
@@ -419,29 +421,31 @@ def quantize_bits(ix, fmt, flush):
     subnormal in the target format (float32 subnormals for fmt 0) become a zero of their
     sign. Codes: 0 float32, 1 bfloat16, 2 float16, 3 e4m3, 4 e5m2.
     """
+    mbits, emin_field, max_pat, over_pat = format_params(fmt)
+    return quantize_core_bits(ix, mbits, emin_field, max_pat, over_pat, flush)
+
+
+@register_jitable(forceinline=True)
+def quantize_core_bits(ix, mbits, emin_field, max_pat, over_pat, flush):
+    """``quantize_bits`` with the format's parameters (``format_params``) given: kernels
+    look them up once per call, and the select-only body vectorizes."""
     ix = np.int64(ix)
     sign = ix & SIGN
     u = ix & ABS_MASK
-    mbits, emin_field, max_pat, saturate = _format_params(fmt)
-    if u > INF:
-        return np.int64(QNAN)
-    if u == INF:
-        return np.int64((max_pat if saturate else INF) | sign)
     # u = (e - 1) 2^23 + sig with e = max(E, 1) and sig the significand (hidden bit set for
     # normals), so rounding sig to a multiple of 2^d rounds the value; carries propagate
-    # into the exponent field by themselves.
+    # into the exponent field by themselves. q = 0 only for d > 23: the value rounds to 0.
     e = max(u >> 23, 1)
     sig = (u & MANT_MASK) | (TWO23 if u >= MIN_NORMAL else 0)
     d = min(23 - mbits + max(emin_field - e, 0), 25)
+    half = (np.int64(1) << d) >> 1
     q = sig >> d
     rem = sig - (q << d)
-    half = np.int64(1) << d >> 1
     up = (rem > half) | ((rem == half) & ((q & 1) == 1) & (d > 0))
     q = q + (1 if up else 0)
-    # (q = 0 only happens for d > 23: the value rounds to zero.)
-    r = ((e - 1) << 23) + (q << d) if q > 0 else np.int64(0)
-    if r > max_pat:
-        r = max_pat if saturate else INF
-    if flush and r < (emin_field << 23):
-        r = 0
-    return np.int64(r | sign)
+    r = ((e - 1) << 23) + (q << d)
+    r = 0 if q == 0 else r
+    r = over_pat if r > max_pat else r
+    r = 0 if (flush != 0) & (r < (emin_field << 23)) else r
+    r = over_pat if u == INF else r
+    return np.int64(QNAN) if u > INF else np.int64(r | sign)

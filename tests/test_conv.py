@@ -407,7 +407,7 @@ def test_cuda_kernels_compile_to_ptx_without_float_multiply():
     """The conv kernels compile for sm_90 (real numba-cuda typing, not the simulator) and
     emit float additions but no float mul/div/fma. Needs NVVM (numba-cuda[cu12]); point
     PAM_PTX_PYTHON at an interpreter that has it (torch is not needed there)."""
-    _cuda_kernels()
+    K = _cuda_kernels()
     python = os.environ.get("PAM_PTX_PYTHON", sys.executable)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     root = pathlib.Path(__file__).resolve().parents[1]

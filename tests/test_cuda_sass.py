@@ -95,7 +95,7 @@ def test_parse_ptxas_and_occupancy():
 def test_cuda_sass_tool(tmp_path):
     """Every kernel compiles for sm_90 without spills; the fast matmul paths meet their
     instruction budgets per product (forward <= 3, with zeros <= 5, exact backward <= 5,
-    also with zeros in grad)."""
+    also with zeros in grad; L-Mul forward <= 9, with zeros <= 10.5)."""
     python = os.environ.get("PAM_PTX_PYTHON", sys.executable)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     out = tmp_path / "sass.json"
@@ -120,6 +120,9 @@ def test_cuda_sass_tool(tmp_path):
     assert per_product["matmul_exact_grad_right_fast"] <= 5.0, per_product
     assert per_product["matmul_exact_grad_left_fast_grad_zeros"] <= 5.0, per_product
     assert per_product["matmul_exact_grad_right_fast_grad_zeros"] <= 5.0, per_product
+    # L-Mul's fast path: PAM's add plus the carry correction (7.7 per product when added).
+    assert per_product["matmul_lmul_fast"] <= 9.0, per_product
+    assert per_product["matmul_lmul_fast_zeros"] <= 10.5, per_product
     # The general kernels call the full scalar definitions: the fast paths are far cheaper.
     assert per_product["matmul"] > 4 * per_product["matmul_fast"], per_product
     assert "matmul_fast" in proc.stdout and "instr/unit" in proc.stdout

@@ -372,3 +372,12 @@ def test_scalar_helpers():
     c = 1 << 20
     got = np.array([L.lmul_scalar(float(u), float(v), c) for u, v in zip(x, y)], np.float32)
     assert_same_bits(got, R.lmul_ref(x, y, 3), "lmul_scalar")
+
+
+def test_carry_correction_identity():
+    """The fast paths' carry correction: t - rne(t / 2) = (t >> 1) + (t % 4 == 1) for
+    every mantissa excess t < 2^24 (rne: round half to even)."""
+    t = np.arange(1 << 24, dtype=np.int64)
+    q, odd = t >> 1, t & 1
+    rne_half = q + (odd & q & 1)                  # a tie rounds to the even neighbour
+    assert ((t - rne_half) == (t >> 1) + ((t & 3) == 1)).all()
