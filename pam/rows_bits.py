@@ -6,6 +6,8 @@ for one element, the chain of PAM ops and float32 additions that the composite d
 in :mod:`pam.functional` issues as separate kernels, in the same order, so the fused kernel
 gives the same bits (tests/test_rows.py compares them).
 """
+import math
+
 import numpy as np
 from numba.extending import register_jitable
 
@@ -154,6 +156,26 @@ def softmax_row_forward(x, out, base, n, off, safe):
         out[base + j] = bits.div_bits(out[base + j], sb, 0)
 
 
+@register_jitable(forceinline=True)
+def exp2_slope_given_bits(iy, e):
+    """bits.exp2_slope_bits(iy) when ``e`` = bits.exp2_bits(iy) is already known (the same
+    cases in the same order, without recomputing pa_exp2)."""
+    iy = np.int64(iy)
+    if (iy & bits.ABS_MASK) > bits.INF:
+        return np.int64(bits.QNAN)
+    y = bits.bits_to_f32(iy)
+    if y >= np.float32(128.0):
+        return np.int64(bits.INF)
+    if y < np.float32(-200.0) or e == 0:
+        return np.int64(0)
+    field = np.int64(math.floor(y)) + 127
+    if field <= 0:
+        return np.int64(0)
+    if field >= 255:
+        return np.int64(bits.INF)
+    return field << 23
+
+
 @register_jitable
 def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     """Input gradient of softmax_row_forward for output gradient ``g`` (one row).
@@ -162,21 +184,23 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     and s (exact slopes or, ``exact`` False, PAD(g, s) and -PAD(PAM(g, p), s)), the
     s-gradient summed in increasing j and zeroed where ``safe`` replaced s = 0, then
     pa_exp2's and PAM(x, log2 e)'s gradients (exact slopes, or PAM(g, PAM(e, ln 2)) and
-    PAM(g, log2 e; off)).
+    PAM(g, log2 e; off)). ``out`` holds e_j between the passes (pa_exp2 is evaluated once
+    per element), the input gradient at the end.
     """
     m = softmax_row_shift(x, base, n, off)
     s = np.float32(0.0)
     for j in range(n):
         z = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
-        s += bits.bits_to_f32(bits.exp2_bits(bits.f32_to_bits(z)))
+        e = bits.exp2_bits(bits.f32_to_bits(z))
+        out[base + j] = e
+        s += bits.bits_to_f32(e)
     zero_sum = safe and s == np.float32(0.0)
     if zero_sum:
         s = np.float32(1.0)
     sb = bits.f32_to_bits(s)
     gs = np.float32(0.0)
     for j in range(n):
-        z = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
-        e = bits.exp2_bits(bits.f32_to_bits(z))
+        e = np.int64(out[base + j])
         if exact:
             t = bits.mul_bits(g[base + j], bits.div_slope_den_bits(e, sb, 0), 0)
         else:
@@ -186,16 +210,16 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     if zero_sum:
         gs = np.float32(0.0)
     for j in range(n):
-        xl = bits.mul_bits(x[base + j], LOG2_E_BITS, off)
-        zb = bits.f32_to_bits(bits.bits_to_f32(xl) - m)
-        e = bits.exp2_bits(zb)
+        e = np.int64(out[base + j])
         if exact:
             ge = bits.mul_bits(g[base + j], bits.div_slope_num_bits(e, sb, 0), 0)
         else:
             ge = bits.div_bits(g[base + j], sb, 0)
         ge = bits.f32_to_bits(bits.bits_to_f32(ge) + gs)
+        xl = bits.mul_bits(x[base + j], LOG2_E_BITS, off)
         if exact:
-            gz = bits.mul_bits(ge, bits.exp2_slope_bits(zb), 0)
+            zb = bits.f32_to_bits(bits.bits_to_f32(xl) - m)
+            gz = bits.mul_bits(ge, exp2_slope_given_bits(zb, e), 0)
             out[base + j] = bits.mul_bits(gz, bits.mul_slope_bits(x[base + j], LOG2_E_BITS,
                                                                   off), 0)
         else:

@@ -240,3 +240,23 @@ def test_softmax_matches_torch_order_sum_closely():
     new = fused.softmax_forward(x)
     rel = ((new - old).abs() / old.abs().clamp_min(1e-30)).max().item()
     assert rel < 2e-6
+
+
+
+@njit
+def _slope_given_mismatches(ys):
+    bad = 0
+    for i in range(ys.size):
+        e = bits.exp2_bits(ys[i])
+        if rows_bits.exp2_slope_given_bits(ys[i], e) != bits.exp2_slope_bits(ys[i]):
+            bad += 1
+    return bad
+
+
+def test_exp2_slope_given_equals_exp2_slope():
+    """The softmax backward's pa_exp2 slope from a known pa_exp2 value, against
+    bits.exp2_slope_bits: edge patterns plus y around the flush and overflow limits."""
+    near = np.concatenate([np.arange(-151.0, -121.0, 0.125), np.arange(-210.0, -190.0, 0.5),
+                           np.arange(120.0, 130.0, 0.25), np.arange(-3.0, 3.0, 0.0625)])
+    ys = np.concatenate([_edge_bits(), near.astype(np.float32).view(np.int32)])
+    assert _slope_given_mismatches(ys) == 0

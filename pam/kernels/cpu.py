@@ -456,10 +456,9 @@ def matmul(a, b, off, out):
     sb, zb, lo_b, hi_b = _stats(b)
     if sa or sb or not _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off):
         _matmul_general(a, b, off, out)
-    elif zb:
-        _matmul_fast(a, b, _zero_mask(b), True, off, out)
     else:
-        _matmul_fast(a, b, b, False, off, out)
+        # zb is a runtime bool, not a literal: one compiled specialization (cold start)
+        _matmul_fast(a, b, _zero_mask(b) if zb else b, zb, off, out)
 
 
 # Exact backward. slope(x, y) = sign(y) 2^(E(y) + carry) has the exponent field of
@@ -665,10 +664,8 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
     sg, zg, lo_g, hi_g = _stats(grad)
     if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off):
         _grad_left_general(a, bt, grad, off, out)
-    elif zb:
-        _grad_left_fast(a, bt, grad, _zero_mask(bt), True, off, out)
     else:
-        _grad_left_fast(a, bt, grad, bt, False, off, out)
+        _grad_left_fast(a, bt, grad, _zero_mask(bt) if zb else bt, zb, off, out)
 
 
 @njit(cache=True, nogil=True)
@@ -687,10 +684,8 @@ def matmul_exact_grad_right(at, b, grad, off, out):
     sg, zg, lo_g, hi_g = _stats(grad)
     if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off):
         _grad_right_general(at, b, grad, off, out)
-    elif zg:
-        _grad_right_fast(at, b, grad, _zero_mask(grad), True, off, out)
     else:
-        _grad_right_fast(at, b, grad, grad, False, off, out)
+        _grad_right_fast(at, b, grad, _zero_mask(grad) if zg else grad, zg, off, out)
 
 
 @njit(**_JIT)
