@@ -136,13 +136,17 @@ def _flat_bits(x, cpu):
     return x.view(torch.int32).view(-1)
 
 
-def _new_result(shape, device, cpu):
-    """(float32 tensor of ``shape``, its flat int32 bits for the kernel), uninitialized.
-    On CPU the buffer is a NumPy array wrapped without copy (cheaper than torch.empty)."""
+def _new_result(like, shape, cpu):
+    """(float32 tensor of ``shape`` on ``like``'s device, its flat int32 bits for the
+    kernel), uninitialized, contiguous; on CPU the bits are a NumPy view of its memory.
+    ``like`` is a float32 tensor (empty_like of it is the cheapest allocation when the
+    shapes agree)."""
+    if like.shape == shape:
+        result = torch.empty_like(like, memory_format=torch.contiguous_format)
+    else:
+        result = torch.empty(shape, dtype=torch.float32, device=like.device)
     if cpu:
-        bits_np = np.empty(tuple(shape), np.int32)
-        return torch.from_numpy(bits_np).view(torch.float32), bits_np.reshape(-1)
-    result = torch.empty(shape, dtype=torch.float32, device=device)
+        return result, result.numpy().view(np.int32).reshape(-1)
     return result, result.view(torch.int32).view(-1)
 
 
@@ -166,7 +170,7 @@ def binary_map(name, a, b, off):
         shape, kind = torch.broadcast_shapes(sa, sb), None
     device = a.device
     cpu = device.type == "cpu"
-    result, out = _new_result(shape, device, cpu)
+    result, out = _new_result(a, shape, cpu)
     if out.shape[0] == 0:
         return result
     if kind is None:
@@ -179,7 +183,7 @@ def unary_map(name, x):
     """Elementwise kernel ``name`` over float32 tensor x -> float32 tensor."""
     device = x.device
     cpu = device.type == "cpu"
-    result, out = _new_result(x.shape, device, cpu)
+    result, out = _new_result(x, x.shape, cpu)
     if out.shape[0]:
         launch(name, device, _flat_bits(x, cpu), out)
     return result
