@@ -90,6 +90,7 @@ def as_bits(x):
 
 
 _BACKENDS = {}
+_KERNELS = {}
 
 
 def _backend(device_type):
@@ -104,12 +105,50 @@ def _backend(device_type):
     return backend
 
 
+def _kernel(device_type, name):
+    """Kernel ``name`` of the backend for ``device_type``, looked up once."""
+    kernel = _KERNELS.get((device_type, name))
+    if kernel is None:
+        kernel = getattr(_backend(device_type), name)
+        _KERNELS[(device_type, name)] = kernel
+    return kernel
+
+
 def launch(name, device, *args):
-    """Run kernel ``name`` on ``device``; tensor arguments are passed zero-copy."""
-    kernel = getattr(_backend(device.type), name)
-    if device.type == "cpu":
+    """Run kernel ``name`` on ``device``; tensor arguments are passed zero-copy (on CPU
+    as NumPy views; NumPy arrays are passed as they are)."""
+    dt = device.type
+    kernel = _KERNELS.get((dt, name)) or _kernel(dt, name)
+    if dt == "cpu":
         args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
     return kernel(*args)
+
+
+def _flat_bits(x, cpu):
+    """Flat int32 bits of float32 ``x``: a NumPy view on CPU (``cpu`` True; a contiguous
+    copy first if needed), an int32 tensor view on CUDA."""
+    if x.requires_grad:
+        x = x.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if cpu:
+        v = x.numpy().view(np.int32)
+        return v if v.ndim == 1 else v.reshape(-1)
+    return x.view(torch.int32).view(-1)
+
+
+def _new_result(like, shape, cpu):
+    """(float32 tensor of ``shape`` on ``like``'s device, its flat int32 bits for the
+    kernel), uninitialized, contiguous; on CPU the bits are a NumPy view of its memory.
+    ``like`` is a float32 tensor (empty_like of it is the cheapest allocation when the
+    shapes agree)."""
+    if like.shape == shape:
+        result = torch.empty_like(like, memory_format=torch.contiguous_format)
+    else:
+        result = torch.empty(shape, dtype=torch.float32, device=like.device)
+    if cpu:
+        return result, result.numpy().view(np.int32).reshape(-1)
+    return result, result.view(torch.int32).view(-1)
 
 
 def binary_map(name, a, b, off):
@@ -117,7 +156,9 @@ def binary_map(name, a, b, off):
 
     Equal shapes launch directly; a one-element operand with no more dimensions than the
     other is passed as a scalar (kernel ``<name>_bs`` / ``<name>_as``) without expanding
-    it; only other broadcasts materialize expanded copies.
+    it; only other broadcasts materialize expanded copies. The per-call work is kept to
+    the minimum (no broadcast computation when the shapes match, CPU arrays handed to the
+    kernel as NumPy views): a small op costs a few microseconds here.
     """
     sa, sb = a.shape, b.shape
     if sa == sb:
@@ -128,26 +169,24 @@ def binary_map(name, a, b, off):
         shape, kind = sb, "_as"
     else:
         shape, kind = torch.broadcast_shapes(sa, sb), None
-    result = torch.empty(shape, dtype=torch.float32, device=a.device)
-    if result.numel() == 0:
+    device = a.device
+    cpu = device.type == "cpu"
+    result, out = _new_result(a, shape, cpu)
+    if out.shape[0] == 0:
         return result
-    out = result.view(torch.int32)
     if kind is None:
-        ab = as_bits(a.expand(shape)).reshape(-1)
-        bb = as_bits(b.expand(shape)).reshape(-1)
-        kind = ""
-    else:
-        ab = as_bits(a).reshape(-1)
-        bb = as_bits(b).reshape(-1)
-    launch(name + kind, a.device, ab, bb, off, out.view(-1))
+        a, b, kind = a.expand(shape), b.expand(shape), ""
+    launch(name + kind, device, _flat_bits(a, cpu), _flat_bits(b, cpu), off, out)
     return result
 
 
 def unary_map(name, x):
     """Elementwise kernel ``name`` over float32 tensor x -> float32 tensor."""
-    result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    if result.numel():
-        launch(name, x.device, as_bits(x).reshape(-1), result.view(torch.int32).view(-1))
+    device = x.device
+    cpu = device.type == "cpu"
+    result, out = _new_result(x, x.shape, cpu)
+    if out.shape[0]:
+        launch(name, device, _flat_bits(x, cpu), out)
     return result
 
 

@@ -236,10 +236,13 @@ def softmax_forward(x, dim=-1, offset=None, safe=False):
     (scaled_dot_product_attention's fully masked rows).
     """
     D.check_float32(x, "x")
-    off = D.offset_constant(offset)
+    return softmax_rows_forward(x, dim, D.offset_constant(offset), safe)
+
+
+def softmax_rows_forward(x, dim, off, safe):
+    """:func:`softmax_forward` with the offset given as its integer constant ``off``."""
     if x.dim() == 0:
-        x1 = x.reshape(1)
-        return softmax_forward(x1, 0, offset, safe).reshape(())
+        return softmax_rows_forward(x.reshape(1), 0, off, safe).reshape(())
     xm, xb, n = _rows(x, dim)
     out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
     if out.numel():
@@ -256,19 +259,25 @@ def softmax_backward(grad, x, dim=-1, offset=None, safe=False, backward="exact")
     """
     D.check_float32(x, "x")
     D.check_float32(grad, "grad")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    return softmax_rows_backward(grad, x, dim, D.offset_constant(offset), safe,
+                                 backward == "exact")
+
+
+def softmax_rows_backward(grad, x, dim, off, safe, exact):
+    """:func:`softmax_backward` with the integer offset constant ``off`` and ``exact`` a
+    bool."""
     if grad.shape != x.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
                          f"{tuple(x.shape)}")
-    if backward not in ("exact", "approx"):
-        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
-    off = D.offset_constant(offset)
     if x.dim() == 0:
-        return softmax_backward(grad.reshape(1), x.reshape(1), 0, offset, safe,
-                                backward).reshape(())
+        return softmax_rows_backward(grad.reshape(1), x.reshape(1), 0, off, safe,
+                                     exact).reshape(())
     xm, xb, n = _rows(x, dim)
     _, gb, _ = _rows(grad, dim)
     out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
     if out.numel():
         D.launch("softmax_backward", x.device, xb, gb, out.view(-1), n, off, bool(safe),
-                 backward == "exact")
+                 bool(exact))
     return out.view(torch.float32).movedim(-1, dim)

@@ -146,6 +146,13 @@ def _distinct(a, b):
     return b.view_as(b) if b is a else b
 
 
+def _needs_grad(*tensors):
+    """True when autograd would record a graph node for an op on ``tensors``; otherwise
+    the ops call their kernels directly, skipping autograd.Function's per-call cost (the
+    result is the same tensor Function.apply would return, without a grad_fn)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _binary_args(a, b):
     a = D.check_float32(a, "a")
     b = D.as_operand(b, "b", a)
@@ -197,6 +204,8 @@ def mul(a, b, offset=None, backward="exact", family="pam", operands="float32"):
     a, b = FAM.round_operand(a, m), FAM.round_operand(b, m)
     if m.kind == "float":
         return torch.mul(a, b)
+    if not _needs_grad(a, b):
+        return L.binary_map(_MUL_KERNEL[m.kind], a, b, m.off)
     return _Mul.apply(a, b, m.off, mode, m.kind)
 
 
@@ -215,7 +224,10 @@ def div(a, b, offset=None, backward="exact", family="pam", operands="float32"):
     a, b = FAM.round_operand(a, m), FAM.round_operand(b, m)
     if m.kind == "float":
         return torch.div(a, b)
-    return _Div.apply(a, b, m.off if m.kind == "pam" else 0, mode)
+    off = m.off if m.kind == "pam" else 0
+    if not _needs_grad(a, b):
+        return L.binary_map("div", a, b, off)
+    return _Div.apply(a, b, off, mode)
 
 
 # --------------------------------------------------------------------------- exp2 / log2
@@ -260,7 +272,10 @@ def exp2(y, backward="exact"):
     Exact derivative: 2^floor(y). Results below the smallest normal are +0, above the
     largest float +inf; exp2(-inf) = 0, exp2(nan) = nan.
     """
-    return _Exp2.apply(D.check_float32(y, "y"), _check_mode(backward))
+    y, mode = D.check_float32(y, "y"), _check_mode(backward)
+    if not _needs_grad(y):
+        return L.unary_map("exp2", y)
+    return _Exp2.apply(y, mode)
 
 
 def log2(x, backward="exact"):
@@ -269,7 +284,10 @@ def log2(x, backward="exact"):
     Exact at powers of two, otherwise up to 0.086 below log2(x). 0 and subnormals give -inf,
     negative x gives NaN. Exact derivative: 2^-E.
     """
-    return _Log2.apply(D.check_float32(x, "x"), _check_mode(backward))
+    x, mode = D.check_float32(x, "x"), _check_mode(backward)
+    if not _needs_grad(x):
+        return L.unary_map("log2", x)
+    return _Log2.apply(x, mode)
 
 
 def exp(x, backward="exact"):
@@ -379,6 +397,12 @@ class _Matmul(torch.autograd.Function):
         return ga, gb, None, None, None
 
 
+def _matmul3(a3, b3, off, mode, kind):
+    if not _needs_grad(a3, b3):
+        return L.matmul3(a3, b3, off, kind)
+    return _Matmul.apply(a3, _distinct(a3, b3), off, mode, kind)
+
+
 def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"):
     """Matrix product in ``family`` arithmetic with ``torch.matmul`` semantics (1-D, 2-D,
     batched, broadcast).
@@ -412,8 +436,7 @@ def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"
         # Shared right operand: fold every batch dimension of a into its rows (no copies).
         batch = a2.shape[:-2]
         rows = math.prod(batch) * n
-        c = _Matmul.apply(a2.reshape(1, rows, k), _distinct(a2, b2).unsqueeze(0), off, mode,
-                          kind)
+        c = _matmul3(a2.reshape(1, rows, k), b2.unsqueeze(0), off, mode, kind)
         c = c.reshape(*batch, n, m)
     else:
         try:
@@ -423,7 +446,7 @@ def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"
                              f"cannot be broadcast together") from None
         a3 = a2.expand(*batch, n, k).reshape(-1, n, k)
         b3 = b2.expand(*batch, k, m).reshape(-1, k, m)
-        c = _Matmul.apply(a3, _distinct(a3, b3), off, mode, kind).reshape(*batch, n, m)
+        c = _matmul3(a3, b3, off, mode, kind).reshape(*batch, n, m)
     if a.dim() == 1:
         c = c.squeeze(-2)
     if b.dim() == 1:

@@ -6,6 +6,8 @@ for one element, the chain of PAM ops and float32 additions that the composite d
 in :mod:`pam.functional` issues as separate kernels, in the same order, so the fused kernel
 gives the same bits (tests/test_rows.py compares them).
 """
+import math
+
 import numpy as np
 from numba.extending import register_jitable
 
@@ -46,6 +48,36 @@ def gelu_grad_term_bits(ix, ig, kb, db, exact):
 def add_f32_bits(ia, ib):
     """float32 a + b on bit patterns."""
     return bits.f32_to_bits(bits.bits_to_f32(ia) + bits.bits_to_f32(ib))
+
+
+@register_jitable(forceinline=True)
+def pow2_parts(db):
+    """(ed, sd) for a power of two d = +-2^e with |d| <= 1 (bits ``db``, mantissa 0):
+    ed = bits(|d|) - bits(1.0) <= 0 and sd its sign bit; the arguments of mul_pow2_bits."""
+    return np.int32((db & bits.ABS_MASK) - bits.ONE), np.int32(db & bits.SIGN)
+
+
+@register_jitable(forceinline=True)
+def is_pow2_at_most_one(db):
+    """True when bits ``db`` are a normal power of two of magnitude at most 1."""
+    u = db & bits.ABS_MASK
+    return (u & bits.MANT_MASK) == 0 and bits.MIN_NORMAL <= u <= bits.ONE
+
+
+@register_jitable(forceinline=True)
+def mul_pow2_bits(ia, ed, sd):
+    """PAM(a, d; 0) for d = +-2^e, |d| <= 1, given as pow2_parts(bits(d)): the same bits as
+    ``bits.mul_bits(ia, bits(d), 0)`` (a NaN gives the canonical QNAN, zeros and
+    subnormals a signed zero, inf a signed inf, results below the smallest normal a signed
+    zero) in int32 arithmetic only (ed <= 0, so bits(|a|) + ed cannot overflow), which
+    vectorizes twice as wide as mul_bits' int64 form. Used by the CPU GELU kernels."""
+    ia = np.int32(ia)
+    sign = np.int32((ia ^ sd) & np.int32(bits.SIGN))
+    ua = np.int32(ia & np.int32(bits.ABS_MASK))
+    mag = np.int32(ua + ed)
+    mag = np.int32(bits.INF) if ua == np.int32(bits.INF) else mag
+    mag = np.int32(0) if (ua < np.int32(bits.MIN_NORMAL)) | (mag < np.int32(bits.MIN_NORMAL)) else mag
+    return np.int32(bits.QNAN) if ua > np.int32(bits.INF) else np.int32(mag | sign)
 
 
 @register_jitable
@@ -124,6 +156,26 @@ def softmax_row_forward(x, out, base, n, off, safe):
         out[base + j] = bits.div_bits(out[base + j], sb, 0)
 
 
+@register_jitable(forceinline=True)
+def exp2_slope_given_bits(iy, e):
+    """bits.exp2_slope_bits(iy) when ``e`` = bits.exp2_bits(iy) is already known (the same
+    cases in the same order, without recomputing pa_exp2)."""
+    iy = np.int64(iy)
+    if (iy & bits.ABS_MASK) > bits.INF:
+        return np.int64(bits.QNAN)
+    y = bits.bits_to_f32(iy)
+    if y >= np.float32(128.0):
+        return np.int64(bits.INF)
+    if y < np.float32(-200.0) or e == 0:
+        return np.int64(0)
+    field = np.int64(math.floor(y)) + 127
+    if field <= 0:
+        return np.int64(0)
+    if field >= 255:
+        return np.int64(bits.INF)
+    return field << 23
+
+
 @register_jitable
 def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     """Input gradient of softmax_row_forward for output gradient ``g`` (one row).
@@ -132,21 +184,23 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     and s (exact slopes or, ``exact`` False, PAD(g, s) and -PAD(PAM(g, p), s)), the
     s-gradient summed in increasing j and zeroed where ``safe`` replaced s = 0, then
     pa_exp2's and PAM(x, log2 e)'s gradients (exact slopes, or PAM(g, PAM(e, ln 2)) and
-    PAM(g, log2 e; off)).
+    PAM(g, log2 e; off)). ``out`` holds e_j between the passes (pa_exp2 is evaluated once
+    per element), the input gradient at the end.
     """
     m = softmax_row_shift(x, base, n, off)
     s = np.float32(0.0)
     for j in range(n):
         z = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
-        s += bits.bits_to_f32(bits.exp2_bits(bits.f32_to_bits(z)))
+        e = bits.exp2_bits(bits.f32_to_bits(z))
+        out[base + j] = e
+        s += bits.bits_to_f32(e)
     zero_sum = safe and s == np.float32(0.0)
     if zero_sum:
         s = np.float32(1.0)
     sb = bits.f32_to_bits(s)
     gs = np.float32(0.0)
     for j in range(n):
-        z = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
-        e = bits.exp2_bits(bits.f32_to_bits(z))
+        e = np.int64(out[base + j])
         if exact:
             t = bits.mul_bits(g[base + j], bits.div_slope_den_bits(e, sb, 0), 0)
         else:
@@ -156,16 +210,16 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     if zero_sum:
         gs = np.float32(0.0)
     for j in range(n):
-        xl = bits.mul_bits(x[base + j], LOG2_E_BITS, off)
-        zb = bits.f32_to_bits(bits.bits_to_f32(xl) - m)
-        e = bits.exp2_bits(zb)
+        e = np.int64(out[base + j])
         if exact:
             ge = bits.mul_bits(g[base + j], bits.div_slope_num_bits(e, sb, 0), 0)
         else:
             ge = bits.div_bits(g[base + j], sb, 0)
         ge = bits.f32_to_bits(bits.bits_to_f32(ge) + gs)
+        xl = bits.mul_bits(x[base + j], LOG2_E_BITS, off)
         if exact:
-            gz = bits.mul_bits(ge, bits.exp2_slope_bits(zb), 0)
+            zb = bits.f32_to_bits(bits.bits_to_f32(xl) - m)
+            gz = bits.mul_bits(ge, exp2_slope_given_bits(zb, e), 0)
             out[base + j] = bits.mul_bits(gz, bits.mul_slope_bits(x[base + j], LOG2_E_BITS,
                                                                   off), 0)
         else:

@@ -46,7 +46,7 @@ def test_python_number_operand_uses_scalar_kernel(monkeypatch):
     orig = D.launch
 
     def spy(name, device, *args):
-        seen.append((name, [a.shape for a in args if isinstance(a, torch.Tensor)]))
+        seen.append((name, [tuple(a.shape) for a in args if hasattr(a, "shape")]))
         return orig(name, device, *args)
 
     monkeypatch.setattr(D, "launch", spy)
@@ -88,3 +88,28 @@ def test_cached_number_tensors_are_per_device_and_value():
     zero, neg_zero = D.as_operand(0.0, "b", x), D.as_operand(-0.0, "b", x)
     assert not torch.signbit(zero) and torch.signbit(neg_zero)
     assert torch.signbit(pam.mul(torch.ones(2), -0.0)).all()
+
+
+def test_ops_without_grad_skip_autograd_with_same_bits():
+    """With no input requiring grad (or under no_grad) the ops call their kernels directly:
+    same bits as through autograd.Function, no grad_fn; CPU results own their memory."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 4, generator=g)
+    b = torch.randn(5, 4, generator=g).abs()
+    m = torch.randn(4, 3, generator=g)
+    cases = [lambda x: pam.mul(x, b), lambda x: pam.div(x, b), lambda x: pam.exp2(x),
+             lambda x: pam.log2(x.abs()), lambda x: pam.matmul(x, m),
+             lambda x: pam.mul(x, 0.75, offset=1.0552)]
+    for f in cases:
+        plain = f(a)
+        with torch.no_grad():
+            nog = f(a.clone().requires_grad_())
+        tracked = f(a.clone().requires_grad_())
+        assert plain.grad_fn is None and nog.grad_fn is None and tracked.grad_fn is not None
+        assert torch.equal(plain.view(torch.int32), tracked.detach().view(torch.int32))
+        assert torch.equal(nog.view(torch.int32), plain.view(torch.int32))
+    y = pam.mul(a, b)
+    y.add_(1.0)                                    # a normal, writable CPU tensor
+    assert y.is_contiguous() and y.dtype == torch.float32
+    assert pam.mul(torch.empty(0, 3), torch.empty(0, 3)).shape == (0, 3)
+    assert pam.mul(torch.tensor(2.0), torch.tensor(3.0)).shape == ()

@@ -3,11 +3,13 @@ PAM ops they replace, kept here as the reference: same bits, forward and backwar
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 import pam
 from pam import fused
 from pam import ops as P
 from pam.functional import GELU_KNOTS, GELU_SLOPE_CHANGES
+from pam import bits, rows_bits
 from pam.kernels import cpu
 
 F32 = np.finfo(np.float32)
@@ -77,6 +79,60 @@ def test_gelu_parallel_path_matches_serial():
     y = fused.gelu_forward(x)
     head = fused.gelu_forward(x[:1000].clone())
     assert _same(y[:1000], head)
+
+
+def _edge_bits():
+    """int32 patterns: zeros, subnormals, normals near the flush and overflow limits,
+    infinities, NaNs (two payloads), and random patterns of both signs."""
+    special = np.array([0, 1, 0x007FFFFF, 0x00800000, 0x00800001, 0x00FFFFFF, 0x01000000,
+                        0x3F800000, 0x3FFFFFFF, 0x7F7FFFFF, 0x7F800000, 0x7F800001,
+                        0x7FC00000, 0x7FFFFFFF], dtype=np.int64)
+    rnd = np.random.default_rng(7).integers(0, 1 << 31, 2000)
+    mags = np.concatenate([special, rnd])
+    return np.concatenate([mags, mags | (1 << 31)]).astype(np.uint32).view(np.int32)
+
+
+@njit
+def _pow2_vs_general(a, ds):
+    bad = 0
+    for j in range(ds.size):
+        ed, sd = rows_bits.pow2_parts(ds[j])
+        for i in range(a.size):
+            if rows_bits.mul_pow2_bits(a[i], ed, sd) != bits.mul_bits(a[i], ds[j], 0):
+                bad += 1
+    return bad
+
+
+def test_mul_pow2_bits_equals_mul_bits():
+    """The int32 power-of-two PAM of the CPU GELU kernels against bits.mul_bits, over
+    every +-2^e with 2^-126 <= 2^e <= 1 and edge-case operands."""
+    e = np.arange(-126, 1)
+    ds = np.concatenate([(e + 127) << 23, ((e + 127) << 23) | (1 << 31)])
+    ds = ds.astype(np.uint32).view(np.int32)
+    assert all(rows_bits.is_pow2_at_most_one(int(d)) for d in ds)
+    assert _pow2_vs_general(_edge_bits(), ds) == 0
+
+
+def test_gelu_kernels_refuse_non_power_of_two_slopes():
+    x = np.zeros(4, np.int32)
+    knots = np.zeros(2, np.int32)
+    for bad in (1.5, 2.0, 0.0, 0.75):
+        slopes = np.array([0.5, bad], np.float32).view(np.int32)
+        assert not rows_bits.is_pow2_at_most_one(int(slopes[1]))
+        with pytest.raises(ValueError, match="power of two"):
+            cpu.gelu_forward(x, knots, slopes, np.empty(4, np.int32))
+        with pytest.raises(ValueError, match="power of two"):
+            cpu.gelu_backward(x, x, knots, slopes, True, np.empty(4, np.int32))
+
+
+def test_gelu_parallel_backward_matches_serial():
+    n = cpu.FUSED_PARALLEL_MIN + 5
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(n, generator=g) * 8 - 4
+    gr = torch.randn(n, generator=g)
+    for mode in ("exact", "approx"):
+        y = fused.gelu_backward(gr, x, mode)
+        assert _same(y[-1000:], fused.gelu_backward(gr[-1000:].clone(), x[-1000:].clone(), mode))
 
 
 # --------------------------------------------------------------------------- softmax
@@ -184,3 +240,23 @@ def test_softmax_matches_torch_order_sum_closely():
     new = fused.softmax_forward(x)
     rel = ((new - old).abs() / old.abs().clamp_min(1e-30)).max().item()
     assert rel < 2e-6
+
+
+
+@njit
+def _slope_given_mismatches(ys):
+    bad = 0
+    for i in range(ys.size):
+        e = bits.exp2_bits(ys[i])
+        if rows_bits.exp2_slope_given_bits(ys[i], e) != bits.exp2_slope_bits(ys[i]):
+            bad += 1
+    return bad
+
+
+def test_exp2_slope_given_equals_exp2_slope():
+    """The softmax backward's pa_exp2 slope from a known pa_exp2 value, against
+    bits.exp2_slope_bits: edge patterns plus y around the flush and overflow limits."""
+    near = np.concatenate([np.arange(-151.0, -121.0, 0.125), np.arange(-210.0, -190.0, 0.5),
+                           np.arange(120.0, 130.0, 0.25), np.arange(-3.0, 3.0, 0.0625)])
+    ys = np.concatenate([_edge_bits(), near.astype(np.float32).view(np.int32)])
+    assert _slope_given_mismatches(ys) == 0

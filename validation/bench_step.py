@@ -15,7 +15,9 @@ loss, backward, optimizer step with zero_grad) is timed separately and the media
 measured steps is reported. Kernel launches per PAM step count the calls to
 ``pam.dispatch.launch`` (every PAM kernel goes through it). The launch overhead is the
 median time of one ``pam.mul`` of two 1-element tensors (forward only, no autograd), the
-raw ``pam.dispatch.launch`` of the 1-element ``mul`` kernel, and ``torch.mul`` for scale.
+raw ``pam.dispatch.launch`` of the 1-element ``mul`` kernel, and ``torch.mul`` for scale;
+then ``pam.mul`` of 16 elements (no grad, and with an input that requires grad: through
+autograd) and ``pam.matmul`` of two 8x8 matrices (no grad).
 
     python validation/bench_step.py [--steps 4] [--warmup 2] [--threads 2] [--models ...]
 
@@ -209,10 +211,18 @@ def bench_launch(n=2000):
     b = torch.tensor([2.5])
     ab, bb = a.view(torch.int32).numpy(), b.view(torch.int32).numpy()
     out = torch.empty(1, dtype=torch.int32).numpy()
+    a16, b16 = torch.randn(16), torch.randn(16)
+    m8, n8 = torch.randn(8, 8), torch.randn(8, 8)
+    a16g = a16.clone().requires_grad_()
+    pam.matmul(m8, n8)
+    extra = dict(pam_mul16_grad_us=1e6 * _median_call(lambda: pam.mul(a16g, b16), n))
     with torch.no_grad():
         pam.mul(a, b)
         pam.mul(a, 3.0)
         return dict(pam_mul_us=1e6 * _median_call(lambda: pam.mul(a, b), n),
+                    pam_mul16_us=1e6 * _median_call(lambda: pam.mul(a16, b16), n),
+                    pam_matmul8_us=1e6 * _median_call(lambda: pam.matmul(m8, n8), n),
+                    **extra,
                     pam_mul_scalar_us=1e6 * _median_call(lambda: pam.mul(a, 3.0), n),
                     raw_launch_us=1e6 * _median_call(
                         lambda: pam.dispatch.launch("mul", a.device, ab, bb, 0, out), n),
@@ -240,6 +250,10 @@ def print_table(rows, launch):
     print(f"launch overhead (1-element operands, median): pam.mul {launch['pam_mul_us']:.1f} us, "
           f"pam.mul(x, 3.0) {launch['pam_mul_scalar_us']:.1f} us, raw dispatch.launch "
           f"{launch['raw_launch_us']:.1f} us, torch.mul {launch['torch_mul_us']:.1f} us")
+    if "pam_matmul8_us" in launch:
+        print(f"small ops (median): pam.mul of 16 elements {launch['pam_mul16_us']:.1f} us "
+              f"(no grad) / {launch['pam_mul16_grad_us']:.1f} us (input requires grad), "
+              f"pam.matmul 8x8 {launch['pam_matmul8_us']:.1f} us")
 
 
 def main(argv=None):

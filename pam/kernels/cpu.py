@@ -707,10 +707,9 @@ def _matmul_dispatch(a, b, off, lmul, out):
     sb, zb, lo_b, hi_b = _stats(b)
     if sa or sb or not _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul):
         _matmul_general(a, b, off, lmul, out)
-    elif zb:
-        _matmul_fast(a, b, _zero_mask(b), True, off, lmul, out)
     else:
-        _matmul_fast(a, b, b, False, off, lmul, out)
+        # zb is a runtime bool, not a literal: one compiled specialization (cold start)
+        _matmul_fast(a, b, _zero_mask(b) if zb else b, zb, off, lmul, out)
 
 
 @njit(cache=True, nogil=True)
@@ -934,10 +933,8 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
     sg, zg, lo_g, hi_g = _stats(grad)
     if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off):
         _grad_left_general(a, bt, grad, off, out)
-    elif zb:
-        _grad_left_fast(a, bt, grad, _zero_mask(bt), True, off, out)
     else:
-        _grad_left_fast(a, bt, grad, bt, False, off, out)
+        _grad_left_fast(a, bt, grad, _zero_mask(bt) if zb else bt, zb, off, out)
 
 
 @njit(cache=True, nogil=True)
@@ -956,10 +953,8 @@ def matmul_exact_grad_right(at, b, grad, off, out):
     sg, zg, lo_g, hi_g = _stats(grad)
     if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off):
         _grad_right_general(at, b, grad, off, out)
-    elif zg:
-        _grad_right_fast(at, b, grad, _zero_mask(grad), True, off, out)
     else:
-        _grad_right_fast(at, b, grad, grad, False, off, out)
+        _grad_right_fast(at, b, grad, _zero_mask(grad) if zg else grad, zg, off, out)
 
 
 @njit(**_JIT)
@@ -1116,41 +1111,76 @@ def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, fl
 # --------------------------------------------------------------------------- fused composites
 # GELU: per block of GELU_BLOCK elements, knot by knot (the same terms and float32 sums, in
 # the same order per element as pam.rows_bits.gelu_forward_bits / gelu_backward_bits, with
-# the loop over elements innermost so that it vectorizes).
+# the loop over elements innermost so that it vectorizes). The slope changes are powers of
+# two of magnitude <= 1 (checked), so each term's PAM is rows_bits.mul_pow2_bits (the same
+# bits as bits.mul_bits in int32 lanes) and the sums run in a float32 block buffer.
 GELU_BLOCK = 4096
 
 
 @njit(cache=True, nogil=True)
+def _check_gelu_slopes(slopes):
+    for j in range(slopes.size):
+        if not rows_bits.is_pow2_at_most_one(slopes[j]):
+            raise ValueError("gelu kernels: every slope change must be a power of two of "
+                             "magnitude <= 1")
+
+
+@njit(cache=True, nogil=True)
 def _gelu_forward_block(x, knots, slopes, out, lo, hi):
-    k0 = knots[0]
-    d0 = slopes[0]
-    for i in range(lo, hi):
-        out[i] = rows_bits.gelu_term_bits(x[i], k0, d0)
+    xf = x.view(np.float32)
+    kf = knots.view(np.float32)
+    m = hi - lo
+    acc = np.empty(m, np.float32)
+    ed, sd = rows_bits.pow2_parts(slopes[0])
+    k = kf[0]
+    for i in range(m):
+        r = rows_bits._relu_f32(xf[lo + i] - k)
+        acc[i] = bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed, sd))
     for j in range(1, knots.size):
-        kj = knots[j]
-        dj = slopes[j]
-        for i in range(lo, hi):
-            out[i] = rows_bits.add_f32_bits(out[i], rows_bits.gelu_term_bits(x[i], kj, dj))
+        ed, sd = rows_bits.pow2_parts(slopes[j])
+        k = kf[j]
+        for i in range(m):
+            r = rows_bits._relu_f32(xf[lo + i] - k)
+            acc[i] += bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed, sd))
+    for i in range(m):
+        out[lo + i] = bits.f32_to_bits(acc[i])
+
+
+@njit(cache=True, nogil=True)
+def _gelu_grad_term(xi, gi, k, ed, sd, exact):
+    """rows_bits.gelu_grad_term_bits for a power-of-two slope change (see the block)."""
+    r = xi - k
+    t = rows_bits.mul_pow2_bits(gi, ed, sd)
+    t = np.int32(bits.QNAN) if exact and r != r else t
+    return t if (r != r or r > np.float32(0.0)) else np.int32(0)
 
 
 @njit(cache=True, nogil=True)
 def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi):
+    xf = x.view(np.float32)
+    kf = knots.view(np.float32)
+    m = hi - lo
+    acc = np.empty(m, np.float32)
     n = knots.size
-    kl = knots[n - 1]
-    dl = slopes[n - 1]
-    for i in range(lo, hi):
-        out[i] = rows_bits.gelu_grad_term_bits(x[i], grad[i], kl, dl, exact)
+    ed, sd = rows_bits.pow2_parts(slopes[n - 1])
+    k = kf[n - 1]
+    for i in range(m):
+        acc[i] = bits.bits_to_f32(_gelu_grad_term(xf[lo + i], grad[lo + i], k, ed, sd, exact))
     for jj in range(1, n):
-        kj = knots[n - 1 - jj]
-        dj = slopes[n - 1 - jj]
-        for i in range(lo, hi):
-            out[i] = rows_bits.add_f32_bits(
-                out[i], rows_bits.gelu_grad_term_bits(x[i], grad[i], kj, dj, exact))
+        ed, sd = rows_bits.pow2_parts(slopes[n - 1 - jj])
+        k = kf[n - 1 - jj]
+        for i in range(m):
+            acc[i] += bits.bits_to_f32(_gelu_grad_term(xf[lo + i], grad[lo + i], k, ed, sd,
+                                                       exact))
+    for i in range(m):
+        out[lo + i] = bits.f32_to_bits(acc[i])
 
 
 @njit(**_JIT)
 def gelu_forward(x, knots, slopes, out):
-    """out[i] = pam.rows_bits.gelu_forward_bits(x[i]) (flat int32 arrays)."""
+    """out[i] = pam.rows_bits.gelu_forward_bits(x[i]) (flat int32 arrays); every slope
+    change must be a power of two of magnitude <= 1 (else ValueError)."""
+    _check_gelu_slopes(slopes)
     n = x.size
     blocks = (n + GELU_BLOCK - 1) // GELU_BLOCK
     if n < FUSED_PARALLEL_MIN:
@@ -1165,7 +1195,9 @@ def gelu_forward(x, knots, slopes, out):
 
 @njit(**_JIT)
 def gelu_backward(x, grad, knots, slopes, exact, out):
-    """out[i] = pam.rows_bits.gelu_backward_bits(x[i], grad[i]) (flat int32 arrays)."""
+    """out[i] = pam.rows_bits.gelu_backward_bits(x[i], grad[i]) (flat int32 arrays); the
+    slope changes as for gelu_forward."""
+    _check_gelu_slopes(slopes)
     n = x.size
     blocks = (n + GELU_BLOCK - 1) // GELU_BLOCK
     if n < FUSED_PARALLEL_MIN:
