@@ -18,10 +18,11 @@ from .ops import (BACKWARD_MODES, div, exp, exp2, linear, log, log2, matmul, mul
 from .conv import conv1d, conv2d
 from . import audit, functional, fused, nn, optim
 from .mode import arithmetic, UnsupportedOpError
+from .mode import compile  # noqa: A004 (torch.compile for pam.arithmetic)
 from .nn.convert import convert
 
 __version__ = "0.1.0"
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
            "conv1d", "conv2d",
-           "BACKWARD_MODES", "arithmetic", "UnsupportedOpError", "nn", "functional", "fused",
+           "BACKWARD_MODES", "arithmetic", "compile", "UnsupportedOpError", "nn", "functional", "fused",
            "optim", "audit", "convert"]

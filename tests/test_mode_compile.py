@@ -11,6 +11,8 @@ compared bit for bit (int32 views) with eager ``pam.arithmetic()``:
 * every final graph holds no float multiply-family ATen op (pam.audit.graph_float_ops),
   while the graph AOT autograd traces before the rewrite does;
 * torch.erf inside the compiled model: UnsupportedOpError naming erf and the source line;
+  with strict=False it runs in float, reported once, and the graph check names it;
+* torch._dynamo.explain: one graph, no graph break;
 * three AdamW training steps (torch.optim.AdamW eager, outside the compiled model) match
   eager training bit for bit and compile once (error_on_recompile after the first).
 """
@@ -18,7 +20,6 @@ import pytest
 import torch
 
 import pam
-from pam.mode.compile import compile as pam_compile
 
 torch._dynamo.config.cache_size_limit = 8
 
@@ -66,7 +67,7 @@ def test_aot_eager_same_bits_one_graph(name, fullgraph):
     ref = _step(model, model, x)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = pam_compile(model, backend="aot_eager", fullgraph=fullgraph)
+    compiled = pam.compile(model, backend="aot_eager", fullgraph=fullgraph)
     got = _step(model, compiled, x)
     assert _differing(ref, got) == []
     counters = torch._dynamo.utils.counters
@@ -75,12 +76,27 @@ def test_aot_eager_same_bits_one_graph(name, fullgraph):
     assert len(compiled.graphs) == 2                          # forward and backward
 
 
+def test_explain_finds_no_graph_break():
+    """torch._dynamo.explain in the scope pam.compile calls run in: one graph, no break
+    (the pam ops of layer 1 and their autograd Functions trace through)."""
+    from pam.mode.compiling import _scope
+    model, x = _mlp()
+    torch._dynamo.reset()
+    with pam.arithmetic(), _scope():
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes
+           if n.op == "call_function"}
+    assert any("pam" in o or "autograd" in o or "higher_order" in o for o in ops), ops
+
+
 @pytest.mark.parametrize("fullgraph", [True, False])
 def test_inductor_mlp_same_bits(fullgraph):
     model, x = _mlp()
     ref = _step(model, model, x)
     torch._dynamo.reset()
-    compiled = pam_compile(model, backend="inductor", fullgraph=fullgraph)
+    compiled = pam.compile(model, backend="inductor", fullgraph=fullgraph)
     assert _differing(ref, _step(model, compiled, x)) == []
     assert len(compiled.graphs) == 2
 
@@ -91,7 +107,7 @@ def test_inductor_encoder_same_bits():
     model, x = _encoder()
     ref = _step(model, model, x)
     torch._dynamo.reset()
-    compiled = pam_compile(model, backend="inductor", fullgraph=True)
+    compiled = pam.compile(model, backend="inductor", fullgraph=True)
     assert _differing(ref, _step(model, compiled, x)) == []
     ops = {str(n.target) for g in compiled.graphs for n in g.graph.nodes}
     assert "pam.ordered_sum.default" in ops and "aten.sum.dim_IntList" not in ops
@@ -100,7 +116,7 @@ def test_inductor_encoder_same_bits():
 def test_final_graphs_multiply_no_float():
     model, x = _encoder()
     torch._dynamo.reset()
-    compiled = pam_compile(model, backend="aot_eager", fullgraph=True)
+    compiled = pam.compile(model, backend="aot_eager", fullgraph=True)
     _step(model, compiled, x)
     assert compiled.graphs and all(pam.audit.graph_float_ops(g) == []
                                    for g in compiled.graphs)
@@ -135,10 +151,36 @@ def test_op_without_pam_version_is_refused(fullgraph):
     torch.manual_seed(0)
     model = _Erf()
     torch._dynamo.reset()
-    compiled = pam_compile(model, backend="aot_eager", fullgraph=fullgraph)
+    compiled = pam.compile(model, backend="aot_eager", fullgraph=fullgraph)
     with pytest.raises(pam.UnsupportedOpError, match=r"aten\.erf.*test_mode_compile\.py"):
         with pam.arithmetic():
             compiled(torch.randn(3, 8))
+
+
+def test_non_strict_reports_and_the_graph_check_names_it():
+    pam.exp(torch.randn(3, 8))               # eager PAM ops first: cached scalar constants
+    torch.manual_seed(0)
+    model = _Erf()
+    torch._dynamo.reset()
+    compiled = pam.compile(model, backend="aot_eager", fullgraph=True)
+    with pytest.warns(UserWarning, match=r"aten\.erf.*strict=False"):
+        with pam.arithmetic(strict=False) as ctx:
+            compiled(torch.randn(3, 8)).sum().backward()
+    assert ctx.reported == ["erf"]
+    found = {op for g in compiled.graphs for op, _ in pam.audit.graph_float_ops(g)}
+    assert found == {"erf"}       # its backward formula's exp and mul are PAM
+
+
+def test_inference_same_bits():
+    """Under no_grad AOT autograd compiles one inference graph: made PAM as well."""
+    model, x = _encoder()
+    with torch.no_grad(), pam.arithmetic():
+        ref = model(x)
+        torch._dynamo.reset()
+        compiled = pam.compile(model, backend="aot_eager", fullgraph=True)
+        got = compiled(x)
+    assert torch.equal(_bits(ref), _bits(got))
+    assert len(compiled.graphs) == 1 and pam.audit.graph_float_ops(compiled.graphs[0]) == []
 
 
 def test_plain_torch_compile_under_the_mode_is_not_compiled():
@@ -159,7 +201,7 @@ def test_plain_torch_compile_under_the_mode_is_not_compiled():
 def test_outside_the_mode_it_is_the_float_model():
     model, x = _mlp()
     torch._dynamo.reset()
-    compiled = pam_compile(model, backend="aot_eager")
+    compiled = pam.compile(model, backend="aot_eager")
     assert torch.equal(_bits(compiled(x)), _bits(model(x)))
     assert compiled.graphs == []
     with pam.arithmetic():
@@ -172,7 +214,7 @@ def test_configuration_is_followed():
     bits of eager under that configuration."""
     model, x = _mlp()
     torch._dynamo.reset()
-    compiled = pam_compile(model, backend="aot_eager", fullgraph=True)
+    compiled = pam.compile(model, backend="aot_eager", fullgraph=True)
     for mode in ({}, {"backward": "exact"}, {"ops": "matmul"}):
         ref = _step(model, model, x, **mode)
         assert _differing(ref, _step(model, compiled, x, **mode)) == [], mode
@@ -201,7 +243,7 @@ def test_training_loop_same_bits_compiles_once():
     model, x = _encoder()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    losses, params = _train(model, pam_compile(model, backend="aot_eager", fullgraph=True),
+    losses, params = _train(model, pam.compile(model, backend="aot_eager", fullgraph=True),
                             x, y)
     assert torch.equal(torch.stack(losses).view(torch.int32),
                        torch.stack(ref_losses).view(torch.int32))

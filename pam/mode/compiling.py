@@ -119,10 +119,15 @@ def make_pam(gm, example_inputs, cfg):
         with layer:
             return _Runner(gm, layer).run(*args)
 
-    with torch.fx.traceback.preserve_node_meta(), \
-            (fake if fake is not None else contextlib.nullcontext()):
-        return make_fx(run, tracing_mode="real" if fake is not None else "fake")(
-            *example_inputs)
+    old = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True     # pam code takes its traceable paths
+    try:                                         # (fresh scalar constants, custom ops)
+        with torch.fx.traceback.preserve_node_meta(), \
+                (fake if fake is not None else contextlib.nullcontext()):
+            return make_fx(run, tracing_mode="real" if fake is not None else "fake")(
+                *example_inputs)
+    finally:
+        torch.compiler._is_compiling_flag = old
 
 
 @torch.library.custom_op("pam::ordered_sum", mutates_args=())
@@ -212,6 +217,21 @@ def backend(inner="aot_eager", context=None, graphs=None):
 
 
 @contextlib.contextmanager
+def _scope():
+    """The block may be compiled by Dynamo under the mode's dispatch layer (what a
+    :class:`Compiled` call runs in): ``_COMPILING`` raised, torch's mode flag cleared, the
+    location tracker's global module hooks removed (Dynamo would trace them and guard on
+    them; module paths of refused ops come from the FX nodes instead)."""
+    depth = getattr(_COMPILING, "depth", 0)
+    _COMPILING.depth = depth + 1
+    try:
+        with _compilable(), _loc.Tracker.paused():
+            yield
+    finally:
+        _COMPILING.depth = depth
+
+
+@contextlib.contextmanager
 def _compilable():
     """Clear, for the block, torch's "inside a dispatch mode that does not ignore compile
     internals" flag (Python and the C++ copy guards read): it was set when the mode's layer
@@ -263,17 +283,13 @@ class Compiled:
         fn = self._for(None if ctx is None else _stack_key(), ctx)
         if ctx is None:
             return fn(*args, **kwargs)
-        depth = getattr(_COMPILING, "depth", 0)
-        _COMPILING.depth = depth + 1
         try:
-            with _compilable(), _loc.Tracker.paused():   # Dynamo must not trace the hooks
+            with _scope():
                 return fn(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             if isinstance(e.inner_exception, UnsupportedOpError):
                 raise e.inner_exception from None      # the op, where, and "no PAM version"
             raise
-        finally:
-            _COMPILING.depth = depth
 
     def __getattr__(self, name):
         return getattr(self.__dict__["_model"], name)
