@@ -11,8 +11,8 @@ Eager ``pam.arithmetic()`` has two layers (see :mod:`pam.mode`). Under compilati
   layer 2's own ``TorchDispatchMode`` pushed (:func:`make_pam`): every float32
   multiply-family node goes through the handler layer 2 calls in eager (one table,
   ``pam.mode.aten._LAYER2``), so it becomes the pam ops that compute it; an op with no PAM
-  version raises :class:`UnsupportedOpError` naming the op, the module and the source
-  line, at compile time. The inner compiler (``"aot_eager"``: run the graph as is;
+  version raises :class:`UnsupportedOpError` naming the op and the user's source line (and
+  the module path when the node records one), at compile time. The inner compiler (``"aot_eager"``: run the graph as is;
   ``"inductor"``: Inductor's ``compile_fx_inner``) gets the PAM graph.
 
 :func:`compile` is the user entry point: ``pam.compile(model, backend="aot_eager")``
@@ -30,7 +30,8 @@ float32 ``sum`` reductions left in the graph (bias gradients, softmax and layer-
 which round differently in the last bits from ATen's; :func:`keep_aten_sums` makes each an
 opaque ``pam.ordered_sum`` op calling ATen's ``sum`` (the price: Inductor does not fuse
 them). The elementwise float32 additions, subtractions, comparisons and copies Inductor
-fuses are exact IEEE operations, the same bits in any order of evaluation. Random ops
+fuses are each one correctly rounded IEEE operation computed in the graph's order (Inductor
+does not reassociate them), so fusing them changes no bit. Random ops
 (dropout with p > 0) draw from AOT autograd's RNG handling and are not claimed
 bit-identical.
 """
@@ -109,7 +110,7 @@ def make_pam(gm, example_inputs, cfg):
     """``gm`` (an ATen graph from AOT autograd) re-traced with every float32 multiply-family
     node computed as layer 2 of ``pam.arithmetic()`` computes it in eager: a new graph of
     ``torch.ops.pam.*`` kernels and ATen ops that multiply nothing. Ops with no PAM version
-    raise :class:`pam.UnsupportedOpError` (``strict=True``) naming the node's module and
+    raise :class:`pam.UnsupportedOpError` (``strict=True``) naming the node's
     source line, or stay float32 and are reported once (``strict=False``); op families the
     configuration leaves out (``ops=``) stay float, as in eager."""
     fake = torch._guards.detect_fake_mode(example_inputs)
@@ -173,6 +174,34 @@ def keep_aten_sums(gm):
     return gm
 
 
+def _graph_runner(gm, example_inputs):
+    """aot_eager's runner for a PAM graph, run with the mode's dispatch layers off: the
+    graph holds nothing they would change (``make_pam`` applied their table), and each of
+    its ops would otherwise pass through their Python ``__torch_dispatch__``."""
+    from torch._dynamo.backends.debugging import boxed_nop
+    run = boxed_nop(gm, example_inputs)
+    if not callable(run) or not getattr(run, "_boxed_call", False) \
+            or not isinstance(run, type(_graph_runner)):
+        return run                           # an output-code object (AOT cache on): as is
+
+    def call(args):
+        with _layers_off():
+            return run(args)
+    call._boxed_call = True
+    return call
+
+
+@contextlib.contextmanager
+def _layers_off():
+    """Pop the dispatch stack for the block when it holds only pam.arithmetic layers."""
+    modes = _dispatch_stack()
+    if modes and all(isinstance(m, _DispatchLayer) for m in modes):
+        with torch.utils._python_dispatch._disable_current_modes():
+            yield
+    else:
+        yield
+
+
 def backend(inner="aot_eager", context=None, graphs=None):
     """A ``torch.compile`` backend computing in PAM arithmetic: AOT autograd without
     decompositions, each forward/backward graph made PAM by :func:`make_pam`, then the
@@ -206,9 +235,9 @@ def backend(inner="aot_eager", context=None, graphs=None):
             return compile_graph
 
         if inner == "aot_eager":
-            from torch._dynamo.backends.debugging import aot_eager, boxed_nop
-            return aot_eager(gm, example_inputs, fw_compiler=wrap(boxed_nop),
-                             bw_compiler=wrap(boxed_nop))
+            from torch._dynamo.backends.debugging import aot_eager
+            return aot_eager(gm, example_inputs, fw_compiler=wrap(_graph_runner),
+                             bw_compiler=wrap(_graph_runner))
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         return compile_fx(gm, example_inputs, inner_compile=wrap(compile_fx_inner),
                           decompositions={})
