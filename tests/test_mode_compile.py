@@ -13,6 +13,8 @@ compared bit for bit (int32 views) with eager ``pam.arithmetic()``:
 * torch.erf inside the compiled model: UnsupportedOpError naming erf and the source line;
   with strict=False it runs in float, reported once, and the graph check names it;
 * torch._dynamo.explain: one graph, no graph break;
+* inside pam.audit.no_float_multiply() the model runs eagerly (audited), and compiles
+  after;
 * three AdamW training steps (torch.optim.AdamW eager, outside the compiled model) match
   eager training bit for bit and compile once (error_on_recompile after the first).
 """
@@ -207,6 +209,21 @@ def test_outside_the_mode_it_is_the_float_model():
     with pam.arithmetic():
         pam_out = compiled(x)
     assert not torch.equal(_bits(pam_out), _bits(model(x)))
+
+
+def test_under_the_audit_it_runs_eagerly_then_compiles():
+    """Inside pam.audit.no_float_multiply() the model runs eagerly (the audit sees every
+    op, nothing is flagged); a later call without the audit still compiles."""
+    model, x = _mlp()
+    ref = _step(model, model, x)
+    torch._dynamo.reset()
+    compiled = pam.compile(model, backend="aot_eager", fullgraph=True)
+    with pam.audit.no_float_multiply() as audit:
+        got = _step(model, compiled, x)
+    assert _differing(ref, got) == [] and compiled.graphs == []
+    assert audit.ops_seen                                  # it saw the eager ops
+    assert _differing(ref, _step(model, compiled, x)) == []
+    assert len(compiled.graphs) == 2
 
 
 def test_configuration_is_followed():

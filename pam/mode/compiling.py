@@ -309,6 +309,12 @@ class Compiled:
 
     def __call__(self, *args, **kwargs):
         ctx = active()
+        if ctx is not None and not all(isinstance(m, _DispatchLayer)
+                                       for m in _dispatch_stack()):
+            # Another dispatch mode (pam.audit.no_float_multiply...) must see every op:
+            # run eagerly (Dynamo would skip these frames and, worse, mark their code
+            # skipped for later calls too).
+            return self._model(*args, **kwargs)
         fn = self._for(None if ctx is None else _stack_key(), ctx)
         if ctx is None:
             return fn(*args, **kwargs)
@@ -334,8 +340,10 @@ def compile(model, backend="aot_eager", **options):
     ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``...). Inside a context the model
     is compiled for that context's configuration (one compiled version per distinct
     configuration); outside any, it is ``torch.compile(model, backend=backend)`` (float,
-    like the eager model there). Ops with no PAM version raise ``pam.UnsupportedOpError``
-    when the graph is compiled (first call, or first backward).
+    like the eager model there). Under another dispatch mode as well (e.g. inside
+    ``pam.audit.no_float_multiply()``) the model runs eagerly, so that mode sees every op.
+    Ops with no PAM version raise ``pam.UnsupportedOpError`` when the graph is compiled
+    (first call).
     """
     if backend not in INNER_BACKENDS:
         raise ValueError(f"pam.compile backend must be one of {INNER_BACKENDS}, "
