@@ -19,10 +19,12 @@ from .conv import conv1d, conv2d
 from . import audit, families, functional, fused, nn, optim
 from .families import FAMILIES, FORMATS
 from .mode import arithmetic, UnsupportedOpError
+from .mode import compile  # noqa: A004 (torch.compile for pam.arithmetic)
 from .nn.convert import convert
 
 __version__ = "0.1.0"
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
            "conv1d", "conv2d",
-           "BACKWARD_MODES", "arithmetic", "UnsupportedOpError", "nn", "functional", "fused",
-           "optim", "audit", "convert", "families", "FAMILIES", "FORMATS"]
+           "BACKWARD_MODES", "arithmetic", "compile", "UnsupportedOpError", "nn",
+           "functional", "fused", "optim", "audit", "convert", "families", "FAMILIES",
+           "FORMATS"]

@@ -55,7 +55,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import location as _loc
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["no_float_multiply", "FloatMultiplyError", "BANNED_OPS", "is_banned"]
+__all__ = ["no_float_multiply", "FloatMultiplyError", "BANNED_OPS", "is_banned",
+           "graph_float_ops"]
 
 
 class FloatMultiplyError(RuntimeError):
@@ -181,6 +182,8 @@ class no_float_multiply(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "pam":                 # torch.ops.pam.*: the PAM kernels
+            return func(*args, **kwargs)
         full = func.overloadpacket.__name__
         base = _base_name(func)
         flat, _ = tree_flatten((args, kwargs))
@@ -200,3 +203,40 @@ class no_float_multiply(TorchDispatchMode):
                 self._flag(full, "floating-point result")
         self.ops_seen[full] = self.ops_seen.get(full, 0) + 1
         return out
+
+
+def _meta_float(v):
+    vals, _ = tree_flatten(v)
+    return any(isinstance(t, torch.Tensor) and (t.dtype.is_floating_point or t.dtype.is_complex)
+               for t in vals)
+
+
+def graph_float_ops(gm):
+    """The float multiply-family ATen calls left in an FX graph (e.g. the final graphs of
+    ``pam.compile``), by the rules :class:`no_float_multiply` applies at run time, read from
+    the nodes' recorded values (``meta["val"]``): a banned op with a floating-point input
+    (or result), ``add``/``sub`` with ``alpha != 1``. Returns ``[(op name, node name)]``;
+    empty means the graph multiplies no float. ``torch.ops.pam.*`` nodes are the PAM
+    kernels; higher-order or non-ATen nodes (none in AOT graphs) are reported as such.
+    """
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        t = n.target
+        if not isinstance(t, torch._ops.OpOverload):
+            if isinstance(t, torch._ops.HigherOrderOperator):
+                found.append((str(t), n.name))
+            continue
+        if t.namespace == "pam":
+            continue
+        full = t.overloadpacket.__name__
+        base = _base_name(t)
+        ins = [a.meta.get("val") for a in n.all_input_nodes]
+        float_in = _meta_float(ins)
+        if is_banned(full) and (float_in or _meta_float(n.meta.get("val"))):
+            found.append((full, n.name))
+        elif float_in and base in ("add", "sub", "rsub") and _alpha_not_one(
+                t, n.args, n.kwargs):
+            found.append((full, n.name))
+    return found

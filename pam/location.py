@@ -15,6 +15,7 @@ for forward ops and for the backward ops autograd runs on their behalf.
 Cost: two hook calls per module call and one frame walk per recorded torch function call
 (microseconds); nothing when no tracker is active.
 """
+import contextlib
 import os
 import sys
 import weakref
@@ -66,6 +67,25 @@ class Tracker:
                 h.remove()
             cls._handles = None
             cls._stack = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def paused(cls):
+        """Remove the hooks for the duration of the block (the stack is kept), then put them
+        back if a tracker is still active: code that Dynamo traces (``pam.compile``) must
+        not see global module hooks."""
+        handles = cls._handles
+        if handles is not None:
+            for h in handles:
+                h.remove()
+            cls._handles = None
+        try:
+            yield
+        finally:
+            if handles is not None and cls._active > 0 and cls._handles is None:
+                pre = torch.nn.modules.module.register_module_forward_pre_hook(cls._push)
+                post = torch.nn.modules.module.register_module_forward_hook(cls._pop)
+                cls._handles = (pre, post)
 
     @classmethod
     def _push(cls, module, args):

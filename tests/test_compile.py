@@ -5,9 +5,10 @@ Matrix (CPU):
   aot_eager, fullgraph True / False: outputs and every gradient bit-identical to eager,
   one graph and no graph break (torch._dynamo.explain);
 * an MLP of pam.nn (Linear, GELU), backend inductor, fullgraph True / False: bit-identical;
-* a plain torch model under the op-level mode (pam.arithmetic): Dynamo refuses frames run
-  under a non-infra TorchDispatchMode, so fullgraph=True raises and fullgraph=False runs
-  every frame eagerly (same bits as eager);
+* a plain torch model under the op-level mode (pam.arithmetic) with plain torch.compile:
+  Dynamo refuses frames run under a non-infra TorchDispatchMode, so fullgraph=True raises
+  and fullgraph=False runs every frame eagerly (same bits as eager); pam.compile compiles
+  it (tests/test_mode_compile.py);
 * a 5-step training loop of fixed shapes compiles once (no recompile).
 """
 import math

@@ -33,12 +33,19 @@ Options: ``backward`` ("approx", the paper's choice and default here, or "exact"
 ``ops`` ("all", "matmul", or a set of :data:`FAMILIES` names: families left out run in
 float by the user's explicit choice), ``strict``.
 
+Compilation: ``pam.compile(model, backend="aot_eager" | "inductor")`` (:mod:`.compiling`)
+compiles a model for the mode: Dynamo traces layer 1, and layer 2's table is applied to
+the traced ATen graphs (:func:`backend`); same bits as eager. A plain ``torch.compile``
+under the mode is not compiled (Dynamo skips its frames, which run eagerly in PAM;
+``fullgraph=True`` raises).
+
 Not covered: float64/float16/bfloat16 tensors in multiply-family ops (refused, strict);
 code outside the ``with`` block (a ``loss.backward()`` after the block runs float: keep
 backward and the optimizer step inside); other threads' work; random sampling with
-float parameters (``randn``, ``normal_``: refused), ``torch.compile``d code.
+float parameters (``randn``, ``normal_``: refused).
 """
 from .context import FAMILIES, active, arithmetic
 from .semantics import UnsupportedOpError
+from .compiling import backend, compile
 
-__all__ = ["arithmetic", "active", "UnsupportedOpError", "FAMILIES"]
+__all__ = ["arithmetic", "active", "UnsupportedOpError", "FAMILIES", "compile", "backend"]

@@ -3,6 +3,7 @@ every float32 multiply-family ATen operator still running (backward formulas of 
 ops, optimizers' ``_foreach_*`` and in-place ops, internals of torch composites), and
 refuses, with its location, any it cannot emulate."""
 import math
+import threading
 import warnings
 
 import torch
@@ -313,13 +314,29 @@ def _float_args(flat):
             and (t.dtype.is_floating_point or t.dtype.is_complex)]
 
 
+_COMPILING = threading.local()     # .depth: pam.compile'd calls running on this thread
+
+
 class _DispatchLayer(TorchDispatchMode):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
 
+    @classmethod
+    def ignore_compile_internals(cls):
+        """True only while a :func:`pam.compile`'d callable runs on this thread: Dynamo then
+        compiles frames under this mode, whose graphs ``pam.mode.backend`` makes PAM, and
+        this layer stays on for the code Dynamo runs eagerly. Under any other
+        ``torch.compile`` Dynamo skips every frame (eager, still PAM; ``fullgraph=True``
+        raises)."""
+        return getattr(_COMPILING, "depth", 0) > 0
+
+    def _where(self):
+        """Text naming where the op now handled came from (module path, source line)."""
+        return _loc.current_location()
+
     def _refuse(self, name, why):
-        where = _loc.current_location()
+        where = self._where()
         msg = (f"pam.arithmetic(): aten.{name} {why}" + (f" ({where})" if where else ""))
         if self.cfg.strict:
             raise UnsupportedOpError(msg)
@@ -330,8 +347,8 @@ class _DispatchLayer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         banned = _BANNED.get(func)
-        if banned is None:
-            banned = _BANNED[func] = is_banned(_packet(func))
+        if banned is None:          # torch.ops.pam.* are the PAM kernels themselves
+            banned = _BANNED[func] = func.namespace != "pam" and is_banned(_packet(func))
         if not banned:
             return func(*args, **kwargs)
         full = _packet(func)

@@ -352,8 +352,8 @@ class _FunctionLayer(TorchFunctionMode):
             out = entry[0](self.cfg, args, kwargs)
         if out is NotImplemented:
             out = func(*args, **kwargs)
-        if torch.is_grad_enabled():
-            _loc.tag_outputs(out, _loc.where_now())
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            _loc.tag_outputs(out, _loc.where_now())    # compiled: the FX nodes' metadata
         return out
 
 
