@@ -116,7 +116,7 @@ def _floor_f32(m):
     """torch.floor on a finite float32 (values of magnitude >= 2^23 are integers)."""
     if m >= np.float32(8388608.0) or m <= np.float32(-8388608.0):
         return m
-    return np.float32(np.int64(np.floor(np.float64(m))))
+    return np.float32(math.floor(m))         # math.floor: numba-cuda has no np.floor ufunc
 
 
 @register_jitable
