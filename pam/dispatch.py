@@ -65,8 +65,12 @@ def as_operand(x, name, like):
     return check_float32(x, name)
 
 
+@torch._dynamo.assume_constant_result
 def offset_constant(offset):
-    """The integer folded into PAM/PAD for ``offset`` (None means no offset)."""
+    """The integer folded into PAM/PAD for ``offset`` (None means no offset).
+
+    A function of a Python number: under ``torch.compile`` Dynamo evaluates it while
+    tracing (a constant, no graph break on its NumPy calls)."""
     if offset is None:
         return 0
     if isinstance(offset, (bool, np.bool_)) or not isinstance(offset, (int, float, np.integer, np.floating)):

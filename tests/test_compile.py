@@ -186,6 +186,27 @@ def test_mlp_inductor_same_bits(fullgraph):
     _assert_same(ref, got)
 
 
+@pytest.mark.parametrize("kw", [{"offset": 1.0552}, {"family": "pam_offset"},
+                                {"family": "lmul", "operands": "e4m3"},
+                                {"family": "pam", "operands": "bfloat16"}])
+def test_offsets_and_families_trace_in_one_graph(kw):
+    """Offsets, families and operand formats are constants of the trace: fullgraph
+    compiles, and forward and gradients keep the eager bits."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(pnn.Linear(8, 16, offset=kw.get("offset")), pnn.GELU(),
+                                pnn.Linear(16, 4))
+    for m in model.modules():
+        if isinstance(m, pnn.Linear) and "family" in kw:
+            m.offset = pam.families.resolve(kw["family"]).offset
+            m.family = "pam" if kw["family"] == "pam_offset" else kw["family"]
+            m.operands = kw.get("operands", "float32")
+    x = torch.randn(3, 8)
+    ref = _step(model, model, x)
+    torch._dynamo.reset()
+    got = _step(model, torch.compile(model, backend="aot_eager", fullgraph=True), x)
+    _assert_same(ref, got)
+
+
 def test_training_loop_compiles_once(block):
     """Five steps of fixed shapes with an optimizer outside the compiled model: one
     compilation, no recompile (error_on_recompile turns a recompile into an error)."""
