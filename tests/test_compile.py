@@ -207,6 +207,16 @@ def test_offsets_and_families_trace_in_one_graph(kw):
     _assert_same(ref, got)
 
 
+def test_pam_compile_inductor_keeps_eager_bits_outside_the_mode(block):
+    """pam.compile outside any context: Inductor with ATen's float32 sums, so a pam.nn
+    transformer block (layer-norm means, softmax sums, bias gradients) keeps eager's bits."""
+    model, x = block
+    ref = _step(model, model, x)
+    torch._dynamo.reset()
+    got = _step(model, pam.compile(model, backend="inductor", fullgraph=True), x)
+    _assert_same(ref, got)
+
+
 def test_training_loop_compiles_once(block):
     """Five steps of fixed shapes with an optimizer outside the compiled model: one
     compilation, no recompile (error_on_recompile turns a recompile into an error)."""

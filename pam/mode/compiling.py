@@ -245,6 +245,17 @@ def backend(inner="aot_eager", context=None, graphs=None):
     return compile_fn
 
 
+def _inductor_aten_sums(gm, example_inputs):
+    """Inductor with the float32 sums kept as ATen's (:func:`keep_aten_sums`), for models
+    compiled outside any context (``pam.convert`` models, float models): the other float
+    ops of the graph are single IEEE operations, so the compiled model gives eager's bits."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def inner(g, ex, **kw):
+        return compile_fx_inner(keep_aten_sums(g), ex, **kw)
+    return compile_fx(gm, example_inputs, inner_compile=inner, decompositions={})
+
+
 @contextlib.contextmanager
 def _scope():
     """The block may be compiled by Dynamo under the mode's dispatch layer (what a
@@ -302,7 +313,10 @@ class Compiled:
         if fn is None:
             if _MHAView.forward is None:
                 _bind_mha()        # layer 1's lazy import, done eagerly (not traced)
-            be = self._inner if ctx is None else backend(self._inner, ctx, self.graphs)
+            if ctx is not None:
+                be = backend(self._inner, ctx, self.graphs)
+            else:
+                be = _inductor_aten_sums if self._inner == "inductor" else self._inner
             fn = self._compiled[key] = torch.compile(self._model, backend=be,
                                                      **self._options)
         return fn
@@ -340,7 +354,8 @@ def compile(model, backend="aot_eager", **options):
     ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``...). Inside a context the model
     is compiled for that context's configuration (one compiled version per distinct
     configuration); outside any, it is ``torch.compile(model, backend=backend)`` (float,
-    like the eager model there). Under another dispatch mode as well (e.g. inside
+    like the eager model there; ``pam.convert`` models compute in PAM), with Inductor's
+    float32 sums replaced by ATen's so that the bits stay eager's. Under another dispatch mode as well (e.g. inside
     ``pam.audit.no_float_multiply()``) the model runs eagerly, so that mode sees every op.
     Ops with no PAM version raise ``pam.UnsupportedOpError`` when the graph is compiled
     (first call).
