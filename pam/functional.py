@@ -274,9 +274,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     ignore = target == ignore_index
     t = torch.where(ignore, torch.zeros_like(target), target)
     valid = (t >= 0) & (t < C)
-    if not bool(valid.all()):
-        raise IndexError(f"target values must be in [0, {C}) or ignore_index="
-                         f"{ignore_index}")
+    message = f"target values must be in [0, {C}) or ignore_index={ignore_index}"
+    if torch.compiler.is_compiling():
+        torch._assert_async(valid.all(), message)    # a graph op, not a graph break
+    elif not bool(valid.all()):
+        raise IndexError(message)
     zero = torch.zeros((), dtype=torch.float32, device=input.device)
     picked = wlogp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
     nll = torch.where(ignore, zero, -picked)

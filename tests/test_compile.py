@@ -217,6 +217,24 @@ def test_pam_compile_inductor_keeps_eager_bits_outside_the_mode(block):
     _assert_same(ref, got)
 
 
+def test_cross_entropy_with_index_targets_traces_in_one_graph():
+    """The target range check is an async assert under compile (no data-dependent graph
+    break); the loss and gradient keep the eager bits."""
+    from pam import functional as PF
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, requires_grad=True)
+    target = torch.tensor([0, 4, -100, 2, 1, 3])
+
+    def loss_fn(x, t):
+        return PF.cross_entropy(x, t, ignore_index=-100, label_smoothing=0.1)
+    ref = loss_fn(logits, target)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch._dynamo.reset()
+    got = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(logits, target)
+    (g_got,) = torch.autograd.grad(got, logits)
+    _assert_same([ref.detach(), g_ref], [got.detach(), g_got])
+
+
 def test_training_loop_compiles_once(block):
     """Five steps of fixed shapes with an optimizer outside the compiled model: one
     compilation, no recompile (error_on_recompile turns a recompile into an error)."""
