@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 from . import dispatch as D
+from . import library as L
 
 __all__ = ["FAMILIES", "FORMATS", "KOSSON_JAGGI_OFFSET", "Format", "Multiplier", "resolve",
            "lmul_l", "round_operand", "round_to"]
@@ -127,7 +128,6 @@ def round_to(x, operands, flush=False):
     Round to nearest even; overflow per the format (see the module docstring); ``flush``
     rounds results that are subnormal in the format to a signed zero.
     """
-    from . import library as L
     fmt = FORMATS[operands]
     return L.quantize(D.check_float32(x, "x"), fmt.code, bool(flush))
 
@@ -137,7 +137,6 @@ class _RoundSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, code, flush):
-        from . import library as L
         return L.quantize(x, code, flush)
 
     @staticmethod

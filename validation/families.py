@@ -45,11 +45,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import pam  # noqa: E402
 from pam import families as FAM  # noqa: E402
 from bdia_pam import data as D  # noqa: E402
+from parity_models import NanoBlock  # noqa: E402  (the nanoGPT block of the parity runs)
 
 FAMILIES = FAM.FAMILIES
 FORMATS = tuple(FAM.FORMATS)
@@ -129,29 +130,12 @@ class DigitsCNN(nn.Module):
         return self.head(x.flatten(1))
 
 
-class Block(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.h = h
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
 class TextLM(nn.Module):
     def __init__(self, d=32, h=4):
         super().__init__()
         self.tok = nn.Embedding(256, d)
         self.pos = nn.Embedding(CTX, d)
-        self.block = Block(d, h)
+        self.block = NanoBlock(d, h)
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, 256)
 
