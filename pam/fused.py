@@ -19,6 +19,7 @@ arithmetic is :mod:`pam.optim_bits`, the same on CPU and CUDA.
 import torch
 
 from . import dispatch as D
+from . import library as L
 from . import optim_bits as OB
 
 __all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward", "softmax_forward",
@@ -187,9 +188,16 @@ def gelu_forward(x):
     """Piecewise-affine GELU of float32 tensor ``x`` (no autograd), one launch.
 
     Bit for bit the composite sum_j PAM(relu(x - k_j), d_j) of pam.functional (see
-    :func:`pam.rows_bits.gelu_forward_bits`).
+    :func:`pam.rows_bits.gelu_forward_bits`). Traceable: under ``torch.compile`` it is the
+    custom op ``torch.ops.pam.gelu_forward``.
     """
     D.check_float32(x, "x")
+    return L.gelu_forward(x)
+
+
+def gelu_forward_kernel(x):
+    """:func:`gelu_forward` without checks, launching the kernel directly (the custom
+    op's implementation)."""
     out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
     if out.numel():
         knots, slopes = _gelu_tables(x.device)
@@ -202,25 +210,39 @@ def gelu_backward(grad, x, backward="exact"):
     """Input gradient of :func:`gelu_forward` at ``x`` for output gradient ``grad``.
 
     ``backward``: "exact" or "approx" (they differ only where x is NaN); bit for bit the
-    gradient autograd computes through the composite definition.
+    gradient autograd computes through the composite definition. Traceable (the custom op
+    ``torch.ops.pam.gelu_backward``).
     """
     D.check_float32(x, "x")
     D.check_float32(grad, "grad")
     if grad.shape != x.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
                          f"{tuple(x.shape)}")
-    if backward not in ("exact", "approx"):
-        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    return L.gelu_backward(grad, x, backward)
+
+
+def gelu_backward_kernel(grad, x, exact):
+    """:func:`gelu_backward` without checks, ``exact`` a bool, launching the kernel
+    directly (the custom op's implementation)."""
     out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
     if out.numel():
         knots, slopes = _gelu_tables(x.device)
         D.launch("gelu_backward", x.device, D.as_bits(x).reshape(-1),
-                 D.as_bits(grad).reshape(-1), knots, slopes, backward == "exact",
-                 out.view(-1))
+                 D.as_bits(grad).reshape(-1), knots, slopes, bool(exact), out.view(-1))
     return out.view(torch.float32)
 
 
 # --------------------------------------------------------------------------- softmax
+def _dim(x, dim):
+    """``dim`` as a non-negative index into ``x``'s dimensions (IndexError if out of
+    range, as torch)."""
+    dim = int(dim)
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"dim {dim} is out of range for a tensor with {x.dim()} "
+                         f"dimensions")
+    return dim % x.dim()
+
+
 def _rows(x, dim):
     """x with ``dim`` moved last, contiguous, as flat int32 bits, and the row length."""
     xm = x.detach().movedim(dim, -1).contiguous()
@@ -233,7 +255,8 @@ def softmax_forward(x, dim=-1, offset=None, safe=False):
     Per row (see :func:`pam.rows_bits.softmax_row_forward`): x' = PAM(x, log2 e; offset),
     m = floor(max x') (0 if not finite), e = pa_exp2(x' - m), s = sum e in increasing
     index order, result PAD(e, s). ``safe``: a row whose sum is 0 gives zeros, not NaN
-    (scaled_dot_product_attention's fully masked rows).
+    (scaled_dot_product_attention's fully masked rows). Traceable: under
+    ``torch.compile`` it is the custom op ``torch.ops.pam.softmax_forward``.
     """
     D.check_float32(x, "x")
     return softmax_rows_forward(x, dim, D.offset_constant(offset), safe)
@@ -243,6 +266,12 @@ def softmax_rows_forward(x, dim, off, safe):
     """:func:`softmax_forward` with the offset given as its integer constant ``off``."""
     if x.dim() == 0:
         return softmax_rows_forward(x.reshape(1), 0, off, safe).reshape(())
+    return L.softmax_forward(x, _dim(x, dim), off, bool(safe))
+
+
+def softmax_forward_kernel(x, dim, off, safe):
+    """:func:`softmax_rows_forward` of an input with at least one dimension and ``dim``
+    in range, launching the kernel directly (the custom op's implementation)."""
     xm, xb, n = _rows(x, dim)
     out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
     if out.numel():
@@ -274,6 +303,12 @@ def softmax_rows_backward(grad, x, dim, off, safe, exact):
     if x.dim() == 0:
         return softmax_rows_backward(grad.reshape(1), x.reshape(1), 0, off, safe,
                                      exact).reshape(())
+    return L.softmax_backward(grad, x, _dim(x, dim), off, bool(safe), bool(exact))
+
+
+def softmax_backward_kernel(grad, x, dim, off, safe, exact):
+    """:func:`softmax_rows_backward` of inputs with at least one dimension and ``dim`` in
+    range, launching the kernel directly (the custom op's implementation)."""
     xm, xb, n = _rows(x, dim)
     _, gb, _ = _rows(grad, dim)
     out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)

@@ -1,7 +1,7 @@
 """PAM kernels as torch custom ops (``torch.ops.pam.*``), for ``torch.compile``.
 
-Every kernel entry point reached from :mod:`pam.ops`, :mod:`pam.conv` and the GELU of
-:mod:`pam.functional` is a ``torch.library.custom_op`` that returns a new tensor and mutates
+Every kernel entry point reached from :mod:`pam.ops`, :mod:`pam.conv` and :mod:`pam.fused`
+(GELU, softmax rows) is a ``torch.library.custom_op`` that returns a new tensor and mutates
 none of its inputs (``mutates_args=()``), with a fake implementation giving the result's
 shape, dtype and device. Dynamo records these ops as single graph nodes (it cannot trace a
 Numba dispatcher), and AOT autograd's functionalization sees every result as a fresh
@@ -39,7 +39,8 @@ from . import dispatch as D
 __all__ = ["binary_map", "unary_map", "quantize", "pow2_part", "matmul3",
            "matmul_exact_grad_left",
            "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
-           "gelu_forward", "gelu_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar", "static_int",
+           "gelu_forward", "gelu_backward", "softmax_forward",
+           "softmax_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar", "static_int",
            "lmul_scalar", "quantize_scalar"]
 
 
@@ -335,11 +336,13 @@ def conv_grad_weight(grad4, x4, w4, stride, pad_lo, dilation, groups, exact, off
                                 bool(exact), off, kind)
 
 
-# --------------------------------------------------------------------------- fused GELU
+# --------------------------------------------------------------------------- fused rows
+# The pam.fused entry points (checks there); these run the kernels, directly in eager mode
+# and as custom ops under tracing.
 @torch.library.custom_op("pam::gelu_forward", mutates_args=())
 def _gelu_forward_op(x: torch.Tensor) -> torch.Tensor:
     from . import fused
-    return fused.gelu_forward(x)
+    return fused.gelu_forward_kernel(x)
 
 
 @_gelu_forward_op.register_fake
@@ -350,7 +353,7 @@ def _(x):
 @torch.library.custom_op("pam::gelu_backward", mutates_args=())
 def _gelu_backward_op(grad: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tensor:
     from . import fused
-    return fused.gelu_backward(grad, x, "exact" if exact else "approx")
+    return fused.gelu_backward_kernel(grad, x, exact)
 
 
 @_gelu_backward_op.register_fake
@@ -362,7 +365,7 @@ def gelu_forward(x):
     """:func:`pam.fused.gelu_forward` (the piecewise-affine GELU), traceable."""
     if _direct(x):
         from . import fused
-        return fused.gelu_forward(x)
+        return fused.gelu_forward_kernel(x)
     return _gelu_forward_op(x)
 
 
@@ -372,8 +375,54 @@ def gelu_backward(grad, x, backward="exact"):
         raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
     if _direct(grad, x):
         from . import fused
-        return fused.gelu_backward(grad, x, backward)
+        return fused.gelu_backward_kernel(grad, x, backward == "exact")
     return _gelu_backward_op(grad, x, backward == "exact")
+
+
+@torch.library.custom_op("pam::softmax_forward", mutates_args=())
+def _softmax_forward_op(x: torch.Tensor, dim: int, off: int, safe: bool) -> torch.Tensor:
+    from . import fused
+    return fused.softmax_forward_kernel(x, dim, off, safe)
+
+
+def _rows_like(x, dim):
+    """A new tensor shaped like ``x``, laid out as the row kernels return it: ``dim``
+    innermost in memory."""
+    return x.new_empty(x.movedim(dim, -1).shape).movedim(-1, dim)
+
+
+@_softmax_forward_op.register_fake
+def _(x, dim, off, safe):
+    return _rows_like(x, dim)
+
+
+@torch.library.custom_op("pam::softmax_backward", mutates_args=())
+def _softmax_backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, off: int, safe: bool,
+                         exact: bool) -> torch.Tensor:
+    from . import fused
+    return fused.softmax_backward_kernel(grad, x, dim, off, safe, exact)
+
+
+@_softmax_backward_op.register_fake
+def _(grad, x, dim, off, safe, exact):
+    return _rows_like(x, dim)
+
+
+def softmax_forward(x, dim, off, safe):
+    """:func:`pam.fused.softmax_forward` along non-negative ``dim`` with the integer offset
+    constant ``off``, traceable."""
+    if _direct(x):
+        from . import fused
+        return fused.softmax_forward_kernel(x, dim, off, safe)
+    return _softmax_forward_op(x, dim, off, safe)
+
+
+def softmax_backward(grad, x, dim, off, safe, exact):
+    """:func:`pam.fused.softmax_backward` along non-negative ``dim``, traceable."""
+    if _direct(grad, x):
+        from . import fused
+        return fused.softmax_backward_kernel(grad, x, dim, off, safe, exact)
+    return _softmax_backward_op(grad, x, dim, off, safe, exact)
 
 
 # --------------------------------------------------------------------------- scalars

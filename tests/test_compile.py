@@ -114,11 +114,42 @@ def test_custom_op_path_gives_the_direct_bits(case, monkeypatch):
                                   torch.randn(3, 2, 3, 3), [1, 1], [1, 1], [1, 1], 1, False,
                                   1 << 19, "lmul")),
     ("quantize", lambda: (torch.randn(7), 3, True)),
+    ("softmax_forward", lambda: (torch.randn(3, 5, 4), 1, 0, False)),
+    ("softmax_backward", lambda: (torch.randn(3, 4), torch.randn(3, 4), 1, 1 << 19, True,
+                                  False)),
 ])
 def test_opcheck(op, args):
     """Schema (no mutation, no aliasing) and fake implementation agree with the kernels."""
     torch.library.opcheck(getattr(torch.ops.pam, op).default, args(),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_fused_entry_points_compile_to_custom_ops(dim):
+    """pam.fused's GELU and softmax rows trace as torch.ops.pam.* under fullgraph, with the
+    eager bits (including a softmax along a middle dimension, whose result is laid out
+    with ``dim`` innermost)."""
+    from pam import fused
+
+    def fn(x, g):
+        p = fused.softmax_forward(x, dim=dim, offset=1.0552)
+        return (p, fused.softmax_backward(g, x, dim=dim, backward="approx"),
+                fused.gelu_forward(x), fused.gelu_backward(g, x))
+
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    x[0, 0, 0] = -math.inf
+    ref = fn(x, g)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(x, g)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    targets = {str(n.target) for gr in explained.graphs for n in gr.graph.nodes}
+    assert {"pam.softmax_forward.default", "pam.softmax_backward.default",
+            "pam.gelu_forward.default", "pam.gelu_backward.default"} <= targets, targets
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, g)
+    _assert_same(ref, got)
+    assert all(a.stride() == b.stride() for a, b in zip(ref, got))
 
 
 # --------------------------------------------------------------------------- models

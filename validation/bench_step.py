@@ -19,11 +19,19 @@ raw ``pam.dispatch.launch`` of the 1-element ``mul`` kernel, and ``torch.mul`` f
 then ``pam.mul`` of 16 elements (no grad, and with an input that requires grad: through
 autograd) and ``pam.matmul`` of two 8x8 matrices (no grad).
 
+The GPT models' PAM side is also run compiled (``pam.compile(model, backend="inductor",
+fullgraph=True)``: a copy with the same weights and its own optimizer, interleaved with the
+others); reported: its step time against the eager PAM and the float step, the first
+compiled step (compilation included) and whether that step's loss has the eager bits.
+
     python validation/bench_step.py [--steps 4] [--warmup 2] [--threads 2] [--models ...]
+                                    [--no-compile]
 
 prints a table and writes validation/results/bench_step.json.
 """
 import argparse
+import copy
+import inspect
 import json
 import os
 import platform
@@ -137,6 +145,12 @@ MODELS = {
 }
 
 
+# Models whose PAM side is also timed compiled. The default bdia model is not: its
+# reversible stack recomputes activations in a custom autograd Function that draws its
+# gamma signs and dropout from a generator in Python, which Dynamo does not trace.
+COMPILED = ("gpt_small", "gpt_wide")
+
+
 # --------------------------------------------------------------------------- timing
 class LaunchCounter:
     """Counts calls to pam.dispatch.launch while installed."""
@@ -159,7 +173,7 @@ class LaunchCounter:
         pam.dispatch.launch = self._orig
 
 
-def _timed_step(model, loss_fn, opt):
+def _timed_step(model, loss_fn, opt, last_loss=None):
     t0 = time.perf_counter()
     loss = loss_fn(model)
     t1 = time.perf_counter()
@@ -168,26 +182,63 @@ def _timed_step(model, loss_fn, opt):
     opt.step()
     opt.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
+    if last_loss is not None:
+        last_loss[:] = [loss.detach()]
     return t1 - t0, t2 - t1, t3 - t2
 
 
-def bench_model(name, steps, warmup):
+def _compiled_side(pside):
+    """A copy of the PAM side (same weights, a fresh optimizer with the same settings) whose
+    model is ``pam.compile(..., backend="inductor", fullgraph=True)``: Inductor with ATen's
+    float32 sums, the eager bits."""
+    model, loss_fn, opt = pside
+    twin = copy.deepcopy(model)
+    accepted = inspect.signature(type(opt)).parameters
+    settings = {k: v for k, v in opt.defaults.items() if k in accepted}
+    return twin, pam.compile(twin, backend="inductor", fullgraph=True), loss_fn, \
+        type(opt)(twin.parameters(), **settings)
+
+
+def _same_bits(a, b):
+    return bool(torch.equal(a.view(torch.int32), b.view(torch.int32)))
+
+
+def bench_model(name, steps, warmup, compiled=True):
     label, make = MODELS[name]
     fside, pside = make()
-    for _ in range(warmup):
+    compiled = compiled and name in COMPILED
+    cside = None
+    if compiled:
+        _, cmodel, closs, copt = _compiled_side(pside)
+        cside = (cmodel, closs, copt)
+    first = {}
+    for i in range(warmup):
         _timed_step(*fside)
-        _timed_step(*pside)
-    ftimes, ptimes = [], []
+        pl, cl = [], []
+        _timed_step(*pside, last_loss=pl)
+        if cside is not None:
+            t0 = time.perf_counter()
+            _timed_step(*cside, last_loss=cl)
+            if i == 0:
+                first = dict(compiled_first_step_s=time.perf_counter() - t0,
+                             compiled_same_loss_bits=_same_bits(pl[0], cl[0]))
+    ftimes, ptimes, ctimes = [], [], []
     for _ in range(steps):
         ftimes.append(_timed_step(*fside))
         ptimes.append(_timed_step(*pside))
+        if cside is not None:
+            ctimes.append(_timed_step(*cside))
     with LaunchCounter() as lc:
         _timed_step(*pside)
     f = [statistics.median(t[i] for t in ftimes) for i in range(3)]
     p = [statistics.median(t[i] for t in ptimes) for i in range(3)]
     fstep = statistics.median(sum(t) for t in ftimes)
     pstep = statistics.median(sum(t) for t in ptimes)
-    return dict(model=name, label=label,
+    if ctimes:
+        cstep = statistics.median(sum(t) for t in ctimes)
+        first.update(compiled_step_s=cstep, compiled_ratio=cstep / fstep,
+                     compiled_vs_eager=cstep / pstep)
+    return dict(model=name, label=label, **first,
                 parameters=sum(q.numel() for q in fside[0].parameters()),
                 param_tensors=sum(1 for _ in fside[0].parameters()),
                 float_step_s=fstep, pam_step_s=pstep, ratio=pstep / fstep,
@@ -234,6 +285,19 @@ def _ms(x):
     return f"{1e3 * x:8.1f}"
 
 
+def print_compiled(rows):
+    rows = [r for r in rows if "compiled_step_s" in r]
+    if not rows:
+        return
+    print("PAM model compiled (pam.compile, inductor, fullgraph) vs eager PAM:")
+    for r in rows:
+        print(f"  {r['model']:<13} eager {_ms(r['pam_step_s']).strip()} ms, compiled "
+              f"{_ms(r['compiled_step_s']).strip()} ms ({r['compiled_vs_eager']:.2f}x eager, "
+              f"{r['compiled_ratio']:.2f}x float), first compiled step "
+              f"{r['compiled_first_step_s']:.1f} s, same loss bits as eager: "
+              f"{r['compiled_same_loss_bits']}")
+
+
 def print_table(rows, launch):
     head = (f"{'model':<13} {'float ms':>8} {'PAM ms':>8} {'ratio':>6} | "
             f"{'fwd f/P ms':>15} {'bwd f/P ms':>15} {'opt f/P ms':>15} | "
@@ -262,18 +326,24 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side [2]")
     ap.add_argument("--threads", type=int, default=2, help="torch and Numba threads [2]")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the compiled PAM column (models: " + ", ".join(COMPILED) + ")")
     ap.add_argument("--out", default=os.path.join(RESULTS, "bench_step.json"))
     args = ap.parse_args(argv)
+    if args.warmup < 1 and not args.no_compile:
+        ap.error("--warmup must be at least 1 (the first compiled step compiles); or "
+                 "pass --no-compile")
     import numba
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     t0 = time.perf_counter()
     rows = []
     for name in args.models:
-        rows.append(bench_model(name, args.steps, args.warmup))
+        rows.append(bench_model(name, args.steps, args.warmup, not args.no_compile))
         print(f"  {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     launch = bench_launch()
     print_table(rows, launch)
+    print_compiled(rows)
     result = dict(rows=rows, launch=launch, steps=args.steps, warmup=args.warmup,
                   threads=args.threads, wall_s=time.perf_counter() - t0,
                   machine=dict(platform=platform.platform(), processor=platform.processor(),
