@@ -616,9 +616,32 @@ def _lmul_row_consts(arow, c, es):
         es[t] = np.int32((np.int64(arow[t]) & MANT_MASK) + c - bits.TWO23)
 
 
+@njit(cache=True, nogil=True)
+def _mm_row_consts(arows, off):
+    """(cs, nz, nz4) of the fast paths for the left-operand rows ``arows`` (rows, k):
+    cs[r, t] = |bits(a)| - ONE + off (+2^31 for negative a), nz[r, t] = a is normal,
+    nz4[r, q] = the four a[r, 4q .. 4q + 3] are normal."""
+    rows, k = arows.shape
+    cs = np.empty((rows, k), np.int32)
+    nz = np.empty((rows, k), np.bool_)
+    for r in range(rows):
+        for t in range(k):
+            ia = np.int64(arows[r, t])
+            ua = ia & ABS_MASK
+            nz[r, t] = ua >= MIN_NORMAL
+            cs[r, t] = _signed_const(ua - ONE + off, ia < 0)
+    nz4 = np.empty((rows, k // 4), np.bool_)
+    for r in range(rows):
+        for t in range(0, k - k % 4, 4):
+            nz4[r, t >> 2] = nz[r, t] and nz[r, t + 1] and nz[r, t + 2] and nz[r, t + 3]
+    return cs, nz, nz4
+
+
+# PAM and L-Mul fast paths are separate dispatchers (not one kernel with a runtime ``lmul``
+# flag): a PAM-only run never compiles the L-Mul blocks, and vice versa (cold start).
 @njit(**_JIT)
-def _matmul_fast(a, b, bmask, use_mask, off, lmul, out):
-    """Fast path of ``matmul`` (PAM products) or, with ``lmul``, of ``matmul_lmul``."""
+def _matmul_fast(a, b, bmask, use_mask, off, out):
+    """Fast path of ``matmul`` (PAM products); bmask: zero mask of b when ``use_mask``."""
     batch, n, k = a.shape
     m = b.shape[2]
     row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
@@ -626,30 +649,37 @@ def _matmul_fast(a, b, bmask, use_mask, off, lmul, out):
         p = task // row_blocks
         i0 = (task - p * row_blocks) * ROW_BLOCK
         rows = min(i0 + ROW_BLOCK, n) - i0
-        cs = np.empty((rows, k), np.int32)
-        es = np.empty((rows, k if lmul else 0), np.int32)
-        nz = np.empty((rows, k), np.bool_)
-        for r in range(rows):
-            for t in range(k):
-                ia = np.int64(a[p, i0 + r, t])
-                ua = ia & ABS_MASK
-                nz[r, t] = ua >= MIN_NORMAL
-                cs[r, t] = _signed_const(ua - ONE + off, ia < 0)
-            if lmul:
-                _lmul_row_consts(a[p, i0 + r], off, es[r])
-        nz4 = np.empty((rows, k // 4), np.bool_)
-        for r in range(rows):
-            for t in range(0, k - k % 4, 4):
-                nz4[r, t >> 2] = nz[r, t] and nz[r, t + 1] and nz[r, t + 2] and nz[r, t + 3]
+        cs, nz, nz4 = _mm_row_consts(a[p, i0:i0 + rows], off)
         acc = np.empty((rows, COL_TILE), np.float32)
         M = bmask[p] if use_mask else b[p]
         for j0 in range(0, m, COL_TILE):
             w = min(COL_TILE, m - j0)
             acc[:, :w] = 0.0
-            if lmul:
-                _lmm_fast_block(acc, b[p], M, use_mask, cs, es, nz, nz4, k, j0, w)
-            else:
-                _mm_fast_block(acc, b[p], M, use_mask, cs, nz, nz4, k, j0, w)
+            _mm_fast_block(acc, b[p], M, use_mask, cs, nz, nz4, k, j0, w)
+            for r in range(rows):
+                out[p, i0 + r, j0:j0 + w] = acc[r, :w]
+
+
+@njit(**_JIT)
+def _matmul_fast_lmul(a, b, bmask, use_mask, c, out):
+    """Fast path of ``matmul_lmul`` (L-Mul products, constant c); as ``_matmul_fast``."""
+    batch, n, k = a.shape
+    m = b.shape[2]
+    row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    for task in prange(batch * row_blocks):
+        p = task // row_blocks
+        i0 = (task - p * row_blocks) * ROW_BLOCK
+        rows = min(i0 + ROW_BLOCK, n) - i0
+        cs, nz, nz4 = _mm_row_consts(a[p, i0:i0 + rows], c)
+        es = np.empty((rows, k), np.int32)
+        for r in range(rows):
+            _lmul_row_consts(a[p, i0 + r], c, es[r])
+        acc = np.empty((rows, COL_TILE), np.float32)
+        M = bmask[p] if use_mask else b[p]
+        for j0 in range(0, m, COL_TILE):
+            w = min(COL_TILE, m - j0)
+            acc[:, :w] = 0.0
+            _lmm_fast_block(acc, b[p], M, use_mask, cs, es, nz, nz4, k, j0, w)
             for r in range(rows):
                 out[p, i0 + r, j0:j0 + w] = acc[r, :w]
 
@@ -684,50 +714,56 @@ def _matmul_general(a, b, off, lmul, out):
                 out[p, i0 + r, j0:j1] = acc[r, :w]
 
 
+# The public matmul kernels are Python functions: the O(inputs) range check is one small
+# compiled call, then the path is chosen here, so each path is a dispatcher of its own that
+# compiles on its first use (a run without inf/NaN never compiles the general paths; a PAM
+# run never compiles the L-Mul ones). Each dispatcher gets one signature: C-contiguous
+# int32 operands, a float32 result, int64 scalars, a bool mask flag.
 @njit(cache=True, nogil=True)
+def _matmul_plan(a, b, off, lmul):
+    """(fast, mask): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
+    applies, and whether it needs the zero mask of b."""
+    sa, za, lo_a, hi_a = _stats(a)
+    sb, zb, lo_b, hi_b = _stats(b)
+    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), zb
+
+
+def _matmul_run(a, b, off, lmul, out):
+    """The range check, then the fast or the general path (PAM or L-Mul products)."""
+    if out.size == 0:
+        return
+    if a.shape[2] == 0:
+        out[:] = 0.0
+        return
+    fast, zb = _matmul_plan(a, b, off, lmul)
+    if not fast:
+        _matmul_general(a, b, off, lmul, out)
+    else:
+        kernel = _matmul_fast_lmul if lmul else _matmul_fast
+        kernel(a, b, _zero_mask(b) if zb else b, zb, off, out)
+
+
 def matmul(a, b, off, out):
     """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing.
 
-    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32.
-    Bit-identical to accumulating bits.mul_bits products for every input (zeros,
-    subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
+    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32, all
+    C-contiguous. Bit-identical to accumulating bits.mul_bits products for every input
+    (zeros, subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
+    k = 0 gives zeros.
     """
-    if out.size == 0:
-        return
-    if a.shape[2] == 0:
-        out[:] = 0.0
-        return
-    _matmul_dispatch(a, b, off, False, out)
+    _matmul_run(a, b, off, False, out)
 
 
-@njit(cache=True, nogil=True)
-def _matmul_dispatch(a, b, off, lmul, out):
-    """The range check, then the fast or the general path (PAM or L-Mul products)."""
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(b)
-    if sa or sb or not _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul):
-        _matmul_general(a, b, off, lmul, out)
-    else:
-        # zb is a runtime bool, not a literal: one compiled specialization (cold start)
-        _matmul_fast(a, b, _zero_mask(b) if zb else b, zb, off, lmul, out)
-
-
-@njit(cache=True, nogil=True)
 def matmul_lmul(a, b, c, out):
     """out[p, i, j] = sum_t L-Mul(a[p, i, t], b[p, t, j]; c), float32, t increasing.
 
-    As ``matmul`` with bits.lmul_bits products (c = bits.lmul_constant(m), 0 <= c < 2^23):
-    bit-identical to accumulating them for every input; one range check, then a
-    vectorized int32 fast path (PAM's add plus a branch-free carry correction) when no
-    special value, overflow or underflow can occur, the general path otherwise.
+    As ``matmul`` with bits.lmul_bits products (c = bits.lmul_constant(m), 0 <= c < 2^23,
+    else ValueError): bit-identical to accumulating them for every input; one range check,
+    then a vectorized int32 fast path (PAM's add plus a branch-free carry correction) when
+    no special value, overflow or underflow can occur, the general path otherwise.
     """
     _check_lmul_constant(c)
-    if out.size == 0:
-        return
-    if a.shape[2] == 0:
-        out[:] = 0.0
-        return
-    _matmul_dispatch(a, b, c, True, out)
+    _matmul_run(a, b, c, True, out)
 
 
 # Exact backward. slope(x, y) = sign(y) 2^(E(y) + carry) has the exponent field of
@@ -918,6 +954,16 @@ def _grad_right_fast(at, b, grad, mask, use_mask, off, out):
 
 
 @njit(cache=True, nogil=True)
+def _slope_plan(x, y, grad, off):
+    """(fast, zy, zg) for an exact matmul gradient: whether the int32 fast path applies
+    (no inf/NaN in x, y, grad, and ``_slope_fast_ok`` for grad's and y's ranges, y the
+    operand whose exponents enter the slopes) and whether y, grad hold zeros/subnormals."""
+    sx, zx, lo_x, hi_x = _stats(x)
+    sy, zy, lo_y, hi_y = _stats(y)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    return not (sx or sy or sg) and _slope_fast_ok(lo_g, hi_g, lo_y, hi_y, off), zy, zg
+
+
 def matmul_exact_grad_left(a, bt, grad, off, out):
     """Exact gradient w.r.t. the left operand of ``matmul``.
 
@@ -925,33 +971,30 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
     where slope_a is the exact power-of-two derivative of PAM w.r.t. its first operand
     (bits.mul_slope_bits). a: (batch, n, k), bt: (batch, m, k) (b transposed),
     grad: (batch, n, m) int32; out: (batch, n, k) float32. An empty j range gives zeros.
+    The general path (any inf/NaN or range issue) compiles on first use only.
     """
     if out.size == 0:
         return
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(bt)
-    sg, zg, lo_g, hi_g = _stats(grad)
-    if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off):
+    fast, zb, zg = _slope_plan(a, bt, grad, off)
+    if not fast:
         _grad_left_general(a, bt, grad, off, out)
     else:
         _grad_left_fast(a, bt, grad, _zero_mask(bt) if zb else bt, zb, off, out)
 
 
-@njit(cache=True, nogil=True)
 def matmul_exact_grad_right(at, b, grad, off, out):
     """Exact gradient w.r.t. the right operand of ``matmul``.
 
     out[p, t, j] = sum_i PAM(grad[p, i, j], slope_a(b[p, t, j], a[p, i, t])), i increasing
     (PAM is symmetric, so the slope w.r.t. b is slope_a with the operands swapped).
     at: (batch, k, n) (a transposed), b: (batch, k, m), grad: (batch, n, m) int32;
-    out: (batch, k, m) float32. An empty i range gives zeros.
+    out: (batch, k, m) float32. An empty i range gives zeros. As for the left gradient,
+    the general path compiles on first use only.
     """
     if out.size == 0:
         return
-    sa, za, lo_a, hi_a = _stats(at)
-    sb, zb, lo_b, hi_b = _stats(b)
-    sg, zg, lo_g, hi_g = _stats(grad)
-    if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off):
+    fast, za, zg = _slope_plan(b, at, grad, off)
+    if not fast:
         _grad_right_general(at, b, grad, off, out)
     else:
         _grad_right_fast(at, b, grad, _zero_mask(grad) if zg else grad, zg, off, out)
