@@ -395,60 +395,68 @@ def _add1(acc, x0, m0, use_mask, c0, w):
             acc[j] += bits.bits_to_f32(np.int32(x0[j] + c0))
 
 
-@njit(cache=True, nogil=True)
-def _mm_fast_block(acc, B, M, use_mask, cs, nz, nz4, k, j0, w):
-    """acc[r, :w] = sum_t PAM(a[r, t], B[t, j0:j0+w]) for the rows r of one row block.
+def _make_mm_fast_block(use_mask):
+    """``_mm_fast_block`` (zero mask M of B applied when ``use_mask``) with ``use_mask`` a
+    compile-time constant: the masked and unmasked inner loops compile separately."""
+    @njit(cache=True, nogil=True)
+    def _mm_fast_block(acc, B, M, cs, nz, nz4, k, j0, w):
+        """acc[r, :w] = sum_t PAM(a[r, t], B[t, j0:j0+w]) for the rows r of one row block.
 
-    cs[r, t]: int32 constant |bits(a)| - ONE + off (+2^31 for negative a); nz[r, t]: a normal.
-    M: zero mask of B (used when ``use_mask``).
-    """
-    rows = acc.shape[0]
-    j1 = j0 + w
-    k4 = k - k % 4
-    for t in range(0, k4, 4):
-        x0 = B[t, j0:j1]
-        x1 = B[t + 1, j0:j1]
-        x2 = B[t + 2, j0:j1]
-        x3 = B[t + 3, j0:j1]
-        m0 = M[t, j0:j1]
-        m1 = M[t + 1, j0:j1]
-        m2 = M[t + 2, j0:j1]
-        m3 = M[t + 3, j0:j1]
-        r = 0
-        while r + 2 <= rows:
-            c = cs[r]
-            d = cs[r + 1]
-            if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
-                if use_mask:
-                    _add4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
-                             c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
-                             d[t + 3], w)
+        cs[r, t]: int32 constant |bits(a)| - ONE + off (+2^31 for negative a); nz[r, t]: a normal.
+        M: zero mask of B (used when ``use_mask``).
+        """
+        rows = acc.shape[0]
+        j1 = j0 + w
+        k4 = k - k % 4
+        for t in range(0, k4, 4):
+            x0 = B[t, j0:j1]
+            x1 = B[t + 1, j0:j1]
+            x2 = B[t + 2, j0:j1]
+            x3 = B[t + 3, j0:j1]
+            m0 = M[t, j0:j1]
+            m1 = M[t + 1, j0:j1]
+            m2 = M[t + 2, j0:j1]
+            m3 = M[t + 3, j0:j1]
+            r = 0
+            while r + 2 <= rows:
+                c = cs[r]
+                d = cs[r + 1]
+                if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
+                    if use_mask:
+                        _add4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
+                                 c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
+                                 d[t + 3], w)
+                    else:
+                        _add4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
+                                c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], w)
                 else:
-                    _add4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
-                            c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], w)
-            else:
-                for q in range(r, r + 2):
+                    for q in range(r, r + 2):
+                        for u in range(t, t + 4):
+                            if nz[q, u]:
+                                _add1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u], w)
+                r += 2
+            for r in range(r, rows):
+                c = cs[r]
+                z = nz[r]
+                if nz4[r, t >> 2]:
+                    if use_mask:
+                        _add4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
+                               c[t], c[t + 1], c[t + 2], c[t + 3], w)
+                    else:
+                        _add4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3], w)
+                else:
                     for u in range(t, t + 4):
-                        if nz[q, u]:
-                            _add1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u], w)
-            r += 2
-        for r in range(r, rows):
-            c = cs[r]
-            z = nz[r]
-            if nz4[r, t >> 2]:
-                if use_mask:
-                    _add4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
-                           c[t], c[t + 1], c[t + 2], c[t + 3], w)
-                else:
-                    _add4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3], w)
-            else:
-                for u in range(t, t + 4):
-                    if z[u]:
-                        _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], w)
-    for u in range(k4, k):
-        for r in range(rows):
-            if nz[r, u]:
-                _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
+                        if z[u]:
+                            _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], w)
+        for u in range(k4, k):
+            for r in range(rows):
+                if nz[r, u]:
+                    _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
+    return _mm_fast_block
+
+
+_mm_fast_block = _make_mm_fast_block(False)
+_mm_fast_block_m = _make_mm_fast_block(True)
 
 
 # L-Mul fast path. With the per-row constants c = |bits(a)| - ONE + off (+2^31 for negative
@@ -545,68 +553,76 @@ def _ladd1(acc, x0, m0, use_mask, c0, e0, w):
             acc[j] += bits.bits_to_f32(np.int32(_lprod(x0[j], c0, e0)))
 
 
-@njit(cache=True, nogil=True)
-def _lmm_fast_block(acc, B, M, use_mask, cs, es, nz, nz4, k, j0, w):
-    """acc[r, :w] = sum_t L-Mul(a[r, t], B[t, j0:j0+w]) for the rows of one row block.
+def _make_lmm_fast_block(use_mask):
+    """``_lmm_fast_block`` with ``use_mask`` a compile-time constant (see
+    _make_mm_fast_block)."""
+    @njit(cache=True, nogil=True)
+    def _lmm_fast_block(acc, B, M, cs, es, nz, nz4, k, j0, w):
+        """acc[r, :w] = sum_t L-Mul(a[r, t], B[t, j0:j0+w]) for the rows of one row block.
 
-    As ``_mm_fast_block`` (cs: |bits(a)| - ONE + c with the sign; nz, nz4, M, use_mask),
-    plus es[r, t] = Ma + c - 2^23 for the carry correction.
-    """
-    rows = acc.shape[0]
-    j1 = j0 + w
-    k4 = k - k % 4
-    for t in range(0, k4, 4):
-        x0 = B[t, j0:j1]
-        x1 = B[t + 1, j0:j1]
-        x2 = B[t + 2, j0:j1]
-        x3 = B[t + 3, j0:j1]
-        m0 = M[t, j0:j1]
-        m1 = M[t + 1, j0:j1]
-        m2 = M[t + 2, j0:j1]
-        m3 = M[t + 3, j0:j1]
-        r = 0
-        while r + 2 <= rows:
-            c = cs[r]
-            d = cs[r + 1]
-            e = es[r]
-            f = es[r + 1]
-            if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
-                if use_mask:
-                    _ladd4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
-                              c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
-                              d[t + 3], e[t], e[t + 1], e[t + 2], e[t + 3], f[t], f[t + 1],
-                              f[t + 2], f[t + 3], w)
+        As ``_mm_fast_block`` (cs: |bits(a)| - ONE + c with the sign; nz, nz4, M, use_mask),
+        plus es[r, t] = Ma + c - 2^23 for the carry correction.
+        """
+        rows = acc.shape[0]
+        j1 = j0 + w
+        k4 = k - k % 4
+        for t in range(0, k4, 4):
+            x0 = B[t, j0:j1]
+            x1 = B[t + 1, j0:j1]
+            x2 = B[t + 2, j0:j1]
+            x3 = B[t + 3, j0:j1]
+            m0 = M[t, j0:j1]
+            m1 = M[t + 1, j0:j1]
+            m2 = M[t + 2, j0:j1]
+            m3 = M[t + 3, j0:j1]
+            r = 0
+            while r + 2 <= rows:
+                c = cs[r]
+                d = cs[r + 1]
+                e = es[r]
+                f = es[r + 1]
+                if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
+                    if use_mask:
+                        _ladd4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
+                                  c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
+                                  d[t + 3], e[t], e[t + 1], e[t + 2], e[t + 3], f[t], f[t + 1],
+                                  f[t + 2], f[t + 3], w)
+                    else:
+                        _ladd4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
+                                 c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], e[t], e[t + 1],
+                                 e[t + 2], e[t + 3], f[t], f[t + 1], f[t + 2], f[t + 3], w)
                 else:
-                    _ladd4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
-                             c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], e[t], e[t + 1],
-                             e[t + 2], e[t + 3], f[t], f[t + 1], f[t + 2], f[t + 3], w)
-            else:
-                for q in range(r, r + 2):
+                    for q in range(r, r + 2):
+                        for u in range(t, t + 4):
+                            if nz[q, u]:
+                                _ladd1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u],
+                                       es[q, u], w)
+                r += 2
+            for r in range(r, rows):
+                c = cs[r]
+                e = es[r]
+                z = nz[r]
+                if nz4[r, t >> 2]:
+                    if use_mask:
+                        _ladd4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
+                                c[t], c[t + 1], c[t + 2], c[t + 3], e[t], e[t + 1], e[t + 2],
+                                e[t + 3], w)
+                    else:
+                        _ladd4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3],
+                               e[t], e[t + 1], e[t + 2], e[t + 3], w)
+                else:
                     for u in range(t, t + 4):
-                        if nz[q, u]:
-                            _ladd1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u],
-                                   es[q, u], w)
-            r += 2
-        for r in range(r, rows):
-            c = cs[r]
-            e = es[r]
-            z = nz[r]
-            if nz4[r, t >> 2]:
-                if use_mask:
-                    _ladd4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
-                            c[t], c[t + 1], c[t + 2], c[t + 3], e[t], e[t + 1], e[t + 2],
-                            e[t + 3], w)
-                else:
-                    _ladd4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3],
-                           e[t], e[t + 1], e[t + 2], e[t + 3], w)
-            else:
-                for u in range(t, t + 4):
-                    if z[u]:
-                        _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], e[u], w)
-    for u in range(k4, k):
-        for r in range(rows):
-            if nz[r, u]:
-                _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], es[r, u], w)
+                        if z[u]:
+                            _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], e[u], w)
+        for u in range(k4, k):
+            for r in range(rows):
+                if nz[r, u]:
+                    _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], es[r, u], w)
+    return _lmm_fast_block
+
+
+_lmm_fast_block = _make_lmm_fast_block(False)
+_lmm_fast_block_m = _make_lmm_fast_block(True)
 
 
 @njit(cache=True, nogil=True)
@@ -637,51 +653,53 @@ def _mm_row_consts(arows, off):
     return cs, nz, nz4
 
 
-# PAM and L-Mul fast paths are separate dispatchers (not one kernel with a runtime ``lmul``
-# flag): a PAM-only run never compiles the L-Mul blocks, and vice versa (cold start).
-@njit(**_JIT)
-def _matmul_fast(a, b, bmask, use_mask, off, out):
-    """Fast path of ``matmul`` (PAM products); bmask: zero mask of b when ``use_mask``."""
-    batch, n, k = a.shape
-    m = b.shape[2]
-    row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
-    for task in prange(batch * row_blocks):
-        p = task // row_blocks
-        i0 = (task - p * row_blocks) * ROW_BLOCK
-        rows = min(i0 + ROW_BLOCK, n) - i0
-        cs, nz, nz4 = _mm_row_consts(a[p, i0:i0 + rows], off)
-        acc = np.empty((rows, COL_TILE), np.float32)
-        M = bmask[p] if use_mask else b[p]
-        for j0 in range(0, m, COL_TILE):
-            w = min(COL_TILE, m - j0)
-            acc[:, :w] = 0.0
-            _mm_fast_block(acc, b[p], M, use_mask, cs, nz, nz4, k, j0, w)
-            for r in range(rows):
-                out[p, i0 + r, j0:j0 + w] = acc[r, :w]
+# PAM and L-Mul fast paths, with and without the zero mask of b, are four dispatchers (the
+# family and the mask are compile-time constants, not runtime flags): each compiles only its
+# own inner loops, on its first use. A PAM run never compiles the L-Mul loops; operands
+# without zeros (weights, most activations) never compile the masked ones.
+def _make_matmul_fast(lmul, use_mask):
+    """The parallel fast-path kernel ``(a, b, M, off, out)`` of ``matmul`` (``lmul`` False:
+    PAM products, off the PAM offset) or ``matmul_lmul`` (L-Mul, off = c); M is the zero mask
+    of b when ``use_mask`` (unused otherwise: pass b)."""
+    # Only bools are captured (the cache key hashes the captured values; the blocks are
+    # named as globals) and the branches on them are pruned at compile time.
+    @njit(**_JIT)
+    def _matmul_fast(a, b, M, off, out):
+        batch, n, k = a.shape
+        m = b.shape[2]
+        row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+        for task in prange(batch * row_blocks):
+            p = task // row_blocks
+            i0 = (task - p * row_blocks) * ROW_BLOCK
+            rows = min(i0 + ROW_BLOCK, n) - i0
+            cs, nz, nz4 = _mm_row_consts(a[p, i0:i0 + rows], off)
+            acc = np.empty((rows, COL_TILE), np.float32)
+            Bp = b[p]
+            Mp = M[p]
+            if lmul:
+                es = np.empty((rows, k), np.int32)
+                for r in range(rows):
+                    _lmul_row_consts(a[p, i0 + r], off, es[r])
+            for j0 in range(0, m, COL_TILE):
+                w = min(COL_TILE, m - j0)
+                acc[:, :w] = 0.0
+                if lmul and use_mask:
+                    _lmm_fast_block_m(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
+                elif lmul:
+                    _lmm_fast_block(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
+                elif use_mask:
+                    _mm_fast_block_m(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
+                else:
+                    _mm_fast_block(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
+                for r in range(rows):
+                    out[p, i0 + r, j0:j0 + w] = acc[r, :w]
+    return _matmul_fast
 
 
-@njit(**_JIT)
-def _matmul_fast_lmul(a, b, bmask, use_mask, c, out):
-    """Fast path of ``matmul_lmul`` (L-Mul products, constant c); as ``_matmul_fast``."""
-    batch, n, k = a.shape
-    m = b.shape[2]
-    row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
-    for task in prange(batch * row_blocks):
-        p = task // row_blocks
-        i0 = (task - p * row_blocks) * ROW_BLOCK
-        rows = min(i0 + ROW_BLOCK, n) - i0
-        cs, nz, nz4 = _mm_row_consts(a[p, i0:i0 + rows], c)
-        es = np.empty((rows, k), np.int32)
-        for r in range(rows):
-            _lmul_row_consts(a[p, i0 + r], c, es[r])
-        acc = np.empty((rows, COL_TILE), np.float32)
-        M = bmask[p] if use_mask else b[p]
-        for j0 in range(0, m, COL_TILE):
-            w = min(COL_TILE, m - j0)
-            acc[:, :w] = 0.0
-            _lmm_fast_block(acc, b[p], M, use_mask, cs, es, nz, nz4, k, j0, w)
-            for r in range(rows):
-                out[p, i0 + r, j0:j0 + w] = acc[r, :w]
+_matmul_fast = _make_matmul_fast(False, False)
+_matmul_fast_m = _make_matmul_fast(False, True)
+_matmul_fast_lmul = _make_matmul_fast(True, False)
+_matmul_fast_lmul_m = _make_matmul_fast(True, True)
 
 
 @njit(**_JIT)
@@ -738,9 +756,10 @@ def _matmul_run(a, b, off, lmul, out):
     fast, zb = _matmul_plan(a, b, off, lmul)
     if not fast:
         _matmul_general(a, b, off, lmul, out)
+    elif zb:
+        (_matmul_fast_lmul_m if lmul else _matmul_fast_m)(a, b, _zero_mask(b), off, out)
     else:
-        kernel = _matmul_fast_lmul if lmul else _matmul_fast
-        kernel(a, b, _zero_mask(b) if zb else b, zb, off, out)
+        (_matmul_fast_lmul if lmul else _matmul_fast)(a, b, b, off, out)
 
 
 def matmul(a, b, off, out):
