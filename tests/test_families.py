@@ -276,8 +276,8 @@ def k_matmul_lmul(a, b, c, path=None):
         cpu._matmul_general(A, B, c, True, out)
     else:
         zeros = ((B & bits.ABS_MASK) < bits.MIN_NORMAL).any()
-        cpu._matmul_fast(A, B, cpu._zero_mask(B), True, c, True, out) if zeros else \
-            cpu._matmul_fast(A, B, B, False, c, True, out)
+        cpu._matmul_fast_lmul_m(A, B, cpu._zero_mask(B), c, out) if zeros else \
+            cpu._matmul_fast_lmul(A, B, B, c, out)
     return out[0]
 
 

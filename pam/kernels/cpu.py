@@ -395,60 +395,68 @@ def _add1(acc, x0, m0, use_mask, c0, w):
             acc[j] += bits.bits_to_f32(np.int32(x0[j] + c0))
 
 
-@njit(cache=True, nogil=True)
-def _mm_fast_block(acc, B, M, use_mask, cs, nz, nz4, k, j0, w):
-    """acc[r, :w] = sum_t PAM(a[r, t], B[t, j0:j0+w]) for the rows r of one row block.
+def _make_mm_fast_block(use_mask):
+    """``_mm_fast_block`` (zero mask M of B applied when ``use_mask``) with ``use_mask`` a
+    compile-time constant: the masked and unmasked inner loops compile separately."""
+    @njit(cache=True, nogil=True)
+    def _mm_fast_block(acc, B, M, cs, nz, nz4, k, j0, w):
+        """acc[r, :w] = sum_t PAM(a[r, t], B[t, j0:j0+w]) for the rows r of one row block.
 
-    cs[r, t]: int32 constant |bits(a)| - ONE + off (+2^31 for negative a); nz[r, t]: a normal.
-    M: zero mask of B (used when ``use_mask``).
-    """
-    rows = acc.shape[0]
-    j1 = j0 + w
-    k4 = k - k % 4
-    for t in range(0, k4, 4):
-        x0 = B[t, j0:j1]
-        x1 = B[t + 1, j0:j1]
-        x2 = B[t + 2, j0:j1]
-        x3 = B[t + 3, j0:j1]
-        m0 = M[t, j0:j1]
-        m1 = M[t + 1, j0:j1]
-        m2 = M[t + 2, j0:j1]
-        m3 = M[t + 3, j0:j1]
-        r = 0
-        while r + 2 <= rows:
-            c = cs[r]
-            d = cs[r + 1]
-            if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
-                if use_mask:
-                    _add4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
-                             c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
-                             d[t + 3], w)
+        cs[r, t]: int32 constant |bits(a)| - ONE + off (+2^31 for negative a); nz[r, t]: a normal.
+        M: zero mask of B (used when ``use_mask``).
+        """
+        rows = acc.shape[0]
+        j1 = j0 + w
+        k4 = k - k % 4
+        for t in range(0, k4, 4):
+            x0 = B[t, j0:j1]
+            x1 = B[t + 1, j0:j1]
+            x2 = B[t + 2, j0:j1]
+            x3 = B[t + 3, j0:j1]
+            m0 = M[t, j0:j1]
+            m1 = M[t + 1, j0:j1]
+            m2 = M[t + 2, j0:j1]
+            m3 = M[t + 3, j0:j1]
+            r = 0
+            while r + 2 <= rows:
+                c = cs[r]
+                d = cs[r + 1]
+                if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
+                    if use_mask:
+                        _add4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
+                                 c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
+                                 d[t + 3], w)
+                    else:
+                        _add4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
+                                c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], w)
                 else:
-                    _add4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
-                            c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], w)
-            else:
-                for q in range(r, r + 2):
+                    for q in range(r, r + 2):
+                        for u in range(t, t + 4):
+                            if nz[q, u]:
+                                _add1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u], w)
+                r += 2
+            for r in range(r, rows):
+                c = cs[r]
+                z = nz[r]
+                if nz4[r, t >> 2]:
+                    if use_mask:
+                        _add4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
+                               c[t], c[t + 1], c[t + 2], c[t + 3], w)
+                    else:
+                        _add4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3], w)
+                else:
                     for u in range(t, t + 4):
-                        if nz[q, u]:
-                            _add1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u], w)
-            r += 2
-        for r in range(r, rows):
-            c = cs[r]
-            z = nz[r]
-            if nz4[r, t >> 2]:
-                if use_mask:
-                    _add4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
-                           c[t], c[t + 1], c[t + 2], c[t + 3], w)
-                else:
-                    _add4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3], w)
-            else:
-                for u in range(t, t + 4):
-                    if z[u]:
-                        _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], w)
-    for u in range(k4, k):
-        for r in range(rows):
-            if nz[r, u]:
-                _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
+                        if z[u]:
+                            _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], w)
+        for u in range(k4, k):
+            for r in range(rows):
+                if nz[r, u]:
+                    _add1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
+    return _mm_fast_block
+
+
+_mm_fast_block = _make_mm_fast_block(False)
+_mm_fast_block_m = _make_mm_fast_block(True)
 
 
 # L-Mul fast path. With the per-row constants c = |bits(a)| - ONE + off (+2^31 for negative
@@ -545,68 +553,76 @@ def _ladd1(acc, x0, m0, use_mask, c0, e0, w):
             acc[j] += bits.bits_to_f32(np.int32(_lprod(x0[j], c0, e0)))
 
 
-@njit(cache=True, nogil=True)
-def _lmm_fast_block(acc, B, M, use_mask, cs, es, nz, nz4, k, j0, w):
-    """acc[r, :w] = sum_t L-Mul(a[r, t], B[t, j0:j0+w]) for the rows of one row block.
+def _make_lmm_fast_block(use_mask):
+    """``_lmm_fast_block`` with ``use_mask`` a compile-time constant (see
+    _make_mm_fast_block)."""
+    @njit(cache=True, nogil=True)
+    def _lmm_fast_block(acc, B, M, cs, es, nz, nz4, k, j0, w):
+        """acc[r, :w] = sum_t L-Mul(a[r, t], B[t, j0:j0+w]) for the rows of one row block.
 
-    As ``_mm_fast_block`` (cs: |bits(a)| - ONE + c with the sign; nz, nz4, M, use_mask),
-    plus es[r, t] = Ma + c - 2^23 for the carry correction.
-    """
-    rows = acc.shape[0]
-    j1 = j0 + w
-    k4 = k - k % 4
-    for t in range(0, k4, 4):
-        x0 = B[t, j0:j1]
-        x1 = B[t + 1, j0:j1]
-        x2 = B[t + 2, j0:j1]
-        x3 = B[t + 3, j0:j1]
-        m0 = M[t, j0:j1]
-        m1 = M[t + 1, j0:j1]
-        m2 = M[t + 2, j0:j1]
-        m3 = M[t + 3, j0:j1]
-        r = 0
-        while r + 2 <= rows:
-            c = cs[r]
-            d = cs[r + 1]
-            e = es[r]
-            f = es[r + 1]
-            if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
-                if use_mask:
-                    _ladd4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
-                              c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
-                              d[t + 3], e[t], e[t + 1], e[t + 2], e[t + 3], f[t], f[t + 1],
-                              f[t + 2], f[t + 3], w)
+        As ``_mm_fast_block`` (cs: |bits(a)| - ONE + c with the sign; nz, nz4, M, use_mask),
+        plus es[r, t] = Ma + c - 2^23 for the carry correction.
+        """
+        rows = acc.shape[0]
+        j1 = j0 + w
+        k4 = k - k % 4
+        for t in range(0, k4, 4):
+            x0 = B[t, j0:j1]
+            x1 = B[t + 1, j0:j1]
+            x2 = B[t + 2, j0:j1]
+            x3 = B[t + 3, j0:j1]
+            m0 = M[t, j0:j1]
+            m1 = M[t + 1, j0:j1]
+            m2 = M[t + 2, j0:j1]
+            m3 = M[t + 3, j0:j1]
+            r = 0
+            while r + 2 <= rows:
+                c = cs[r]
+                d = cs[r + 1]
+                e = es[r]
+                f = es[r + 1]
+                if nz4[r, t >> 2] and nz4[r + 1, t >> 2]:
+                    if use_mask:
+                        _ladd4x2m(acc[r], acc[r + 1], x0, x1, x2, x3, m0, m1, m2, m3,
+                                  c[t], c[t + 1], c[t + 2], c[t + 3], d[t], d[t + 1], d[t + 2],
+                                  d[t + 3], e[t], e[t + 1], e[t + 2], e[t + 3], f[t], f[t + 1],
+                                  f[t + 2], f[t + 3], w)
+                    else:
+                        _ladd4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
+                                 c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], e[t], e[t + 1],
+                                 e[t + 2], e[t + 3], f[t], f[t + 1], f[t + 2], f[t + 3], w)
                 else:
-                    _ladd4x2(acc[r], acc[r + 1], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2],
-                             c[t + 3], d[t], d[t + 1], d[t + 2], d[t + 3], e[t], e[t + 1],
-                             e[t + 2], e[t + 3], f[t], f[t + 1], f[t + 2], f[t + 3], w)
-            else:
-                for q in range(r, r + 2):
+                    for q in range(r, r + 2):
+                        for u in range(t, t + 4):
+                            if nz[q, u]:
+                                _ladd1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u],
+                                       es[q, u], w)
+                r += 2
+            for r in range(r, rows):
+                c = cs[r]
+                e = es[r]
+                z = nz[r]
+                if nz4[r, t >> 2]:
+                    if use_mask:
+                        _ladd4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
+                                c[t], c[t + 1], c[t + 2], c[t + 3], e[t], e[t + 1], e[t + 2],
+                                e[t + 3], w)
+                    else:
+                        _ladd4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3],
+                               e[t], e[t + 1], e[t + 2], e[t + 3], w)
+                else:
                     for u in range(t, t + 4):
-                        if nz[q, u]:
-                            _ladd1(acc[q], B[u, j0:j1], M[u, j0:j1], use_mask, cs[q, u],
-                                   es[q, u], w)
-            r += 2
-        for r in range(r, rows):
-            c = cs[r]
-            e = es[r]
-            z = nz[r]
-            if nz4[r, t >> 2]:
-                if use_mask:
-                    _ladd4m(acc[r], x0, x1, x2, x3, m0, m1, m2, m3,
-                            c[t], c[t + 1], c[t + 2], c[t + 3], e[t], e[t + 1], e[t + 2],
-                            e[t + 3], w)
-                else:
-                    _ladd4(acc[r], x0, x1, x2, x3, c[t], c[t + 1], c[t + 2], c[t + 3],
-                           e[t], e[t + 1], e[t + 2], e[t + 3], w)
-            else:
-                for u in range(t, t + 4):
-                    if z[u]:
-                        _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], e[u], w)
-    for u in range(k4, k):
-        for r in range(rows):
-            if nz[r, u]:
-                _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], es[r, u], w)
+                        if z[u]:
+                            _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, c[u], e[u], w)
+        for u in range(k4, k):
+            for r in range(rows):
+                if nz[r, u]:
+                    _ladd1(acc[r], B[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], es[r, u], w)
+    return _lmm_fast_block
+
+
+_lmm_fast_block = _make_lmm_fast_block(False)
+_lmm_fast_block_m = _make_lmm_fast_block(True)
 
 
 @njit(cache=True, nogil=True)
@@ -616,42 +632,74 @@ def _lmul_row_consts(arow, c, es):
         es[t] = np.int32((np.int64(arow[t]) & MANT_MASK) + c - bits.TWO23)
 
 
-@njit(**_JIT)
-def _matmul_fast(a, b, bmask, use_mask, off, lmul, out):
-    """Fast path of ``matmul`` (PAM products) or, with ``lmul``, of ``matmul_lmul``."""
-    batch, n, k = a.shape
-    m = b.shape[2]
-    row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
-    for task in prange(batch * row_blocks):
-        p = task // row_blocks
-        i0 = (task - p * row_blocks) * ROW_BLOCK
-        rows = min(i0 + ROW_BLOCK, n) - i0
-        cs = np.empty((rows, k), np.int32)
-        es = np.empty((rows, k if lmul else 0), np.int32)
-        nz = np.empty((rows, k), np.bool_)
-        for r in range(rows):
-            for t in range(k):
-                ia = np.int64(a[p, i0 + r, t])
-                ua = ia & ABS_MASK
-                nz[r, t] = ua >= MIN_NORMAL
-                cs[r, t] = _signed_const(ua - ONE + off, ia < 0)
+@njit(cache=True, nogil=True)
+def _mm_row_consts(arows, off):
+    """(cs, nz, nz4) of the fast paths for the left-operand rows ``arows`` (rows, k):
+    cs[r, t] = |bits(a)| - ONE + off (+2^31 for negative a), nz[r, t] = a is normal,
+    nz4[r, q] = the four a[r, 4q .. 4q + 3] are normal."""
+    rows, k = arows.shape
+    cs = np.empty((rows, k), np.int32)
+    nz = np.empty((rows, k), np.bool_)
+    for r in range(rows):
+        for t in range(k):
+            ia = np.int64(arows[r, t])
+            ua = ia & ABS_MASK
+            nz[r, t] = ua >= MIN_NORMAL
+            cs[r, t] = _signed_const(ua - ONE + off, ia < 0)
+    nz4 = np.empty((rows, k // 4), np.bool_)
+    for r in range(rows):
+        for t in range(0, k - k % 4, 4):
+            nz4[r, t >> 2] = nz[r, t] and nz[r, t + 1] and nz[r, t + 2] and nz[r, t + 3]
+    return cs, nz, nz4
+
+
+# PAM and L-Mul fast paths, with and without the zero mask of b, are four dispatchers (the
+# family and the mask are compile-time constants, not runtime flags): each compiles only its
+# own inner loops, on its first use. A PAM run never compiles the L-Mul loops; operands
+# without zeros (weights, most activations) never compile the masked ones.
+def _make_matmul_fast(lmul, use_mask):
+    """The parallel fast-path kernel ``(a, b, M, off, out)`` of ``matmul`` (``lmul`` False:
+    PAM products, off the PAM offset) or ``matmul_lmul`` (L-Mul, off = c); M is the zero mask
+    of b when ``use_mask`` (unused otherwise: pass b)."""
+    # Only bools are captured (the cache key hashes the captured values; the blocks are
+    # named as globals) and the branches on them are pruned at compile time.
+    @njit(**_JIT)
+    def _matmul_fast(a, b, M, off, out):
+        batch, n, k = a.shape
+        m = b.shape[2]
+        row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+        for task in prange(batch * row_blocks):
+            p = task // row_blocks
+            i0 = (task - p * row_blocks) * ROW_BLOCK
+            rows = min(i0 + ROW_BLOCK, n) - i0
+            cs, nz, nz4 = _mm_row_consts(a[p, i0:i0 + rows], off)
+            acc = np.empty((rows, COL_TILE), np.float32)
+            Bp = b[p]
+            Mp = M[p]
             if lmul:
-                _lmul_row_consts(a[p, i0 + r], off, es[r])
-        nz4 = np.empty((rows, k // 4), np.bool_)
-        for r in range(rows):
-            for t in range(0, k - k % 4, 4):
-                nz4[r, t >> 2] = nz[r, t] and nz[r, t + 1] and nz[r, t + 2] and nz[r, t + 3]
-        acc = np.empty((rows, COL_TILE), np.float32)
-        M = bmask[p] if use_mask else b[p]
-        for j0 in range(0, m, COL_TILE):
-            w = min(COL_TILE, m - j0)
-            acc[:, :w] = 0.0
-            if lmul:
-                _lmm_fast_block(acc, b[p], M, use_mask, cs, es, nz, nz4, k, j0, w)
-            else:
-                _mm_fast_block(acc, b[p], M, use_mask, cs, nz, nz4, k, j0, w)
-            for r in range(rows):
-                out[p, i0 + r, j0:j0 + w] = acc[r, :w]
+                es = np.empty((rows, k), np.int32)
+                for r in range(rows):
+                    _lmul_row_consts(a[p, i0 + r], off, es[r])
+            for j0 in range(0, m, COL_TILE):
+                w = min(COL_TILE, m - j0)
+                acc[:, :w] = 0.0
+                if lmul and use_mask:
+                    _lmm_fast_block_m(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
+                elif lmul:
+                    _lmm_fast_block(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
+                elif use_mask:
+                    _mm_fast_block_m(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
+                else:
+                    _mm_fast_block(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
+                for r in range(rows):
+                    out[p, i0 + r, j0:j0 + w] = acc[r, :w]
+    return _matmul_fast
+
+
+_matmul_fast = _make_matmul_fast(False, False)
+_matmul_fast_m = _make_matmul_fast(False, True)
+_matmul_fast_lmul = _make_matmul_fast(True, False)
+_matmul_fast_lmul_m = _make_matmul_fast(True, True)
 
 
 @njit(**_JIT)
@@ -684,50 +732,57 @@ def _matmul_general(a, b, off, lmul, out):
                 out[p, i0 + r, j0:j1] = acc[r, :w]
 
 
+# The public matmul kernels are Python functions: the O(inputs) range check is one small
+# compiled call, then the path is chosen here, so each path is a dispatcher of its own that
+# compiles on its first use (a run without inf/NaN never compiles the general paths; a PAM
+# run never compiles the L-Mul ones). Each dispatcher gets one signature: C-contiguous
+# int32 operands, a float32 result, int64 scalars, a bool mask flag.
 @njit(cache=True, nogil=True)
+def _matmul_plan(a, b, off, lmul):
+    """(fast, mask): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
+    applies, and whether it needs the zero mask of b."""
+    sa, za, lo_a, hi_a = _stats(a)
+    sb, zb, lo_b, hi_b = _stats(b)
+    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), zb
+
+
+def _matmul_run(a, b, off, lmul, out):
+    """The range check, then the fast or the general path (PAM or L-Mul products)."""
+    if out.size == 0:
+        return
+    if a.shape[2] == 0:
+        out[:] = 0.0
+        return
+    fast, zb = _matmul_plan(a, b, off, lmul)
+    if not fast:
+        _matmul_general(a, b, off, lmul, out)
+    elif zb:
+        (_matmul_fast_lmul_m if lmul else _matmul_fast_m)(a, b, _zero_mask(b), off, out)
+    else:
+        (_matmul_fast_lmul if lmul else _matmul_fast)(a, b, b, off, out)
+
+
 def matmul(a, b, off, out):
     """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing.
 
-    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32.
-    Bit-identical to accumulating bits.mul_bits products for every input (zeros,
-    subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
+    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32, all
+    C-contiguous. Bit-identical to accumulating bits.mul_bits products for every input
+    (zeros, subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
+    k = 0 gives zeros.
     """
-    if out.size == 0:
-        return
-    if a.shape[2] == 0:
-        out[:] = 0.0
-        return
-    _matmul_dispatch(a, b, off, False, out)
+    _matmul_run(a, b, off, False, out)
 
 
-@njit(cache=True, nogil=True)
-def _matmul_dispatch(a, b, off, lmul, out):
-    """The range check, then the fast or the general path (PAM or L-Mul products)."""
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(b)
-    if sa or sb or not _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul):
-        _matmul_general(a, b, off, lmul, out)
-    else:
-        # zb is a runtime bool, not a literal: one compiled specialization (cold start)
-        _matmul_fast(a, b, _zero_mask(b) if zb else b, zb, off, lmul, out)
-
-
-@njit(cache=True, nogil=True)
 def matmul_lmul(a, b, c, out):
     """out[p, i, j] = sum_t L-Mul(a[p, i, t], b[p, t, j]; c), float32, t increasing.
 
-    As ``matmul`` with bits.lmul_bits products (c = bits.lmul_constant(m), 0 <= c < 2^23):
-    bit-identical to accumulating them for every input; one range check, then a
-    vectorized int32 fast path (PAM's add plus a branch-free carry correction) when no
-    special value, overflow or underflow can occur, the general path otherwise.
+    As ``matmul`` with bits.lmul_bits products (c = bits.lmul_constant(m), 0 <= c < 2^23,
+    else ValueError): bit-identical to accumulating them for every input; one range check,
+    then a vectorized int32 fast path (PAM's add plus a branch-free carry correction) when
+    no special value, overflow or underflow can occur, the general path otherwise.
     """
     _check_lmul_constant(c)
-    if out.size == 0:
-        return
-    if a.shape[2] == 0:
-        out[:] = 0.0
-        return
-    _matmul_dispatch(a, b, c, True, out)
+    _matmul_run(a, b, c, True, out)
 
 
 # Exact backward. slope(x, y) = sign(y) 2^(E(y) + carry) has the exponent field of
@@ -918,6 +973,16 @@ def _grad_right_fast(at, b, grad, mask, use_mask, off, out):
 
 
 @njit(cache=True, nogil=True)
+def _slope_plan(x, y, grad, off):
+    """(fast, zy, zg) for an exact matmul gradient: whether the int32 fast path applies
+    (no inf/NaN in x, y, grad, and ``_slope_fast_ok`` for grad's and y's ranges, y the
+    operand whose exponents enter the slopes) and whether y, grad hold zeros/subnormals."""
+    sx, zx, lo_x, hi_x = _stats(x)
+    sy, zy, lo_y, hi_y = _stats(y)
+    sg, zg, lo_g, hi_g = _stats(grad)
+    return not (sx or sy or sg) and _slope_fast_ok(lo_g, hi_g, lo_y, hi_y, off), zy, zg
+
+
 def matmul_exact_grad_left(a, bt, grad, off, out):
     """Exact gradient w.r.t. the left operand of ``matmul``.
 
@@ -925,33 +990,30 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
     where slope_a is the exact power-of-two derivative of PAM w.r.t. its first operand
     (bits.mul_slope_bits). a: (batch, n, k), bt: (batch, m, k) (b transposed),
     grad: (batch, n, m) int32; out: (batch, n, k) float32. An empty j range gives zeros.
+    The general path (any inf/NaN or range issue) compiles on first use only.
     """
     if out.size == 0:
         return
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(bt)
-    sg, zg, lo_g, hi_g = _stats(grad)
-    if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off):
+    fast, zb, zg = _slope_plan(a, bt, grad, off)
+    if not fast:
         _grad_left_general(a, bt, grad, off, out)
     else:
         _grad_left_fast(a, bt, grad, _zero_mask(bt) if zb else bt, zb, off, out)
 
 
-@njit(cache=True, nogil=True)
 def matmul_exact_grad_right(at, b, grad, off, out):
     """Exact gradient w.r.t. the right operand of ``matmul``.
 
     out[p, t, j] = sum_i PAM(grad[p, i, j], slope_a(b[p, t, j], a[p, i, t])), i increasing
     (PAM is symmetric, so the slope w.r.t. b is slope_a with the operands swapped).
     at: (batch, k, n) (a transposed), b: (batch, k, m), grad: (batch, n, m) int32;
-    out: (batch, k, m) float32. An empty i range gives zeros.
+    out: (batch, k, m) float32. An empty i range gives zeros. As for the left gradient,
+    the general path compiles on first use only.
     """
     if out.size == 0:
         return
-    sa, za, lo_a, hi_a = _stats(at)
-    sb, zb, lo_b, hi_b = _stats(b)
-    sg, zg, lo_g, hi_g = _stats(grad)
-    if sa or sb or sg or not _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off):
+    fast, za, zg = _slope_plan(b, at, grad, off)
+    if not fast:
         _grad_right_general(at, b, grad, off, out)
     else:
         _grad_right_fast(at, b, grad, _zero_mask(grad) if zg else grad, zg, off, out)

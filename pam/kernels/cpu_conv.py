@@ -67,7 +67,8 @@ from numba import njit, prange
 
 from .. import bits
 from .cpu import (_add1, _add4, _add4m, _check_lmul_constant, _fast_ok, _ladd1, _ladd4,
-                  _ladd4m, _lmm_fast_block, _mantissa_const, _mm_fast_block,
+                  _ladd4m, _lmm_fast_block, _lmm_fast_block_m, _mantissa_const,
+                  _mm_fast_block, _mm_fast_block_m,
                   _signed_const, _sl1, _sl4, _sl4m, _slope_fast_ok, _sr1, _sr4m, _stats)
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
@@ -183,11 +184,17 @@ def _forward_tiles(x, wflat, cs, es, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw
             rows = min(O_BLOCK, (g + 1) * Og - o0)
             a = acc[:rows]
             a[:] = 0.0
-            if fast and lmul:
-                _lmm_fast_block(a, P, M, use_mask, cs[o0:o0 + rows], es[o0:o0 + rows],
+            if fast and lmul and use_mask:
+                _lmm_fast_block_m(a, P, M, cs[o0:o0 + rows], es[o0:o0 + rows],
+                                  nz[o0:o0 + rows], nz4[o0:o0 + rows], K, 0, width)
+            elif fast and lmul:
+                _lmm_fast_block(a, P, M, cs[o0:o0 + rows], es[o0:o0 + rows],
                                 nz[o0:o0 + rows], nz4[o0:o0 + rows], K, 0, width)
+            elif fast and use_mask:
+                _mm_fast_block_m(a, P, M, cs[o0:o0 + rows], nz[o0:o0 + rows],
+                                 nz4[o0:o0 + rows], K, 0, width)
             elif fast:
-                _mm_fast_block(a, P, M, use_mask, cs[o0:o0 + rows], nz[o0:o0 + rows],
+                _mm_fast_block(a, P, M, cs[o0:o0 + rows], nz[o0:o0 + rows],
                                nz4[o0:o0 + rows], K, 0, width)
             else:
                 for t in range(K):
@@ -378,11 +385,11 @@ def _grad_input_tiles(x, w, grad, table, sh, sw, ph, pw, dh, dw, groups, exact, 
             A = acc[:rows]
             A[:] = 0.0
             if fast and lmul:
-                _lmm_fast_block(A, G, MG, True, wc[c0:c0 + rows], we[c0:c0 + rows],
-                                wnz[c0:c0 + rows], wnz4[c0:c0 + rows], R, 0, width)
+                _lmm_fast_block_m(A, G, MG, wc[c0:c0 + rows], we[c0:c0 + rows],
+                                  wnz[c0:c0 + rows], wnz4[c0:c0 + rows], R, 0, width)
             elif fast and not exact:
-                _mm_fast_block(A, G, MG, True, wc[c0:c0 + rows], wnz[c0:c0 + rows],
-                               wnz4[c0:c0 + rows], R, 0, width)
+                _mm_fast_block_m(A, G, MG, wc[c0:c0 + rows], wnz[c0:c0 + rows],
+                                 wnz4[c0:c0 + rows], R, 0, width)
             elif fast:
                 R4 = R - R % 4
                 for q in range(rows):
