@@ -48,25 +48,112 @@ def neg_bits(ia):
     return np.int64(np.int32(np.int64(ia) ^ bits.SIGN))
 
 
-@register_jitable
+# Branch-free forms. The optimizer kernels run every element through the same chain, so
+# their per-element code is written with selects in int32 lanes (no early returns), which
+# LLVM vectorizes on CPU; each gives the same bits as the pam.bits function it names
+# (tests/test_optim_bits.py compares them on special and random patterns). No int32
+# intermediate overflows (the CUDA simulator computes in NumPy int32).
+_I_ABS = np.int32(bits.ABS_MASK)
+_I_SIGN = np.int32(bits.SIGN)
+_I_INF = np.int32(bits.INF)
+_I_QNAN = np.int32(bits.QNAN)
+_I_ONE = np.int32(bits.ONE)
+_I_MIN = np.int32(bits.MIN_NORMAL)
+_I_ZERO = np.int32(0)
+
+
+@register_jitable(forceinline=True)
+def sel(c, a, b):
+    """a if c else b (int32), as bit masks: data flow, never a branch (a Python
+    conditional expression is a branch in Numba IR, which LLVM does not always turn
+    back into a select; a branch in the loop body stops vectorization)."""
+    mask = np.int32(-np.int32(c))
+    return np.int32(b ^ ((a ^ b) & mask))
+
+
+@register_jitable(forceinline=True)
+def div0_bits(ia, ib):
+    """bits.div_bits(ia, ib, 0) (PAD without offset) with selects, in int32."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
+    sign = np.int32((ia ^ ib) & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    ub = np.int32(ib & _I_ABS)
+    d = np.int32(ua - ub)                       # bits(|a|) - bits(|b|), no overflow
+    over = d >= np.int32(bits.INF - bits.ONE)
+    mag = np.int32(sel(over, np.int32(bits.INF - bits.ONE), d) + _I_ONE)
+    mag = sel(d < np.int32(bits.MIN_NORMAL - bits.ONE), _I_ZERO, mag)
+    a_zero = ua < _I_MIN
+    b_zero = ub < _I_MIN
+    a_inf = ua == _I_INF
+    b_inf = ub == _I_INF
+    mag = sel(a_zero | b_inf, _I_ZERO, mag)
+    mag = sel(b_zero | a_inf, _I_INF, mag)
+    nan = (ua > _I_INF) | (ub > _I_INF) | (a_inf & b_inf) | (a_zero & b_zero)
+    return sel(nan, _I_QNAN, np.int32(mag | sign))
+
+
+@register_jitable(forceinline=True)
+def log2_sel_bits(ix):
+    """bits.log2_bits(ix) (pa_log2) with selects, in int32."""
+    ix = np.int32(ix)
+    ux = np.int32(ix & _I_ABS)
+    d = np.int32(ux - _I_ONE)
+    rounded = np.int32(bits.f32_to_bits(np.float32(d)))
+    r = sel(d == _I_ZERO, _I_ZERO, np.int32(rounded - np.int32(23 << 23)))
+    r = sel(ux == _I_INF, _I_INF, r)
+    r = sel(ix < _I_ZERO, _I_QNAN, r)
+    r = sel(ux < _I_MIN, np.int32(bits.INF | bits.SIGN), r)
+    return sel(ux > _I_INF, _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def exp2_sel_bits(iy):
+    """bits.exp2_bits(iy) (pa_exp2) with selects, in int32: floor by truncation and a
+    correction (exact for |y| <= 200)."""
+    iy = np.int32(iy)
+    y = bits.bits_to_f32(iy)
+    inside = (y >= np.float32(-200.0)) & (y < np.float32(128.0))
+    yc = bits.bits_to_f32(sel(inside, iy, _I_ZERO))
+    t = np.int32(yc)                            # truncation toward zero
+    n = np.int32(t - np.int32(np.float32(t) > yc))
+    frac = yc - np.float32(n)
+    one_plus = np.float32(1.0) + frac
+    r = np.int32(np.int32(bits.f32_to_bits(one_plus)) + np.int32(n << np.int32(23)))
+    r = sel(r < _I_MIN, _I_ZERO, r)
+    r = sel((r >= _I_INF) | (y >= np.float32(128.0)), _I_INF, r)
+    r = sel(y < np.float32(-200.0), _I_ZERO, r)
+    return sel(np.int32(iy & _I_ABS) > _I_INF, _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def half_bits(ia):
+    """bits.mul_bits(ia, HALF, 0): PAM by 0.5, exact, in int32 (rows_bits.mul_pow2_bits)."""
+    ia = np.int32(ia)
+    sign = np.int32(ia & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    mag = sel(ua == _I_INF, _I_INF, np.int32(ua - np.int32(1 << 23)))
+    mag = sel(ua < np.int32(2 * bits.MIN_NORMAL), _I_ZERO, mag)   # input or result < normal
+    return sel(ua > _I_INF, _I_QNAN, np.int32(mag | sign))
+
+
+@register_jitable(forceinline=True)
 def sqrt_bits(ix):
     """pa_sqrt(x) = pa_exp2(PAM(pa_log2(x), 0.5)), as :func:`pam.sqrt`."""
-    return bits.exp2_bits(bits.mul_bits(bits.log2_bits(ix), HALF, 0))
+    return exp2_sel_bits(half_bits(log2_sel_bits(ix)))
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def max_bits(ia, ib):
     """torch.maximum(a, b) on bit patterns: NaN if either is NaN (a's NaN first)."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
     fa = bits.bits_to_f32(ia)
     fb = bits.bits_to_f32(ib)
-    if fa != fa:
-        return np.int64(ia)
-    if fb != fb:
-        return np.int64(ib)
-    return np.int64(ib) if fb > fa else np.int64(ia)
+    return sel((fa == fa) & ((fb != fb) | (fb > fa)), ib, ia)
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def adamw_update(ip, ig, im, iv, imx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
                  off, flags):
     """One AdamW element update; returns the new bits of (p, m, v, max_v).
@@ -89,12 +176,12 @@ def adamw_update(ip, ig, im, iv, imx, decay, b1, omb1, b2, omb2, step_size, sbc2
     if flags & ADAMW_AMSGRAD:
         mx = max_bits(mx, v)
         vv = mx
-    denom = add_bits(bits.div_bits(sqrt_bits(vv), sbc2, 0), eps)
-    upd = bits.mul_bits(bits.div_bits(m, denom, 0), step_size, off)
+    denom = add_bits(div0_bits(sqrt_bits(vv), sbc2), eps)
+    upd = bits.mul_bits(div0_bits(m, denom), step_size, off)
     return sub_bits(ip, upd), m, v, mx
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def sgd_update(ip, ig, ibuf, lr, wd, mom, omd, off, flags):
     """One SGD element update; returns the new bits of (p, momentum buffer).
 
@@ -147,7 +234,7 @@ def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step):
     bc1 = f32_bits(one - bits.bits_to_f32(pow_bits(f32_bits(beta1), t)))
     bc2 = f32_bits(one - bits.bits_to_f32(pow_bits(f32_bits(beta2), t)))
     step_size = int(bits.div_bits(f32_bits(lr), bc1, 0))
-    sbc2 = int(sqrt_bits(bc2))
+    sbc2 = int(bits.exp2_bits(bits.mul_bits(bits.log2_bits(bc2), HALF, 0)))
     decay = int(bits.mul_bits(f32_bits(lr), f32_bits(weight_decay), 0))
     return (decay, f32_bits(beta1), f32_bits(1.0 - beta1), f32_bits(beta2),
             f32_bits(1.0 - beta2), step_size, sbc2, f32_bits(eps))
@@ -164,7 +251,7 @@ _FIX = 64                                   # fractional bits of the host fixed-
 SQRT2_MANT = 0x3504F3                       # mantissa field of float32(sqrt(2))
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def adamw_update_unbiased(ip, ig, im, iv, imx, decay, c1, c2, k_step, eps_s, off, sq_off,
                           flags):
     """One element of the unbiased AdamW variant; returns the new bits of (p, m, v, max_v).
@@ -187,7 +274,7 @@ def adamw_update_unbiased(ip, ig, im, iv, imx, decay, c1, c2, k_step, eps_s, off
         mx = max_bits(mx, v)
         vv = mx
     denom = add_bits(sqrt_bits(vv), eps_s)
-    upd = bits.mul_bits(bits.div_bits(m, denom, 0), k_step, off)
+    upd = bits.mul_bits(div0_bits(m, denom), k_step, off)
     return sub_bits(ip, upd), m, v, mx
 
 

@@ -79,7 +79,7 @@ def test_one_launch_per_group_step(monkeypatch):
     for p in ps:
         p.grad = torch.ones_like(p)
     opt.step()
-    assert calls == ["adamw"]
+    assert calls == ["adamw_table"]
 
 
 def test_adamw_step_on_lists_and_noncontiguous():
