@@ -136,6 +136,67 @@ def test_parallel_chunks_match_serial(monkeypatch):
         assert np.array_equal(a, b)
 
 
+def _table(arrays_by_row, rows):
+    """(addresses, sizes) of lists of int32 arrays for the CPU *_table kernels."""
+    k = len(arrays_by_row[0])
+    addresses = np.zeros((rows, k), np.int64)
+    for r, arrays in enumerate(arrays_by_row):
+        for c, a in enumerate(arrays):
+            addresses[r, c] = a.ctypes.data
+    return addresses, np.array([a.size for a in arrays_by_row[0]], np.int64)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw_unbiased", "sgd"])
+@pytest.mark.parametrize("sizes", [(5, 0, 130, 1), (cpu.FUSED_CHUNK + 3, 17,
+                                                     cpu.FUSED_PARALLEL_MIN + 5)])
+def test_table_kernels_match_flat_kernels(kind, sizes):
+    """The address-table kernels (serial, and parallel in chunks that split tensors)
+    give the bits of the flat kernels on the concatenation."""
+    rng = np.random.default_rng(7)
+
+    def arrays(scale, positive=False):
+        out = []
+        for n in sizes:
+            x = rng.standard_normal(n) * scale
+            out.append((np.abs(x) if positive else x).astype(np.float32).view(np.int32))
+        return out
+    rows = [arrays(1.0), arrays(0.1), arrays(0.01), arrays(1e-3, True), arrays(2e-3, True)]
+    if kind == "adamw":
+        sc = (*optim_bits.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 7), 0)
+        flags = optim_bits.ADAMW_DECAY | optim_bits.ADAMW_AMSGRAD | optim_bits.ADAMW_MAXIMIZE
+    elif kind == "adamw_unbiased":
+        sc = (*optim_bits.adamw_unbiased_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 7), 0,
+              pam.dispatch.offset_constant(optim_bits.UNBIASED_SQUARE_OFFSET))
+        flags = optim_bits.ADAMW_DECAY | optim_bits.ADAMW_AMSGRAD
+    else:
+        rows = rows[:3]
+        sc = (optim_bits.f32_bits(0.1), optim_bits.f32_bits(1e-3), optim_bits.f32_bits(0.9),
+              optim_bits.f32_bits(0.7), pam.dispatch.offset_constant(1.0552))
+        flags = optim_bits.SGD_DECAY | optim_bits.SGD_MOMENTUM | optim_bits.SGD_DAMPENING
+    flat = [np.concatenate(r) for r in rows]
+    getattr(cpu, kind)(*flat, *sc, flags)
+    getattr(cpu, kind + "_table")(*_table(rows, len(rows)), *sc, flags)
+    for f, r in zip(flat, rows):
+        assert np.array_equal(f, np.concatenate(r))
+
+
+def test_cpu_step_updates_noncontiguous_state_in_place():
+    """Non-contiguous params and state go through contiguous stand-ins, copied back."""
+    torch.manual_seed(3)
+    ps = [torch.randn(4, 6).t(), torch.randn(5)]
+    gs = [torch.randn(6, 4) * 0.1, torch.randn(10)[::2] * 0.1]
+    ms = [torch.zeros(4, 6).t(), torch.zeros(5)]
+    vs = [torch.zeros(6, 4), torch.zeros(10)[::2]]
+    ref = [[t.contiguous().clone() for t in ts] for ts in (ps, gs, ms, vs)]
+    fused.adamw_step(ps, gs, ms, vs, None, [2, 2], lr=0.01, beta1=0.9, beta2=0.999,
+                     eps=1e-8, weight_decay=1e-2)
+    fused.adamw_step(*ref, None, [2, 2], lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=1e-2)
+    for got, want in zip((ps, gs, ms, vs), ref):
+        _assert_same([t.contiguous() for t in got], want)
+    assert not torch.equal(ms[0], torch.zeros(6, 4))
+
+
 # --------------------------------------------------------------------------- unbiased AdamW
 def test_snap_power_of_two_and_fixed_point_powers():
     from fractions import Fraction
