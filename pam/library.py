@@ -8,6 +8,13 @@ Numba dispatcher), and AOT autograd's functionalization sees every result as a f
 tensor: the kernels' writes into their own output buffers happen inside the op, never
 behind torch's back.
 
+The fused optimizer steps (:func:`pam.fused.adamw_step`, :func:`pam.fused.sgd_step`) are
+the exception: they update parameters and optimizer state in place, so their ops
+``pam::adamw_step`` and ``pam::sgd_step`` return nothing and declare the lists they mutate
+(``mutates_args``); functionalization then sees the writes (it clones the mutated inputs
+and copies the results back), and ``torch.compile(opt.step, fullgraph=True)`` of
+:class:`pam.optim.AdamW` / :class:`pam.optim.SGD` traces without a graph break.
+
 Autograd stays in the ``torch.autograd.Function`` classes of :mod:`pam.ops`,
 :mod:`pam.conv` and :mod:`pam.functional`: their ``forward`` and ``backward`` call the
 functions below, and Dynamo traces those Functions (forward and backward) into the graph.

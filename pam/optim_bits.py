@@ -72,6 +72,30 @@ def sel(c, a, b):
 
 
 @register_jitable(forceinline=True)
+def mul32_bits(ia, ib, off):
+    """bits.mul_bits(ia, ib, off) (PAM) with selects, in int32, for the offsets of
+    pam.dispatch.offset_constant (off + 0x3F800000 the bits of a normal float32): the
+    magnitude sum is formed as |a| + (|b| - 1 + off) with a saturation test first, so no
+    int32 intermediate overflows."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
+    sign = np.int32((ia ^ ib) & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    ub = np.int32(ib & _I_ABS)
+    uac = sel(ua > _I_INF, _I_INF, ua)
+    t = np.int32(sel(ub > _I_INF, _I_INF, ub) + np.int32(off - bits.ONE))
+    room = np.int32(_I_INF - uac)
+    over = t >= room
+    mag = np.int32(uac + sel(over, room, t))
+    zero_in = (ua < _I_MIN) | (ub < _I_MIN)
+    inf_in = (ua == _I_INF) | (ub == _I_INF)
+    mag = sel(inf_in, _I_INF, mag)
+    mag = sel(zero_in | (mag < _I_MIN), _I_ZERO, mag)
+    nan = (ua > _I_INF) | (ub > _I_INF) | (zero_in & inf_in)
+    return sel(nan, _I_QNAN, np.int32(mag | sign))
+
+
+@register_jitable(forceinline=True)
 def div0_bits(ia, ib):
     """bits.div_bits(ia, ib, 0) (PAD without offset) with selects, in int32."""
     ia = np.int32(ia)
@@ -167,17 +191,17 @@ def adamw_update(ip, ig, im, iv, imx, decay, b1, omb1, b2, omb2, step_size, sbc2
     if flags & ADAMW_MAXIMIZE:
         ig = neg_bits(ig)
     if flags & ADAMW_DECAY:
-        ip = sub_bits(ip, bits.mul_bits(ip, decay, off))
-    m = add_bits(bits.mul_bits(im, b1, off), bits.mul_bits(ig, omb1, off))
-    gg = bits.mul_bits(ig, ig, off)
-    v = add_bits(bits.mul_bits(iv, b2, off), bits.mul_bits(gg, omb2, off))
+        ip = sub_bits(ip, mul32_bits(ip, decay, off))
+    m = add_bits(mul32_bits(im, b1, off), mul32_bits(ig, omb1, off))
+    gg = mul32_bits(ig, ig, off)
+    v = add_bits(mul32_bits(iv, b2, off), mul32_bits(gg, omb2, off))
     mx = np.int64(imx)
     vv = v
     if flags & ADAMW_AMSGRAD:
         mx = max_bits(mx, v)
         vv = mx
     denom = add_bits(div0_bits(sqrt_bits(vv), sbc2), eps)
-    upd = bits.mul_bits(div0_bits(m, denom), step_size, off)
+    upd = mul32_bits(div0_bits(m, denom), step_size, off)
     return sub_bits(ip, upd), m, v, mx
 
 
@@ -192,22 +216,22 @@ def sgd_update(ip, ig, ibuf, lr, wd, mom, omd, off, flags):
     if flags & SGD_MAXIMIZE:
         ig = neg_bits(ig)
     if flags & SGD_DECAY:
-        ig = add_bits(ig, bits.mul_bits(ip, wd, off))
+        ig = add_bits(ig, mul32_bits(ip, wd, off))
     buf = np.int64(ibuf)
     if flags & SGD_MOMENTUM:
         if flags & SGD_FIRST:
             buf = np.int64(ig)
         else:
-            scaled = bits.mul_bits(buf, mom, off)
+            scaled = mul32_bits(buf, mom, off)
             if flags & SGD_DAMPENING:
-                buf = add_bits(scaled, bits.mul_bits(ig, omd, off))
+                buf = add_bits(scaled, mul32_bits(ig, omd, off))
             else:
                 buf = add_bits(scaled, ig)
         if flags & SGD_NESTEROV:
-            ig = add_bits(ig, bits.mul_bits(buf, mom, off))
+            ig = add_bits(ig, mul32_bits(buf, mom, off))
         else:
             ig = buf
-    return sub_bits(ip, bits.mul_bits(ig, lr, off)), buf
+    return sub_bits(ip, mul32_bits(ig, lr, off)), buf
 
 
 # --------------------------------------------------------------------------- host scalars
@@ -264,17 +288,17 @@ def adamw_update_unbiased(ip, ig, im, iv, imx, decay, c1, c2, k_step, eps_s, off
     if flags & ADAMW_MAXIMIZE:
         ig = neg_bits(ig)
     if flags & ADAMW_DECAY:
-        ip = sub_bits(ip, bits.mul_bits(ip, decay, off))
-    m = add_bits(im, bits.mul_bits(sub_bits(ig, im), c1, 0))
-    sq = bits.mul_bits(ig, ig, sq_off)
-    v = add_bits(iv, bits.mul_bits(sub_bits(sq, iv), c2, 0))
+        ip = sub_bits(ip, mul32_bits(ip, decay, off))
+    m = add_bits(im, mul32_bits(sub_bits(ig, im), c1, 0))
+    sq = mul32_bits(ig, ig, sq_off)
+    v = add_bits(iv, mul32_bits(sub_bits(sq, iv), c2, 0))
     mx = np.int64(imx)
     vv = v
     if flags & ADAMW_AMSGRAD:
         mx = max_bits(mx, v)
         vv = mx
     denom = add_bits(sqrt_bits(vv), eps_s)
-    upd = bits.mul_bits(div0_bits(m, denom), k_step, off)
+    upd = mul32_bits(div0_bits(m, denom), k_step, off)
     return sub_bits(ip, upd), m, v, mx
 
 

@@ -50,7 +50,11 @@ def _unary_both(x, which):
 def _binary_both(a, b, which):
     out = np.empty((2, a.size), np.int64)
     for i in range(a.size):
-        if which == 0:
+        if which >= 2:
+            off = OFFSETS[which - 2]
+            out[0, i] = OB.mul32_bits(a[i], b[i], off)
+            out[1, i] = bits.mul_bits(a[i], b[i], off)
+        elif which == 0:
             out[0, i] = OB.div0_bits(a[i], b[i])
             out[1, i] = bits.div_bits(a[i], b[i], 0)
         else:
@@ -78,7 +82,13 @@ def test_unary_branch_free_forms_match(which):
     assert bad.size == 0, [hex(int(x[i]) & 0xFFFFFFFF) for i in bad[:5]]
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["div", "max"])
+# offsets of pam.dispatch.offset_constant: none, 1.0552, the smallest and largest normal
+OFFSETS = (0, int(np.float32(1.0552).view(np.int32)) - bits.ONE, bits.MIN_NORMAL - bits.ONE,
+           0x7F7FFFFF - bits.ONE, int(np.float32(0.5).view(np.int32)) - bits.ONE)
+
+
+@pytest.mark.parametrize("which", range(2 + len(OFFSETS)),
+                         ids=["div", "max"] + [f"mul_off{k}" for k in range(len(OFFSETS))])
 def test_binary_branch_free_forms_match(which):
     x = _patterns()
     a = np.concatenate([np.repeat(SPECIALS, SPECIALS.size), x])
@@ -100,3 +110,5 @@ def test_pure_python_forms_match_on_specials():
                 bits.exp2_bits(bits.mul_bits(bits.log2_bits(x), OB.HALF, 0)))
             for y in SPECIALS[::3]:
                 assert OB.div0_bits(x, y) == np.int32(bits.div_bits(x, y, 0))
+                for off in OFFSETS:
+                    assert OB.mul32_bits(x, y, off) == np.int32(bits.mul_bits(x, y, off))
