@@ -1,5 +1,9 @@
 """Scalar definitions of the fused optimizer updates, on bit patterns (one element).
 
+The per-element chain is written branch-free in int32 lanes (``sel``, ``mul32_bits``,
+``div0_bits``, ``log2_sel_bits``, ``exp2_sel_bits``, ``half_bits``: each the bits of the
+:mod:`pam.bits` function it names), so the CPU loops vectorize.
+
 Like :mod:`pam.bits`, every function is ``register_jitable``: the CPU kernels
 (:mod:`pam.kernels.cpu`) and the CUDA kernels (:mod:`pam.kernels.cuda`) compile these same
 lines, so they agree bit for bit. They restate, element by element, the sequence of PAM
@@ -69,6 +73,19 @@ def sel(c, a, b):
     back into a select; a branch in the loop body stops vectorization)."""
     mask = np.int32(-np.int32(c))
     return np.int32(b ^ ((a ^ b) & mask))
+
+
+OFF_MIN = bits.MIN_NORMAL - bits.ONE       # offset constants of normal float32 offsets
+OFF_MAX = 0x7F7FFFFF - bits.ONE
+
+
+@register_jitable
+def check_offset(off):
+    """Raise unless ``off`` is an offset constant mul32_bits handles (a normal float32
+    offset, as pam.dispatch.offset_constant returns)."""
+    if off < OFF_MIN or off > OFF_MAX:
+        raise ValueError("off must be the constant of a normal float32 offset "
+                         "(pam.dispatch.offset_constant)")
 
 
 @register_jitable(forceinline=True)

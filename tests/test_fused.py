@@ -266,3 +266,14 @@ def test_unbiased_option_validation():
     opt.step()
     assert opt.moments == "unbiased" and "moments" not in opt.param_groups[0]
     assert torch.all(p[0] < 0)
+
+
+def test_kernels_refuse_offsets_outside_the_normal_range():
+    """mul32_bits is exact for offset constants of normal float32 offsets only."""
+    x = np.zeros(3, np.int32)
+    bad = optim_bits.OFF_MIN - 1
+    with pytest.raises(ValueError, match="normal float32 offset"):
+        cpu.adamw(x, x.copy(), x.copy(), x.copy(), x.copy(), *([0] * 8), bad, 0)
+    with pytest.raises(ValueError, match="normal float32 offset"):
+        cpu.sgd_table(np.zeros((3, 0), np.int64), np.zeros(0, np.int64), 0, 0, 0, 0,
+                      optim_bits.OFF_MAX + 1, 0)

@@ -1085,6 +1085,7 @@ def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, 
     patterns from pam.optim_bits.adamw_scalars. ``mx`` may be any 1-element array when
     amsgrad is off.
     """
+    optim_bits.check_offset(off)
     n = p.size
     if n < FUSED_PARALLEL_MIN:
         _adamw_range(p, g, m, v, mx, 0, n, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
@@ -1118,6 +1119,7 @@ def adamw_table(addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, ep
     float32 CPU tensor of ``sizes[j]`` elements that the caller keeps alive; distinct
     tensors must not overlap.
     """
+    optim_bits.check_offset(off)
     table = _chunk_table(sizes, FUSED_CHUNK)
     if sizes.sum() < FUSED_PARALLEL_MIN:
         for r in range(table.shape[0]):
@@ -1151,6 +1153,7 @@ def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
     Every element follows pam.optim_bits.sgd_update. ``buf`` may be any 1-element array
     without momentum.
     """
+    optim_bits.check_offset(off)
     n = p.size
     if n < FUSED_PARALLEL_MIN:
         _sgd_range(p, g, buf, 0, n, lr, wd, mom, omd, off, flags)
@@ -1176,6 +1179,7 @@ def _sgd_table_rows(addresses, sizes, table, r, lr, wd, mom, omd, off, flags):
 def sgd_table(addresses, sizes, lr, wd, mom, omd, off, flags):
     """The :func:`sgd` update in place over a list of tensors (addresses (3, k): params,
     grads, momentum buffers, row 2 unused without momentum; see :func:`adamw_table`)."""
+    optim_bits.check_offset(off)
     table = _chunk_table(sizes, FUSED_CHUNK)
     if sizes.sum() < FUSED_PARALLEL_MIN:
         for r in range(table.shape[0]):
@@ -1211,6 +1215,8 @@ def _adamw_unbiased_range(p, g, m, v, mx, lo, hi, decay, c1, c2, k_step, eps_s, 
 @njit(**_JIT)
 def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
     """In place: one step of the unbiased AdamW variant (pam.optim_bits.adamw_update_unbiased)."""
+    optim_bits.check_offset(off)
+    optim_bits.check_offset(sq_off)
     n = p.size
     if n < FUSED_PARALLEL_MIN:
         _adamw_unbiased_range(p, g, m, v, mx, 0, n, decay, c1, c2, k_step, eps_s, off, sq_off,
@@ -1237,6 +1243,8 @@ def _adamw_unbiased_table_rows(addresses, sizes, table, r, decay, c1, c2, k_step
 @njit(**_JIT)
 def adamw_unbiased_table(addresses, sizes, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
     """:func:`adamw_unbiased` in place over a list of tensors (see :func:`adamw_table`)."""
+    optim_bits.check_offset(off)
+    optim_bits.check_offset(sq_off)
     table = _chunk_table(sizes, FUSED_CHUNK)
     if sizes.sum() < FUSED_PARALLEL_MIN:
         for r in range(table.shape[0]):
