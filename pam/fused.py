@@ -97,6 +97,19 @@ def _address_table(lists, idx, written):
     return addresses, sizes, keep
 
 
+def _disjoint(addresses, sizes):
+    """True when the byte ranges of all non-empty tensors in the table are disjoint (the
+    table kernels update in place; overlapping tensors take the flat path instead, whose
+    copies give them the concatenate-and-write-back semantics)."""
+    used = np.flatnonzero((addresses != 0).any(axis=1))
+    starts = addresses[used].reshape(-1)
+    lengths = np.tile(sizes, used.size) * 4
+    nonempty = lengths > 0
+    starts, ends = starts[nonempty], (starts + lengths)[nonempty]
+    order = np.argsort(starts, kind="stable")
+    return bool(np.all(starts[order][1:] >= ends[order][:-1]))
+
+
 def _copy_back(keep):
     for original, copy, written in keep:
         if written:
@@ -170,9 +183,10 @@ def adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
             lists = (params, grads, exp_avgs, exp_avg_sqs,
                      max_exp_avg_sqs if amsgrad else None)
             addresses, sizes, keep = _address_table(lists, idx, (0, 2, 3, 4))
-            D.launch(name + "_table", device, addresses, sizes, *scal, flags)
-            _copy_back(keep)
-            continue
+            if _disjoint(addresses, sizes):
+                D.launch(name + "_table", device, addresses, sizes, *scal, flags)
+                _copy_back(keep)
+                continue
         sel = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         fp, fg, fm, fv = (_flat(ts) for ts in sel)
         if amsgrad:
@@ -239,9 +253,10 @@ def sgd_step_impl(params, grads, momentum_buffers, first_step, hyper, off, flags
         if device.type == "cpu":
             lists = (params, grads, momentum_buffers if use_mom else None)
             addresses, sizes, keep = _address_table(lists, idx, (0, 2))
-            D.launch("sgd_table", device, addresses, sizes, *scal, off, fl)
-            _copy_back(keep)
-            continue
+            if _disjoint(addresses, sizes):
+                D.launch("sgd_table", device, addresses, sizes, *scal, off, fl)
+                _copy_back(keep)
+                continue
         ps = [params[i] for i in idx]
         fp, fg = _flat(ps), _flat([grads[i] for i in idx])
         if use_mom:

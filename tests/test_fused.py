@@ -277,3 +277,25 @@ def test_kernels_refuse_offsets_outside_the_normal_range():
     with pytest.raises(ValueError, match="normal float32 offset"):
         cpu.sgd_table(np.zeros((3, 0), np.int64), np.zeros(0, np.int64), 0, 0, 0, 0,
                       optim_bits.OFF_MAX + 1, 0)
+
+
+def test_overlapping_tensors_take_the_flat_path(monkeypatch):
+    """The table kernels update in place, so overlapping tensors (here two params sharing
+    memory) go through the concatenating flat kernel, as before; disjoint ones do not."""
+    calls = []
+    orig = pam.dispatch.launch
+    monkeypatch.setattr(pam.dispatch, "launch",
+                        lambda name, *a: (calls.append(name), orig(name, *a))[1])
+    base = torch.randn(8)
+    before = base.clone()
+    fused.sgd_step([base[:5], base[3:]], [torch.ones(5)] * 2, None, lr=0.5)
+    # the flat path: both tensors updated from their old values, written back (each
+    # element ends up 0.5 lower, also the shared ones: not twice)
+    assert torch.equal(base, before - 0.5)
+    fused.sgd_step([base[:4], base[4:]], [torch.ones(4), torch.ones(4)], None, lr=0.5)
+    assert torch.equal(base, before - 0.5 - 0.5)
+    assert calls == ["sgd", "sgd_table"]
+    addresses = np.array([[100, 140], [200, 300]], np.int64)
+    assert fused._disjoint(addresses, np.array([10, 10], np.int64))
+    assert not fused._disjoint(addresses, np.array([11, 10], np.int64))
+    assert fused._disjoint(np.array([[100, 100]], np.int64), np.array([0, 5], np.int64))
