@@ -110,10 +110,16 @@ def _disjoint(addresses, sizes):
     return bool(np.all(starts[order][1:] >= ends[order][:-1]))
 
 
-def _copy_back(keep):
-    for original, copy, written in keep:
-        if written:
+def _finish_table(lists, idx, written, keep):
+    """After a table kernel: copy the stand-ins of non-contiguous tensors back and bump
+    the autograd version counter of every tensor the kernel wrote behind torch's back (so
+    a tensor saved for backward and then stepped is reported, as torch.optim's in-place
+    ops would)."""
+    for original, copy, was_written in keep:
+        if was_written:
             original.detach().copy_(copy)
+    torch.autograd.graph.increment_version(
+        [lists[r][i] for r in written if lists[r] is not None for i in idx])
 
 
 MOMENTS = ("paper", "unbiased")
@@ -185,7 +191,7 @@ def adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
             addresses, sizes, keep = _address_table(lists, idx, (0, 2, 3, 4))
             if _disjoint(addresses, sizes):
                 D.launch(name + "_table", device, addresses, sizes, *scal, flags)
-                _copy_back(keep)
+                _finish_table(lists, idx, (0, 2, 3, 4), keep)
                 continue
         sel = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         fp, fg, fm, fv = (_flat(ts) for ts in sel)
@@ -255,7 +261,7 @@ def sgd_step_impl(params, grads, momentum_buffers, first_step, hyper, off, flags
             addresses, sizes, keep = _address_table(lists, idx, (0, 2))
             if _disjoint(addresses, sizes):
                 D.launch("sgd_table", device, addresses, sizes, *scal, off, fl)
-                _copy_back(keep)
+                _finish_table(lists, idx, (0, 2), keep)
                 continue
         ps = [params[i] for i in idx]
         fp, fg = _flat(ps), _flat([grads[i] for i in idx])

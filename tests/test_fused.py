@@ -299,3 +299,18 @@ def test_overlapping_tensors_take_the_flat_path(monkeypatch):
     assert fused._disjoint(addresses, np.array([10, 10], np.int64))
     assert not fused._disjoint(addresses, np.array([11, 10], np.int64))
     assert fused._disjoint(np.array([[100, 100]], np.int64), np.array([0, 5], np.int64))
+
+
+@pytest.mark.parametrize("opt_cls", [pam.optim.AdamW, pam.optim.SGD])
+def test_step_bumps_versions_of_saved_tensors(opt_cls):
+    """The table kernels write through addresses; the step still tells autograd, so a
+    backward through a tensor saved before the step raises, as with torch.optim."""
+    w = torch.randn(3, requires_grad=True)
+    w.grad = torch.ones(3)
+    x = torch.randn(3, requires_grad=True)
+    y = (w * x).sum()                           # saves w for x's gradient
+    version = w._version
+    opt_cls([w], lr=0.1).step()
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
