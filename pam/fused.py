@@ -11,11 +11,14 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
   :func:`pam.nn.functional.softmax` along one dimension and its input gradient, one row
   kernel launch each.
 
-A list is processed as one flat buffer (the tensors are concatenated, updated by a single
-kernel and copied back; a list of one contiguous tensor is updated in place), so a step
-costs one kernel launch per distinct step count instead of ~20 per tensor. The per-element
+A list is updated by a single kernel: on CPU the kernel walks a table of the tensors'
+addresses and sizes and updates them in place (no copies); on CUDA the tensors are
+concatenated into flat buffers, updated and copied back (a list of one contiguous tensor
+is updated in place). So a step costs one kernel launch per distinct step count instead
+of ~20 per tensor. The per-element
 arithmetic is :mod:`pam.optim_bits`, the same on CPU and CUDA.
 """
+import numpy as np
 import torch
 
 from . import dispatch as D
@@ -70,6 +73,55 @@ def _by_step(steps):
     return groups
 
 
+def _address_table(lists, idx, written):
+    """(addresses int64 (len(lists), len(idx)), sizes int64, stand-ins) for a CPU table
+    kernel: the data addresses of ``lists[r][i]`` for i in ``idx`` (a list may be None: its
+    row stays 0). A non-contiguous tensor is replaced by a contiguous copy (kept alive in
+    ``stand-ins``, as (original, copy) pairs to copy back for the lists in ``written``)."""
+    addresses = np.zeros((len(lists), len(idx)), np.int64)
+    sizes = np.empty(len(idx), np.int64)
+    keep = []
+    for r, ts in enumerate(lists):
+        if ts is None:
+            continue
+        row = addresses[r]
+        for c, i in enumerate(idx):
+            t = ts[i]
+            if not t.is_contiguous():
+                copy = t.detach().contiguous()
+                keep.append((t, copy, r in written))
+                t = copy
+            row[c] = t.data_ptr()
+            if r == 0:
+                sizes[c] = t.numel()
+    return addresses, sizes, keep
+
+
+def _disjoint(addresses, sizes):
+    """True when the byte ranges of all non-empty tensors in the table are disjoint (the
+    table kernels update in place; overlapping tensors take the flat path instead, whose
+    copies give them the concatenate-and-write-back semantics)."""
+    used = np.flatnonzero((addresses != 0).any(axis=1))
+    starts = addresses[used].reshape(-1)
+    lengths = np.tile(sizes, used.size) * 4
+    nonempty = lengths > 0
+    starts, ends = starts[nonempty], (starts + lengths)[nonempty]
+    order = np.argsort(starts, kind="stable")
+    return bool(np.all(starts[order][1:] >= ends[order][:-1]))
+
+
+def _finish_table(lists, idx, written, keep):
+    """After a table kernel: copy the stand-ins of non-contiguous tensors back and bump
+    the autograd version counter of every tensor the kernel wrote behind torch's back (so
+    a tensor saved for backward and then stepped is reported, as torch.optim's in-place
+    ops would)."""
+    for original, copy, was_written in keep:
+        if was_written:
+            original.detach().copy_(copy)
+    torch.autograd.graph.increment_version(
+        [lists[r][i] for r in written if lists[r] is not None for i in idx])
+
+
 MOMENTS = ("paper", "unbiased")
 
 
@@ -88,6 +140,11 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
     ``moments="unbiased"`` runs :func:`pam.optim_bits.adamw_update_unbiased` instead:
     EMA coefficients 1 - beta snapped to powers of two (exact products), squares with the
     unbiasing offset, bias corrections and step size in exact host arithmetic.
+
+    One kernel launch per distinct step count: on CPU the kernel walks a table of the
+    tensors' addresses (no copies), on CUDA it runs over concatenated flat buffers. Under
+    ``torch.compile`` the step is the custom op ``torch.ops.pam.adamw_step`` (declared
+    to mutate params, exp_avgs, exp_avg_sqs and max_exp_avg_sqs): no graph break.
     """
     if moments not in MOMENTS:
         raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
@@ -105,7 +162,37 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
     flags = ((OB.ADAMW_MAXIMIZE if maximize else 0)
              | (OB.ADAMW_DECAY if weight_decay != 0.0 else 0)
              | (OB.ADAMW_AMSGRAD if amsgrad else 0))
+    hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+    mxs = list(max_exp_avg_sqs) if amsgrad else []
+    if L.direct_list(params, grads, exp_avgs, exp_avg_sqs, mxs, steps):
+        adamw_step_impl(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), mxs,
+                        list(steps), hyper, off, flags, moments)
+    else:
+        L.adamw_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), mxs,
+                     list(steps), hyper, off, flags, moments)
+
+
+def adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper,
+                    off, flags, moments):
+    """The kernel launches of :func:`adamw_step` (checked arguments; ``max_exp_avg_sqs``
+    empty without amsgrad; ``hyper`` = (lr, beta1, beta2, eps, weight_decay))."""
+    device = params[0].device
+    amsgrad = bool(flags & OB.ADAMW_AMSGRAD)
     for step, idx in _by_step(steps).items():
+        if moments == "paper":
+            name, scal = "adamw", (*OB.adamw_scalars(*hyper, step), off)
+        else:
+            name = "adamw_unbiased"
+            scal = (*OB.adamw_unbiased_scalars(*hyper, step), off,
+                    D.offset_constant(OB.UNBIASED_SQUARE_OFFSET))
+        if device.type == "cpu":
+            lists = (params, grads, exp_avgs, exp_avg_sqs,
+                     max_exp_avg_sqs if amsgrad else None)
+            addresses, sizes, keep = _address_table(lists, idx, (0, 2, 3, 4))
+            if _disjoint(addresses, sizes):
+                D.launch(name + "_table", device, addresses, sizes, *scal, flags)
+                _finish_table(lists, idx, (0, 2, 3, 4), keep)
+                continue
         sel = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         fp, fg, fm, fv = (_flat(ts) for ts in sel)
         if amsgrad:
@@ -113,13 +200,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
             fmx = _flat(mxs)
         else:
             fmx = torch.zeros(1, dtype=torch.float32, device=device)
-        hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step)
         arrays = (_bits(fp), _bits(fg), _bits(fm), _bits(fv), _bits(fmx))
-        if moments == "paper":
-            D.launch("adamw", device, *arrays, *OB.adamw_scalars(*hyper), off, flags)
-        else:
-            D.launch("adamw_unbiased", device, *arrays, *OB.adamw_unbiased_scalars(*hyper),
-                     off, D.offset_constant(OB.UNBIASED_SQUARE_OFFSET), flags)
+        D.launch(name, device, *arrays, *scal, flags)
         _write_back(sel[0], fp)
         _write_back(sel[2], fm)
         _write_back(sel[3], fv)
@@ -134,7 +216,9 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
 
     Per element :func:`pam.optim_bits.sgd_update`. With momentum, ``momentum_buffers``
     holds one tensor per parameter and ``first_step`` one bool per parameter (True: the
-    buffer is initialised to the gradient, as torch does when it has none yet).
+    buffer is initialised to the gradient, as torch does when it has none yet). One
+    launch per distinct ``first_step`` value (CPU: over an address table, no copies);
+    under ``torch.compile`` the custom op ``torch.ops.pam.sgd_step``.
     """
     if not params:
         return
@@ -143,18 +227,42 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
     n = _check_lists(device, params=params, grads=grads,
                      momentum_buffers=momentum_buffers if use_mom else None)
     off = D.offset_constant(offset)
-    base = ((OB.SGD_MAXIMIZE if maximize else 0)
-            | (OB.SGD_DECAY if weight_decay != 0.0 else 0)
-            | (OB.SGD_MOMENTUM if use_mom else 0)
-            | (OB.SGD_DAMPENING if dampening != 0.0 else 0)
-            | (OB.SGD_NESTEROV if nesterov else 0))
-    firsts = [False] * n if first_step is None or not use_mom else list(first_step)
-    groups = {}
-    for i, f in enumerate(firsts):
-        groups.setdefault(bool(f), []).append(i)
+    flags = ((OB.SGD_MAXIMIZE if maximize else 0)
+             | (OB.SGD_DECAY if weight_decay != 0.0 else 0)
+             | (OB.SGD_MOMENTUM if use_mom else 0)
+             | (OB.SGD_DAMPENING if dampening != 0.0 else 0)
+             | (OB.SGD_NESTEROV if nesterov else 0))
+    firsts = [False] * n if first_step is None or not use_mom else [bool(f) for f in first_step]
+    if len(firsts) != n:
+        raise ValueError(f"first_step has {len(firsts)} entries, expected {n}")
+    bufs = list(momentum_buffers) if use_mom else []
+    hyper = (float(lr), float(weight_decay), float(momentum), float(dampening))
+    if L.direct_list(params, grads, bufs):
+        sgd_step_impl(list(params), list(grads), bufs, firsts, hyper, off, flags)
+    else:
+        L.sgd_step(list(params), list(grads), bufs, firsts, hyper, off, flags)
+
+
+def sgd_step_impl(params, grads, momentum_buffers, first_step, hyper, off, flags):
+    """The kernel launches of :func:`sgd_step` (checked arguments; ``momentum_buffers``
+    empty without momentum; ``hyper`` = (lr, weight_decay, momentum, dampening))."""
+    device = params[0].device
+    use_mom = bool(flags & OB.SGD_MOMENTUM)
+    lr, weight_decay, momentum, dampening = hyper
     scal = (OB.f32_bits(lr), OB.f32_bits(weight_decay), OB.f32_bits(momentum),
             OB.f32_bits(1.0 - dampening))
+    groups = {}
+    for i, f in enumerate(first_step):
+        groups.setdefault(bool(f), []).append(i)
     for first, idx in groups.items():
+        fl = flags | (OB.SGD_FIRST if first else 0)
+        if device.type == "cpu":
+            lists = (params, grads, momentum_buffers if use_mom else None)
+            addresses, sizes, keep = _address_table(lists, idx, (0, 2))
+            if _disjoint(addresses, sizes):
+                D.launch("sgd_table", device, addresses, sizes, *scal, off, fl)
+                _finish_table(lists, idx, (0, 2), keep)
+                continue
         ps = [params[i] for i in idx]
         fp, fg = _flat(ps), _flat([grads[i] for i in idx])
         if use_mom:
@@ -162,8 +270,7 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
             fb = _flat(bufs)
         else:
             fb = torch.zeros(1, dtype=torch.float32, device=device)
-        flags = base | (OB.SGD_FIRST if first else 0)
-        D.launch("sgd", device, _bits(fp), _bits(fg), _bits(fb), *scal, off, flags)
+        D.launch("sgd", device, _bits(fp), _bits(fg), _bits(fb), *scal, off, fl)
         _write_back(ps, fp)
         if use_mom:
             _write_back(bufs, fb)

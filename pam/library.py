@@ -8,6 +8,13 @@ Numba dispatcher), and AOT autograd's functionalization sees every result as a f
 tensor: the kernels' writes into their own output buffers happen inside the op, never
 behind torch's back.
 
+The fused optimizer steps (:func:`pam.fused.adamw_step`, :func:`pam.fused.sgd_step`) are
+the exception: they update parameters and optimizer state in place, so their ops
+``pam::adamw_step`` and ``pam::sgd_step`` return nothing and declare the lists they mutate
+(``mutates_args``); functionalization then sees the writes (it clones the mutated inputs
+and copies the results back), and ``torch.compile(opt.step, fullgraph=True)`` of
+:class:`pam.optim.AdamW` / :class:`pam.optim.SGD` traces without a graph break.
+
 Autograd stays in the ``torch.autograd.Function`` classes of :mod:`pam.ops`,
 :mod:`pam.conv` and :mod:`pam.functional`: their ``forward`` and ``backward`` call the
 functions below, and Dynamo traces those Functions (forward and backward) into the graph.
@@ -39,9 +46,9 @@ from . import dispatch as D
 __all__ = ["binary_map", "unary_map", "quantize", "pow2_part", "matmul3",
            "matmul_exact_grad_left",
            "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
-           "gelu_forward", "gelu_backward", "softmax_forward",
-           "softmax_backward", "pam_scalar", "pad_scalar", "pa_sqrt_scalar", "static_int",
-           "lmul_scalar", "quantize_scalar"]
+           "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
+           "direct_list", "adamw_step", "sgd_step", "pam_scalar", "pad_scalar",
+           "pa_sqrt_scalar", "static_int", "lmul_scalar", "quantize_scalar"]
 
 
 def _direct(*tensors):
@@ -423,6 +430,65 @@ def softmax_backward(grad, x, dim, off, safe, exact):
         from . import fused
         return fused.softmax_backward_kernel(grad, x, dim, off, safe, exact)
     return _softmax_backward_op(grad, x, dim, off, safe, exact)
+
+
+# --------------------------------------------------------------------------- fused optimizers
+def direct_list(*lists):
+    """:func:`_direct` for lists of tensors (other entries, e.g. Python numbers, pass)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) in _PLAIN for ts in lists for t in ts if isinstance(t, torch.Tensor))
+
+
+def _step_tensors(steps, like):
+    return [s if isinstance(s, torch.Tensor)
+            else torch.tensor(float(s), dtype=torch.float32, device=like.device)
+            for s in steps]
+
+
+@torch.library.custom_op("pam::adamw_step",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
+def _adamw_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
+                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                   max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
+                   hyper: list[float], off: int, flags: int, moments: str) -> None:
+    from . import fused
+    fused.adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                          tuple(hyper), off, flags, moments)
+
+
+@_adamw_step_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, off, flags,
+      moments):
+    return None
+
+
+@torch.library.custom_op("pam::sgd_step", mutates_args=("params", "momentum_buffers"))
+def _sgd_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
+                 momentum_buffers: list[torch.Tensor], first_step: list[bool],
+                 hyper: list[float], off: int, flags: int) -> None:
+    from . import fused
+    fused.sgd_step_impl(params, grads, momentum_buffers, first_step, tuple(hyper), off,
+                        flags)
+
+
+@_sgd_step_op.register_fake
+def _(params, grads, momentum_buffers, first_step, hyper, off, flags):
+    return None
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, off,
+               flags, moments):
+    """:func:`pam.fused.adamw_step_impl` as the custom op ``pam::adamw_step`` (mutates
+    params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs; steps as scalar tensors)."""
+    _adamw_step_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                   _step_tensors(steps, params[0]), list(hyper), off, flags, moments)
+
+
+def sgd_step(params, grads, momentum_buffers, first_step, hyper, off, flags):
+    """:func:`pam.fused.sgd_step_impl` as the custom op ``pam::sgd_step`` (mutates params
+    and momentum_buffers)."""
+    _sgd_step_op(params, grads, momentum_buffers, list(first_step), list(hyper), off, flags)
 
 
 # --------------------------------------------------------------------------- scalars

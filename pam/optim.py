@@ -14,7 +14,9 @@ subtractions ``1 - beta``, ``1 - dampening``. No ATen multiply-family operator r
 (per device and step count) is updated by one kernel (:func:`pam.fused.adamw_step`,
 :func:`pam.fused.sgd_step`) whose per-element arithmetic is :mod:`pam.optim_bits`, bit for
 bit the chain of PAM ops listed above (tests/test_fused.py compares them with the op-by-op
-reference).
+reference). On CPU that kernel updates the tensors in place through a table of their
+addresses (no copies) with vectorized per-element code; under ``torch.compile`` a step is
+the custom op ``pam::adamw_step`` / ``pam::sgd_step`` (tests/test_fused_compile.py).
 
 Because PAM is approximate, these are not bit-identical to torch's optimizers: PAM
 products are 0 to 11 % smaller in magnitude (mean -3.85 % without offset), PAD quotients

@@ -1,5 +1,9 @@
 """Scalar definitions of the fused optimizer updates, on bit patterns (one element).
 
+The per-element chain is written branch-free in int32 lanes (``sel``, ``mul32_bits``,
+``div0_bits``, ``log2_sel_bits``, ``exp2_sel_bits``, ``half_bits``: each the bits of the
+:mod:`pam.bits` function it names), so the CPU loops vectorize.
+
 Like :mod:`pam.bits`, every function is ``register_jitable``: the CPU kernels
 (:mod:`pam.kernels.cpu`) and the CUDA kernels (:mod:`pam.kernels.cuda`) compile these same
 lines, so they agree bit for bit. They restate, element by element, the sequence of PAM
@@ -48,25 +52,149 @@ def neg_bits(ia):
     return np.int64(np.int32(np.int64(ia) ^ bits.SIGN))
 
 
+# Branch-free forms. The optimizer kernels run every element through the same chain, so
+# their per-element code is written with selects in int32 lanes (no early returns), which
+# LLVM vectorizes on CPU; each gives the same bits as the pam.bits function it names
+# (tests/test_optim_bits.py compares them on special and random patterns). No int32
+# intermediate overflows (the CUDA simulator computes in NumPy int32).
+_I_ABS = np.int32(bits.ABS_MASK)
+_I_SIGN = np.int32(bits.SIGN)
+_I_INF = np.int32(bits.INF)
+_I_QNAN = np.int32(bits.QNAN)
+_I_ONE = np.int32(bits.ONE)
+_I_MIN = np.int32(bits.MIN_NORMAL)
+_I_ZERO = np.int32(0)
+
+
+@register_jitable(forceinline=True)
+def sel(c, a, b):
+    """a if c else b (int32), as bit masks: data flow, never a branch (a Python
+    conditional expression is a branch in Numba IR, which LLVM does not always turn
+    back into a select; a branch in the loop body stops vectorization)."""
+    mask = np.int32(-np.int32(c))
+    return np.int32(b ^ ((a ^ b) & mask))
+
+
+OFF_MIN = bits.MIN_NORMAL - bits.ONE       # offset constants of normal float32 offsets
+OFF_MAX = 0x7F7FFFFF - bits.ONE
+
+
 @register_jitable
+def check_offset(off):
+    """Raise unless ``off`` is an offset constant mul32_bits handles (a normal float32
+    offset, as pam.dispatch.offset_constant returns)."""
+    if off < OFF_MIN or off > OFF_MAX:
+        raise ValueError("off must be the constant of a normal float32 offset "
+                         "(pam.dispatch.offset_constant)")
+
+
+@register_jitable(forceinline=True)
+def mul32_bits(ia, ib, off):
+    """bits.mul_bits(ia, ib, off) (PAM) with selects, in int32, for the offsets of
+    pam.dispatch.offset_constant (off + 0x3F800000 the bits of a normal float32): the
+    magnitude sum is formed as |a| + (|b| - 1 + off) with a saturation test first, so no
+    int32 intermediate overflows."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
+    sign = np.int32((ia ^ ib) & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    ub = np.int32(ib & _I_ABS)
+    uac = sel(ua > _I_INF, _I_INF, ua)
+    t = np.int32(sel(ub > _I_INF, _I_INF, ub) + np.int32(off - bits.ONE))
+    room = np.int32(_I_INF - uac)
+    over = t >= room
+    mag = np.int32(uac + sel(over, room, t))
+    zero_in = (ua < _I_MIN) | (ub < _I_MIN)
+    inf_in = (ua == _I_INF) | (ub == _I_INF)
+    mag = sel(inf_in, _I_INF, mag)
+    mag = sel(zero_in | (mag < _I_MIN), _I_ZERO, mag)
+    nan = (ua > _I_INF) | (ub > _I_INF) | (zero_in & inf_in)
+    return sel(nan, _I_QNAN, np.int32(mag | sign))
+
+
+@register_jitable(forceinline=True)
+def div0_bits(ia, ib):
+    """bits.div_bits(ia, ib, 0) (PAD without offset) with selects, in int32."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
+    sign = np.int32((ia ^ ib) & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    ub = np.int32(ib & _I_ABS)
+    d = np.int32(ua - ub)                       # bits(|a|) - bits(|b|), no overflow
+    over = d >= np.int32(bits.INF - bits.ONE)
+    mag = np.int32(sel(over, np.int32(bits.INF - bits.ONE), d) + _I_ONE)
+    mag = sel(d < np.int32(bits.MIN_NORMAL - bits.ONE), _I_ZERO, mag)
+    a_zero = ua < _I_MIN
+    b_zero = ub < _I_MIN
+    a_inf = ua == _I_INF
+    b_inf = ub == _I_INF
+    mag = sel(a_zero | b_inf, _I_ZERO, mag)
+    mag = sel(b_zero | a_inf, _I_INF, mag)
+    nan = (ua > _I_INF) | (ub > _I_INF) | (a_inf & b_inf) | (a_zero & b_zero)
+    return sel(nan, _I_QNAN, np.int32(mag | sign))
+
+
+@register_jitable(forceinline=True)
+def log2_sel_bits(ix):
+    """bits.log2_bits(ix) (pa_log2) with selects, in int32."""
+    ix = np.int32(ix)
+    ux = np.int32(ix & _I_ABS)
+    d = np.int32(ux - _I_ONE)
+    rounded = np.int32(bits.f32_to_bits(np.float32(d)))
+    r = sel(d == _I_ZERO, _I_ZERO, np.int32(rounded - np.int32(23 << 23)))
+    r = sel(ux == _I_INF, _I_INF, r)
+    r = sel(ix < _I_ZERO, _I_QNAN, r)
+    r = sel(ux < _I_MIN, np.int32(bits.INF | bits.SIGN), r)
+    return sel(ux > _I_INF, _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def exp2_sel_bits(iy):
+    """bits.exp2_bits(iy) (pa_exp2) with selects, in int32: floor by truncation and a
+    correction (exact for |y| <= 200)."""
+    iy = np.int32(iy)
+    y = bits.bits_to_f32(iy)
+    inside = (y >= np.float32(-200.0)) & (y < np.float32(128.0))
+    yc = bits.bits_to_f32(sel(inside, iy, _I_ZERO))
+    t = np.int32(yc)                            # truncation toward zero
+    n = np.int32(t - np.int32(np.float32(t) > yc))
+    frac = yc - np.float32(n)
+    one_plus = np.float32(1.0) + frac
+    r = np.int32(np.int32(bits.f32_to_bits(one_plus)) + np.int32(n << np.int32(23)))
+    r = sel(r < _I_MIN, _I_ZERO, r)
+    r = sel((r >= _I_INF) | (y >= np.float32(128.0)), _I_INF, r)
+    r = sel(y < np.float32(-200.0), _I_ZERO, r)
+    return sel(np.int32(iy & _I_ABS) > _I_INF, _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def half_bits(ia):
+    """bits.mul_bits(ia, HALF, 0): PAM by 0.5, exact, in int32 (rows_bits.mul_pow2_bits)."""
+    ia = np.int32(ia)
+    sign = np.int32(ia & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    mag = sel(ua == _I_INF, _I_INF, np.int32(ua - np.int32(1 << 23)))
+    mag = sel(ua < np.int32(2 * bits.MIN_NORMAL), _I_ZERO, mag)   # input or result < normal
+    return sel(ua > _I_INF, _I_QNAN, np.int32(mag | sign))
+
+
+@register_jitable(forceinline=True)
 def sqrt_bits(ix):
     """pa_sqrt(x) = pa_exp2(PAM(pa_log2(x), 0.5)), as :func:`pam.sqrt`."""
-    return bits.exp2_bits(bits.mul_bits(bits.log2_bits(ix), HALF, 0))
+    return exp2_sel_bits(half_bits(log2_sel_bits(ix)))
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def max_bits(ia, ib):
     """torch.maximum(a, b) on bit patterns: NaN if either is NaN (a's NaN first)."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
     fa = bits.bits_to_f32(ia)
     fb = bits.bits_to_f32(ib)
-    if fa != fa:
-        return np.int64(ia)
-    if fb != fb:
-        return np.int64(ib)
-    return np.int64(ib) if fb > fa else np.int64(ia)
+    return sel((fa == fa) & ((fb != fb) | (fb > fa)), ib, ia)
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def adamw_update(ip, ig, im, iv, imx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
                  off, flags):
     """One AdamW element update; returns the new bits of (p, m, v, max_v).
@@ -80,21 +208,21 @@ def adamw_update(ip, ig, im, iv, imx, decay, b1, omb1, b2, omb2, step_size, sbc2
     if flags & ADAMW_MAXIMIZE:
         ig = neg_bits(ig)
     if flags & ADAMW_DECAY:
-        ip = sub_bits(ip, bits.mul_bits(ip, decay, off))
-    m = add_bits(bits.mul_bits(im, b1, off), bits.mul_bits(ig, omb1, off))
-    gg = bits.mul_bits(ig, ig, off)
-    v = add_bits(bits.mul_bits(iv, b2, off), bits.mul_bits(gg, omb2, off))
+        ip = sub_bits(ip, mul32_bits(ip, decay, off))
+    m = add_bits(mul32_bits(im, b1, off), mul32_bits(ig, omb1, off))
+    gg = mul32_bits(ig, ig, off)
+    v = add_bits(mul32_bits(iv, b2, off), mul32_bits(gg, omb2, off))
     mx = np.int64(imx)
     vv = v
     if flags & ADAMW_AMSGRAD:
         mx = max_bits(mx, v)
         vv = mx
-    denom = add_bits(bits.div_bits(sqrt_bits(vv), sbc2, 0), eps)
-    upd = bits.mul_bits(bits.div_bits(m, denom, 0), step_size, off)
+    denom = add_bits(div0_bits(sqrt_bits(vv), sbc2), eps)
+    upd = mul32_bits(div0_bits(m, denom), step_size, off)
     return sub_bits(ip, upd), m, v, mx
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def sgd_update(ip, ig, ibuf, lr, wd, mom, omd, off, flags):
     """One SGD element update; returns the new bits of (p, momentum buffer).
 
@@ -105,22 +233,22 @@ def sgd_update(ip, ig, ibuf, lr, wd, mom, omd, off, flags):
     if flags & SGD_MAXIMIZE:
         ig = neg_bits(ig)
     if flags & SGD_DECAY:
-        ig = add_bits(ig, bits.mul_bits(ip, wd, off))
+        ig = add_bits(ig, mul32_bits(ip, wd, off))
     buf = np.int64(ibuf)
     if flags & SGD_MOMENTUM:
         if flags & SGD_FIRST:
             buf = np.int64(ig)
         else:
-            scaled = bits.mul_bits(buf, mom, off)
+            scaled = mul32_bits(buf, mom, off)
             if flags & SGD_DAMPENING:
-                buf = add_bits(scaled, bits.mul_bits(ig, omd, off))
+                buf = add_bits(scaled, mul32_bits(ig, omd, off))
             else:
                 buf = add_bits(scaled, ig)
         if flags & SGD_NESTEROV:
-            ig = add_bits(ig, bits.mul_bits(buf, mom, off))
+            ig = add_bits(ig, mul32_bits(buf, mom, off))
         else:
             ig = buf
-    return sub_bits(ip, bits.mul_bits(ig, lr, off)), buf
+    return sub_bits(ip, mul32_bits(ig, lr, off)), buf
 
 
 # --------------------------------------------------------------------------- host scalars
@@ -147,7 +275,7 @@ def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step):
     bc1 = f32_bits(one - bits.bits_to_f32(pow_bits(f32_bits(beta1), t)))
     bc2 = f32_bits(one - bits.bits_to_f32(pow_bits(f32_bits(beta2), t)))
     step_size = int(bits.div_bits(f32_bits(lr), bc1, 0))
-    sbc2 = int(sqrt_bits(bc2))
+    sbc2 = int(bits.exp2_bits(bits.mul_bits(bits.log2_bits(bc2), HALF, 0)))
     decay = int(bits.mul_bits(f32_bits(lr), f32_bits(weight_decay), 0))
     return (decay, f32_bits(beta1), f32_bits(1.0 - beta1), f32_bits(beta2),
             f32_bits(1.0 - beta2), step_size, sbc2, f32_bits(eps))
@@ -164,7 +292,7 @@ _FIX = 64                                   # fractional bits of the host fixed-
 SQRT2_MANT = 0x3504F3                       # mantissa field of float32(sqrt(2))
 
 
-@register_jitable
+@register_jitable(forceinline=True)
 def adamw_update_unbiased(ip, ig, im, iv, imx, decay, c1, c2, k_step, eps_s, off, sq_off,
                           flags):
     """One element of the unbiased AdamW variant; returns the new bits of (p, m, v, max_v).
@@ -177,17 +305,17 @@ def adamw_update_unbiased(ip, ig, im, iv, imx, decay, c1, c2, k_step, eps_s, off
     if flags & ADAMW_MAXIMIZE:
         ig = neg_bits(ig)
     if flags & ADAMW_DECAY:
-        ip = sub_bits(ip, bits.mul_bits(ip, decay, off))
-    m = add_bits(im, bits.mul_bits(sub_bits(ig, im), c1, 0))
-    sq = bits.mul_bits(ig, ig, sq_off)
-    v = add_bits(iv, bits.mul_bits(sub_bits(sq, iv), c2, 0))
+        ip = sub_bits(ip, mul32_bits(ip, decay, off))
+    m = add_bits(im, mul32_bits(sub_bits(ig, im), c1, 0))
+    sq = mul32_bits(ig, ig, sq_off)
+    v = add_bits(iv, mul32_bits(sub_bits(sq, iv), c2, 0))
     mx = np.int64(imx)
     vv = v
     if flags & ADAMW_AMSGRAD:
         mx = max_bits(mx, v)
         vv = mx
     denom = add_bits(sqrt_bits(vv), eps_s)
-    upd = bits.mul_bits(bits.div_bits(m, denom, 0), k_step, off)
+    upd = mul32_bits(div0_bits(m, denom), k_step, off)
     return sub_bits(ip, upd), m, v, mx
 
 

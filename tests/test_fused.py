@@ -79,7 +79,7 @@ def test_one_launch_per_group_step(monkeypatch):
     for p in ps:
         p.grad = torch.ones_like(p)
     opt.step()
-    assert calls == ["adamw"]
+    assert calls == ["adamw_table"]
 
 
 def test_adamw_step_on_lists_and_noncontiguous():
@@ -134,6 +134,67 @@ def test_parallel_chunks_match_serial(monkeypatch):
         cpu.adamw(*(x[lo:lo + step] for x in small), *sc, 0, flags)
     for a, b in zip(big, small):
         assert np.array_equal(a, b)
+
+
+def _table(arrays_by_row, rows):
+    """(addresses, sizes) of lists of int32 arrays for the CPU *_table kernels."""
+    k = len(arrays_by_row[0])
+    addresses = np.zeros((rows, k), np.int64)
+    for r, arrays in enumerate(arrays_by_row):
+        for c, a in enumerate(arrays):
+            addresses[r, c] = a.ctypes.data
+    return addresses, np.array([a.size for a in arrays_by_row[0]], np.int64)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw_unbiased", "sgd"])
+@pytest.mark.parametrize("sizes", [(5, 0, 130, 1), (cpu.FUSED_CHUNK + 3, 17,
+                                                     cpu.FUSED_PARALLEL_MIN + 5)])
+def test_table_kernels_match_flat_kernels(kind, sizes):
+    """The address-table kernels (serial, and parallel in chunks that split tensors)
+    give the bits of the flat kernels on the concatenation."""
+    rng = np.random.default_rng(7)
+
+    def arrays(scale, positive=False):
+        out = []
+        for n in sizes:
+            x = rng.standard_normal(n) * scale
+            out.append((np.abs(x) if positive else x).astype(np.float32).view(np.int32))
+        return out
+    rows = [arrays(1.0), arrays(0.1), arrays(0.01), arrays(1e-3, True), arrays(2e-3, True)]
+    if kind == "adamw":
+        sc = (*optim_bits.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 7), 0)
+        flags = optim_bits.ADAMW_DECAY | optim_bits.ADAMW_AMSGRAD | optim_bits.ADAMW_MAXIMIZE
+    elif kind == "adamw_unbiased":
+        sc = (*optim_bits.adamw_unbiased_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 7), 0,
+              pam.dispatch.offset_constant(optim_bits.UNBIASED_SQUARE_OFFSET))
+        flags = optim_bits.ADAMW_DECAY | optim_bits.ADAMW_AMSGRAD
+    else:
+        rows = rows[:3]
+        sc = (optim_bits.f32_bits(0.1), optim_bits.f32_bits(1e-3), optim_bits.f32_bits(0.9),
+              optim_bits.f32_bits(0.7), pam.dispatch.offset_constant(1.0552))
+        flags = optim_bits.SGD_DECAY | optim_bits.SGD_MOMENTUM | optim_bits.SGD_DAMPENING
+    flat = [np.concatenate(r) for r in rows]
+    getattr(cpu, kind)(*flat, *sc, flags)
+    getattr(cpu, kind + "_table")(*_table(rows, len(rows)), *sc, flags)
+    for f, r in zip(flat, rows):
+        assert np.array_equal(f, np.concatenate(r))
+
+
+def test_cpu_step_updates_noncontiguous_state_in_place():
+    """Non-contiguous params and state go through contiguous stand-ins, copied back."""
+    torch.manual_seed(3)
+    ps = [torch.randn(4, 6).t(), torch.randn(5)]
+    gs = [torch.randn(6, 4) * 0.1, torch.randn(10)[::2] * 0.1]
+    ms = [torch.zeros(4, 6).t(), torch.zeros(5)]
+    vs = [torch.zeros(6, 4), torch.zeros(10)[::2]]
+    ref = [[t.contiguous().clone() for t in ts] for ts in (ps, gs, ms, vs)]
+    fused.adamw_step(ps, gs, ms, vs, None, [2, 2], lr=0.01, beta1=0.9, beta2=0.999,
+                     eps=1e-8, weight_decay=1e-2)
+    fused.adamw_step(*ref, None, [2, 2], lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=1e-2)
+    for got, want in zip((ps, gs, ms, vs), ref):
+        _assert_same([t.contiguous() for t in got], want)
+    assert not torch.equal(ms[0], torch.zeros(6, 4))
 
 
 # --------------------------------------------------------------------------- unbiased AdamW
@@ -205,3 +266,51 @@ def test_unbiased_option_validation():
     opt.step()
     assert opt.moments == "unbiased" and "moments" not in opt.param_groups[0]
     assert torch.all(p[0] < 0)
+
+
+def test_kernels_refuse_offsets_outside_the_normal_range():
+    """mul32_bits is exact for offset constants of normal float32 offsets only."""
+    x = np.zeros(3, np.int32)
+    bad = optim_bits.OFF_MIN - 1
+    with pytest.raises(ValueError, match="normal float32 offset"):
+        cpu.adamw(x, x.copy(), x.copy(), x.copy(), x.copy(), *([0] * 8), bad, 0)
+    with pytest.raises(ValueError, match="normal float32 offset"):
+        cpu.sgd_table(np.zeros((3, 0), np.int64), np.zeros(0, np.int64), 0, 0, 0, 0,
+                      optim_bits.OFF_MAX + 1, 0)
+
+
+def test_overlapping_tensors_take_the_flat_path(monkeypatch):
+    """The table kernels update in place, so overlapping tensors (here two params sharing
+    memory) go through the concatenating flat kernel, as before; disjoint ones do not."""
+    calls = []
+    orig = pam.dispatch.launch
+    monkeypatch.setattr(pam.dispatch, "launch",
+                        lambda name, *a: (calls.append(name), orig(name, *a))[1])
+    base = torch.randn(8)
+    before = base.clone()
+    fused.sgd_step([base[:5], base[3:]], [torch.ones(5)] * 2, None, lr=0.5)
+    # the flat path: both tensors updated from their old values, written back (each
+    # element ends up 0.5 lower, also the shared ones: not twice)
+    assert torch.equal(base, before - 0.5)
+    fused.sgd_step([base[:4], base[4:]], [torch.ones(4), torch.ones(4)], None, lr=0.5)
+    assert torch.equal(base, before - 0.5 - 0.5)
+    assert calls == ["sgd", "sgd_table"]
+    addresses = np.array([[100, 140], [200, 300]], np.int64)
+    assert fused._disjoint(addresses, np.array([10, 10], np.int64))
+    assert not fused._disjoint(addresses, np.array([11, 10], np.int64))
+    assert fused._disjoint(np.array([[100, 100]], np.int64), np.array([0, 5], np.int64))
+
+
+@pytest.mark.parametrize("opt_cls", [pam.optim.AdamW, pam.optim.SGD])
+def test_step_bumps_versions_of_saved_tensors(opt_cls):
+    """The table kernels write through addresses; the step still tells autograd, so a
+    backward through a tensor saved before the step raises, as with torch.optim."""
+    w = torch.randn(3, requires_grad=True)
+    w.grad = torch.ones(3)
+    x = torch.randn(3, requires_grad=True)
+    y = (w * x).sum()                           # saves w for x's gradient
+    version = w._version
+    opt_cls([w], lr=0.1).step()
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -76,6 +76,12 @@ def compile_all_kernels():
     cpu.adamw(a.copy(), b, m, v, mx, *([0x3F000000] * 8), 0, 7)
     cpu.adamw_unbiased(a.copy(), b, m, v, mx, *([0x3F000000] * 5), 0, 0, 7)
     cpu.sgd(a.copy(), b, m, *([0x3F000000] * 4), 0, 63)
+    keep = [a.copy(), b, m, v, mx]                      # the table kernels: by address
+    table = np.array([[x.ctypes.data] for x in keep], np.int64)
+    sizes = np.array([a.size], np.int64)
+    cpu.adamw_table(table, sizes, *([0x3F000000] * 8), 0, 7)
+    cpu.adamw_unbiased_table(table, sizes, *([0x3F000000] * 5), 0, 0, 7)
+    cpu.sgd_table(table[:3], sizes, *([0x3F000000] * 4), 0, 63)
     knots = np.array([-1.0, 0.5], np.float32).view(np.int32)
     slopes = np.array([0.25, 0.5], np.float32).view(np.int32)
     cpu.gelu_forward(a, knots, slopes, out)

@@ -23,7 +23,8 @@ product (``_lprod``); ``mul_lmul`` (``_bs``, ``_as``) is its elementwise form,
 format (bits.quantize_bits). tests/test_families.py checks them.
 """
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
 from numba.extending import register_jitable
 
 from .. import bits, optim_bits, rows_bits
@@ -1068,26 +1069,74 @@ def _grad_right_general(at, b, grad, off, out):
 
 
 # =========================================================================== fused
-# Fused kernels: one launch per call over flat arrays, the scalar definitions in
-# pam.optim_bits (optimizers). Heavier per element than the elementwise kernels above, so
-# they go parallel from FUSED_PARALLEL_MIN elements.
+# Fused kernels: one launch per call, the scalar definitions in pam.optim_bits
+# (optimizers). Each range loop runs over sliced views (``range(n)`` with a non-negative
+# index: LLVM vectorizes the branch-free per-element code; ``range(lo, hi)`` would keep
+# Numba's negative-index wraparound in the address and stop it). The ``*_table`` kernels
+# update a list of tensors in place without concatenating them: they take a table of
+# the tensors' addresses and sizes (see _array_at) and split it into chunks of at most
+# FUSED_CHUNK elements, run in parallel from FUSED_PARALLEL_MIN elements in total.
 FUSED_PARALLEL_MIN = 1 << 16
+FUSED_CHUNK = 1 << 15
+
+
+@intrinsic
+def _int32_pointer(typingctx, address):
+    """The integer ``address`` as a pointer to int32 (LLVM inttoptr)."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.CPointer(types.int32)(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _array_at(address, n):
+    """The int32 array of ``n`` elements at ``address`` (memory owned by the caller)."""
+    return carray(_int32_pointer(address), (n,))
+
+
+@njit(cache=True, nogil=True)
+def _chunk_table(sizes, chunk):
+    """(tensor, lo, hi) rows splitting every size into pieces of at most ``chunk``."""
+    count = 0
+    for s in sizes:
+        count += (s + chunk - 1) // chunk
+    table = np.empty((count, 3), np.int64)
+    r = 0
+    for t in range(sizes.size):
+        for lo in range(0, sizes[t], chunk):
+            table[r, 0] = t
+            table[r, 1] = lo
+            table[r, 2] = min(lo + chunk, sizes[t])
+            r += 1
+    return table
 
 
 @njit(cache=True, nogil=True)
 def _adamw_range(p, g, m, v, mx, lo, hi, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
                  off, flags):
-    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
-    for i in range(lo, hi):
-        imx = mx[i] if ams else 0
-        np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], imx, decay, b1,
-                                                   omb1, b2, omb2, step_size, sbc2, eps,
-                                                   off, flags)
-        p[i] = np_
-        m[i] = nm
-        v[i] = nv
-        if ams:
+    p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+    if (flags & optim_bits.ADAMW_AMSGRAD) != 0:
+        mx = mx[lo:hi]
+        for i in range(p.size):
+            np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], mx[i], decay,
+                                                       b1, omb1, b2, omb2, step_size, sbc2,
+                                                       eps, off, flags)
+            p[i] = np_
+            m[i] = nm
+            v[i] = nv
             mx[i] = nmx
+    else:
+        for i in range(p.size):
+            np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], 0, decay, b1,
+                                                       omb1, b2, omb2, step_size, sbc2, eps,
+                                                       off, flags)
+            p[i] = np_
+            m[i] = nm
+            v[i] = nv
 
 
 @njit(**_JIT)
@@ -1098,6 +1147,7 @@ def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, 
     patterns from pam.optim_bits.adamw_scalars. ``mx`` may be any 1-element array when
     amsgrad is off.
     """
+    optim_bits.check_offset(off)
     n = p.size
     if n < FUSED_PARALLEL_MIN:
         _adamw_range(p, g, m, v, mx, 0, n, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
@@ -1111,14 +1161,51 @@ def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, 
 
 
 @njit(cache=True, nogil=True)
+def _adamw_table_rows(addresses, sizes, table, r, decay, b1, omb1, b2, omb2, step_size,
+                      sbc2, eps, off, flags):
+    t = table[r, 0]
+    n = sizes[t]
+    p = _array_at(addresses[0, t], n)
+    mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
+    _adamw_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
+                 _array_at(addresses[3, t], n), mx, table[r, 1], table[r, 2], decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags)
+
+
+@njit(**_JIT)
+def adamw_table(addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
+                flags):
+    """The :func:`adamw` update in place over a list of tensors, one launch, no copies.
+
+    ``addresses``: int64 (5, k), the data addresses of the k params, grads, exp_avgs,
+    exp_avg_sqs and max_exp_avg_sqs (row 4 unused without amsgrad), each a contiguous
+    float32 CPU tensor of ``sizes[j]`` elements that the caller keeps alive; distinct
+    tensors must not overlap.
+    """
+    optim_bits.check_offset(off)
+    table = _chunk_table(sizes, FUSED_CHUNK)
+    if sizes.sum() < FUSED_PARALLEL_MIN:
+        for r in range(table.shape[0]):
+            _adamw_table_rows(addresses, sizes, table, r, decay, b1, omb1, b2, omb2,
+                              step_size, sbc2, eps, off, flags)
+        return
+    for r in prange(table.shape[0]):
+        _adamw_table_rows(addresses, sizes, table, r, decay, b1, omb1, b2, omb2, step_size,
+                          sbc2, eps, off, flags)
+
+
+@njit(cache=True, nogil=True)
 def _sgd_range(p, g, buf, lo, hi, lr, wd, mom, omd, off, flags):
-    keep = (flags & optim_bits.SGD_MOMENTUM) != 0
-    for i in range(lo, hi):
-        ib = buf[i] if keep else 0
-        np_, nb = optim_bits.sgd_update(p[i], g[i], ib, lr, wd, mom, omd, off, flags)
-        p[i] = np_
-        if keep:
+    p, g = p[lo:hi], g[lo:hi]
+    if (flags & optim_bits.SGD_MOMENTUM) != 0:
+        buf = buf[lo:hi]
+        for i in range(p.size):
+            np_, nb = optim_bits.sgd_update(p[i], g[i], buf[i], lr, wd, mom, omd, off, flags)
+            p[i] = np_
             buf[i] = nb
+    else:
+        for i in range(p.size):
+            np_, nb = optim_bits.sgd_update(p[i], g[i], 0, lr, wd, mom, omd, off, flags)
+            p[i] = np_
 
 
 @njit(**_JIT)
@@ -1128,6 +1215,7 @@ def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
     Every element follows pam.optim_bits.sgd_update. ``buf`` may be any 1-element array
     without momentum.
     """
+    optim_bits.check_offset(off)
     n = p.size
     if n < FUSED_PARALLEL_MIN:
         _sgd_range(p, g, buf, 0, n, lr, wd, mom, omd, off, flags)
@@ -1140,24 +1228,57 @@ def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
 
 
 @njit(cache=True, nogil=True)
+def _sgd_table_rows(addresses, sizes, table, r, lr, wd, mom, omd, off, flags):
+    t = table[r, 0]
+    n = sizes[t]
+    p = _array_at(addresses[0, t], n)
+    buf = _array_at(addresses[2, t], n) if (flags & optim_bits.SGD_MOMENTUM) != 0 else p
+    _sgd_range(p, _array_at(addresses[1, t], n), buf, table[r, 1], table[r, 2], lr, wd, mom,
+               omd, off, flags)
+
+
+@njit(**_JIT)
+def sgd_table(addresses, sizes, lr, wd, mom, omd, off, flags):
+    """The :func:`sgd` update in place over a list of tensors (addresses (3, k): params,
+    grads, momentum buffers, row 2 unused without momentum; see :func:`adamw_table`)."""
+    optim_bits.check_offset(off)
+    table = _chunk_table(sizes, FUSED_CHUNK)
+    if sizes.sum() < FUSED_PARALLEL_MIN:
+        for r in range(table.shape[0]):
+            _sgd_table_rows(addresses, sizes, table, r, lr, wd, mom, omd, off, flags)
+        return
+    for r in prange(table.shape[0]):
+        _sgd_table_rows(addresses, sizes, table, r, lr, wd, mom, omd, off, flags)
+
+
+@njit(cache=True, nogil=True)
 def _adamw_unbiased_range(p, g, m, v, mx, lo, hi, decay, c1, c2, k_step, eps_s, off, sq_off,
                           flags):
-    ams = (flags & optim_bits.ADAMW_AMSGRAD) != 0
-    for i in range(lo, hi):
-        imx = mx[i] if ams else 0
-        np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(p[i], g[i], m[i], v[i], imx,
-                                                            decay, c1, c2, k_step, eps_s,
-                                                            off, sq_off, flags)
-        p[i] = np_
-        m[i] = nm
-        v[i] = nv
-        if ams:
+    p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+    if (flags & optim_bits.ADAMW_AMSGRAD) != 0:
+        mx = mx[lo:hi]
+        for i in range(p.size):
+            np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(
+                p[i], g[i], m[i], v[i], mx[i], decay, c1, c2, k_step, eps_s, off, sq_off,
+                flags)
+            p[i] = np_
+            m[i] = nm
+            v[i] = nv
             mx[i] = nmx
+    else:
+        for i in range(p.size):
+            np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(
+                p[i], g[i], m[i], v[i], 0, decay, c1, c2, k_step, eps_s, off, sq_off, flags)
+            p[i] = np_
+            m[i] = nm
+            v[i] = nv
 
 
 @njit(**_JIT)
 def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
     """In place: one step of the unbiased AdamW variant (pam.optim_bits.adamw_update_unbiased)."""
+    optim_bits.check_offset(off)
+    optim_bits.check_offset(sq_off)
     n = p.size
     if n < FUSED_PARALLEL_MIN:
         _adamw_unbiased_range(p, g, m, v, mx, 0, n, decay, c1, c2, k_step, eps_s, off, sq_off,
@@ -1168,6 +1289,33 @@ def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, fl
         lo = c * FUSED_PARALLEL_MIN
         _adamw_unbiased_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, c1,
                               c2, k_step, eps_s, off, sq_off, flags)
+
+
+@njit(cache=True, nogil=True)
+def _adamw_unbiased_table_rows(addresses, sizes, table, r, decay, c1, c2, k_step, eps_s, off,
+                               sq_off, flags):
+    t = table[r, 0]
+    n = sizes[t]
+    p = _array_at(addresses[0, t], n)
+    mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
+    _adamw_unbiased_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
+                          _array_at(addresses[3, t], n), mx, table[r, 1], table[r, 2], decay, c1, c2, k_step, eps_s, off, sq_off, flags)
+
+
+@njit(**_JIT)
+def adamw_unbiased_table(addresses, sizes, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
+    """:func:`adamw_unbiased` in place over a list of tensors (see :func:`adamw_table`)."""
+    optim_bits.check_offset(off)
+    optim_bits.check_offset(sq_off)
+    table = _chunk_table(sizes, FUSED_CHUNK)
+    if sizes.sum() < FUSED_PARALLEL_MIN:
+        for r in range(table.shape[0]):
+            _adamw_unbiased_table_rows(addresses, sizes, table, r, decay, c1, c2, k_step,
+                                       eps_s, off, sq_off, flags)
+        return
+    for r in prange(table.shape[0]):
+        _adamw_unbiased_table_rows(addresses, sizes, table, r, decay, c1, c2, k_step, eps_s,
+                                   off, sq_off, flags)
 
 
 # --------------------------------------------------------------------------- fused composites

@@ -1111,6 +1111,7 @@ def _check_flat(named, n):
 
 def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
     """In place: p, m, v (and mx with amsgrad) <- one AdamW step (see the CPU kernel)."""
+    optim_bits.check_offset(int(off))
     ams = (int(flags) & optim_bits.ADAMW_AMSGRAD) != 0
     _check_array(p, "p", 1, np.int32)
     n = p.shape[0]
@@ -1125,6 +1126,7 @@ def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, 
 
 def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
     """In place: p (and buf with momentum) <- one SGD step (see the CPU kernel)."""
+    optim_bits.check_offset(int(off))
     keep = (int(flags) & optim_bits.SGD_MOMENTUM) != 0
     _check_array(p, "p", 1, np.int32)
     n = p.shape[0]
@@ -1152,6 +1154,8 @@ def _adamw_unbiased_kernel(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq
 
 def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
     """In place: one step of the unbiased AdamW variant (see the CPU kernel)."""
+    optim_bits.check_offset(int(off))
+    optim_bits.check_offset(int(sq_off))
     ams = (int(flags) & optim_bits.ADAMW_AMSGRAD) != 0
     _check_array(p, "p", 1, np.int32)
     n = p.shape[0]
