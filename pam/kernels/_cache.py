@@ -1,0 +1,82 @@
+"""Numba's on-disk cache for the CPU kernels, invalidated by the definitions they compile.
+
+The kernels of :mod:`pam.kernels.cpu` and :mod:`pam.kernels.cpu_conv` are ``cache=True``.
+Numba keys a cached kernel on its own source file only, but these kernels compile in the
+scalar definitions of :mod:`pam.bits`, :mod:`pam.optim_bits` and :mod:`pam.rows_bits` (and
+``cpu_conv`` compiles helpers of ``cpu``): an edit to one of those files alone would leave
+every cached kernel on the old definitions. :class:`DefinitionsStampedLocator` wraps the
+locator Numba would have chosen (same cache directory, so ``NUMBA_CACHE_DIR`` is honoured)
+and adds the SHA-256 of every definition file to the source stamp, so a change to any of
+them recompiles every kernel on first use. :func:`install` puts it first in Numba's locator
+list; it applies only to functions defined in this package's kernel files.
+"""
+import functools
+import hashlib
+import os
+
+from numba.core import caching
+
+_PAM = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Files whose code the cached kernels compile (besides the kernel file itself).
+DEFINITIONS = tuple(os.path.join(_PAM, *p) for p in (
+    ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("kernels", "cpu.py"),
+    ("kernels", "cpu_conv.py")))
+KERNEL_FILES = frozenset(os.path.normcase(p) for p in DEFINITIONS[3:])
+
+
+def definitions_digest():
+    """SHA-256 over the contents of :data:`DEFINITIONS`, re-read when a file's modification
+    time or size changes (a file edited while a process runs changes the stamp of the
+    kernels that process caches afterwards)."""
+    stats = []
+    for path in DEFINITIONS:
+        st = os.stat(path)
+        stats.append((path, st.st_mtime_ns, st.st_size))
+    return _digest(tuple(stats))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(stats):
+    h = hashlib.sha256()
+    for path, _, _ in stats:
+        with open(path, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+class DefinitionsStampedLocator(caching._CacheLocator):
+    """Numba's own locator for a kernel file, with the definitions digest in its stamp."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if os.path.normcase(os.path.abspath(py_file)) not in KERNEL_FILES:
+            return None
+        for other in caching.CacheImpl._locator_classes:
+            if other is cls:
+                continue
+            inner = other.from_function(py_func, py_file)
+            if inner is not None:
+                return cls(inner)
+        return None
+
+    def ensure_cache_path(self):
+        self._inner.ensure_cache_path()
+
+    def get_cache_path(self):
+        return self._inner.get_cache_path()
+
+    def get_disambiguator(self):
+        return self._inner.get_disambiguator()
+
+    def get_source_stamp(self):
+        return (self._inner.get_source_stamp(), definitions_digest())
+
+
+def install():
+    """Put :class:`DefinitionsStampedLocator` first in Numba's locator list (once)."""
+    classes = caching.CacheImpl._locator_classes
+    if DefinitionsStampedLocator not in classes:
+        classes.insert(0, DefinitionsStampedLocator)

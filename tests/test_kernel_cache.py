@@ -1,0 +1,50 @@
+"""The CPU kernels' on-disk cache is keyed on the definitions they compile (pam.kernels._cache)."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+from pam.kernels import _cache, cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_use_the_definitions_locator():
+    locator = cpu.mul._cache._impl.locator
+    assert isinstance(locator, _cache.DefinitionsStampedLocator)
+    inner_stamp, digest = locator.get_source_stamp()
+    assert digest == _cache.definitions_digest()
+    assert inner_stamp == locator._inner.get_source_stamp()
+
+
+def test_other_files_keep_numbas_locators():
+    def f():
+        return 1
+    assert _cache.DefinitionsStampedLocator.from_function(f, __file__) is None
+
+
+def test_editing_a_definition_file_recompiles_cached_kernels(tmp_path):
+    """A copy of pam with a warm cache: a second process loads the kernel from the cache;
+    after a comment is appended to pam/bits.py only, a third process compiles it again."""
+    shutil.copytree(os.path.join(ROOT, "pam"), tmp_path / "pam",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent("""
+        import numpy as np
+        from pam.kernels import cpu
+        a = np.arange(4, dtype=np.int32)
+        cpu.mul(a, a, 0, np.empty(4, np.int32))
+        print(cpu.mul.stats.cache_hits)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+
+    def hits():
+        out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert hits() == "Counter()"                        # cold: compiled
+    assert hits() != "Counter()"                        # warm: loaded from the cache
+    with open(tmp_path / "pam" / "bits.py", "a") as fh:
+        fh.write("\n# edited\n")
+    assert hits() == "Counter()"                        # stale entry refused: compiled
