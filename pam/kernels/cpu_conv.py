@@ -67,8 +67,8 @@ from numba import njit, prange
 
 from .. import bits
 from .cpu import (_add1, _add4, _add4m, _check_lmul_constant, _fast_ok, _ladd1, _ladd4,
-                  _ladd4m, _lmm_fast_block, _lmm_fast_block_m, _mantissa_const,
-                  _mm_fast_block, _mm_fast_block_m,
+                  _ladd4m, _lmm_fast_block, _lmm_fast_block_m, _lmul_row_consts,
+                  _mantissa_const, _mm_fast_block, _mm_fast_block_m, _mm_row_consts,
                   _signed_const, _sl1, _sl4, _sl4m, _slope_fast_ok, _sr1, _sr4m, _stats)
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
@@ -244,19 +244,10 @@ def _conv_forward(x, w, sh, sw, ph, pw, dh, dw, groups, off, lmul, out):
     O = w.shape[0]
     wflat = w.reshape(O, -1)
     K = wflat.shape[1]
-    cs = np.empty((O, K), np.int32)
+    cs, nz, nz4 = _mm_row_consts(wflat, off)
     es = np.empty((O, K), np.int32)      # L-Mul: Mw + c - 2^23 (see cpu._lprod)
-    nz = np.empty((O, K), np.bool_)
-    nz4 = np.empty((O, K // 4), np.bool_)
     for o in range(O):
-        for t in range(K):
-            v = np.int64(wflat[o, t])
-            u = v & ABS_MASK
-            nz[o, t] = u >= MIN_NORMAL
-            cs[o, t] = _signed_const(u - ONE + off, v < 0)
-            es[o, t] = np.int32((u & MANT_MASK) + off - bits.TWO23)
-        for t in range(0, K - K % 4, 4):
-            nz4[o, t >> 2] = nz[o, t] and nz[o, t + 1] and nz[o, t + 2] and nz[o, t + 3]
+        _lmul_row_consts(wflat[o], off, es[o])
     tile = max(8, min(POS_TILE, PATCH_BUDGET // K))
     _forward_tiles(x, wflat, cs, es, nz, nz4, fast, tile, sh, sw, ph, pw, dh, dw, groups,
                    w.shape[2], w.shape[3], off, lmul, out)
