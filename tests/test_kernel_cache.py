@@ -29,6 +29,9 @@ def test_editing_a_definition_file_recompiles_cached_kernels(tmp_path):
     after a comment is appended to pam/bits.py only, a third process compiles it again."""
     shutil.copytree(os.path.join(ROOT, "pam"), tmp_path / "pam",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    # pam.kernels needs only numpy and numba: an empty package __init__ spares each
+    # process the import of torch and the rest of pam.
+    (tmp_path / "pam" / "__init__.py").write_text('"""pam.kernels alone."""\n')
     script = textwrap.dedent("""
         import numpy as np
         from pam.kernels import cpu

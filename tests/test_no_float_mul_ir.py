@@ -10,10 +10,13 @@ parallel kernel includes its prange bodies. A canary (a parallel float multiply)
 detector flags what it is meant to flag.
 
 Numba returns no valid IR for code loaded from its cache (cache=True), so the scan runs in a
-subprocess whose NUMBA_CACHE_DIR is an empty temporary folder: everything compiles afresh.
+subprocess that never loads from the cache: everything compiles afresh. That subprocess is
+the suite's longest job (every kernel, every path), so tests/conftest.py starts it as soon
+as the session has collected this module and it runs beside the other tests; it still
+*saves* what it compiles to the usual Numba cache, where the test process finds kernels it
+has not compiled yet (each kernel compiles once per suite instead of twice).
 """
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -52,9 +55,35 @@ def _operands(rng, shape, kind):
     return x.view(np.int32)
 
 
+def compile_conv_kernels(rng):
+    """Convolutions: forward (fast path with normal operands, general with inf/NaN), both
+    backward modes, stride 1 and 2 (contiguous and strided rows). Compiled first: they are
+    the slowest kernels, and the test process finds them in the cache when it needs them."""
+    for kind in ("normal", "zeros", "special"):
+        cx = _operands(rng, (2, 4, 6, 7), kind)
+        cw = _operands(rng, (4, 2, 3, 2), kind)
+        for sw in (1, 2):
+            ow = (7 + 2 - 2) // sw + 1
+            cg = _operands(rng, (2, 4, 6, ow), kind)
+            cpu_conv.conv_forward(cx, cw, 1, sw, 1, 1, 1, 1, 2, 0,
+                                  np.empty((2, 4, 6, ow), np.float32))
+            cpu_conv.conv_forward_lmul(cx, cw, 1, sw, 1, 1, 1, 1, 2, 1 << 19,
+                                       np.empty((2, 4, 6, ow), np.float32))
+            cpu_conv.conv_grad_input_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
+                                          np.empty((2, 4, 6, 7), np.float32))
+            cpu_conv.conv_grad_weight_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
+                                           np.empty((4, 2, 3, 2), np.float32))
+            for exact in (True, False):
+                cpu_conv.conv_grad_input(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
+                                         np.empty((2, 4, 6, 7), np.float32))
+                cpu_conv.conv_grad_weight(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
+                                          np.empty((4, 2, 3, 2), np.float32))
+
+
 def compile_all_kernels():
     """Run every public kernel on int32 operands so that each dispatcher gets compiled."""
     rng = np.random.default_rng(0)
+    compile_conv_kernels(rng)
     a = _operands(rng, (64,), "zeros")
     b = _operands(rng, (64,), "special")
     out = np.empty(64, np.int32)
@@ -98,30 +127,15 @@ def compile_all_kernels():
         cpu.matmul_lmul(x, y, 1 << 19, np.empty((2, 5, 7), np.float32))
         cpu.matmul_exact_grad_left(x, yt, g, 0, np.empty((2, 5, 6), np.float32))
         cpu.matmul_exact_grad_right(xt, y, g, 0, np.empty((2, 6, 7), np.float32))
-        # convolutions: forward (fast path with normal operands, general with inf/NaN),
-        # both backward modes, stride 1 and 2 (contiguous and strided rows)
-        cx = _operands(rng, (2, 4, 6, 7), kind)
-        cw = _operands(rng, (4, 2, 3, 2), kind)
-        for sw in (1, 2):
-            ow = (7 + 2 - 2) // sw + 1
-            cg = _operands(rng, (2, 4, 6, ow), kind)
-            cpu_conv.conv_forward(cx, cw, 1, sw, 1, 1, 1, 1, 2, 0,
-                                  np.empty((2, 4, 6, ow), np.float32))
-            cpu_conv.conv_forward_lmul(cx, cw, 1, sw, 1, 1, 1, 1, 2, 1 << 19,
-                                       np.empty((2, 4, 6, ow), np.float32))
-            cpu_conv.conv_grad_input_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
-                                          np.empty((2, 4, 6, 7), np.float32))
-            cpu_conv.conv_grad_weight_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
-                                           np.empty((4, 2, 3, 2), np.float32))
-            for exact in (True, False):
-                cpu_conv.conv_grad_input(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
-                                         np.empty((2, 4, 6, 7), np.float32))
-                cpu_conv.conv_grad_weight(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
-                                          np.empty((4, 2, 3, 2), np.float32))
 
 
 def scan():
-    """Compile every kernel, then {dispatcher name: {signature: [offending IR lines]}}."""
+    """Compile every kernel, then {dispatcher name: {signature: [offending IR lines]}}.
+
+    Loading from Numba's cache is switched off in this process (cached code has no IR);
+    saving stays on."""
+    from numba.core import caching
+    caching.Cache.load_overload = lambda self, sig, target_context: None
     compile_all_kernels()
     result = {}
     with warnings.catch_warnings():
@@ -132,16 +146,21 @@ def scan():
     return result
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp("numba_cache")))
+def start_scan():
+    """Start :func:`scan` in a subprocess and return the ``subprocess.Popen``."""
     here = pathlib.Path(__file__).resolve().parent
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_no_float_mul_ir as t; "
             "print('SCAN ' + json.dumps(t.scan()))")
-    proc = subprocess.run([sys.executable, "-c", code, str(here)], env=env, capture_output=True,
-                          text=True, cwd=here.parent, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCAN ")][-1]
+    return subprocess.Popen([sys.executable, "-c", code, str(here)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=here.parent)
+
+
+@pytest.fixture(scope="module")
+def compiled(request):
+    proc = getattr(request.config, "pam_ir_scan", None) or start_scan()
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-4000:]
+    line = [ln for ln in stdout.splitlines() if ln.startswith("SCAN ")][-1]
     return json.loads(line[5:])
 
 
