@@ -358,10 +358,28 @@ def cmd_train(args) -> int:
     if d.main:
         lock = _open_out(out, args.resume)
     try:
+        if mc.arithmetic != "float" and tc.device == "cpu" and d.world == 1:
+            _warm_kernels()
         return _run_train(args, d, mc, tc, data, resume, out)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _warm_kernels() -> None:
+    """Compile the CPU kernels in parallel on the first run after an install or an update
+    (pam.kernels.warmup; skipped at once on later runs, or with PAM_WARMUP=0)."""
+    if os.environ.get("PAM_WARMUP", "1") == "0":
+        return
+    from pam.kernels import warmup
+
+    def announce(n):
+        print(f"compiling the PAM kernels for the first run ({n} processes; cached for later "
+              f"runs)...", file=sys.stderr, flush=True)
+    res = warmup.warm(announce=announce)
+    if not res["skipped"]:
+        print(f"compiled {res['kernels']} kernels in {res['seconds']:.1f} s", file=sys.stderr,
+              flush=True)
 
 
 def _run_train(args, d, mc, tc, data, resume, out) -> int:

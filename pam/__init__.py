@@ -23,8 +23,18 @@ from .mode import compile  # noqa: A004 (torch.compile for pam.arithmetic)
 from .nn.convert import convert
 
 __version__ = "0.1.0"
+
+
+def warm_up(processes=None):
+    """Compile the CPU kernels a training step uses, in parallel worker processes (one per
+    core by default), into Numba's on-disk cache; later calls and later runs skip it at once.
+    Call it at the start of a script on a fresh install to shorten the first step's JIT
+    (``bdia-pam train`` does; see :mod:`pam.kernels.warmup`). Returns a summary dict."""
+    from .kernels import warmup
+    return warmup.warm(processes)
+
 __all__ = ["mul", "div", "exp2", "log2", "exp", "log", "pow", "sqrt", "matmul", "linear",
            "conv1d", "conv2d",
            "BACKWARD_MODES", "arithmetic", "compile", "UnsupportedOpError", "nn",
            "functional", "fused", "optim", "audit", "convert", "families", "FAMILIES",
-           "FORMATS"]
+           "FORMATS", "warm_up"]

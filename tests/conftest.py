@@ -24,3 +24,9 @@ def pytest_unconfigure(config):
     if proc is not None and proc.poll() is None:    # the session ended before the scan test
         proc.kill()
         proc.communicate()
+
+
+# `bdia-pam train` compiles the kernels in parallel worker processes on a cold cache
+# (pam.kernels.warmup); the suite's CLI tests run with lazy compilation instead and
+# tests/test_warmup.py tests the warm-up itself.
+os.environ.setdefault("PAM_WARMUP", "0")

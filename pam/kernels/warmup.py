@@ -1,0 +1,213 @@
+"""First-run compilation of the CPU kernels in parallel processes.
+
+Every CPU kernel is lazy and ``cache=True``: on a fresh install (or after an edit to a
+definition file, see :mod:`pam.kernels._cache`) a training step compiles each kernel it
+calls, one after the other, on one core: about 30 s for the default ``bdia-pam train``
+model. :func:`warm` compiles the kernels a training step uses in worker processes, one per
+core, each writing Numba's on-disk cache, and waits for them; the calling process then
+loads each kernel from the cache on its first call, as a second run does.
+
+What is compiled is :data:`MANIFEST` (``warm_manifest.json`` beside this file): the
+outermost kernel compilations of recorded training steps, each as the dispatcher's module
+and name and the Numba types of its arguments (the callees compile with it). A kernel the
+manifest misses still compiles lazily when first called; a manifest entry a run never uses
+costs a worker's time only. Regenerate it after changing kernel signatures with
+``python validation/cold_start.py --record-manifest``.
+
+A marker file in the kernels' cache folder, named after the definitions digest and the
+manifest, records a finished warm-up, so later runs skip it (``warm`` returns at once).
+Workers import :mod:`pam.kernels` without torch or the rest of :mod:`pam`.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+from numba.core import event, types
+
+from . import _cache, cpu, cpu_conv
+
+MODULES = {"cpu": cpu, "cpu_conv": cpu_conv}
+MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_manifest.json")
+_PAM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCALARS = {t.name: t for t in (types.boolean, types.int8, types.int16, types.int32,
+                                types.int64, types.uint8, types.uint32, types.uint64,
+                                types.float32, types.float64)}
+
+
+# ----------------------------------------------------------------------------- types
+def encode_type(t):
+    """A JSON value for a Numba argument type: a scalar's name, or ``["array", dtype, ndim,
+    layout, readonly]``. Other types raise ValueError naming them."""
+    if isinstance(t, types.Array) and t.dtype.name in _SCALARS and t.aligned:
+        return ["array", t.dtype.name, t.ndim, t.layout, not t.mutable]
+    if getattr(t, "name", None) in _SCALARS and _SCALARS[t.name] == t:
+        return t.name
+    raise ValueError(f"kernel argument type {t!r} has no warm-up encoding")
+
+
+def decode_type(value):
+    """The Numba type :func:`encode_type` encoded."""
+    if isinstance(value, str):
+        return _SCALARS[value]
+    kind, dtype, ndim, layout, readonly = value
+    if kind != "array":
+        raise ValueError(f"unknown encoded type {value!r}")
+    return types.Array(_SCALARS[dtype], ndim, layout, readonly=readonly)
+
+
+def _dispatcher_names():
+    """{id(dispatcher): (module key, attribute name)} for the kernel modules' dispatchers."""
+    names = {}
+    for key, module in MODULES.items():
+        for name, obj in vars(module).items():
+            if hasattr(obj, "compile") and hasattr(obj, "py_func"):
+                names.setdefault(id(obj), (key, name))
+    return names
+
+
+# ----------------------------------------------------------------------------- recording
+class Recorder(event.Listener):
+    """Records the outermost kernel compilations while installed (``with Recorder() as r``):
+    ``r.entries`` is a list of {"module", "name", "args", "seconds"} for dispatchers of
+    :data:`MODULES` compiled from Python (not as callees of another kernel)."""
+
+    def __init__(self):
+        self.entries = []
+        self._starts = []
+        self._names = _dispatcher_names()
+
+    def on_start(self, ev):
+        self._starts.append(time.perf_counter())
+
+    def on_end(self, ev):
+        start = self._starts.pop()
+        if self._starts:
+            return                                  # a callee: compiled with its caller
+        where = self._names.get(id(ev.data.get("dispatcher")))
+        if where is None:
+            return
+        self.entries.append(dict(module=where[0], name=where[1],
+                                 args=[encode_type(t) for t in ev.data["args"]],
+                                 seconds=round(time.perf_counter() - start, 3)))
+
+    def __enter__(self):
+        event.register("numba:compile", self)
+        return self
+
+    def __exit__(self, *exc):
+        event.unregister("numba:compile", self)
+
+
+def merge_entries(*lists):
+    """Entries of several recordings, each (module, name, args) once, slowest first."""
+    seen = {}
+    for entries in lists:
+        for e in entries:
+            key = (e["module"], e["name"], json.dumps(e["args"]))
+            if key not in seen or seen[key]["seconds"] < e["seconds"]:
+                seen[key] = e
+    return sorted(seen.values(), key=lambda e: -e["seconds"])
+
+
+def load_manifest(path=MANIFEST):
+    with open(path) as fh:
+        return json.load(fh)["kernels"]
+
+
+# ----------------------------------------------------------------------------- compiling
+def compile_entries(entries):
+    """Compile each manifest entry in this process (a no-op for signatures already
+    compiled or loaded; entries naming a kernel that no longer exists are skipped)."""
+    done = 0
+    for e in entries:
+        disp = getattr(MODULES[e["module"]], e["name"], None)
+        if disp is None or not hasattr(disp, "compile"):
+            continue
+        disp.compile(tuple(decode_type(a) for a in e["args"]))
+        done += 1
+    return done
+
+
+def partition(entries, bins):
+    """Entries split into ``bins`` lists of about equal recorded compile time (greedy,
+    slowest first)."""
+    out = [[] for _ in range(bins)]
+    load = [0.0] * bins
+    for e in sorted(entries, key=lambda e: -e["seconds"]):
+        i = load.index(min(load))
+        out[i].append(e)
+        load[i] += e["seconds"]
+    return out
+
+
+def _marker(entries):
+    h = hashlib.sha256(_cache.definitions_digest().encode())
+    h.update(json.dumps(entries, sort_keys=True).encode())
+    h.update(sys.version.encode())
+    return os.path.join(cpu.mul._cache._cache_path, f"pam-warm-{h.hexdigest()[:24]}")
+
+
+_WORKER = ("import json, sys, types\n"
+           "pkg = types.ModuleType('pam'); pkg.__path__ = [sys.argv[1]]\n"
+           "sys.modules['pam'] = pkg\n"
+           "from pam.kernels import warmup\n"
+           "warmup.compile_entries(json.loads(sys.stdin.read()))\n")
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                          # not on Linux
+        return os.cpu_count() or 1
+
+
+def warm(processes=None, manifest=MANIFEST, force=False, announce=None):
+    """Compile the manifest's kernels into Numba's cache in ``processes`` worker processes
+    (default: one per core available to this process) and wait for them.
+
+    Returns {"skipped": bool, "seconds": wall time, "processes": n, "kernels": entries}.
+    Skipped (at once) when a marker shows this warm-up already ran for these definitions,
+    unless ``force``; ``announce(n)`` is called before ``n`` workers start (e.g. to tell
+    the user). A worker that fails raises RuntimeError with its error output; the kernels
+    then still compile lazily on first call. An interrupt (Ctrl-C) kills the workers and
+    leaves no marker.
+    """
+    t0 = time.perf_counter()
+    entries = load_manifest(manifest)
+    marker = _marker(entries)
+    n = max(1, min(processes or _cores(), len(entries)))
+    if os.path.exists(marker) and not force:
+        return dict(skipped=True, seconds=time.perf_counter() - t0, processes=0,
+                    kernels=len(entries))
+    if announce is not None:
+        announce(n)
+    workers = []
+    errors = []
+    try:
+        for part in partition(entries, n):
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER, _PAM_DIR],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            workers.append(proc)
+            proc.stdin.write(json.dumps(part))
+            proc.stdin.close()
+        for proc in workers:
+            err = proc.stderr.read()
+            if proc.wait() != 0:
+                errors.append(err[-2000:])
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if errors:
+        raise RuntimeError("kernel warm-up worker failed:\n" + "\n".join(errors))
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as fh:
+        fh.write(f"{len(entries)} kernels compiled by {n} processes\n")
+    return dict(skipped=False, seconds=time.perf_counter() - t0, processes=n,
+                kernels=len(entries))

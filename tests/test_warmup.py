@@ -1,0 +1,93 @@
+"""pam.kernels.warmup: the first-run parallel compilation of the CPU kernels."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from numba import njit, types
+
+from pam.kernels import warmup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("t", [
+    types.int64, types.boolean, types.float32,
+    types.Array(types.int32, 3, "C"), types.Array(types.float32, 1, "A", readonly=True),
+    types.Array(types.int64, 2, "F"),
+])
+def test_types_round_trip(t):
+    assert warmup.decode_type(json.loads(json.dumps(warmup.encode_type(t)))) == t
+
+
+def test_unknown_types_are_refused_by_name():
+    with pytest.raises(ValueError, match="UniTuple"):
+        warmup.encode_type(types.UniTuple(types.int64, 2))
+
+
+def test_manifest_names_existing_kernels_with_decodable_types():
+    """Drift check: every entry is a dispatcher of pam.kernels.cpu / cpu_conv whose recorded
+    arguments decode, and the manifest covers the slow kernels of a training step."""
+    entries = warmup.load_manifest()
+    assert entries
+    for e in entries:
+        disp = getattr(warmup.MODULES[e["module"]], e["name"])
+        assert hasattr(disp, "compile"), e["name"]
+        sig = tuple(warmup.decode_type(a) for a in e["args"])
+        assert len(sig) == disp.py_func.__code__.co_argcount, e["name"]
+    names = {e["name"] for e in entries}
+    assert {"_matmul_fast", "_grad_left_fast", "_grad_right_fast", "adamw_table"} <= names
+
+
+def test_partition_balances_recorded_time():
+    entries = [dict(name=str(i), seconds=s) for i, s in enumerate([5, 4, 3, 3, 2, 1, 1, 1])]
+    bins = warmup.partition(entries, 3)
+    assert sorted(e["name"] for b in bins for e in b) == sorted(e["name"] for e in entries)
+    loads = [sum(e["seconds"] for e in b) for b in bins]
+    assert max(loads) - min(loads) <= 1
+
+
+def test_recorder_sees_outermost_compilations_only():
+    @njit
+    def fresh(a):                     # not a pam kernel: ignored
+        return a + 1
+    with warmup.Recorder() as rec:
+        fresh(1)
+    assert rec.entries == []
+
+
+def test_warm_fills_the_cache_then_skips(tmp_path):
+    """In a fresh cache: warm() compiles a manifest's kernel in a worker; a new process then
+    loads that kernel from the cache (no compilation) and a second warm() is skipped."""
+    manifest = tmp_path / "manifest.json"
+    i32 = ["array", "int32", 1, "C", False]
+    manifest.write_text(json.dumps(dict(kernels=[
+        dict(module="cpu", name="mul", args=[i32, i32, "int64", i32], seconds=1.0)])))
+    script = textwrap.dedent(f"""
+        import json, sys, types
+        pkg = types.ModuleType("pam"); pkg.__path__ = [{os.path.join(ROOT, "pam")!r}]
+        sys.modules["pam"] = pkg
+        import numpy as np
+        from pam.kernels import cpu, warmup
+        mode = sys.argv[1]
+        if mode == "warm":
+            print(json.dumps(warmup.warm(processes=1, manifest={str(manifest)!r})))
+        else:
+            a = np.arange(4, dtype=np.int32)
+            cpu.mul(a, a, 0, np.empty(4, np.int32))
+            print(json.dumps(dict(hits=sum(cpu.mul.stats.cache_hits.values()),
+                                  misses=sum(cpu.mul.stats.cache_misses.values()))))
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", script, mode], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.split("\n")[-2])
+
+    first = run("warm")
+    assert not first["skipped"] and first["processes"] == 1 and first["kernels"] == 1
+    assert run("call") == dict(hits=1, misses=0)
+    assert run("warm")["skipped"]
