@@ -55,24 +55,26 @@ def _operands(rng, shape, kind):
     return x.view(np.int32)
 
 
-def compile_conv_kernels(rng):
-    """Convolutions: forward (fast path with normal operands, general with inf/NaN), both
-    backward modes, stride 1 and 2 (contiguous and strided rows). Compiled first: they are
-    the slowest kernels, and the test process finds them in the cache when it needs them."""
+def compile_conv_kernels(rng, lmul):
+    """Convolutions (PAM, or L-Mul when ``lmul``): forward (fast path with normal operands,
+    general with inf/NaN), both backward modes, stride 1 and 2 (contiguous and strided
+    rows)."""
     for kind in ("normal", "zeros", "special"):
         cx = _operands(rng, (2, 4, 6, 7), kind)
         cw = _operands(rng, (4, 2, 3, 2), kind)
         for sw in (1, 2):
             ow = (7 + 2 - 2) // sw + 1
             cg = _operands(rng, (2, 4, 6, ow), kind)
+            if lmul:
+                cpu_conv.conv_forward_lmul(cx, cw, 1, sw, 1, 1, 1, 1, 2, 1 << 19,
+                                           np.empty((2, 4, 6, ow), np.float32))
+                cpu_conv.conv_grad_input_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False,
+                                              1 << 19, np.empty((2, 4, 6, 7), np.float32))
+                cpu_conv.conv_grad_weight_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False,
+                                               1 << 19, np.empty((4, 2, 3, 2), np.float32))
+                continue
             cpu_conv.conv_forward(cx, cw, 1, sw, 1, 1, 1, 1, 2, 0,
                                   np.empty((2, 4, 6, ow), np.float32))
-            cpu_conv.conv_forward_lmul(cx, cw, 1, sw, 1, 1, 1, 1, 2, 1 << 19,
-                                       np.empty((2, 4, 6, ow), np.float32))
-            cpu_conv.conv_grad_input_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
-                                          np.empty((2, 4, 6, 7), np.float32))
-            cpu_conv.conv_grad_weight_lmul(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, False, 1 << 19,
-                                           np.empty((4, 2, 3, 2), np.float32))
             for exact in (True, False):
                 cpu_conv.conv_grad_input(cx, cw, cg, 1, sw, 1, 1, 1, 1, 2, exact, 0,
                                          np.empty((2, 4, 6, 7), np.float32))
@@ -80,13 +82,23 @@ def compile_conv_kernels(rng):
                                           np.empty((4, 2, 3, 2), np.float32))
 
 
-def compile_all_kernels():
-    """Run every public kernel on int32 operands so that each dispatcher gets compiled."""
-    rng = np.random.default_rng(0)
-    compile_conv_kernels(rng)
-    a = _operands(rng, (64,), "zeros")
-    b = _operands(rng, (64,), "special")
-    out = np.empty(64, np.int32)
+def compile_matmul_kernels(rng):
+    """matmul (PAM and L-Mul) and the exact gradients on normal, zero-holding and inf/NaN
+    operands (fast paths with and without masks, general paths)."""
+    for kind in ("normal", "zeros", "special"):
+        x = _operands(rng, (2, 5, 6), kind)
+        y = _operands(rng, (2, 6, 7), kind)
+        g = _operands(rng, (2, 5, 7), kind)
+        xt = np.ascontiguousarray(x.transpose(0, 2, 1))
+        yt = np.ascontiguousarray(y.transpose(0, 2, 1))
+        cpu.matmul(x, y, 0, np.empty((2, 5, 7), np.float32))
+        cpu.matmul_lmul(x, y, 1 << 19, np.empty((2, 5, 7), np.float32))
+        cpu.matmul_exact_grad_left(x, yt, g, 0, np.empty((2, 5, 6), np.float32))
+        cpu.matmul_exact_grad_right(xt, y, g, 0, np.empty((2, 6, 7), np.float32))
+
+
+def compile_elementwise_kernels(a, b, out):
+    """Elementwise PAM/L-Mul kernels, their slopes and scalar-operand forms, quantize."""
     for name in ("mul", "div", "mul_slope", "div_slope_num", "div_slope_den"):
         getattr(cpu, name)(a, b, 0, out)
     for name in ("exp2", "log2", "exp2_slope", "log2_slope", "pow2_part"):
@@ -100,7 +112,11 @@ def compile_all_kernels():
     cpu.mul_lmul(a, b, 1 << 19, out)
     cpu.mul_lmul_bs(a, s, 1 << 19, out)
     cpu.mul_lmul_as(s, b, 1 << 19, out)
-    # fused kernels (pam.optim_bits, pam.rows_bits); flags 7 / 63 turn every branch on
+
+
+def compile_fused_kernels(a, b, out):
+    """Fused optimizer steps (flat and address-table) and row kernels (pam.optim_bits,
+    pam.rows_bits); flags 7 / 63 turn every branch on."""
     m, v, mx = a.copy(), np.abs(b.view(np.float32)).view(np.int32), a.copy()
     cpu.adamw(a.copy(), b, m, v, mx, *([0x3F000000] * 8), 0, 7)
     cpu.adamw_unbiased(a.copy(), b, m, v, mx, *([0x3F000000] * 5), 0, 0, 7)
@@ -117,16 +133,23 @@ def compile_all_kernels():
     cpu.gelu_backward(a, b, knots, slopes, True, out)
     cpu.softmax_forward(a, out, 8, 0, True)
     cpu.softmax_backward(a, b, out, 8, 0, True, True)
-    for kind in ("normal", "zeros", "special"):
-        x = _operands(rng, (2, 5, 6), kind)
-        y = _operands(rng, (2, 6, 7), kind)
-        g = _operands(rng, (2, 5, 7), kind)
-        xt = np.ascontiguousarray(x.transpose(0, 2, 1))
-        yt = np.ascontiguousarray(y.transpose(0, 2, 1))
-        cpu.matmul(x, y, 0, np.empty((2, 5, 7), np.float32))
-        cpu.matmul_lmul(x, y, 1 << 19, np.empty((2, 5, 7), np.float32))
-        cpu.matmul_exact_grad_left(x, yt, g, 0, np.empty((2, 5, 6), np.float32))
-        cpu.matmul_exact_grad_right(xt, y, g, 0, np.empty((2, 6, 7), np.float32))
+
+
+def compile_all_kernels():
+    """Run every public kernel on int32 operands so that each dispatcher gets compiled.
+
+    The order is the test process's: the kernels of a PAM training step (which the test
+    process compiles first, itself) last, the PAM convolutions (test_compile.py, early in
+    the session) first, so that they are in the cache when the tests need them."""
+    rng = np.random.default_rng(0)
+    a = _operands(rng, (64,), "zeros")
+    b = _operands(rng, (64,), "special")
+    out = np.empty(64, np.int32)
+    compile_conv_kernels(rng, lmul=False)
+    compile_matmul_kernels(rng)
+    compile_conv_kernels(rng, lmul=True)
+    compile_fused_kernels(a, b, out)
+    compile_elementwise_kernels(a, b, out)
 
 
 def scan():
