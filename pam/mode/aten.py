@@ -13,8 +13,9 @@ from torch.utils._pytree import tree_flatten
 from .. import functional as PF
 from .. import location as _loc
 from .. import ops as P
-from ..audit import is_banned
+from ..audit import _alpha_not_one, is_banned
 from .. import families as FAM
+from . import optimizers as _optim
 from .semantics import (LOG2_E, UnsupportedOpError, _is_f32, _operand, add_scaled, addcdiv,
                         addcmul, addmm, div, exp, gelu, gelu_slope, lerp, log, log_softmax,
                         matmul, mean, mul, pow_, reciprocal, rsqrt, sigmoid, silu, softmax,
@@ -289,6 +290,7 @@ def _rounded_div(c, a, b, rounding_mode):
 
 
 _BANNED = {}            # OpOverload -> is it of the multiply family (cached)
+_ALPHA_OPS = {}         # OpOverload -> is it add/sub/rsub (a multiply when alpha != 1)
 # Ops whose result is floating point even for integer inputs (int / int, exp(int)...).
 _FLOAT_RESULT = frozenset({"div", "true_divide", "reciprocal", "exp", "exp2", "log", "log2",
                            "sqrt", "rsqrt", "sigmoid", "tanh", "mean"})
@@ -349,7 +351,9 @@ class _DispatchLayer(TorchDispatchMode):
         banned = _BANNED.get(func)
         if banned is None:          # torch.ops.pam.* are the PAM kernels themselves
             banned = _BANNED[func] = func.namespace != "pam" and is_banned(_packet(func))
-        if not banned:
+            _ALPHA_OPS[func] = (func.namespace == "aten"
+                                and _split(_packet(func))[0] in ("add", "sub", "rsub"))
+        if not banned and not (_ALPHA_OPS.get(func) and _alpha_not_one(func, args, kwargs)):
             return func(*args, **kwargs)
         full = _packet(func)
         flat, _ = tree_flatten((args, kwargs))
@@ -360,6 +364,14 @@ class _DispatchLayer(TorchDispatchMode):
             return func(*args, **kwargs)               # integer arithmetic
         if full == "embedding_dense_backward":
             return func(*args, **kwargs)
+        if inplace and base in _optim.FUSED_STEPS:
+            try:
+                return _optim.fused_step(self.cfg, base, func, args, kwargs)
+            except UnsupportedOpError as e:            # raised before any tensor changed
+                if self.cfg.strict:
+                    raise
+                _optim.report(self.cfg, full, f"{e}; it runs in float (strict=False)")
+                return func(*args, **kwargs)
         entry = _LAYER2.get(base)
         if entry is None:
             self._refuse(full, "has no PAM version")
