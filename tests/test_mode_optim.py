@@ -377,3 +377,26 @@ def test_add_with_alpha_is_pam_in_the_op_by_op_step():
     _run(m, opt, 1, optimizers="ops")
     ref = [p.detach() - pam.mul(gr, 0.1) for p, gr in zip(r.parameters(), _grads(r, 0))]
     assert _same(m.parameters(), ref)
+
+
+def test_bench_optim_mode_smoke(tmp_path):
+    """validation/bench_optim_mode.py runs, writes its JSON, and its fused side has the
+    bits of pam.optim.AdamW with one launch per step."""
+    import importlib.util
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "validation" / "bench_optim_mode.py"
+    spec = importlib.util.spec_from_file_location("validation_bench_optim_mode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import numba
+    threads, nb_threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        mod.main(["--models", "gpt_small", "--steps", "1", "--warmup", "1",
+                  "--out", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(nb_threads)
+    row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert row["fused_same_bits_as_pam_optim"] is True
+    assert row["fused_launches"] == 1 and row["ops_single_launches"] > row["tensors"]

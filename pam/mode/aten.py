@@ -356,15 +356,8 @@ class _DispatchLayer(TorchDispatchMode):
         if not banned and not (_ALPHA_OPS.get(func) and _alpha_not_one(func, args, kwargs)):
             return func(*args, **kwargs)
         full = _packet(func)
-        flat, _ = tree_flatten((args, kwargs))
-        floats = _float_args(flat)
         base, inplace, foreach = _split(full)
-        if not floats and not (base in _FLOAT_RESULT
-                               or any(isinstance(v, float) for v in flat)):
-            return func(*args, **kwargs)               # integer arithmetic
-        if full == "embedding_dense_backward":
-            return func(*args, **kwargs)
-        if inplace and base in _optim.FUSED_STEPS:
+        if inplace and base in _optim.FUSED_STEPS:    # a whole optimizer step
             try:
                 return _optim.fused_step(self.cfg, base, func, args, kwargs)
             except UnsupportedOpError as e:            # raised before any tensor changed
@@ -372,6 +365,13 @@ class _DispatchLayer(TorchDispatchMode):
                     raise
                 _optim.report(self.cfg, full, f"{e}; it runs in float (strict=False)")
                 return func(*args, **kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        floats = _float_args(flat)
+        if not floats and not (base in _FLOAT_RESULT
+                               or any(isinstance(v, float) for v in flat)):
+            return func(*args, **kwargs)               # integer arithmetic
+        if full == "embedding_dense_backward":
+            return func(*args, **kwargs)
         entry = _LAYER2.get(base)
         if entry is None:
             self._refuse(full, "has no PAM version")

@@ -46,6 +46,7 @@ FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd"})
 _OPS_HINT = "; pam.arithmetic(optimizers='ops') runs it op by op"
 
 _PENDING = threading.local()      # .items: [(optimizer, group, old fused)] flipped, this thread
+_ABSENT = object()                # a group that had no 'fused' key
 _HOOKS = []                       # the two global hook handles, once registered
 _LOCK = threading.Lock()
 
@@ -107,8 +108,9 @@ def _pre_hook(opt, args, kwargs):
             or type(opt) not in _classes()):
         return None
     try:
-        for group in opt.param_groups:
-            _check_group(opt, group)
+        with torch._C.DisableTorchFunction():     # plain attribute reads, not via layer 1
+            for group in opt.param_groups:
+                _check_group(opt, group)
     except UnsupportedOpError as e:
         if ctx.cfg.strict:
             raise
@@ -117,7 +119,7 @@ def _pre_hook(opt, args, kwargs):
     items = _pending()
     for group in opt.param_groups:
         if group.get("fused") is not True:
-            items.append((opt, group, group.get("fused")))
+            items.append((opt, group, group.get("fused", _ABSENT)))
             group["fused"] = True
     return None
 
@@ -142,7 +144,10 @@ def restore(which=lambda opt: True):
     keep = []
     for opt, group, old in items:
         if which(opt):
-            group["fused"] = old
+            if old is _ABSENT:
+                del group["fused"]
+            else:
+                group["fused"] = old
         else:
             keep.append((opt, group, old))
     items[:] = keep
