@@ -221,6 +221,8 @@ def test_ops_compute_pam_bits():
 
 
 def test_foreach_and_single_tensor_adamw_agree():
+    """The op-by-op step (optimizers="ops"): foreach and single-tensor give the same bits
+    (the default fused step is tested in tests/test_mode_optim.py)."""
     torch.manual_seed(3)
     params = {}
     for foreach in (False, True):
@@ -228,7 +230,7 @@ def test_foreach_and_single_tensor_adamw_agree():
         m = nn.Linear(6, 3)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=foreach)
         for _ in range(3):
-            with no_float_multiply(), pam.arithmetic():
+            with no_float_multiply(), pam.arithmetic(optimizers="ops"):
                 m(torch.ones(2, 6)).square().sum().backward()
                 opt.step()
                 opt.zero_grad()

@@ -20,7 +20,15 @@ Mechanism (two torch modes, pushed together by :class:`arithmetic`):
    ``addcmul_``, ``addcdiv_``, ``sqrt``...), gradient clipping, in-place arithmetic, and
    anything layer 1 passed on. Every float32 multiply-family operator it knows is computed
    with PAM kernels (for backward formulas this is PAM used as if it were the product: the
-   approximate backward). An operator of the multiply family it cannot emulate raises
+   approximate backward). ``torch.optim.Adam``/``AdamW``/``SGD`` steps take the fused
+   path (:mod:`.optimizers`): each parameter group is updated by one fused PAM kernel per
+   device and step count through :mod:`pam.fused`, with the definition of
+   :class:`pam.optim.AdamW` / :class:`pam.optim.SGD` (paper moments; their bits), whatever
+   the optimizer's foreach/fused flags (a torch.optim step hook sets the group's ``fused``
+   key for the duration of the step and puts it back, so ``state_dict()`` is unchanged;
+   the ``aten._fused_adam_``/``_fused_adamw_``/``_fused_sgd_`` ops it makes torch call are
+   computed by the fused kernels). ``optimizers="ops"`` keeps the op-by-op step.
+   An operator of the multiply family it cannot emulate raises
    :class:`UnsupportedOpError` naming the op, the module path and the source line
    (``strict=True``, default) or is reported once and runs in float (``strict=False``).
 
@@ -31,7 +39,18 @@ training step.
 Options: ``backward`` ("approx", the paper's choice and default here, or "exact"),
 ``offset`` (None or a positive float, PAM offset for products of two data operands),
 ``ops`` ("all", "matmul", or a set of :data:`FAMILIES` names: families left out run in
-float by the user's explicit choice), ``strict``.
+float by the user's explicit choice), ``strict``, ``optimizers`` ("fused", default, or
+"ops": torch.optim steps op by op, ~20 launches per tensor on the single-tensor path or one
+per ``_foreach_*`` op, with torch's sequence of PAM ops as their definition).
+
+The fused optimizer step covers ``torch.optim.Adam``, ``AdamW`` and ``SGD`` (these classes
+exactly; subclasses and other optimizers run op by op) under the PAM family without an
+offset (with an offset or another family the step runs op by op: the fused kernels apply
+no offset rule of the mode). Adam's L2 ``weight_decay`` adds one elementwise launch (the
+gradient plus PAM(p, wd)) before the fused step. Refused with :class:`UnsupportedOpError`
+naming the option: ``capturable=True``, ``differentiable=True``, AMP gradient scaling
+(``grad_scale``/``found_inf``), sparse gradients, non-float32 (or complex) parameters, an
+SGD group with momentum buffers for only some parameters. A tensor ``lr`` is read exactly.
 
 Compilation: ``pam.compile(model, backend="aot_eager" | "inductor")`` (:mod:`.compiling`)
 compiles a model for the mode: Dynamo traces layer 1, and layer 2's table is applied to

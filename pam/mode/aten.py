@@ -13,8 +13,9 @@ from torch.utils._pytree import tree_flatten
 from .. import functional as PF
 from .. import location as _loc
 from .. import ops as P
-from ..audit import is_banned
+from ..audit import _alpha_not_one, is_banned
 from .. import families as FAM
+from . import optimizers as _optim
 from .semantics import (LOG2_E, UnsupportedOpError, _is_f32, _operand, add_scaled, addcdiv,
                         addcmul, addmm, div, exp, gelu, gelu_slope, lerp, log, log_softmax,
                         matmul, mean, mul, pow_, reciprocal, rsqrt, sigmoid, silu, softmax,
@@ -289,6 +290,7 @@ def _rounded_div(c, a, b, rounding_mode):
 
 
 _BANNED = {}            # OpOverload -> is it of the multiply family (cached)
+_ALPHA_OPS = {}         # OpOverload -> is it add/sub/rsub (a multiply when alpha != 1)
 # Ops whose result is floating point even for integer inputs (int / int, exp(int)...).
 _FLOAT_RESULT = frozenset({"div", "true_divide", "reciprocal", "exp", "exp2", "log", "log2",
                            "sqrt", "rsqrt", "sigmoid", "tanh", "mean"})
@@ -349,12 +351,22 @@ class _DispatchLayer(TorchDispatchMode):
         banned = _BANNED.get(func)
         if banned is None:          # torch.ops.pam.* are the PAM kernels themselves
             banned = _BANNED[func] = func.namespace != "pam" and is_banned(_packet(func))
-        if not banned:
+            _ALPHA_OPS[func] = (func.namespace == "aten"
+                                and _split(_packet(func))[0] in ("add", "sub", "rsub"))
+        if not banned and not (_ALPHA_OPS.get(func) and _alpha_not_one(func, args, kwargs)):
             return func(*args, **kwargs)
         full = _packet(func)
+        base, inplace, foreach = _split(full)
+        if inplace and base in _optim.FUSED_STEPS:    # a whole optimizer step
+            try:
+                return _optim.fused_step(self.cfg, base, func, args, kwargs)
+            except UnsupportedOpError as e:            # raised before any tensor changed
+                if self.cfg.strict:
+                    raise
+                _optim.report(self.cfg, full, f"{e}; it runs in float (strict=False)")
+                return func(*args, **kwargs)
         flat, _ = tree_flatten((args, kwargs))
         floats = _float_args(flat)
-        base, inplace, foreach = _split(full)
         if not floats and not (base in _FLOAT_RESULT
                                or any(isinstance(v, float) for v in flat)):
             return func(*args, **kwargs)               # integer arithmetic

@@ -9,6 +9,7 @@ from .. import location as _loc
 from .. import ops as P
 from .aten import _DispatchLayer
 from .functions import _FunctionLayer
+from . import optimizers as _optim
 
 FAMILIES = frozenset({"matmul", "conv", "elementwise", "nonlinear", "norm", "loss",
                       "dropout", "attention"})
@@ -20,10 +21,13 @@ class _Config:
     ``offset``: the PAM offset of products of two data operands (1.0552 for
     ``family="pam_offset"`` unless given; None for "lmul" and "float"); ``family``: the
     family passed to the pam ops ("pam" for both PAM families, the offset carrying the
-    difference); ``operands``: the operand format of the matmul and conv families.
+    difference); ``operands``: the operand format of the matmul and conv families;
+    ``optimizers``: "fused" (torch.optim Adam/AdamW/SGD steps as one fused PAM kernel per
+    group, :mod:`.optimizers`) or "ops" (op by op).
     """
 
-    def __init__(self, backward, offset, ops, strict, family="pam", operands="float32"):
+    def __init__(self, backward, offset, ops, strict, family="pam", operands="float32",
+                 optimizers="fused"):
         if backward not in P.BACKWARD_MODES:
             raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
         self.multiplier = FAM.resolve(family, operands, offset)
@@ -42,7 +46,11 @@ class _Config:
                                  f"{sorted(FAMILIES)}, 'all' or 'matmul'")
         if self.multiplier.kind == "float":
             ops = ops & FLOAT_FAMILY_OPS       # the baseline: only the matrix products change
+        if optimizers not in _optim.OPTIMIZERS:
+            raise ValueError(f"optimizers must be one of {_optim.OPTIMIZERS}, got "
+                             f"{optimizers!r}")
         self.backward, self.offset, self.ops, self.strict = backward, offset, ops, strict
+        self.optimizers = optimizers
         self.reported = set()
 
 
@@ -73,11 +81,12 @@ class arithmetic:
     """
 
     def __init__(self, backward="approx", offset=None, ops="all", strict=True, family="pam",
-                 operands="float32"):
-        self.cfg = _Config(backward, offset, ops, strict, family, operands)
+                 operands="float32", optimizers="fused"):
+        self.cfg = _Config(backward, offset, ops, strict, family, operands, optimizers)
         self._spec = {"backward": backward, "offset": offset,
                       "ops": ops if isinstance(ops, str) else frozenset(ops),
-                      "strict": strict, "family": family, "operands": operands}
+                      "strict": strict, "family": family, "operands": operands,
+                      "optimizers": optimizers}
         self._entered = []
 
     @property
@@ -86,6 +95,8 @@ class arithmetic:
         return dict(self._spec)
 
     def __enter__(self):
+        if self.cfg.optimizers == "fused" and self.cfg.multiplier.kind != "float":
+            _optim.install()
         _loc.Tracker.start()
         fmode = _FunctionLayer(self.cfg)
         # family="float" is torch's own arithmetic below the matrix products: no layer 2.
@@ -107,6 +118,8 @@ class arithmetic:
             if dmode is not None:
                 dmode.__exit__(*exc)
             fmode.__exit__(*exc)
+            if not _ACTIVE.stack:
+                _optim.restore()            # flags left flipped by a step that raised
         finally:
             _mha_fastpath(fastpath)
             _loc.Tracker.stop()
