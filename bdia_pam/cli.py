@@ -376,7 +376,7 @@ def _warm_kernels() -> None:
     def announce(n):
         print(f"compiling the PAM kernels for the first run ({n} processes; cached for later "
               f"runs)...", file=sys.stderr, flush=True)
-    res = warmup.warm(announce=announce)
+    res = warmup.warm(announce=announce, workload="bdia-pam train")
     if not res["skipped"]:
         print(f"compiled {res['kernels']} kernels in {res['seconds']:.1f} s", file=sys.stderr,
               flush=True)

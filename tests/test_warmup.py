@@ -37,8 +37,9 @@ def test_manifest_names_existing_kernels_with_decodable_types():
         assert hasattr(disp, "compile"), e["name"]
         sig = tuple(warmup.decode_type(a) for a in e["args"])
         assert len(sig) == disp.py_func.__code__.co_argcount, e["name"]
-    names = {e["name"] for e in entries}
-    assert {"_matmul_fast", "_grad_left_fast", "_grad_right_fast", "adamw_table"} <= names
+    train = {e["name"] for e in warmup.load_manifest(workload="bdia-pam train")}
+    assert {"_matmul_fast", "_grad_left_fast", "_grad_right_fast", "adamw_table"} <= train
+    assert train < {e["name"] for e in entries}          # the GPT's GELU kernels besides
 
 
 def test_partition_balances_recorded_time():
@@ -59,26 +60,30 @@ def test_recorder_sees_outermost_compilations_only():
 
 
 def test_warm_fills_the_cache_then_skips(tmp_path):
-    """In a fresh cache: warm() compiles a manifest's kernel in a worker; a new process then
-    loads that kernel from the cache (no compilation) and a second warm() is skipped."""
+    """In a fresh cache: warm() compiles two kernels, one in its own process and one in a
+    worker; a new process then loads both from the cache (no compilation) and a second
+    warm() is skipped."""
     manifest = tmp_path / "manifest.json"
     i32 = ["array", "int32", 1, "C", False]
     manifest.write_text(json.dumps(dict(kernels=[
-        dict(module="cpu", name="mul", args=[i32, i32, "int64", i32], seconds=1.0)])))
+        dict(module="cpu", name=name, args=[i32, i32, "int64", i32], seconds=1.0,
+             workloads=["test"]) for name in ("mul", "div")])))
     script = textwrap.dedent(f"""
         import json, sys, types
         pkg = types.ModuleType("pam"); pkg.__path__ = [{os.path.join(ROOT, "pam")!r}]
         sys.modules["pam"] = pkg
         import numpy as np
         from pam.kernels import cpu, warmup
-        mode = sys.argv[1]
-        if mode == "warm":
-            print(json.dumps(warmup.warm(processes=1, manifest={str(manifest)!r})))
+        if sys.argv[1] == "warm":
+            print(json.dumps(warmup.warm(processes=2, manifest={str(manifest)!r})))
         else:
             a = np.arange(4, dtype=np.int32)
-            cpu.mul(a, a, 0, np.empty(4, np.int32))
-            print(json.dumps(dict(hits=sum(cpu.mul.stats.cache_hits.values()),
-                                  misses=sum(cpu.mul.stats.cache_misses.values()))))
+            stats = {{}}
+            for k in (cpu.mul, cpu.div):
+                k(a, a, 0, np.empty(4, np.int32))
+                stats[k.__name__] = [sum(k.stats.cache_hits.values()),
+                                     sum(k.stats.cache_misses.values())]
+            print(json.dumps(stats))
     """)
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
 
@@ -88,6 +93,6 @@ def test_warm_fills_the_cache_then_skips(tmp_path):
         return json.loads(out.stdout.split("\n")[-2])
 
     first = run("warm")
-    assert not first["skipped"] and first["processes"] == 1 and first["kernels"] == 1
-    assert run("call") == dict(hits=1, misses=0)
+    assert not first["skipped"] and first["processes"] == 2 and first["kernels"] == 2
+    assert run("call") == dict(mul=[1, 0], div=[1, 0])      # [cache hits, compilations]
     assert run("warm")["skipped"]

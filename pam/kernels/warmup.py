@@ -3,19 +3,24 @@
 Every CPU kernel is lazy and ``cache=True``: on a fresh install (or after an edit to a
 definition file, see :mod:`pam.kernels._cache`) a training step compiles each kernel it
 calls, one after the other, on one core: about 30 s for the default ``bdia-pam train``
-model. :func:`warm` compiles the kernels a training step uses in worker processes, one per
-core, each writing Numba's on-disk cache, and waits for them; the calling process then
-loads each kernel from the cache on its first call, as a second run does.
+model. :func:`warm` splits the kernels a training step uses between this process and worker
+processes, one compiler per core, each writing Numba's on-disk cache, and waits for them;
+the kernels the workers compiled are then loaded from the cache on their first call, as in
+a second run. It pays off when cores are free: on a machine whose cores are busy it can
+take longer than compiling lazily (measured in ``validation/cold_start.py``).
 
 What is compiled is :data:`MANIFEST` (``warm_manifest.json`` beside this file): the
-outermost kernel compilations of recorded training steps, each as the dispatcher's module
-and name and the Numba types of its arguments (the callees compile with it). A kernel the
-manifest misses still compiles lazily when first called; a manifest entry a run never uses
-costs a worker's time only. Regenerate it after changing kernel signatures with
-``python validation/cold_start.py --record-manifest``.
+outermost kernel compilations of recorded training steps ("workloads": the default
+``bdia-pam train`` step and a small ``pam.convert`` GPT step), each as the dispatcher's
+module and name, the Numba types of its arguments (its callees compile with it), its
+recorded compile time and the workloads that used it. A kernel the manifest misses still
+compiles lazily when first called; an entry a run never uses costs compile time only.
+Regenerate it after changing kernel signatures with
+``python validation/cold_start.py --record-manifest`` (tests/test_warmup.py checks that
+every entry still names a kernel with that many arguments).
 
 A marker file in the kernels' cache folder, named after the definitions digest and the
-manifest, records a finished warm-up, so later runs skip it (``warm`` returns at once).
+entries, records a finished warm-up, so later runs skip it (``warm`` returns at once).
 Workers import :mod:`pam.kernels` without torch or the rest of :mod:`pam`.
 """
 import hashlib
@@ -102,20 +107,26 @@ class Recorder(event.Listener):
         event.unregister("numba:compile", self)
 
 
-def merge_entries(*lists):
-    """Entries of several recordings, each (module, name, args) once, slowest first."""
+def merge_entries(recordings):
+    """{workload name: entries} -> entries, each (module, name, args) once with the sorted
+    list of the workloads that compiled it under "workloads", slowest first."""
     seen = {}
-    for entries in lists:
+    for workload, entries in recordings.items():
         for e in entries:
             key = (e["module"], e["name"], json.dumps(e["args"]))
-            if key not in seen or seen[key]["seconds"] < e["seconds"]:
-                seen[key] = e
+            kept = seen.setdefault(key, dict(e, workloads=[]))
+            kept["seconds"] = max(kept["seconds"], e["seconds"])
+            kept["workloads"] = sorted(set(kept["workloads"]) | {workload})
     return sorted(seen.values(), key=lambda e: -e["seconds"])
 
 
-def load_manifest(path=MANIFEST):
+def load_manifest(path=MANIFEST, workload=None):
+    """The manifest's entries; only those a ``workload`` compiled when it is given."""
     with open(path) as fh:
-        return json.load(fh)["kernels"]
+        entries = json.load(fh)["kernels"]
+    if workload is None:
+        return entries
+    return [e for e in entries if workload in e.get("workloads", ())]
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -165,9 +176,10 @@ def _cores():
         return os.cpu_count() or 1
 
 
-def warm(processes=None, manifest=MANIFEST, force=False, announce=None):
-    """Compile the manifest's kernels into Numba's cache in ``processes`` worker processes
-    (default: one per core available to this process) and wait for them.
+def warm(processes=None, manifest=MANIFEST, force=False, announce=None, workload=None):
+    """Compile the manifest's kernels (those of ``workload`` when given, e.g.
+    ``"bdia-pam train"``) into Numba's cache in ``processes`` parallel compilers (default:
+    one per core available to this process): this process and ``processes - 1`` workers.
 
     Returns {"skipped": bool, "seconds": wall time, "processes": n, "kernels": entries}.
     Skipped (at once) when a marker shows this warm-up already ran for these definitions,
@@ -177,7 +189,7 @@ def warm(processes=None, manifest=MANIFEST, force=False, announce=None):
     leaves no marker.
     """
     t0 = time.perf_counter()
-    entries = load_manifest(manifest)
+    entries = load_manifest(manifest, workload)
     marker = _marker(entries)
     n = max(1, min(processes or _cores(), len(entries)))
     if os.path.exists(marker) and not force:
@@ -187,14 +199,16 @@ def warm(processes=None, manifest=MANIFEST, force=False, announce=None):
         announce(n)
     workers = []
     errors = []
+    parts = partition(entries, n)
     try:
-        for part in partition(entries, n):
+        for part in parts[1:]:
             proc = subprocess.Popen([sys.executable, "-c", _WORKER, _PAM_DIR],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
             workers.append(proc)
             proc.stdin.write(json.dumps(part))
             proc.stdin.close()
+        compile_entries(parts[0])
         for proc in workers:
             err = proc.stderr.read()
             if proc.wait() != 0:
