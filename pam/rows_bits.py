@@ -225,3 +225,246 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
         else:
             gz = bits.mul_bits(ge, bits.mul_bits(e, LN_2_BITS, 0), 0)
             out[base + j] = bits.mul_bits(gz, LOG2_E_BITS, off)
+
+
+# --------------------------------------------------------------------------- log_softmax rows
+@register_jitable(forceinline=True)
+def _f(i):
+    return bits.bits_to_f32(i)
+
+
+@register_jitable(forceinline=True)
+def _b(v):
+    return bits.f32_to_bits(v)
+
+
+@register_jitable
+def log_softmax_row_sum(x, z, base, n, off):
+    """First pass of a log_softmax row: z_j = PAM(x_j, log2 e; off) - m (stored in ``z``,
+    bits), m the softmax_row_shift; returns s = pa_exp2(z_0) + pa_exp2(z_1) + ... as a
+    float32 sum from +0 in increasing j."""
+    m = softmax_row_shift(x, base, n, off)
+    s = np.float32(0.0)
+    for j in range(n):
+        zj = _f(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
+        z[base + j] = _b(zj)
+        s += _f(bits.exp2_bits(_b(zj)))
+    return s
+
+
+@register_jitable
+def log_softmax_row_forward(x, out, base, n, off):
+    """One row of the PA log-softmax: PAD(z_j - pa_log2(s), log2 e) with z and s of
+    log_softmax_row_sum (the composite pam.nn.functional.log_softmax, its row sum taken
+    from +0 in increasing index)."""
+    s = log_softmax_row_sum(x, out, base, n, off)
+    lse = _f(bits.log2_bits(_b(s)))
+    for j in range(n):
+        out[base + j] = bits.div_bits(_b(_f(out[base + j]) - lse), LOG2_E_BITS, 0)
+
+
+@register_jitable
+def log_softmax_row_backward(x, g, out, base, n, off, exact):
+    """Input gradient of log_softmax_row_forward for output gradient ``g`` (one row): the
+    chain rule through the composite's pieces, as autograd runs it.
+
+    t_j = PAD's gradient of g_j w.r.t. z_j - lse (exact: PAM(g, 2^k slope), approx:
+    PAD(g, log2 e)); g_lse = sum of -t_j (from +0, increasing j); g_s = pa_log2's gradient
+    (exact slope, or PAD(g_lse, PAM(s, ln 2))); g_z = t_j + pa_exp2's gradient of g_s
+    (exact slope, or PAM(g_s, PAM(e_j, ln 2))); then PAM(x, log2 e; off)'s gradient (exact
+    slope, or PAM(g_z, log2 e; off)). ``out`` holds z_j between the passes.
+    """
+    s = log_softmax_row_sum(x, out, base, n, off)
+    sb = _b(s)
+    lse = _f(bits.log2_bits(sb))
+    gl = np.float32(0.0)
+    for j in range(n):
+        if exact:
+            t = bits.mul_bits(g[base + j], bits.div_slope_num_bits(
+                _b(_f(out[base + j]) - lse), LOG2_E_BITS, 0), 0)
+        else:
+            t = bits.div_bits(g[base + j], LOG2_E_BITS, 0)
+        gl += -_f(t)
+    glb = _b(gl)
+    if exact:
+        gs = bits.mul_bits(glb, bits.log2_slope_bits(sb), 0)
+    else:
+        gs = bits.div_bits(glb, bits.mul_bits(sb, LN_2_BITS, 0), 0)
+    for j in range(n):
+        zb = out[base + j]
+        if exact:
+            t = bits.mul_bits(g[base + j], bits.div_slope_num_bits(
+                _b(_f(zb) - lse), LOG2_E_BITS, 0), 0)
+            ge = bits.mul_bits(gs, bits.exp2_slope_bits(zb), 0)
+        else:
+            t = bits.div_bits(g[base + j], LOG2_E_BITS, 0)
+            ge = bits.mul_bits(gs, bits.mul_bits(bits.exp2_bits(zb), LN_2_BITS, 0), 0)
+        gz = _b(_f(t) + _f(ge))
+        if exact:
+            out[base + j] = bits.mul_bits(gz, bits.mul_slope_bits(x[base + j], LOG2_E_BITS,
+                                                                  off), 0)
+        else:
+            out[base + j] = bits.mul_bits(gz, LOG2_E_BITS, off)
+
+
+# --------------------------------------------------------------------------- layer_norm rows
+HALF_BITS = 0x3F000000         # float32(0.5)
+LN_WEIGHT = 1                  # flags of the layer_norm rows: a weight is given
+LN_BIAS = 2                    # a bias is given
+LN_EXACT = 4                   # backward: exact slopes (else the approximate rule)
+
+
+@register_jitable
+def layer_norm_row_stats(x, base, n, nb, eps_b, stats, sb):
+    """Row statistics of the PA layer norm, as float32 bit patterns in ``stats`` (9):
+    S0 = sum x_j, mu0 = PAD(S0, N); when N is not a power of two two refinements
+    S_r = sum (x_j - mu_{r-1}), mu_r = mu_{r-1} + PAD(S_r, N) (r = 1, 2; else mu2 = mu1 =
+    mu0, S1 = S2 = 0); V = sum PAM(xc_j, xc_j; off) with xc_j = x_j - mu2 (computed by the
+    caller, see layer_norm_row_var); every sum float32 from +0 in increasing j. ``nb``:
+    bits of float32(N). stats = [S0, mu0, S1, mu1, S2, mu2, ...] (the rest filled by
+    layer_norm_row_var)."""
+    s = np.float32(0.0)
+    for j in range(n):
+        s += _f(x[base + j])
+    stats[sb + 0] = _b(s)
+    mu = _f(bits.div_bits(_b(s), nb, 0))
+    stats[sb + 1] = _b(mu)
+    stats[sb + 2] = 0
+    stats[sb + 3] = _b(mu)
+    stats[sb + 4] = 0
+    stats[sb + 5] = _b(mu)
+    if n & (n - 1):
+        for r in range(2):
+            s = np.float32(0.0)
+            for j in range(n):
+                s += _f(x[base + j]) - mu
+            mu = mu + _f(bits.div_bits(_b(s), nb, 0))
+            stats[sb + 2 + 2 * r] = _b(s)
+            stats[sb + 3 + 2 * r] = _b(mu)
+
+
+@register_jitable
+def layer_norm_row_var(x, base, n, nb, eps_b, off, stats, sb):
+    """The rest of the row statistics (see layer_norm_row_stats): stats[sb + 6] = V,
+    stats[sb + 7] = ve = PAD(V, N) + eps (float32 add), stats[sb + 8] = std = pa_exp2(PAM(pa_log2(ve),
+    0.5)) (pam.pow(ve, 0.5))."""
+    mu = _f(stats[sb + 5])
+    v = np.float32(0.0)
+    for j in range(n):
+        xc = _b(_f(x[base + j]) - mu)
+        v += _f(bits.mul_bits(xc, xc, off))
+    stats[sb + 6] = _b(v)
+    ve = _f(bits.div_bits(_b(v), nb, 0)) + _f(eps_b)
+    stats[sb + 7] = _b(ve)
+    stats[sb + 8] = bits.exp2_bits(bits.mul_bits(bits.log2_bits(_b(ve)), HALF_BITS, 0))
+
+
+@register_jitable
+def layer_norm_row_forward(x, w, b, out, base, n, nb, eps_b, off, flags, stats, sb):
+    """One row of the PA layer norm (pam.nn.functional.layer_norm with its row sums taken
+    from +0 in increasing index): y_j = PAD(x_j - mu, std), then PAM(y_j, w_j; off) when
+    ``flags`` has LN_WEIGHT, then + b_j (float32) when it has LN_BIAS; mu, std from
+    layer_norm_row_stats / layer_norm_row_var (``stats[sb:sb + 9]``: scratch)."""
+    layer_norm_row_stats(x, base, n, nb, eps_b, stats, sb)
+    layer_norm_row_var(x, base, n, nb, eps_b, off, stats, sb)
+    mu = _f(stats[sb + 5])
+    std = stats[sb + 8]
+    for j in range(n):
+        y = bits.div_bits(_b(_f(x[base + j]) - mu), std, 0)
+        if flags & LN_WEIGHT:
+            y = bits.mul_bits(y, w[j], off)
+        if flags & LN_BIAS:
+            y = _b(_f(y) + _f(b[j]))
+        out[base + j] = y
+
+
+@register_jitable(forceinline=True)
+def _pad_grad_num(g, a, d, exact):
+    """Gradient of PAD(a, d) w.r.t. a for incoming g: PAM(g, exact slope) or PAD(g, d)."""
+    if exact:
+        return bits.mul_bits(g, bits.div_slope_num_bits(a, d, 0), 0)
+    return bits.div_bits(g, d, 0)
+
+
+@register_jitable
+def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, eps_b, off, flags, stats, sb):
+    """Input gradient of layer_norm_row_forward for output gradient ``g`` (one row) into
+    ``out``, and the row's terms of the weight gradient into ``gw`` (when LN_WEIGHT; the
+    caller sums them over rows): the chain rule through the composite's pieces in the
+    order autograd runs them (LN_EXACT: exact power-of-two slopes; else the approximate
+    rules of pam.ops).
+
+    gy_j = g_j through PAM(y, w_j; off); gxc_j = PAD's numerator gradient; g_std = sum over
+    j of PAD's denominator gradient (exact slope, or -PAD(PAM(gy_j, y_j), std)); through
+    pam.pow (pa_exp2, PAM by 0.5, pa_log2) and PAD(V, N) to g_V; then gxc_j = (gxc_j + a_j)
+    + a_j with a_j = PAM(xc, xc)'s gradient of g_V (once per operand); g_mu = sum of
+    -gxc_j; through the mean: g_S2 = PAD(S2, N)'s gradient of g_mu, g_mu1 = g_mu + sum of
+    N copies of -g_S2, likewise g_S1, g_mu0 and g_S0; finally
+    gx_j = ((gxc_j + g_S2) + g_S1) + g_S0 (N not a power of two) or gxc_j + g_S0.
+    Every sum float32 from +0 in increasing j; ``out`` holds gxc_j between the passes.
+    """
+    exact = (flags & LN_EXACT) != 0
+    has_w = (flags & LN_WEIGHT) != 0
+    layer_norm_row_stats(x, base, n, nb, eps_b, stats, sb)
+    layer_norm_row_var(x, base, n, nb, eps_b, off, stats, sb)
+    mu = _f(stats[sb + 5])
+    std = stats[sb + 8]
+    gstd = np.float32(0.0)
+    for j in range(n):
+        xc = _b(_f(x[base + j]) - mu)
+        y = bits.div_bits(xc, std, 0)
+        gy = g[base + j]
+        if has_w:
+            if exact:
+                gw[base + j] = bits.mul_bits(gy, bits.mul_slope_bits(w[j], y, off), 0)
+                gy = bits.mul_bits(gy, bits.mul_slope_bits(y, w[j], off), 0)
+            else:
+                gw[base + j] = bits.mul_bits(gy, y, off)
+                gy = bits.mul_bits(gy, w[j], off)
+        out[base + j] = _pad_grad_num(gy, xc, std, exact)
+        if exact:
+            t = bits.mul_bits(gy, bits.div_slope_den_bits(xc, std, 0), 0)
+        else:
+            t = bits.div_bits(bits.mul_bits(gy, y, 0), std, 0) ^ bits.SIGN
+        gstd += _f(t)
+    gsb = _b(gstd)
+    ve = stats[sb + 7]
+    p = bits.mul_bits(bits.log2_bits(ve), HALF_BITS, 0)
+    lv = bits.log2_bits(ve)
+    if exact:
+        gp = bits.mul_bits(gsb, bits.exp2_slope_bits(p), 0)
+        gl = bits.mul_bits(gp, bits.mul_slope_bits(lv, HALF_BITS, 0), 0)
+        gve = bits.mul_bits(gl, bits.log2_slope_bits(ve), 0)
+    else:
+        gp = bits.mul_bits(gsb, bits.mul_bits(std, LN_2_BITS, 0), 0)
+        gl = bits.mul_bits(gp, HALF_BITS, 0)
+        gve = bits.div_bits(gl, bits.mul_bits(ve, LN_2_BITS, 0), 0)
+    gv = _pad_grad_num(gve, stats[sb + 6], nb, exact)
+    gmu = np.float32(0.0)
+    for j in range(n):
+        xc = _b(_f(x[base + j]) - mu)
+        if exact:
+            a = bits.mul_bits(gv, bits.mul_slope_bits(xc, xc, off), 0)
+        else:
+            a = bits.mul_bits(gv, xc, off)
+        gxc = (_f(out[base + j]) + _f(a)) + _f(a)
+        out[base + j] = _b(gxc)
+        gmu += -gxc
+    if n & (n - 1):
+        gs2 = _f(_pad_grad_num(_b(gmu), stats[sb + 4], nb, exact))
+        acc = np.float32(0.0)
+        for j in range(n):
+            acc += -gs2
+        gmu1 = gmu + acc
+        gs1 = _f(_pad_grad_num(_b(gmu1), stats[sb + 2], nb, exact))
+        acc = np.float32(0.0)
+        for j in range(n):
+            acc += -gs1
+        gmu0 = gmu1 + acc
+        gs0 = _f(_pad_grad_num(_b(gmu0), stats[sb + 0], nb, exact))
+        for j in range(n):
+            out[base + j] = _b(((_f(out[base + j]) + gs2) + gs1) + gs0)
+    else:
+        gs0 = _f(_pad_grad_num(_b(gmu), stats[sb + 0], nb, exact))
+        for j in range(n):
+            out[base + j] = _b(_f(out[base + j]) + gs0)

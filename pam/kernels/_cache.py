@@ -20,7 +20,7 @@ _PAM = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Files whose code the cached kernels compile (besides the kernel file itself).
 DEFINITIONS = tuple(os.path.join(_PAM, *p) for p in (
     ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("kernels", "cpu.py"),
-    ("kernels", "cpu_conv.py")))
+    ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py")))
 KERNEL_FILES = frozenset(os.path.normcase(p) for p in DEFINITIONS[3:])
 
 

@@ -1,0 +1,171 @@
+"""Fused log_softmax and layer-norm row kernels (pam.fused) against their reference: the
+composite chains of pam.nn.functional run op by op with every row sum (forward, and the
+reductions of broadcast gradients in backward) replaced by a float32 sum from +0 in
+increasing index, the fused kernels' definition. Bits compared on int32 patterns (NaN
+against NaN)."""
+import numpy as np
+import pytest
+import torch
+
+import pam
+from pam import fused
+from pam import ops as P
+from pam.functional import LOG2_E, MEAN_REFINEMENTS
+
+
+def seq_sum(t, dims=1):
+    """Sum over the last ``dims`` dimensions flattened, from +0 in increasing index
+    (float32), keepdim."""
+    shape = t.shape
+    flat = t.reshape(*shape[:t.dim() - dims], -1)
+    s = torch.zeros(flat.shape[:-1] + (1,), dtype=torch.float32)
+    for j in range(flat.shape[-1]):
+        s = s + flat[..., j:j + 1]
+    return s.reshape(*shape[:t.dim() - dims], *([1] * dims))
+
+
+class SeqSum(torch.autograd.Function):
+    """seq_sum over the last dimension, gradient broadcast back (as torch.sum's)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.shape = t.shape
+        return seq_sum(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.expand(ctx.shape).clone()
+
+
+class RowSub(torch.autograd.Function):
+    """x - m for m of shape (..., 1); m's gradient is seq_sum(-g) (torch: -g summed)."""
+
+    @staticmethod
+    def forward(ctx, x, m):
+        return x - m
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, seq_sum(-g)
+
+
+class ColAdd(torch.autograd.Function):
+    """y + b for b of shape (n,); b's gradient sums g over the rows in increasing order."""
+
+    @staticmethod
+    def forward(ctx, y, b):
+        return y + b
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, seq_sum(g.reshape(-1, g.shape[-1]).t()).reshape(-1)
+
+
+@pytest.fixture
+def sequential_reduce(monkeypatch):
+    """pam.ops' reductions of broadcast gradients as sequential sums."""
+    def reduce_to(grad, shape):
+        if grad.shape == shape:
+            return grad
+        if len(shape) == grad.dim() and shape[-1] == 1 and shape[:-1] == grad.shape[:-1]:
+            return seq_sum(grad)
+        if len(shape) == 1 and grad.shape[-1] == shape[0]:
+            return seq_sum(grad.reshape(-1, shape[0]).t()).reshape(shape)
+        raise AssertionError((grad.shape, shape))
+    monkeypatch.setattr(P, "_reduce_to", reduce_to)
+
+
+def log_softmax_reference(x, offset, backward):
+    """pam.nn.functional.log_softmax over the last dimension, sequential row sums."""
+    from pam.functional import _shifted_log2
+    z = _shifted_log2(x, -1, offset, backward)
+    e = P.exp2(z, backward=backward)
+    lse = P.log2(SeqSum.apply(e), backward=backward)
+    return P.div(RowSub.apply(z, lse), LOG2_E, backward=backward)
+
+
+def layer_norm_reference(x, n, weight, bias, eps, offset, backward):
+    """pam.nn.functional.layer_norm over the last dimension (length n), sequential sums."""
+    mu = P.div(SeqSum.apply(x), float(n), backward=backward)
+    if n & (n - 1):
+        for _ in range(MEAN_REFINEMENTS):
+            mu = mu + P.div(SeqSum.apply(RowSub.apply(x, mu)), float(n), backward=backward)
+    xc = RowSub.apply(x, mu)
+    var = P.div(SeqSum.apply(P.mul(xc, xc, offset=offset, backward=backward)), float(n),
+                backward=backward)
+    std = P.pow(var + float(eps), 0.5, backward=backward)
+    y = P.div(xc, std, backward=backward)
+    if weight is not None:
+        y = P.mul(y, weight, offset=offset, backward=backward)
+    if bias is not None:
+        y = ColAdd.apply(y, bias)
+    return y
+
+
+def same_bits(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    eq = (a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())
+    bad = (~eq).nonzero()
+    assert bad.numel() == 0, (bad[:5].tolist(), a[~eq][:5].tolist(), b[~eq][:5].tolist())
+
+
+def _logits(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(7, n, generator=g) * 3
+    x[0] = float("-inf")                        # a fully masked row: NaN, as torch
+    x[1, : n // 2] = float("-inf")
+    x[2] = 0.0                                  # all equal
+    x[3] = torch.randn(n, generator=g) * 40     # large spread
+    x[4, 1] = 1e30
+    x[5, 0] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+@pytest.mark.parametrize("n,offset", [(8, None), (9, None), (13, 1.0552)])
+def test_log_softmax_fused_equals_reference(sequential_reduce, backward, n, offset):
+    x = _logits(n)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grad[6, 2] = 0.0
+    xr = x.clone().requires_grad_()
+    yr = log_softmax_reference(xr, offset, backward)
+    yr.backward(grad)
+    same_bits(fused.log_softmax_forward(x, -1, offset), yr.detach())
+    same_bits(fused.log_softmax_backward(grad, x, -1, offset, backward), xr.grad)
+    # another dim: rows taken along dim 0
+    same_bits(fused.log_softmax_forward(x.t().contiguous(), 0, offset), yr.detach().t())
+
+
+def _ln_inputs(n):
+    g = torch.Generator().manual_seed(100 + n)
+    x = torch.randn(6, n, generator=g) * 2 + 1
+    x[0] = 0.0                                   # zeros
+    x[1] = 3.25                                  # all equal (not zero)
+    x[2] = torch.randn(n, generator=g) * 1e4 + 5e4   # large mean against the spread
+    x[3, 0] = 1e-40
+    w = torch.randn(n, generator=g)
+    b = torch.randn(n, generator=g)
+    return x, w, b
+
+
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+@pytest.mark.parametrize("n,offset,affine", [(8, None, True), (12, None, True),
+                                             (12, 1.0552, True), (5, None, False),
+                                             (16, None, False)])
+def test_layer_norm_fused_equals_reference(sequential_reduce, backward, n, offset, affine):
+    x, w, b = _ln_inputs(n)
+    w, b = (w, b) if affine else (None, None)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    xr = x.clone().requires_grad_()
+    wr = w.clone().requires_grad_() if affine else None
+    br = b.clone().requires_grad_() if affine else None
+    yr = layer_norm_reference(xr, n, wr, br, 1e-5, offset, backward)
+    yr.backward(grad)
+    same_bits(fused.layer_norm_forward(x, n, w, b, 1e-5, offset), yr.detach())
+    gx, gw, gb = fused.layer_norm_backward(grad, x, n, w, b, 1e-5, offset, backward)
+    same_bits(gx, xr.grad)
+    if affine:
+        same_bits(gw, wr.grad)
+        same_bits(gb, br.grad)
+    else:
+        assert gw is None and gb is None
