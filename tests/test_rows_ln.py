@@ -169,3 +169,50 @@ def test_layer_norm_fused_equals_reference(sequential_reduce, backward, n, offse
         same_bits(gb, br.grad)
     else:
         assert gw is None and gb is None
+
+
+def _cuda_rows():
+    from pam.kernels import cuda_rows
+    if not pam.kernels.cuda.available():
+        pytest.skip("numba-cuda unavailable (run with NUMBA_ENABLE_CUDASIM=1)")
+    return cuda_rows
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf, simulated
+@pytest.mark.parametrize("n", [5, 4])
+def test_cuda_rows_equal_cpu(n):
+    """The CUDA row kernels (one thread per row) against the CPU ones on small rows, on
+    bit patterns (NumPy arrays: under NUMBA_ENABLE_CUDASIM=1 the simulator runs them)."""
+    from pam.kernels import cpu_rows
+    from pam import rows_bits as RB
+    cuda_rows = _cuda_rows()
+    x, w, b = _ln_inputs(n)
+    x = x[:3].numpy().view(np.int32).reshape(-1)
+    x[2] = np.float32(np.inf).view(np.int32)
+    w = w.numpy().view(np.int32).copy()
+    b = b.numpy().view(np.int32).copy()
+    g = torch.randn(x.size, generator=torch.Generator().manual_seed(3)).numpy().view(np.int32)
+    off = pam.dispatch.offset_constant(1.0552)
+    for exact in (True, False):
+        outs = []
+        for k in (cpu_rows, cuda_rows):
+            o = np.empty_like(x)
+            k.log_softmax_forward(x, o, n, off)
+            ob = np.empty_like(x)
+            k.log_softmax_backward(x, g, ob, n, off, exact)
+            outs.append((o, ob))
+        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+        np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    nb, eps_b = fused.OB.f32_bits(float(n)), fused.OB.f32_bits(1e-5)
+    for flags in (RB.LN_WEIGHT | RB.LN_BIAS | RB.LN_EXACT, RB.LN_WEIGHT, 0):
+        outs = []
+        for k in (cpu_rows, cuda_rows):
+            y = np.empty_like(x)
+            k.layer_norm_forward(x, w, b, y, n, nb, eps_b, off, flags)
+            gx = np.empty_like(x)
+            gw = np.zeros(n, np.int32)
+            gb = np.zeros(n, np.int32)
+            k.layer_norm_backward(x, w, g, gx, gw, gb, n, nb, eps_b, off, flags)
+            outs.append((y, gx, gw, gb))
+        for a, c in zip(*outs):
+            np.testing.assert_array_equal(a, c)
