@@ -12,6 +12,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import bits
+from .optim_bits import div0_bits, exp2_sel_bits, mul32_bits, sel
 
 
 @register_jitable(forceinline=True)
@@ -227,7 +228,20 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
             out[base + j] = bits.mul_bits(gz, LOG2_E_BITS, off)
 
 
-# --------------------------------------------------------------------------- log_softmax rows
+# --------------------------------------------------------------------------- select forms
+# Per-element pieces of the log_softmax and layer-norm rows in int32 lanes with selects
+# (no branches), as pam.optim_bits' forms, so the CPU row loops vectorize; each gives the
+# bits of the pam.bits function it names (tests/test_rows_ln.py compares them on edge and
+# random patterns). Intermediates that could leave the int32 range are int64.
+_I_ABS = np.int32(bits.ABS_MASK)
+_I_SIGN = np.int32(bits.SIGN)
+_I_INF = np.int32(bits.INF)
+_I_QNAN = np.int32(bits.QNAN)
+_I_MIN = np.int32(bits.MIN_NORMAL)
+_I_EXP = np.int32(bits.EXP_MASK)
+_I_ZERO = np.int32(0)
+
+
 @register_jitable(forceinline=True)
 def _f(i):
     return bits.bits_to_f32(i)
@@ -235,32 +249,119 @@ def _f(i):
 
 @register_jitable(forceinline=True)
 def _b(v):
-    return bits.f32_to_bits(v)
+    return np.int32(bits.f32_to_bits(v))
 
 
-@register_jitable
-def log_softmax_row_sum(x, z, base, n, off):
-    """First pass of a log_softmax row: z_j = PAM(x_j, log2 e; off) - m (stored in ``z``,
-    bits), m the softmax_row_shift; returns s = pa_exp2(z_0) + pa_exp2(z_1) + ... as a
-    float32 sum from +0 in increasing j."""
-    m = softmax_row_shift(x, base, n, off)
+@register_jitable(forceinline=True)
+def _pow2_sel(p, sign):
+    """bits._power_of_two_bits(p, sign) for an int64 pattern ``p``, with selects."""
+    r = np.int32(np.int32(p & bits.EXP_MASK) | sign)
+    r = sel(p >= bits.INF, np.int32(_I_INF | sign), r)
+    return sel(p < bits.MIN_NORMAL, sign, r)
+
+
+@register_jitable(forceinline=True)
+def mul_slope_sel(ia, ib, off):
+    """bits.mul_slope_bits(ia, ib, off) with selects."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
+    sign = np.int32(ib & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    ub = np.int32(ib & _I_ABS)
+    ma = sel(ua >= _I_MIN, np.int32(ua & np.int32(bits.MANT_MASK)), _I_ZERO)
+    r = _pow2_sel(np.int64(ma) + np.int64(ub) + np.int64(off), sign)
+    r = sel(ub < _I_MIN, sign, r)
+    r = sel(ub == _I_INF, np.int32(_I_INF | sign), r)
+    return sel((ua > _I_INF) | (ub > _I_INF), _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def div_slope_num0_sel(ia, ib):
+    """bits.div_slope_num_bits(ia, ib, 0) with selects."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
+    sign = np.int32(ib & _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    ub = np.int32(ib & _I_ABS)
+    ma = sel(ua >= _I_MIN, np.int32(ua & np.int32(bits.MANT_MASK)), _I_ZERO)
+    r = _pow2_sel(np.int64(ma) + 2 * bits.ONE - np.int64(ub), sign)
+    r = sel(ub < _I_MIN, np.int32(_I_INF | sign), r)
+    r = sel(ub == _I_INF, sign, r)
+    return sel((ua > _I_INF) | (ub > _I_INF), _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def div_slope_den0_sel(ia, ib):
+    """bits.div_slope_den_bits(ia, ib, 0) with selects."""
+    ia = np.int32(ia)
+    ib = np.int32(ib)
+    sign = np.int32((ia & _I_SIGN) ^ _I_SIGN)
+    ua = np.int32(ia & _I_ABS)
+    ub = np.int32(ib & _I_ABS)
+    uc = np.int64(ua) - np.int64(ub) + bits.ONE
+    field = (uc >> 23) - np.int64(ub >> 23) + 127
+    r = _pow2_sel(field << 23, sign)
+    r = sel(uc >= bits.INF, np.int32(_I_INF | sign), r)
+    r = sel(uc < bits.MIN_NORMAL, sign, r)
+    r = sel(ua == _I_INF, np.int32(_I_INF | sign), r)
+    r = sel((ua < _I_MIN) | (ub == _I_INF), sign, r)
+    return sel((ua > _I_INF) | (ub > _I_INF) | (ub < _I_MIN), _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def exp2_slope_sel(iy, e):
+    """bits.exp2_slope_bits(iy) with selects, given e = bits.exp2_bits(iy)."""
+    iy = np.int32(iy)
+    y = bits.bits_to_f32(iy)
+    inside = (y >= np.float32(-200.0)) & (y < np.float32(128.0))
+    yc = bits.bits_to_f32(sel(inside, iy, _I_ZERO))
+    t = np.int32(yc)                            # truncation toward zero
+    n = np.int32(t - np.int32(np.float32(t) > yc))
+    field = np.int32(n + np.int32(127))
+    r = sel(field >= np.int32(255), _I_INF, np.int32(np.int32(field & 255) << 23))
+    r = sel((field <= _I_ZERO) | (np.int32(e) == _I_ZERO), _I_ZERO, r)
+    r = sel(y < np.float32(-200.0), _I_ZERO, r)
+    r = sel(y >= np.float32(128.0), _I_INF, r)
+    return sel(np.int32(iy & _I_ABS) > _I_INF, _I_QNAN, r)
+
+
+@register_jitable(forceinline=True)
+def _seq_sum(a, base, n, neg):
+    """a[base] + a[base + 1] + ... as float32 from +0 in increasing index (of -a_j when
+    ``neg``)."""
     s = np.float32(0.0)
-    for j in range(n):
-        zj = _f(bits.mul_bits(x[base + j], LOG2_E_BITS, off)) - m
-        z[base + j] = _b(zj)
-        s += _f(bits.exp2_bits(_b(zj)))
+    if neg:
+        for j in range(n):
+            s += -_f(a[base + j])
+    else:
+        for j in range(n):
+            s += _f(a[base + j])
     return s
+
+
+# --------------------------------------------------------------------------- log_softmax rows
+@register_jitable
+def log_softmax_row_sum(x, out, base, n, off):
+    """First pass of a log_softmax row: m = softmax_row_shift, z_j = PAM(x_j, log2 e; off)
+    - m; returns (m, s) with s = pa_exp2(z_0) + pa_exp2(z_1) + ... (float32 from +0,
+    increasing j). ``out`` holds pa_exp2(z_j) afterwards."""
+    m = softmax_row_shift(x, base, n, off)
+    for j in range(n):
+        zj = _f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m
+        out[base + j] = exp2_sel_bits(_b(zj))
+    return m, _seq_sum(out, base, n, False)
 
 
 @register_jitable
 def log_softmax_row_forward(x, out, base, n, off):
     """One row of the PA log-softmax: PAD(z_j - pa_log2(s), log2 e) with z and s of
-    log_softmax_row_sum (the composite pam.nn.functional.log_softmax, its row sum taken
-    from +0 in increasing index)."""
-    s = log_softmax_row_sum(x, out, base, n, off)
+    log_softmax_row_sum (the composite pam.nn.functional.log_softmax of earlier versions
+    with its row sum taken from +0 in increasing index)."""
+    m, s = log_softmax_row_sum(x, out, base, n, off)
     lse = _f(bits.log2_bits(_b(s)))
     for j in range(n):
-        out[base + j] = bits.div_bits(_b(_f(out[base + j]) - lse), LOG2_E_BITS, 0)
+        zj = _f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m
+        out[base + j] = div0_bits(_b(zj - lse), LOG2_E_BITS)
 
 
 @register_jitable
@@ -272,39 +373,36 @@ def log_softmax_row_backward(x, g, out, base, n, off, exact):
     PAD(g, log2 e)); g_lse = sum of -t_j (from +0, increasing j); g_s = pa_log2's gradient
     (exact slope, or PAD(g_lse, PAM(s, ln 2))); g_z = t_j + pa_exp2's gradient of g_s
     (exact slope, or PAM(g_s, PAM(e_j, ln 2))); then PAM(x, log2 e; off)'s gradient (exact
-    slope, or PAM(g_z, log2 e; off)). ``out`` holds z_j between the passes.
+    slope, or PAM(g_z, log2 e; off)). ``out`` holds scratch between the passes.
     """
-    s = log_softmax_row_sum(x, out, base, n, off)
+    m, s = log_softmax_row_sum(x, out, base, n, off)
     sb = _b(s)
     lse = _f(bits.log2_bits(sb))
-    gl = np.float32(0.0)
-    for j in range(n):
-        if exact:
-            t = bits.mul_bits(g[base + j], bits.div_slope_num_bits(
-                _b(_f(out[base + j]) - lse), LOG2_E_BITS, 0), 0)
-        else:
-            t = bits.div_bits(g[base + j], LOG2_E_BITS, 0)
-        gl += -_f(t)
-    glb = _b(gl)
+    if exact:
+        for j in range(n):
+            zj = _f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m
+            out[base + j] = mul32_bits(g[base + j], div_slope_num0_sel(_b(zj - lse),
+                                                                       LOG2_E_BITS), 0)
+    else:
+        for j in range(n):
+            out[base + j] = div0_bits(g[base + j], LOG2_E_BITS)
+    glb = _b(_seq_sum(out, base, n, True))
     if exact:
         gs = bits.mul_bits(glb, bits.log2_slope_bits(sb), 0)
+        for j in range(n):
+            zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
+            e = exp2_sel_bits(zj)
+            ge = mul32_bits(gs, exp2_slope_sel(zj, e), 0)
+            gz = _b(_f(out[base + j]) + _f(ge))
+            out[base + j] = mul32_bits(gz, mul_slope_sel(x[base + j], LOG2_E_BITS, off), 0)
     else:
         gs = bits.div_bits(glb, bits.mul_bits(sb, LN_2_BITS, 0), 0)
-    for j in range(n):
-        zb = out[base + j]
-        if exact:
-            t = bits.mul_bits(g[base + j], bits.div_slope_num_bits(
-                _b(_f(zb) - lse), LOG2_E_BITS, 0), 0)
-            ge = bits.mul_bits(gs, bits.exp2_slope_bits(zb), 0)
-        else:
-            t = bits.div_bits(g[base + j], LOG2_E_BITS, 0)
-            ge = bits.mul_bits(gs, bits.mul_bits(bits.exp2_bits(zb), LN_2_BITS, 0), 0)
-        gz = _b(_f(t) + _f(ge))
-        if exact:
-            out[base + j] = bits.mul_bits(gz, bits.mul_slope_bits(x[base + j], LOG2_E_BITS,
-                                                                  off), 0)
-        else:
-            out[base + j] = bits.mul_bits(gz, LOG2_E_BITS, off)
+        for j in range(n):
+            zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
+            e = exp2_sel_bits(zj)
+            ge = mul32_bits(gs, mul32_bits(e, LN_2_BITS, 0), 0)
+            gz = _b(_f(out[base + j]) + _f(ge))
+            out[base + j] = mul32_bits(gz, LOG2_E_BITS, off)
 
 
 # --------------------------------------------------------------------------- layer_norm rows
@@ -315,17 +413,16 @@ LN_EXACT = 4                   # backward: exact slopes (else the approximate ru
 
 
 @register_jitable
-def layer_norm_row_stats(x, base, n, nb, eps_b, stats, sb):
-    """Row statistics of the PA layer norm, as float32 bit patterns in ``stats`` (9):
+def layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb):
+    """Row statistics of the PA layer norm as float32 bit patterns in stats[sb:sb + 9]:
     S0 = sum x_j, mu0 = PAD(S0, N); when N is not a power of two two refinements
-    S_r = sum (x_j - mu_{r-1}), mu_r = mu_{r-1} + PAD(S_r, N) (r = 1, 2; else mu2 = mu1 =
-    mu0, S1 = S2 = 0); V = sum PAM(xc_j, xc_j; off) with xc_j = x_j - mu2 (computed by the
-    caller, see layer_norm_row_var); every sum float32 from +0 in increasing j. ``nb``:
-    bits of float32(N). stats = [S0, mu0, S1, mu1, S2, mu2, ...] (the rest filled by
-    layer_norm_row_var)."""
-    s = np.float32(0.0)
-    for j in range(n):
-        s += _f(x[base + j])
+    S_r = sum (x_j - mu_{r-1}), mu_r = mu_{r-1} + PAD(S_r, N) (r = 1, 2; else
+    S1 = S2 = 0, mu2 = mu1 = mu0); V = sum PAM(xc_j, xc_j; off) with xc_j = x_j - mu2;
+    ve = PAD(V, N) + eps (float32); std = pa_exp2(PAM(pa_log2(ve), 0.5)) (pam.pow(ve,
+    0.5)). Every sum float32 from +0 in increasing j; ``nb``, ``eps_b``: the bits of
+    float32(N) and float32(eps). stats = [S0, mu0, S1, mu1, S2, mu2, V, ve, std];
+    ``out`` is scratch."""
+    s = _seq_sum(x, base, n, False)
     stats[sb + 0] = _b(s)
     mu = _f(bits.div_bits(_b(s), nb, 0))
     stats[sb + 1] = _b(mu)
@@ -335,24 +432,16 @@ def layer_norm_row_stats(x, base, n, nb, eps_b, stats, sb):
     stats[sb + 5] = _b(mu)
     if n & (n - 1):
         for r in range(2):
-            s = np.float32(0.0)
             for j in range(n):
-                s += _f(x[base + j]) - mu
+                out[base + j] = _b(_f(x[base + j]) - mu)
+            s = _seq_sum(out, base, n, False)
             mu = mu + _f(bits.div_bits(_b(s), nb, 0))
             stats[sb + 2 + 2 * r] = _b(s)
             stats[sb + 3 + 2 * r] = _b(mu)
-
-
-@register_jitable
-def layer_norm_row_var(x, base, n, nb, eps_b, off, stats, sb):
-    """The rest of the row statistics (see layer_norm_row_stats): stats[sb + 6] = V,
-    stats[sb + 7] = ve = PAD(V, N) + eps (float32 add), stats[sb + 8] = std = pa_exp2(PAM(pa_log2(ve),
-    0.5)) (pam.pow(ve, 0.5))."""
-    mu = _f(stats[sb + 5])
-    v = np.float32(0.0)
     for j in range(n):
         xc = _b(_f(x[base + j]) - mu)
-        v += _f(bits.mul_bits(xc, xc, off))
+        out[base + j] = mul32_bits(xc, xc, off)
+    v = _seq_sum(out, base, n, False)
     stats[sb + 6] = _b(v)
     ve = _f(bits.div_bits(_b(v), nb, 0)) + _f(eps_b)
     stats[sb + 7] = _b(ve)
@@ -361,29 +450,21 @@ def layer_norm_row_var(x, base, n, nb, eps_b, off, stats, sb):
 
 @register_jitable
 def layer_norm_row_forward(x, w, b, out, base, n, nb, eps_b, off, flags, stats, sb):
-    """One row of the PA layer norm (pam.nn.functional.layer_norm with its row sums taken
-    from +0 in increasing index): y_j = PAD(x_j - mu, std), then PAM(y_j, w_j; off) when
-    ``flags`` has LN_WEIGHT, then + b_j (float32) when it has LN_BIAS; mu, std from
-    layer_norm_row_stats / layer_norm_row_var (``stats[sb:sb + 9]``: scratch)."""
-    layer_norm_row_stats(x, base, n, nb, eps_b, stats, sb)
-    layer_norm_row_var(x, base, n, nb, eps_b, off, stats, sb)
+    """One row of the PA layer norm (pam.nn.functional.layer_norm of earlier versions with
+    its row sums taken from +0 in increasing index): y_j = PAD(x_j - mu2, std), then
+    PAM(y_j, w_j; off) when ``flags`` has LN_WEIGHT, then + b_j (float32) when it has
+    LN_BIAS; mu2, std from layer_norm_row_stats (``stats[sb:sb + 9]``)."""
+    layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb)
     mu = _f(stats[sb + 5])
     std = stats[sb + 8]
     for j in range(n):
-        y = bits.div_bits(_b(_f(x[base + j]) - mu), std, 0)
-        if flags & LN_WEIGHT:
-            y = bits.mul_bits(y, w[j], off)
-        if flags & LN_BIAS:
-            y = _b(_f(y) + _f(b[j]))
-        out[base + j] = y
-
-
-@register_jitable(forceinline=True)
-def _pad_grad_num(g, a, d, exact):
-    """Gradient of PAD(a, d) w.r.t. a for incoming g: PAM(g, exact slope) or PAD(g, d)."""
-    if exact:
-        return bits.mul_bits(g, bits.div_slope_num_bits(a, d, 0), 0)
-    return bits.div_bits(g, d, 0)
+        out[base + j] = div0_bits(_b(_f(x[base + j]) - mu), std)
+    if flags & LN_WEIGHT:
+        for j in range(n):
+            out[base + j] = mul32_bits(out[base + j], w[j], off)
+    if flags & LN_BIAS:
+        for j in range(n):
+            out[base + j] = _b(_f(out[base + j]) + _f(b[j]))
 
 
 @register_jitable
@@ -401,36 +482,36 @@ def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, eps_b, off, flags, st
     -gxc_j; through the mean: g_S2 = PAD(S2, N)'s gradient of g_mu, g_mu1 = g_mu + sum of
     N copies of -g_S2, likewise g_S1, g_mu0 and g_S0; finally
     gx_j = ((gxc_j + g_S2) + g_S1) + g_S0 (N not a power of two) or gxc_j + g_S0.
-    Every sum float32 from +0 in increasing j; ``out`` holds gxc_j between the passes.
+    Every sum float32 from +0 in increasing j; ``out`` holds scratch between the passes.
     """
     exact = (flags & LN_EXACT) != 0
     has_w = (flags & LN_WEIGHT) != 0
-    layer_norm_row_stats(x, base, n, nb, eps_b, stats, sb)
-    layer_norm_row_var(x, base, n, nb, eps_b, off, stats, sb)
+    layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb)
     mu = _f(stats[sb + 5])
     std = stats[sb + 8]
-    gstd = np.float32(0.0)
-    for j in range(n):
-        xc = _b(_f(x[base + j]) - mu)
-        y = bits.div_bits(xc, std, 0)
-        gy = g[base + j]
-        if has_w:
-            if exact:
-                gw[base + j] = bits.mul_bits(gy, bits.mul_slope_bits(w[j], y, off), 0)
-                gy = bits.mul_bits(gy, bits.mul_slope_bits(y, w[j], off), 0)
-            else:
-                gw[base + j] = bits.mul_bits(gy, y, off)
-                gy = bits.mul_bits(gy, w[j], off)
-        out[base + j] = _pad_grad_num(gy, xc, std, exact)
-        if exact:
-            t = bits.mul_bits(gy, bits.div_slope_den_bits(xc, std, 0), 0)
-        else:
-            t = bits.div_bits(bits.mul_bits(gy, y, 0), std, 0) ^ bits.SIGN
-        gstd += _f(t)
-    gsb = _b(gstd)
+    # pass 1: the terms of g_std into out (and the weight terms)
+    if exact:
+        for j in range(n):
+            xc = _b(_f(x[base + j]) - mu)
+            y = div0_bits(xc, std)
+            gy = g[base + j]
+            if has_w:
+                gw[base + j] = mul32_bits(gy, mul_slope_sel(w[j], y, off), 0)
+                gy = mul32_bits(gy, mul_slope_sel(y, w[j], off), 0)
+            out[base + j] = mul32_bits(gy, div_slope_den0_sel(xc, std), 0)
+    else:
+        for j in range(n):
+            xc = _b(_f(x[base + j]) - mu)
+            y = div0_bits(xc, std)
+            gy = g[base + j]
+            if has_w:
+                gw[base + j] = mul32_bits(gy, y, off)
+                gy = mul32_bits(gy, w[j], off)
+            out[base + j] = np.int32(div0_bits(mul32_bits(gy, y, 0), std) ^ _I_SIGN)
+    gsb = _b(_seq_sum(out, base, n, False))
     ve = stats[sb + 7]
-    p = bits.mul_bits(bits.log2_bits(ve), HALF_BITS, 0)
     lv = bits.log2_bits(ve)
+    p = bits.mul_bits(lv, HALF_BITS, 0)
     if exact:
         gp = bits.mul_bits(gsb, bits.exp2_slope_bits(p), 0)
         gl = bits.mul_bits(gp, bits.mul_slope_bits(lv, HALF_BITS, 0), 0)
@@ -440,16 +521,27 @@ def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, eps_b, off, flags, st
         gl = bits.mul_bits(gp, HALF_BITS, 0)
         gve = bits.div_bits(gl, bits.mul_bits(ve, LN_2_BITS, 0), 0)
     gv = _pad_grad_num(gve, stats[sb + 6], nb, exact)
-    gmu = np.float32(0.0)
-    for j in range(n):
-        xc = _b(_f(x[base + j]) - mu)
-        if exact:
-            a = bits.mul_bits(gv, bits.mul_slope_bits(xc, xc, off), 0)
-        else:
-            a = bits.mul_bits(gv, xc, off)
-        gxc = (_f(out[base + j]) + _f(a)) + _f(a)
-        out[base + j] = _b(gxc)
-        gmu += -gxc
+    # pass 2: gxc_j into out
+    if exact:
+        for j in range(n):
+            xc = _b(_f(x[base + j]) - mu)
+            y = div0_bits(xc, std)
+            gy = g[base + j]
+            if has_w:
+                gy = mul32_bits(gy, mul_slope_sel(y, w[j], off), 0)
+            gxc1 = mul32_bits(gy, div_slope_num0_sel(xc, std), 0)
+            a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
+            out[base + j] = _b((_f(gxc1) + a) + a)
+    else:
+        for j in range(n):
+            xc = _b(_f(x[base + j]) - mu)
+            gy = g[base + j]
+            if has_w:
+                gy = mul32_bits(gy, w[j], off)
+            gxc1 = div0_bits(gy, std)
+            a = _f(mul32_bits(gv, xc, off))
+            out[base + j] = _b((_f(gxc1) + a) + a)
+    gmu = _seq_sum(out, base, n, True)
     if n & (n - 1):
         gs2 = _f(_pad_grad_num(_b(gmu), stats[sb + 4], nb, exact))
         acc = np.float32(0.0)
@@ -468,3 +560,11 @@ def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, eps_b, off, flags, st
         gs0 = _f(_pad_grad_num(_b(gmu), stats[sb + 0], nb, exact))
         for j in range(n):
             out[base + j] = _b(_f(out[base + j]) + gs0)
+
+
+@register_jitable(forceinline=True)
+def _pad_grad_num(g, a, d, exact):
+    """Gradient of PAD(a, d) w.r.t. a for incoming g: PAM(g, exact slope) or PAD(g, d)."""
+    if exact:
+        return bits.mul_bits(g, bits.div_slope_num_bits(a, d, 0), 0)
+    return bits.div_bits(g, d, 0)

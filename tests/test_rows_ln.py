@@ -6,8 +6,10 @@ against NaN)."""
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 import pam
+from pam import bits, optim_bits, rows_bits
 from pam import fused
 from pam import ops as P
 from pam.functional import LOG2_E, MEAN_REFINEMENTS
@@ -216,3 +218,45 @@ def test_cuda_rows_equal_cpu(n):
             outs.append((y, gx, gw, gb))
         for a, c in zip(*outs):
             np.testing.assert_array_equal(a, c)
+
+
+def _edge_bits():
+    """int32 patterns: zeros, subnormals, normals near the flush and overflow limits,
+    infinities, NaNs, small integers and halves (pa_exp2's floor), and random patterns
+    of both signs."""
+    special = np.array([0, 1, 0x007FFFFF, 0x00800000, 0x00800001, 0x00FFFFFF, 0x01000000,
+                        0x3F000000, 0x3F800000, 0x3FFFFFFF, 0x7F000000, 0x7F7FFFFF,
+                        0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF], dtype=np.int64)
+    near = np.concatenate([np.arange(-151.0, -121.0, 0.25), np.arange(-210.0, -190.0, 0.5),
+                           np.arange(120.0, 130.0, 0.25), np.arange(-3.0, 3.0, 0.125)])
+    near = near.astype(np.float32).view(np.int32).astype(np.int64) & 0x7FFFFFFF
+    rnd = np.random.default_rng(7).integers(0, 1 << 31, 400)
+    mags = np.concatenate([special, near, rnd])
+    return np.concatenate([mags, mags | (1 << 31)]).astype(np.uint32).view(np.int32)
+
+
+@njit(cache=False)
+def _select_form_mismatches(a, offs):
+    bad = 0
+    for i in range(a.size):
+        e = bits.exp2_bits(a[i])
+        if rows_bits.exp2_slope_sel(a[i], e) != bits.exp2_slope_bits(a[i]):
+            bad += 1
+        for k in range(a.size):
+            if rows_bits.div_slope_num0_sel(a[i], a[k]) != bits.div_slope_num_bits(a[i], a[k], 0):
+                bad += 1
+            if rows_bits.div_slope_den0_sel(a[i], a[k]) != bits.div_slope_den_bits(a[i], a[k], 0):
+                bad += 1
+            for o in range(offs.size):
+                if rows_bits.mul_slope_sel(a[i], a[k], offs[o]) != bits.mul_slope_bits(
+                        a[i], a[k], offs[o]):
+                    bad += 1
+    return bad
+
+
+def test_select_forms_equal_bits_functions():
+    """The branch-free slopes of the row kernels against the pam.bits definitions on every
+    pair of edge-case and random patterns, for the offsets 0, 1.0552 and the extremes."""
+    offs = np.array([0, pam.dispatch.offset_constant(1.0552),
+                     optim_bits.OFF_MIN, optim_bits.OFF_MAX], np.int64)
+    assert _select_form_mismatches(_edge_bits(), offs) == 0
