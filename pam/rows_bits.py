@@ -122,17 +122,33 @@ def _floor_f32(m):
 
 @register_jitable
 def softmax_row_shift(x, base, n, off):
-    """floor(max_j PAM(x_j, log2 e; off)) over the row, 0 when that max is not finite."""
-    m = np.float32(-np.inf)
-    nan = False
+    """floor(max_j PAM(x_j, log2 e; off)) over the row, 0 when that max is not finite or a
+    product is NaN (the first of equal maxima, so a zero max keeps the sign of the first
+    zero, as a running float32 ``v > m`` scan from -inf).
+
+    The scan runs on order-preserving integer keys of the products (bits ^ 0x7FFFFFFF for
+    negative ones) with selects, so it vectorizes; ``off`` must be an offset constant of
+    pam.dispatch.offset_constant (the products are optim_bits.mul32_bits)."""
+    kmax = np.int32(-2147483648)
+    nan = np.int32(0)
     for j in range(n):
-        v = bits.bits_to_f32(bits.mul_bits(x[base + j], LOG2_E_BITS, off))
-        if v != v:
-            nan = True
-        elif v > m:
-            m = v
-    if nan or m == np.float32(np.inf) or m == np.float32(-np.inf):
+        v = np.int32(mul32_bits(x[base + j], LOG2_E_BITS, off))
+        isnan = np.int32(np.int32(v & np.int32(bits.ABS_MASK)) > np.int32(bits.INF))
+        key = np.int32(v ^ np.int32(np.int32(v >> 31) & np.int32(bits.ABS_MASK)))
+        key = sel(isnan != 0, np.int32(-2147483648), key)
+        kmax = key if key > kmax else kmax
+        nan = nan | isnan
+    if n == 0 or nan != 0:
         return np.float32(0.0)
+    mb = np.int32(kmax ^ np.int32(np.int32(kmax >> 31) & np.int32(bits.ABS_MASK)))
+    m = bits.bits_to_f32(mb)
+    if m == np.float32(np.inf) or m == np.float32(-np.inf):
+        return np.float32(0.0)
+    if m == np.float32(0.0):
+        for j in range(n):
+            v = np.int32(mul32_bits(x[base + j], LOG2_E_BITS, off))
+            if bits.bits_to_f32(v) == np.float32(0.0):
+                return _floor_f32(bits.bits_to_f32(v))
     return _floor_f32(m)
 
 
@@ -432,9 +448,9 @@ def layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb):
     stats[sb + 5] = _b(mu)
     if n & (n - 1):
         for r in range(2):
+            s = np.float32(0.0)
             for j in range(n):
-                out[base + j] = _b(_f(x[base + j]) - mu)
-            s = _seq_sum(out, base, n, False)
+                s += _f(x[base + j]) - mu
             mu = mu + _f(bits.div_bits(_b(s), nb, 0))
             stats[sb + 2 + 2 * r] = _b(s)
             stats[sb + 3 + 2 * r] = _b(mu)
@@ -457,14 +473,19 @@ def layer_norm_row_forward(x, w, b, out, base, n, nb, eps_b, off, flags, stats, 
     layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb)
     mu = _f(stats[sb + 5])
     std = stats[sb + 8]
-    for j in range(n):
-        out[base + j] = div0_bits(_b(_f(x[base + j]) - mu), std)
-    if flags & LN_WEIGHT:
+    if (flags & LN_WEIGHT) and (flags & LN_BIAS):
         for j in range(n):
-            out[base + j] = mul32_bits(out[base + j], w[j], off)
-    if flags & LN_BIAS:
+            y = mul32_bits(div0_bits(_b(_f(x[base + j]) - mu), std), w[j], off)
+            out[base + j] = _b(_f(y) + _f(b[j]))
+    elif flags & LN_WEIGHT:
         for j in range(n):
-            out[base + j] = _b(_f(out[base + j]) + _f(b[j]))
+            out[base + j] = mul32_bits(div0_bits(_b(_f(x[base + j]) - mu), std), w[j], off)
+    elif flags & LN_BIAS:
+        for j in range(n):
+            out[base + j] = _b(_f(div0_bits(_b(_f(x[base + j]) - mu), std)) + _f(b[j]))
+    else:
+        for j in range(n):
+            out[base + j] = div0_bits(_b(_f(x[base + j]) - mu), std)
 
 
 @register_jitable
@@ -490,24 +511,31 @@ def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, eps_b, off, flags, st
     mu = _f(stats[sb + 5])
     std = stats[sb + 8]
     # pass 1: the terms of g_std into out (and the weight terms)
-    if exact:
+    if exact and has_w:
+        for j in range(n):
+            y = div0_bits(_b(_f(x[base + j]) - mu), std)
+            gw[base + j] = mul32_bits(g[base + j], mul_slope_sel(w[j], y, off), 0)
         for j in range(n):
             xc = _b(_f(x[base + j]) - mu)
             y = div0_bits(xc, std)
-            gy = g[base + j]
-            if has_w:
-                gw[base + j] = mul32_bits(gy, mul_slope_sel(w[j], y, off), 0)
-                gy = mul32_bits(gy, mul_slope_sel(y, w[j], off), 0)
+            gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
             out[base + j] = mul32_bits(gy, div_slope_den0_sel(xc, std), 0)
+    elif exact:
+        for j in range(n):
+            xc = _b(_f(x[base + j]) - mu)
+            out[base + j] = mul32_bits(g[base + j], div_slope_den0_sel(xc, std), 0)
+    elif has_w:
+        for j in range(n):
+            y = div0_bits(_b(_f(x[base + j]) - mu), std)
+            gw[base + j] = mul32_bits(g[base + j], y, off)
+        for j in range(n):
+            y = div0_bits(_b(_f(x[base + j]) - mu), std)
+            gy = mul32_bits(g[base + j], w[j], off)
+            out[base + j] = np.int32(div0_bits(mul32_bits(gy, y, 0), std) ^ _I_SIGN)
     else:
         for j in range(n):
-            xc = _b(_f(x[base + j]) - mu)
-            y = div0_bits(xc, std)
-            gy = g[base + j]
-            if has_w:
-                gw[base + j] = mul32_bits(gy, y, off)
-                gy = mul32_bits(gy, w[j], off)
-            out[base + j] = np.int32(div0_bits(mul32_bits(gy, y, 0), std) ^ _I_SIGN)
+            y = div0_bits(_b(_f(x[base + j]) - mu), std)
+            out[base + j] = np.int32(div0_bits(mul32_bits(g[base + j], y, 0), std) ^ _I_SIGN)
     gsb = _b(_seq_sum(out, base, n, False))
     ve = stats[sb + 7]
     lv = bits.log2_bits(ve)
@@ -522,23 +550,30 @@ def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, eps_b, off, flags, st
         gve = bits.div_bits(gl, bits.mul_bits(ve, LN_2_BITS, 0), 0)
     gv = _pad_grad_num(gve, stats[sb + 6], nb, exact)
     # pass 2: gxc_j into out
-    if exact:
+    if exact and has_w:
         for j in range(n):
             xc = _b(_f(x[base + j]) - mu)
             y = div0_bits(xc, std)
-            gy = g[base + j]
-            if has_w:
-                gy = mul32_bits(gy, mul_slope_sel(y, w[j], off), 0)
+            gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
             gxc1 = mul32_bits(gy, div_slope_num0_sel(xc, std), 0)
             a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
+            out[base + j] = _b((_f(gxc1) + a) + a)
+    elif exact:
+        for j in range(n):
+            xc = _b(_f(x[base + j]) - mu)
+            gxc1 = mul32_bits(g[base + j], div_slope_num0_sel(xc, std), 0)
+            a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
+            out[base + j] = _b((_f(gxc1) + a) + a)
+    elif has_w:
+        for j in range(n):
+            xc = _b(_f(x[base + j]) - mu)
+            gxc1 = div0_bits(mul32_bits(g[base + j], w[j], off), std)
+            a = _f(mul32_bits(gv, xc, off))
             out[base + j] = _b((_f(gxc1) + a) + a)
     else:
         for j in range(n):
             xc = _b(_f(x[base + j]) - mu)
-            gy = g[base + j]
-            if has_w:
-                gy = mul32_bits(gy, w[j], off)
-            gxc1 = div0_bits(gy, std)
+            gxc1 = div0_bits(g[base + j], std)
             a = _f(mul32_bits(gv, xc, off))
             out[base + j] = _b((_f(gxc1) + a) + a)
     gmu = _seq_sum(out, base, n, True)
