@@ -403,21 +403,23 @@ def log_softmax_row_backward(x, g, out, base, n, off, exact):
         for j in range(n):
             out[base + j] = div0_bits(g[base + j], LOG2_E_BITS)
     glb = _b(_seq_sum(out, base, n, True))
+    # the last pass recomputes t_j rather than reading it back from ``out``: LLVM does not
+    # vectorize Numba loops that read and write the same array
     if exact:
         gs = bits.mul_bits(glb, bits.log2_slope_bits(sb), 0)
         for j in range(n):
             zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
-            e = exp2_sel_bits(zj)
-            ge = mul32_bits(gs, exp2_slope_sel(zj, e), 0)
-            gz = _b(_f(out[base + j]) + _f(ge))
+            t = mul32_bits(g[base + j], div_slope_num0_sel(_b(_f(zj) - lse), LOG2_E_BITS), 0)
+            ge = mul32_bits(gs, exp2_slope_sel(zj, exp2_sel_bits(zj)), 0)
+            gz = _b(_f(t) + _f(ge))
             out[base + j] = mul32_bits(gz, mul_slope_sel(x[base + j], LOG2_E_BITS, off), 0)
     else:
         gs = bits.div_bits(glb, bits.mul_bits(sb, LN_2_BITS, 0), 0)
         for j in range(n):
             zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
-            e = exp2_sel_bits(zj)
-            ge = mul32_bits(gs, mul32_bits(e, LN_2_BITS, 0), 0)
-            gz = _b(_f(out[base + j]) + _f(ge))
+            t = div0_bits(g[base + j], LOG2_E_BITS)
+            ge = mul32_bits(gs, mul32_bits(exp2_sel_bits(zj), LN_2_BITS, 0), 0)
+            gz = _b(_f(t) + _f(ge))
             out[base + j] = mul32_bits(gz, LOG2_E_BITS, off)
 
 

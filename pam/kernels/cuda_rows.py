@@ -14,6 +14,7 @@ numba-cuda.
 import numpy as np
 
 from .. import rows_bits
+from .. import optim_bits
 from .cuda import _check_array, _is_torch_tensor, _require_numba_cuda, cuda
 
 __all__ = ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
@@ -116,7 +117,8 @@ def _scratch(like, size):
     return np.empty(max(size, 1), np.int32)
 
 
-def _rows(n, **arrays):
+def _rows(n, off, **arrays):
+    optim_bits.check_offset(int(off))
     size = None
     for label, a in arrays.items():
         _check_array(a, label, 1, np.int32)
@@ -130,7 +132,7 @@ def _rows(n, **arrays):
 
 def log_softmax_forward(x, out, n, off):
     """Rows of length ``n`` -> PA log-softmax, one thread per row (see cpu_rows)."""
-    rows = _rows(int(n), x=x, out=out)
+    rows = _rows(int(n), off, x=x, out=out)
     if rows:
         k = _compiled("log_softmax_forward")
         _run((x,), (out,), lambda d, o, s: k[_grid(rows), THREADS, s](
@@ -140,7 +142,7 @@ def log_softmax_forward(x, out, n, off):
 
 def log_softmax_backward(x, g, out, n, off, exact):
     """Input gradient of log_softmax_forward, one thread per row (see cpu_rows)."""
-    rows = _rows(int(n), x=x, g=g, out=out)
+    rows = _rows(int(n), off, x=x, g=g, out=out)
     if rows:
         k = _compiled("log_softmax_backward")
         _run((x, g), (out,), lambda d, o, s: k[_grid(rows), THREADS, s](
@@ -150,7 +152,7 @@ def log_softmax_backward(x, g, out, n, off, exact):
 
 def layer_norm_forward(x, w, b, out, n, nb, eps_b, off, flags):
     """Rows of length ``n`` -> PA layer norm, one thread per row (see cpu_rows)."""
-    rows = _rows(int(n), x=x, out=out)
+    rows = _rows(int(n), off, x=x, out=out)
     _check_array(w, "w", 1, np.int32)
     _check_array(b, "b", 1, np.int32)
     if rows:
@@ -164,7 +166,7 @@ def layer_norm_forward(x, w, b, out, n, nb, eps_b, off, flags):
 def layer_norm_backward(x, w, g, out, gw, gb, n, nb, eps_b, off, flags):
     """Input, weight and bias gradients of layer_norm_forward (see cpu_rows): one thread
     per row, then one per column for the weight / bias sums."""
-    rows = _rows(int(n), x=x, g=g, out=out)
+    rows = _rows(int(n), off, x=x, g=g, out=out)
     for a, label in ((w, "w"), (gw, "gw"), (gb, "gb")):
         _check_array(a, label, 1, np.int32)
     if not rows:
