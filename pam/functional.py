@@ -164,8 +164,43 @@ def _shifted_log2(input, dim, offset, backward):
 
 
 def _softmax(input, dim, offset, backward, safe):
+    """PA softmax as one fused row kernel per pass (pam.fused.softmax_forward /
+    softmax_backward); ``safe``: a row whose sum is 0 gives zeros (attention)."""
     _check_tensor(input, "input")
+    if backward not in P.BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
     if input.numel() == 0:  # nothing to normalize (a 0-size dim): an empty result, as torch
+        return input.clone()
+    if input.dim() == 0:
+        return _softmax(input.reshape(1), 0, offset, backward, safe).reshape(())
+    d = fused._dim(input, dim)
+    off = D.offset_constant(offset)
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return L.softmax_forward(input, d, off, bool(safe))
+    return _SoftmaxRows.apply(input, d, off, bool(safe), backward == "exact")
+
+
+class _SoftmaxRows(torch.autograd.Function):
+    """softmax as one row kernel per pass (pam.fused)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, off, safe, exact):
+        ctx.save_for_backward(x)
+        ctx.args = (dim, off, safe, exact)
+        return L.softmax_forward(x, dim, off, safe)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return L.softmax_backward(grad.contiguous(), x, *ctx.args), None, None, None, None
+
+
+def _softmax_chain(input, dim, offset, backward, safe):
+    """softmax as the chain of PAM ops of earlier versions (row sum in torch's order):
+    the definition the fused kernel restates, kept for validation/bench_rows.py."""
+    _check_tensor(input, "input")
+    if input.numel() == 0:
         return input.clone()
     z = _shifted_log2(input, dim, offset, backward)
     e = P.exp2(z, backward=backward)
@@ -181,11 +216,10 @@ def softmax(input, dim=-1, offset=None, backward="exact"):
     -inf entries get probability 0; a row that is entirely -inf gives NaN (as torch). An
     empty input (e.g. a 0-size ``dim``) gives an empty result.
     pa_exp2(y - n) = 2^-n pa_exp2(y) for integer n, so the shift changes the result only
-    through the rounding of y - n (last bits of entries far below the max). The sum is a
-    float32 addition in torch's order. :func:`pam.fused.softmax_forward` /
-    ``softmax_backward`` compute the same chain in one row kernel per pass with the sums
-    in increasing index order (not used here: on 2 cores its scalar code is slower than
-    this vectorized chain, 32 ms vs 15 ms forward + backward at (16, 4, 64, 64)).
+    through the rounding of y - n (last bits of entries far below the max). One fused row
+    kernel per pass (:func:`pam.fused.softmax_forward` / ``softmax_backward``): the row
+    sums are float32 sums from +0 in increasing index (earlier versions summed in torch's
+    order; see :func:`_softmax_chain`).
     """
     return _softmax(input, dim, offset, backward, safe=False)
 

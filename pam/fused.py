@@ -10,6 +10,15 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
 * :func:`softmax_forward`, :func:`softmax_backward`: the PA softmax of
   :func:`pam.nn.functional.softmax` along one dimension and its input gradient, one row
   kernel launch each.
+* :func:`log_softmax_forward`, :func:`log_softmax_backward`: the PA log-softmax of
+  :func:`pam.nn.functional.log_softmax` (and so of ``cross_entropy``), one row launch each.
+* :func:`layer_norm_forward`, :func:`layer_norm_backward`: the PA layer norm of
+  :func:`pam.nn.functional.layer_norm` with its weight and bias gradients (one launch on
+  CPU; on CUDA the weight / bias column sums are a second launch).
+
+The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
+one change from the composites of earlier versions (see :mod:`pam.rows_bits`);
+``pam.nn.functional`` calls these kernels through autograd Functions.
 
 A list is updated by a single kernel: on CPU the kernel walks a table of the tensors'
 addresses and sizes and updates them in place (no copies); on CUDA the tensors are
@@ -26,7 +35,8 @@ from . import library as L
 from . import optim_bits as OB
 
 __all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward", "softmax_forward",
-           "softmax_backward"]
+           "softmax_backward", "log_softmax_forward", "log_softmax_backward",
+           "layer_norm_forward", "layer_norm_backward"]
 
 
 def _check_lists(device, **lists):

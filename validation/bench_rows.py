@@ -2,9 +2,9 @@
 
 For each op at the shapes of a GPT step (rows = batch 16 x sequence 64), the chain of
 elementwise PAM kernels and torch sums of earlier versions (``pam.functional``'s
-``_layer_norm_chain``, ``_log_softmax_chain``, ``softmax``) and the fused kernel (one
-launch per pass: ``pam.nn.functional.layer_norm``, ``log_softmax``, ``cross_entropy``,
-and ``pam.fused.softmax_forward`` / ``softmax_backward`` under autograd) run interleaved
+``_layer_norm_chain``, ``_log_softmax_chain``, ``_softmax_chain``) and the fused kernels
+(one launch per pass: ``pam.nn.functional.layer_norm``, ``log_softmax``,
+``cross_entropy``, and the attention softmax with ``safe`` rows) run interleaved
 (chain, fused, chain, ...) with ``backward="exact"``; the median time of forward +
 backward is reported, and the ratio chain / fused (> 1: the fused kernel is faster).
 
@@ -25,22 +25,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import torch  # noqa: E402
 
 import pam  # noqa: E402
-from pam import fused  # noqa: E402
 from pam import functional as PF  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-class _FusedSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return fused.softmax_forward(x, -1, None, True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return fused.softmax_backward(grad.contiguous(), x, -1, None, True, "exact")
 
 
 def _chain_cross_entropy(x, t):
@@ -72,7 +59,8 @@ def cases():
                 lambda x: PF.cross_entropy(x, target)))
     scores = torch.randn(16, 4, 64, 64, generator=g) * 3
     out.append(("softmax (16, 4, 64, 64)", (scores,),
-                lambda x: PF._softmax(x, -1, None, "exact", True), _FusedSoftmax.apply))
+                lambda x: PF._softmax_chain(x, -1, None, "exact", True),
+                lambda x: PF._softmax(x, -1, None, "exact", True)))
     return out
 
 
