@@ -16,6 +16,16 @@ Backward. Every composite is a chain of PAM ops whose autograd rules are in
 exact product. The maximum subtracted in (log-)softmax is detached: it is floored to an
 integer and the function does not depend on it except through rounding.
 
+Fused rows. softmax (and the attention softmax), log_softmax (and so cross_entropy) and
+layer_norm run as one fused row kernel per pass (:mod:`pam.fused`, definitions in
+:mod:`pam.rows_bits`), with the composite's PA operations in the same order; the one
+change of definition is that their row sums (and the reductions of broadcast gradients,
+and layer norm's weight / bias gradients over rows) are float32 sums from +0 in increasing
+index instead of torch's vectorized order: portable, and the CUDA kernels' order. The
+results differ from the earlier torch-order chains (``_softmax_chain``,
+``_log_softmax_chain``, ``_layer_norm_chain``) by less than 5e-7 relative to the largest
+output; see :mod:`pam.rows_bits` for the gradients.
+
 ``offset`` is applied to the PAM products of two data operands (matmuls, squares in
 layer_norm, the gain, the log2(e) scaling of softmax, class weights); divisions (PAD) and
 products by powers of two never take it.

@@ -435,7 +435,7 @@ def softmax_backward_kernel(grad, x, dim, off, safe, exact):
     return out.view(torch.float32).movedim(-1, dim)
 
 
-# --------------------------------------------------------------------------- log_softmax, layer norm
+# ------------------------------------------------------------------------- log_softmax, layer_norm
 def _rows_kernels(device):
     """The row-kernel module for ``device`` (pam.kernels.cpu_rows or cuda_rows)."""
     if device.type == "cpu":

@@ -547,7 +547,7 @@ def pa_sqrt_scalar(a):
     return _f32(bits.exp2_bits(half))
 
 
-# --------------------------------------------------------------------------- log_softmax, layer norm rows
+# ------------------------------------------------------------------------- log_softmax, layer_norm
 __all__ += ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
             "layer_norm_backward"]
 
