@@ -8,6 +8,10 @@ elementwise PAM kernels and torch sums of earlier versions (``pam.functional``'s
 (chain, fused, chain, ...) with ``backward="exact"``; the median time of forward +
 backward is reported, and the ratio chain / fused (> 1: the fused kernel is faster).
 
+Second table: how far the fused definition (row sums from +0 in increasing index) is from
+the torch-order chain on random rows, as max |fused - chain| / max |chain| for the output
+and for the gradients of sum(out * R), R ~ N(0, 1), with ``backward`` exact and approx.
+
     python validation/bench_rows.py [--reps 30] [--threads 2]
 
 prints a table and writes validation/results/bench_rows.json.
@@ -88,6 +92,47 @@ def bench(reps):
     return rows
 
 
+def _rel(new, old):
+    return float((new - old).abs().max() / old.abs().max())
+
+
+def differences():
+    """Rows of the second table (see the module docstring)."""
+    torch.manual_seed(0)
+    out = []
+    for mode in ("exact", "approx"):
+        for shape, n in (((256, 128), 128), ((256, 100), 100)):
+            x = torch.randn(*shape) * 2 + 1
+            ins = (x, torch.randn(n), torch.randn(n))
+            r = torch.randn(*shape)
+            res = []
+            for f in (PF.layer_norm, PF._layer_norm_chain):
+                leaves = [t.clone().requires_grad_() for t in ins]
+                y = f(leaves[0], n, leaves[1], leaves[2], backward=mode)
+                (y * r).sum().backward()
+                res.append([y.detach()] + [t.grad for t in leaves])
+            out.append({"op": f"layer_norm {shape} affine", "backward": mode,
+                        "out": _rel(res[0][0], res[1][0]),
+                        "grads": [_rel(a, b) for a, b in zip(res[0][1:], res[1][1:])]})
+        for name, shape, fns in (
+                ("log_softmax", (256, 256), (PF.log_softmax, PF._log_softmax_chain)),
+                ("softmax", (16, 4, 64, 64),
+                 (lambda t, m: PF._softmax(t, -1, None, m, True),
+                  lambda t, m: PF._softmax_chain(t, -1, None, m, True)))):
+            x = torch.randn(*shape) * 3
+            r = torch.randn(*shape)
+            res = []
+            for f in fns:
+                leaf = x.clone().requires_grad_()
+                y = f(leaf, -1, backward=mode) if name == "log_softmax" else f(leaf, mode)
+                (y * r).sum().backward()
+                res.append((y.detach(), leaf.grad))
+            out.append({"op": f"{name} {shape}", "backward": mode,
+                        "out": _rel(res[0][0], res[1][0]),
+                        "grads": [_rel(res[0][1], res[1][1])]})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
@@ -101,10 +146,15 @@ def main(argv=None):
           f"{'chain/fused':>11s}")
     for r in rows:
         print(f"{r['op']:36s} {r['chain_ms']:9.3f} {r['fused_ms']:9.3f} {r['speedup']:11.2f}")
+    diffs = differences()
+    print(f"\n{'fused vs torch-order chain':36s} {'backward':>8s} {'out':>9s}  grads (x, w, b)")
+    for d in diffs:
+        grads = ", ".join(f"{g:.1e}" for g in d["grads"])
+        print(f"{d['op']:36s} {d['backward']:>8s} {d['out']:9.1e}  {grads}")
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "bench_rows.json")
     with open(path, "w") as fh:
-        json.dump({"rows": rows, "threads": args.threads, "reps": args.reps,
+        json.dump({"rows": rows, "differences": diffs, "threads": args.threads, "reps": args.reps,
                    "machine": platform.machine(), "python": sys.version.split()[0],
                    "torch": torch.__version__}, fh, indent=1)
     print(f"wrote {path}")
