@@ -519,7 +519,7 @@ def _ln_args(x, normalized_shape, weight, bias, eps):
     from . import rows_bits as RB
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(int(s) for s in normalized_shape)
+    normalized_shape = tuple(L.static_int(s) for s in normalized_shape)
     k = len(normalized_shape)
     if k == 0 or tuple(x.shape[-k:]) != normalized_shape:
         raise ValueError(f"normalized_shape {normalized_shape} must match the trailing "
@@ -537,7 +537,7 @@ def _ln_args(x, normalized_shape, weight, bias, eps):
                 raise ValueError(f"{name} is on {t.device}, expected {x.device}")
     flags = (RB.LN_WEIGHT if weight is not None else 0) | (RB.LN_BIAS if bias is not None
                                                            else 0)
-    return n, OB.f32_bits(float(n)), OB.f32_bits(float(eps)), flags
+    return n, L.f32_bits_scalar(float(n)), L.f32_bits_scalar(float(eps)), flags
 
 
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, offset=None):

@@ -49,7 +49,8 @@ __all__ = ["binary_map", "unary_map", "quantize", "pow2_part", "matmul3",
            "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
            "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
            "direct_list", "adamw_step", "sgd_step", "pam_scalar", "pad_scalar",
-           "pa_sqrt_scalar", "static_int", "lmul_scalar", "quantize_scalar"]
+           "pa_sqrt_scalar", "static_int", "lmul_scalar", "quantize_scalar",
+           "f32_bits_scalar"]
 
 
 def _direct(*tensors):
@@ -500,6 +501,13 @@ def _f32_bits(x):
 
 def _f32(i):
     return float(np.int32(i).view(np.float32))
+
+
+@torch._dynamo.assume_constant_result
+def f32_bits_scalar(x):
+    """The bit pattern (a Python int) of float32(x) for a Python number ``x``; a constant
+    under ``torch.compile``."""
+    return _f32_bits(x)
 
 
 def static_int(n):
