@@ -173,6 +173,24 @@ def test_layer_norm_fused_equals_reference(sequential_reduce, backward, n, offse
         assert gw is None and gb is None
 
 
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_layer_norm_weight_or_bias_alone(sequential_reduce, which):
+    x, w, b = _ln_inputs(12)
+    w = w if which == "weight" else None
+    b = b if which == "bias" else None
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b)]
+    y = layer_norm_reference(leaves[0], 12, leaves[1], leaves[2], 1e-5, None, "exact")
+    y.backward(grad)
+    same_bits(fused.layer_norm_forward(x, 12, w, b), y.detach())
+    got = fused.layer_norm_backward(grad, x, 12, w, b)
+    for g, leaf in zip(got, leaves):
+        if leaf is None:
+            assert g is None
+        else:
+            same_bits(g, leaf.grad)
+
+
 def _cuda_rows():
     from pam.kernels import cuda_rows
     if not pam.kernels.cuda.available():
