@@ -16,6 +16,16 @@ Backward. Every composite is a chain of PAM ops whose autograd rules are in
 exact product. The maximum subtracted in (log-)softmax is detached: it is floored to an
 integer and the function does not depend on it except through rounding.
 
+Fused rows. softmax (and the attention softmax), log_softmax (and so cross_entropy) and
+layer_norm run as one fused row kernel per pass (:mod:`pam.fused`, definitions in
+:mod:`pam.rows_bits`), with the composite's PA operations in the same order; the one
+change of definition is that their row sums (and the reductions of broadcast gradients,
+and layer norm's weight / bias gradients over rows) are float32 sums from +0 in increasing
+index instead of torch's vectorized order: portable, and the CUDA kernels' order. The
+results differ from the earlier torch-order chains (``_softmax_chain``,
+``_log_softmax_chain``, ``_layer_norm_chain``) by less than 5e-7 relative to the largest
+output; see :mod:`pam.rows_bits` for the gradients.
+
 ``offset`` is applied to the PAM products of two data operands (matmuls, squares in
 layer_norm, the gain, the log2(e) scaling of softmax, class weights); divisions (PAD) and
 products by powers of two never take it.
@@ -47,10 +57,13 @@ paper's choice of ``backward="approx"`` for training is borne out here.
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from . import dispatch as D
 from . import fused
 from . import library as L
 from . import ops as P
+from .rows_bits import LN_EXACT
 
 __all__ = ["linear", "matmul", "bmm", "softmax", "log_softmax", "cross_entropy",
            "nll_loss", "layer_norm", "scaled_dot_product_attention", "dropout", "relu",
@@ -161,8 +174,43 @@ def _shifted_log2(input, dim, offset, backward):
 
 
 def _softmax(input, dim, offset, backward, safe):
+    """PA softmax as one fused row kernel per pass (pam.fused.softmax_forward /
+    softmax_backward); ``safe``: a row whose sum is 0 gives zeros (attention)."""
     _check_tensor(input, "input")
+    if backward not in P.BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
     if input.numel() == 0:  # nothing to normalize (a 0-size dim): an empty result, as torch
+        return input.clone()
+    if input.dim() == 0:
+        return _softmax(input.reshape(1), 0, offset, backward, safe).reshape(())
+    d = fused._dim(input, dim)
+    off = D.offset_constant(offset)
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return L.softmax_forward(input, d, off, bool(safe))
+    return _SoftmaxRows.apply(input, d, off, bool(safe), backward == "exact")
+
+
+class _SoftmaxRows(torch.autograd.Function):
+    """softmax as one row kernel per pass (pam.fused)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, off, safe, exact):
+        ctx.save_for_backward(x)
+        ctx.args = (dim, off, safe, exact)
+        return L.softmax_forward(x, dim, off, safe)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return L.softmax_backward(grad.contiguous(), x, *ctx.args), None, None, None, None
+
+
+def _softmax_chain(input, dim, offset, backward, safe):
+    """softmax as the chain of PAM ops of earlier versions (row sum in torch's order):
+    the definition the fused kernel restates, kept for validation/bench_rows.py."""
+    _check_tensor(input, "input")
+    if input.numel() == 0:
         return input.clone()
     z = _shifted_log2(input, dim, offset, backward)
     e = P.exp2(z, backward=backward)
@@ -178,11 +226,10 @@ def softmax(input, dim=-1, offset=None, backward="exact"):
     -inf entries get probability 0; a row that is entirely -inf gives NaN (as torch). An
     empty input (e.g. a 0-size ``dim``) gives an empty result.
     pa_exp2(y - n) = 2^-n pa_exp2(y) for integer n, so the shift changes the result only
-    through the rounding of y - n (last bits of entries far below the max). The sum is a
-    float32 addition in torch's order. :func:`pam.fused.softmax_forward` /
-    ``softmax_backward`` compute the same chain in one row kernel per pass with the sums
-    in increasing index order (not used here: on 2 cores its scalar code is slower than
-    this vectorized chain, 32 ms vs 15 ms forward + backward at (16, 4, 64, 64)).
+    through the rounding of y - n (last bits of entries far below the max). One fused row
+    kernel per pass (:func:`pam.fused.softmax_forward` / ``softmax_backward``): the row
+    sums are float32 sums from +0 in increasing index (earlier versions summed in torch's
+    order; see :func:`_softmax_chain`).
     """
     return _softmax(input, dim, offset, backward, safe=False)
 
@@ -191,8 +238,44 @@ def log_softmax(input, dim=-1, offset=None, backward="exact"):
     """PA log-softmax: PAD((x' - m) - pa_log2(sum pa_exp2(x' - m)), log2 e).
 
     x' = PAM(x, log2 e) and m = floor(max x'). -inf entries stay -inf; an all -inf row
-    gives NaN (as torch). An empty input gives an empty result.
+    gives NaN (as torch). An empty input gives an empty result. One fused row kernel per
+    pass (:func:`pam.fused.log_softmax_forward` / ``log_softmax_backward``): the row sum
+    is a float32 sum from +0 in increasing index (earlier versions summed in torch's
+    order; see :func:`_log_softmax_chain`, kept as the reference of that definition).
     """
+    _check_tensor(input, "input")
+    if backward not in P.BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
+    if input.numel() == 0:
+        return input.clone()
+    if input.dim() == 0:
+        return log_softmax(input.reshape(1), 0, offset, backward).reshape(())
+    d = fused._dim(input, dim)
+    off = D.offset_constant(offset)
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return L.log_softmax_forward(input, d, off)
+    return _LogSoftmaxRows.apply(input, d, off, backward == "exact")
+
+
+class _LogSoftmaxRows(torch.autograd.Function):
+    """log_softmax as one row kernel per pass (pam.fused)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, off, exact):
+        ctx.save_for_backward(x)
+        ctx.args = (dim, off, exact)
+        return L.log_softmax_forward(x, dim, off)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return L.log_softmax_backward(grad.contiguous(), x, *ctx.args), None, None, None
+
+
+def _log_softmax_chain(input, dim=-1, offset=None, backward="exact"):
+    """log_softmax as the chain of PAM ops of earlier versions (row sum in torch's order):
+    the definition the fused kernel restates, kept for validation/bench_rows.py."""
     _check_tensor(input, "input")
     if input.numel() == 0:
         return input.clone()
@@ -324,6 +407,58 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean",
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, offset=None,
                backward="exact"):
     """PA LayerNorm over the trailing ``normalized_shape`` dimensions.
+
+    mean = PAD(sum x, N) (refined MEAN_REFINEMENTS = 2 times when N is not a power of two:
+    mean += PAD(sum(x - mean), N), error <= 12.5 %^3 = 0.2 % of |mean|); xc = x - mean;
+    var = PAD(sum PAM(xc, xc), N) (biased, as torch); y = PAD(xc, pow(var + eps, 0.5));
+    then PAM by ``weight`` and + ``bias``. PAD by N is exact when N is a power of two. A
+    constant row gives 0 (then the bias). One fused row kernel per pass
+    (:func:`pam.fused.layer_norm_forward` / ``layer_norm_backward``): the row sums are
+    float32 sums from +0 in increasing index, and the weight / bias gradients sum over
+    rows in increasing row index (earlier versions summed in torch's order; see
+    :func:`_layer_norm_chain`, kept as the reference of that definition).
+    """
+    _check_tensor(input, "input")
+    if backward not in P.BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None:
+            _check_tensor(t, name)
+    n, nb, eps_b, flags = fused._ln_args(input, normalized_shape, weight, bias, eps)
+    off = D.offset_constant(offset)
+    tensors = [t for t in (input, weight, bias) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return L.layer_norm_forward(input, weight, bias, n, nb, eps_b, off, flags)
+    if backward == "exact":
+        flags |= LN_EXACT
+    return _LayerNormRows.apply(input, weight, bias, n, nb, eps_b, off, flags)
+
+
+class _LayerNormRows(torch.autograd.Function):
+    """layer_norm as one row kernel per pass (pam.fused)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n, nb, eps_b, off, flags):
+        ctx.save_for_backward(x, weight)
+        ctx.args = (n, nb, eps_b, off, flags)
+        ctx.bias_shape = None if bias is None else bias.shape
+        return L.layer_norm_forward(x, weight, bias, n, nb, eps_b, off, flags)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = L.layer_norm_backward(grad.contiguous(), x, weight, *ctx.args)
+        gw = None if weight is None else gw.view(weight.shape)
+        gb = None if ctx.bias_shape is None else gb.view(ctx.bias_shape)
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _layer_norm_chain(input, normalized_shape, weight=None, bias=None, eps=1e-5, offset=None,
+                      backward="exact"):
+    """layer_norm as the chain of PAM ops of earlier versions (row sums in torch's order):
+    the definition the fused kernel restates, kept for validation/bench_rows.py.
+
 
     mean = PAD(sum x, N) (refined MEAN_REFINEMENTS = 2 times when N is not a power of two,
     see below); xc = x - mean; var = PAD(sum PAM(xc, xc), N) (biased, as torch);

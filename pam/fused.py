@@ -10,6 +10,15 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
 * :func:`softmax_forward`, :func:`softmax_backward`: the PA softmax of
   :func:`pam.nn.functional.softmax` along one dimension and its input gradient, one row
   kernel launch each.
+* :func:`log_softmax_forward`, :func:`log_softmax_backward`: the PA log-softmax of
+  :func:`pam.nn.functional.log_softmax` (and so of ``cross_entropy``), one row launch each.
+* :func:`layer_norm_forward`, :func:`layer_norm_backward`: the PA layer norm of
+  :func:`pam.nn.functional.layer_norm` with its weight and bias gradients (one launch on
+  CPU; on CUDA the weight / bias column sums are a second launch).
+
+The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
+one change from the composites of earlier versions (see :mod:`pam.rows_bits`);
+``pam.nn.functional`` calls these kernels through autograd Functions.
 
 A list is updated by a single kernel: on CPU the kernel walks a table of the tensors'
 addresses and sizes and updates them in place (no copies); on CUDA the tensors are
@@ -26,7 +35,8 @@ from . import library as L
 from . import optim_bits as OB
 
 __all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward", "softmax_forward",
-           "softmax_backward"]
+           "softmax_backward", "log_softmax_forward", "log_softmax_backward",
+           "layer_norm_forward", "layer_norm_backward"]
 
 
 def _check_lists(device, **lists):
@@ -423,3 +433,190 @@ def softmax_backward_kernel(grad, x, dim, off, safe, exact):
         D.launch("softmax_backward", x.device, xb, gb, out.view(-1), n, off, bool(safe),
                  bool(exact))
     return out.view(torch.float32).movedim(-1, dim)
+
+
+# ------------------------------------------------------------------------- log_softmax, layer_norm
+def _rows_kernels(device):
+    """The row-kernel module for ``device`` (pam.kernels.cpu_rows or cuda_rows)."""
+    if device.type == "cpu":
+        from .kernels import cpu_rows
+        return cpu_rows
+    from .kernels import cuda_rows
+    return cuda_rows
+
+
+def rows_launch(name, device, *args):
+    """Run row kernel ``name`` of :mod:`pam.kernels.cpu_rows` / ``cuda_rows`` on
+    ``device`` (tensor arguments passed zero-copy, on CPU as NumPy views)."""
+    kernel = getattr(_rows_kernels(device), name)
+    if device.type == "cpu":
+        args = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
+    return kernel(*args)
+
+
+def log_softmax_forward(x, dim=-1, offset=None):
+    """PA log-softmax of float32 ``x`` along ``dim`` (no autograd), one launch.
+
+    Per row (:func:`pam.rows_bits.log_softmax_row_forward`): x' = PAM(x, log2 e; offset),
+    m = floor(max x') (0 if not finite), z = x' - m, s = sum pa_exp2(z) from +0 in
+    increasing index, result PAD(z - pa_log2(s), log2 e): the composite
+    :func:`pam.nn.functional.log_softmax` of earlier versions with its row sum made
+    sequential (the only change of definition). Traceable: the custom op
+    ``torch.ops.pam.log_softmax_forward``.
+    """
+    D.check_float32(x, "x")
+    if x.dim() == 0:
+        return log_softmax_forward(x.reshape(1), 0, offset).reshape(())
+    return L.log_softmax_forward(x, _dim(x, dim), D.offset_constant(offset))
+
+
+def log_softmax_forward_kernel(x, dim, off):
+    """:func:`log_softmax_forward` of an input with at least one dimension and ``dim`` in
+    range, launching the kernel directly (the custom op's implementation)."""
+    xm, xb, n = _rows(x, dim)
+    out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        rows_launch("log_softmax_forward", x.device, xb, out.view(-1), n, off)
+    return out.view(torch.float32).movedim(-1, dim)
+
+
+def log_softmax_backward(grad, x, dim=-1, offset=None, backward="exact"):
+    """Input gradient of :func:`log_softmax_forward` at ``x`` for output gradient ``grad``.
+
+    The chain rule through the composite's pieces as autograd runs it, its row sum of
+    the lse gradient sequential (:func:`pam.rows_bits.log_softmax_row_backward`);
+    ``backward``: "exact" (power-of-two slopes) or "approx" (PAM/PAD as if exact).
+    """
+    D.check_float32(x, "x")
+    D.check_float32(grad, "grad")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
+                         f"{tuple(x.shape)}")
+    if x.dim() == 0:
+        return log_softmax_backward(grad.reshape(1), x.reshape(1), 0, offset,
+                                    backward).reshape(())
+    return L.log_softmax_backward(grad, x, _dim(x, dim), D.offset_constant(offset),
+                                  backward == "exact")
+
+
+def log_softmax_backward_kernel(grad, x, dim, off, exact):
+    """:func:`log_softmax_backward` of checked inputs with at least one dimension,
+    launching the kernel directly (the custom op's implementation)."""
+    xm, xb, n = _rows(x, dim)
+    _, gb, _ = _rows(grad, dim)
+    out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        rows_launch("log_softmax_backward", x.device, xb, gb, out.view(-1), n, off,
+                    bool(exact))
+    return out.view(torch.float32).movedim(-1, dim)
+
+
+def _ln_args(x, normalized_shape, weight, bias, eps):
+    """(n, the bits of float32(n) and float32(eps), flags) of a layer norm over the
+    trailing ``normalized_shape`` dimensions of ``x``, after checking the shapes."""
+    from . import rows_bits as RB
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(L.static_int(s) for s in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or tuple(x.shape[-k:]) != normalized_shape:
+        raise ValueError(f"normalized_shape {normalized_shape} must match the trailing "
+                         f"dimensions of input {tuple(x.shape)}")
+    n = 1
+    for s in normalized_shape:
+        n = n * s
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None:
+            D.check_float32(t, name)
+            if tuple(t.shape) != normalized_shape:
+                raise ValueError(f"{name} must have shape {normalized_shape}, got "
+                                 f"{tuple(t.shape)}")
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device}, expected {x.device}")
+    flags = (RB.LN_WEIGHT if weight is not None else 0) | (RB.LN_BIAS if bias is not None
+                                                           else 0)
+    return n, L.f32_bits_scalar(float(n)), L.f32_bits_scalar(float(eps)), flags
+
+
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, offset=None):
+    """PA layer norm of float32 ``x`` over its trailing ``normalized_shape`` dimensions
+    (no autograd), one launch.
+
+    Per row of N elements (:func:`pam.rows_bits.layer_norm_row_forward`): mu = PAD(sum x,
+    N), refined twice (mu += PAD(sum (x - mu), N)) when N is not a power of two;
+    xc = x - mu; var = PAD(sum PAM(xc, xc; offset), N); std = pa_exp2(PAM(pa_log2(var +
+    eps), 0.5)); y = PAD(xc, std), PAM(y, weight; offset), + bias: the composite
+    :func:`pam.nn.functional.layer_norm` of earlier versions with its row sums taken from
+    +0 in increasing index (the only change of definition). Traceable: the custom op
+    ``torch.ops.pam.layer_norm_forward``.
+    """
+    D.check_float32(x, "x")
+    n, nb, eps_b, flags = _ln_args(x, normalized_shape, weight, bias, eps)
+    return L.layer_norm_forward(x, weight, bias, n, nb, eps_b, D.offset_constant(offset),
+                                flags)
+
+
+def _ln_operand(t, n, like):
+    """Flat int32 bits of an optional per-column operand (a 1-element stand-in if None)."""
+    if t is None:
+        return torch.zeros(1, dtype=torch.int32, device=like.device)
+    return D.as_bits(t).reshape(n)
+
+
+def layer_norm_forward_kernel(x, weight, bias, n, nb, eps_b, off, flags):
+    """:func:`layer_norm_forward` of checked arguments, launching the kernel directly
+    (the custom op's implementation)."""
+    xb = D.as_bits(x).reshape(-1)
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    if out.numel():
+        rows_launch("layer_norm_forward", x.device, xb, _ln_operand(weight, n, x),
+                    _ln_operand(bias, n, x), out.view(-1), n, nb, eps_b, off, flags)
+    return out.view(torch.float32)
+
+
+def layer_norm_backward(grad, x, normalized_shape, weight=None, bias=None, eps=1e-5,
+                        offset=None, backward="exact"):
+    """Gradients (x, weight or None, bias or None) of :func:`layer_norm_forward` for output
+    gradient ``grad``.
+
+    The chain rule through the composite's pieces in autograd's order, its row sums
+    sequential (:func:`pam.rows_bits.layer_norm_row_backward`); the weight and bias
+    gradients sum the rows' terms in increasing row index (float32 from +0).
+    ``backward``: "exact" or "approx".
+    """
+    from . import rows_bits as RB
+    D.check_float32(x, "x")
+    D.check_float32(grad, "grad")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
+                         f"{tuple(x.shape)}")
+    n, nb, eps_b, flags = _ln_args(x, normalized_shape, weight, bias, eps)
+    flags |= RB.LN_EXACT if backward == "exact" else 0
+    gx, gw, gb = L.layer_norm_backward(grad, x, weight, n, nb, eps_b,
+                                       D.offset_constant(offset), flags)
+    return (gx, gw.view(weight.shape) if weight is not None else None,
+            gb.view(bias.shape) if bias is not None else None)
+
+
+def layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags):
+    """:func:`layer_norm_backward` of checked arguments, launching the kernel directly
+    (the custom op's implementation): (gx, gw, gb), gw / gb flat of length n, or empty
+    when ``flags`` lacks LN_WEIGHT / LN_BIAS."""
+    from . import rows_bits as RB
+    out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    gw = torch.empty(n if flags & RB.LN_WEIGHT else 0, dtype=torch.int32, device=x.device)
+    gb = torch.empty(n if flags & RB.LN_BIAS else 0, dtype=torch.int32, device=x.device)
+    if out.numel():
+        rows_launch("layer_norm_backward", x.device, D.as_bits(x).reshape(-1),
+                    _ln_operand(weight, n, x), D.as_bits(grad).reshape(-1), out.view(-1),
+                    gw if gw.numel() else torch.zeros(1, dtype=torch.int32, device=x.device),
+                    gb if gb.numel() else torch.zeros(1, dtype=torch.int32, device=x.device),
+                    n, nb, eps_b, off, flags)
+    else:
+        gw.zero_()
+        gb.zero_()
+    return out.view(torch.float32), gw.view(torch.float32), gb.view(torch.float32)

@@ -36,6 +36,7 @@ kernel nor reads a tensor back with ``.item()``; they are marked
 the trace), so Dynamo evaluates them while tracing and sees a constant, not a graph break.
 """
 import operator
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +49,8 @@ __all__ = ["binary_map", "unary_map", "quantize", "pow2_part", "matmul3",
            "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
            "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
            "direct_list", "adamw_step", "sgd_step", "pam_scalar", "pad_scalar",
-           "pa_sqrt_scalar", "static_int", "lmul_scalar", "quantize_scalar"]
+           "pa_sqrt_scalar", "static_int", "lmul_scalar", "quantize_scalar",
+           "f32_bits_scalar"]
 
 
 def _direct(*tensors):
@@ -501,6 +503,13 @@ def _f32(i):
     return float(np.int32(i).view(np.float32))
 
 
+@torch._dynamo.assume_constant_result
+def f32_bits_scalar(x):
+    """The bit pattern (a Python int) of float32(x) for a Python number ``x``; a constant
+    under ``torch.compile``."""
+    return _f32_bits(x)
+
+
 def static_int(n):
     """``n`` as a Python int; a symbolic size of a dynamic-shape trace is specialized (the
     graph is guarded on its value), so scalars derived from it are trace constants.
@@ -544,3 +553,97 @@ def pa_sqrt_scalar(a):
     the same bits as ``pam.sqrt`` on a float32 tensor (a >= 0; sqrt(+-0) = +0)."""
     half = bits.mul_bits(bits.log2_bits(_f32_bits(a)), _f32_bits(0.5), 0)
     return _f32(bits.exp2_bits(half))
+
+
+# ------------------------------------------------------------------------- log_softmax, layer_norm
+__all__ += ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
+            "layer_norm_backward"]
+
+
+@torch.library.custom_op("pam::log_softmax_forward", mutates_args=())
+def _log_softmax_forward_op(x: torch.Tensor, dim: int, off: int) -> torch.Tensor:
+    from . import fused
+    return fused.log_softmax_forward_kernel(x, dim, off)
+
+
+@_log_softmax_forward_op.register_fake
+def _(x, dim, off):
+    return _rows_like(x, dim)
+
+
+@torch.library.custom_op("pam::log_softmax_backward", mutates_args=())
+def _log_softmax_backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, off: int,
+                             exact: bool) -> torch.Tensor:
+    from . import fused
+    return fused.log_softmax_backward_kernel(grad, x, dim, off, exact)
+
+
+@_log_softmax_backward_op.register_fake
+def _(grad, x, dim, off, exact):
+    return _rows_like(x, dim)
+
+
+def log_softmax_forward(x, dim, off):
+    """:func:`pam.fused.log_softmax_forward` along non-negative ``dim`` with the integer
+    offset constant ``off``, traceable."""
+    if _direct(x):
+        from . import fused
+        return fused.log_softmax_forward_kernel(x, dim, off)
+    return _log_softmax_forward_op(x, dim, off)
+
+
+def log_softmax_backward(grad, x, dim, off, exact):
+    """:func:`pam.fused.log_softmax_backward` along non-negative ``dim``, traceable."""
+    if _direct(grad, x):
+        from . import fused
+        return fused.log_softmax_backward_kernel(grad, x, dim, off, exact)
+    return _log_softmax_backward_op(grad, x, dim, off, exact)
+
+
+@torch.library.custom_op("pam::layer_norm_forward", mutates_args=())
+def _layer_norm_forward_op(x: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], n: int, nb: int, eps_b: int, off: int,
+                           flags: int) -> torch.Tensor:
+    from . import fused
+    return fused.layer_norm_forward_kernel(x, weight, bias, n, nb, eps_b, off, flags)
+
+
+@_layer_norm_forward_op.register_fake
+def _(x, weight, bias, n, nb, eps_b, off, flags):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("pam::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(grad: torch.Tensor, x: torch.Tensor,
+                            weight: Optional[torch.Tensor], n: int, nb: int, eps_b: int,
+                            off: int, flags: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    from . import fused
+    return fused.layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags)
+
+
+@_layer_norm_backward_op.register_fake
+def _(grad, x, weight, n, nb, eps_b, off, flags):
+    from . import rows_bits
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    gw = x.new_empty(n if flags & rows_bits.LN_WEIGHT else 0)
+    gb = x.new_empty(n if flags & rows_bits.LN_BIAS else 0)
+    return gx, gw, gb
+
+
+def layer_norm_forward(x, weight, bias, n, nb, eps_b, off, flags):
+    """:func:`pam.fused.layer_norm_forward` of checked arguments (``nb``, ``eps_b``: bits
+    of float32(n) and float32(eps)), traceable."""
+    if _direct(x, *(t for t in (weight, bias) if t is not None)):
+        from . import fused
+        return fused.layer_norm_forward_kernel(x, weight, bias, n, nb, eps_b, off, flags)
+    return _layer_norm_forward_op(x, weight, bias, n, nb, eps_b, off, flags)
+
+
+def layer_norm_backward(grad, x, weight, n, nb, eps_b, off, flags):
+    """:func:`pam.fused.layer_norm_backward` of checked arguments: (gx, gw, gb) with gw /
+    gb flat (empty without a weight / bias), traceable."""
+    if _direct(grad, x, *(t for t in (weight,) if t is not None)):
+        from . import fused
+        return fused.layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags)
+    return _layer_norm_backward_op(grad, x, weight, n, nb, eps_b, off, flags)

@@ -1,13 +1,13 @@
 """No float multiply or divide in the compiled CPU kernels (checked on the LLVM IR).
 
-Every Numba dispatcher defined in pam.kernels.cpu and pam.kernels.cpu_conv (named
-``cpu_conv.<name>``) is found automatically (so a new kernel is covered as soon as it
-exists), compiled for its int32 bit-pattern signatures by running
-the public kernels on small inputs that take every path (int32 fast paths with and without
-zero masks, general paths with inf/NaN), and the IR of every compiled signature is scanned
-for ``fmul``/``fdiv`` instructions and calls to ``llvm.fma``/``llvm.fmuladd``. The IR of a
-parallel kernel includes its prange bodies. A canary (a parallel float multiply) proves the
-detector flags what it is meant to flag.
+Every Numba dispatcher defined in pam.kernels.cpu, pam.kernels.cpu_conv and
+pam.kernels.cpu_rows (named ``cpu_conv.<name>``, ``cpu_rows.<name>``) is found
+automatically (so a new kernel is covered as soon as it exists), compiled for its int32
+bit-pattern signatures by running the public kernels on small inputs that take every path
+(int32 fast paths with and without zero masks, general paths with inf/NaN), and the IR of
+every compiled signature is scanned for ``fmul``/``fdiv`` instructions and calls to
+``llvm.fma``/``llvm.fmuladd``. The IR of a parallel kernel includes its prange bodies. A
+canary (a parallel float multiply) proves the detector flags what it is meant to flag.
 
 Numba returns no valid IR for code loaded from its cache (cache=True), so the scan runs in a
 subprocess that never loads from the cache: everything compiles afresh. That subprocess is
@@ -28,9 +28,9 @@ import pytest
 from numba import njit, prange
 from numba.core.dispatcher import Dispatcher
 
-from pam.kernels import cpu, cpu_conv
+from pam.kernels import cpu, cpu_conv, cpu_rows
 
-KERNEL_MODULES = {"": cpu, "cpu_conv.": cpu_conv}
+KERNEL_MODULES = {"": cpu, "cpu_conv.": cpu_conv, "cpu_rows.": cpu_rows}
 
 FORBIDDEN = re.compile(r"=\s*(?:fmul|fdiv)\b|call\b[^\n]*@llvm\.(?:fma|fmuladd)\.")
 
@@ -133,6 +133,19 @@ def compile_fused_kernels(a, b, out):
     cpu.gelu_backward(a, b, knots, slopes, True, out)
     cpu.softmax_forward(a, out, 8, 0, True)
     cpu.softmax_backward(a, b, out, 8, 0, True, True)
+    w8 = b[:8].copy()                                   # row kernels (pam.kernels.cpu_rows)
+    for exact in (True, False):
+        cpu_rows.log_softmax_forward(a, out, 8, 0)
+        cpu_rows.log_softmax_backward(a, b, out, 8, 0, exact)
+    for n in (8, 6):                                    # N a power of two and not
+        nb = int(np.float32(n).view(np.int32))
+        x = a[:6 * n].copy()
+        for flags in (0, 3, 4, 7):                      # weight / bias / exact on and off
+            cpu_rows.layer_norm_forward(x, w8[:n], w8[:n], np.empty_like(x), n, nb,
+                                        0x3727C5AC, 0, flags)
+            cpu_rows.layer_norm_backward(x, w8[:n], b[:6 * n].copy(), np.empty_like(x),
+                                         np.empty(n, np.int32), np.empty(n, np.int32), n, nb,
+                                         0x3727C5AC, 0, flags)
 
 
 def compile_all_kernels():
@@ -214,7 +227,9 @@ def test_every_kernel_is_found_and_compiled(compiled):
               "matmul_exact_grad_right", "cpu_conv.conv_forward", "cpu_conv.conv_grad_input",
               "cpu_conv.conv_grad_weight", "quantize", "pow2_part", "mul_lmul", "mul_lmul_bs",
               "mul_lmul_as", "matmul_lmul", "cpu_conv.conv_forward_lmul",
-              "cpu_conv.conv_grad_input_lmul", "cpu_conv.conv_grad_weight_lmul"}
+              "cpu_conv.conv_grad_input_lmul", "cpu_conv.conv_grad_weight_lmul",
+              "cpu_rows.log_softmax_forward", "cpu_rows.log_softmax_backward",
+              "cpu_rows.layer_norm_forward", "cpu_rows.layer_norm_backward"}
     # public kernels are dispatchers or, where the path is chosen in Python (matmul and its
     # gradients), plain functions over dispatchers that are all in ``compiled``
     entries = {prefix + name for prefix, module in KERNEL_MODULES.items()

@@ -1,6 +1,7 @@
 """Numba's on-disk cache for the CPU kernels, invalidated by the definitions they compile.
 
-The kernels of :mod:`pam.kernels.cpu` and :mod:`pam.kernels.cpu_conv` are ``cache=True``.
+The kernels of :mod:`pam.kernels.cpu`, :mod:`pam.kernels.cpu_conv` and
+:mod:`pam.kernels.cpu_rows` are ``cache=True``.
 Numba keys a cached kernel on its own source file only, but these kernels compile in the
 scalar definitions of :mod:`pam.bits`, :mod:`pam.optim_bits` and :mod:`pam.rows_bits` (and
 ``cpu_conv`` compiles helpers of ``cpu``): an edit to one of those files alone would leave
@@ -20,7 +21,7 @@ _PAM = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Files whose code the cached kernels compile (besides the kernel file itself).
 DEFINITIONS = tuple(os.path.join(_PAM, *p) for p in (
     ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("kernels", "cpu.py"),
-    ("kernels", "cpu_conv.py")))
+    ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py")))
 KERNEL_FILES = frozenset(os.path.normcase(p) for p in DEFINITIONS[3:])
 
 

@@ -1423,6 +1423,7 @@ def gelu_backward(x, grad, knots, slopes, exact, out):
 @njit(**_JIT)
 def softmax_forward(x, out, n, off, safe):
     """Rows of length ``n`` of flat int32 ``x`` -> PA softmax (pam.rows_bits)."""
+    optim_bits.check_offset(off)
     rows = x.size // n if n else 0
     if x.size < FUSED_PARALLEL_MIN:
         for r in range(rows):
@@ -1435,6 +1436,7 @@ def softmax_forward(x, out, n, off, safe):
 @njit(**_JIT)
 def softmax_backward(x, g, out, n, off, safe, exact):
     """Input gradient of softmax_forward for output gradient ``g`` (pam.rows_bits)."""
+    optim_bits.check_offset(off)
     rows = x.size // n if n else 0
     if x.size < FUSED_PARALLEL_MIN:
         for r in range(rows):
