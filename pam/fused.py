@@ -454,6 +454,18 @@ def rows_launch(name, device, *args):
     return kernel(*args)
 
 
+def _check_row_grad(grad, x, backward):
+    """The checks of a fused row backward: float32 ``x`` and ``grad`` of one shape, and
+    ``backward`` "exact" or "approx" (TypeError / ValueError naming the argument)."""
+    D.check_float32(x, "x")
+    D.check_float32(grad, "grad")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
+                         f"{tuple(x.shape)}")
+
+
 def log_softmax_forward(x, dim=-1, offset=None):
     """PA log-softmax of float32 ``x`` along ``dim`` (no autograd), one launch.
 
@@ -487,13 +499,7 @@ def log_softmax_backward(grad, x, dim=-1, offset=None, backward="exact"):
     the lse gradient sequential (:func:`pam.rows_bits.log_softmax_row_backward`);
     ``backward``: "exact" (power-of-two slopes) or "approx" (PAM/PAD as if exact).
     """
-    D.check_float32(x, "x")
-    D.check_float32(grad, "grad")
-    if backward not in ("exact", "approx"):
-        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
-    if grad.shape != x.shape:
-        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
-                         f"{tuple(x.shape)}")
+    _check_row_grad(grad, x, backward)
     if x.dim() == 0:
         return log_softmax_backward(grad.reshape(1), x.reshape(1), 0, offset,
                                     backward).reshape(())
@@ -587,13 +593,7 @@ def layer_norm_backward(grad, x, normalized_shape, weight=None, bias=None, eps=1
     ``backward``: "exact" or "approx".
     """
     from . import rows_bits as RB
-    D.check_float32(x, "x")
-    D.check_float32(grad, "grad")
-    if backward not in ("exact", "approx"):
-        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
-    if grad.shape != x.shape:
-        raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
-                         f"{tuple(x.shape)}")
+    _check_row_grad(grad, x, backward)
     n, nb, eps_b, flags = _ln_args(x, normalized_shape, weight, bias, eps)
     flags |= RB.LN_EXACT if backward == "exact" else 0
     gx, gw, gb = L.layer_norm_backward(grad, x, weight, n, nb, eps_b,

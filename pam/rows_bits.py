@@ -29,7 +29,8 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import bits
-from .optim_bits import div0_bits, exp2_sel_bits, mul32_bits, sel
+from .optim_bits import (_I_ABS, _I_INF, _I_MIN, _I_QNAN, _I_SIGN, _I_ZERO, div0_bits,
+                         exp2_sel_bits, mul32_bits, sel)
 
 
 @register_jitable(forceinline=True)
@@ -269,13 +270,7 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
 # (no branches), as pam.optim_bits' forms, so the CPU row loops vectorize; each gives the
 # bits of the pam.bits function it names (tests/test_rows_ln.py compares them on edge and
 # random patterns). Intermediates that could leave the int32 range are int64.
-_I_ABS = np.int32(bits.ABS_MASK)
-_I_SIGN = np.int32(bits.SIGN)
-_I_INF = np.int32(bits.INF)
-_I_QNAN = np.int32(bits.QNAN)
-_I_MIN = np.int32(bits.MIN_NORMAL)
 _I_EXP = np.int32(bits.EXP_MASK)
-_I_ZERO = np.int32(0)
 
 
 @register_jitable(forceinline=True)

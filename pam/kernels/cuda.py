@@ -38,6 +38,7 @@ Importing this module needs neither a GPU nor numba-cuda; the kernels are compil
 use. Calling a kernel without numba-cuda installed raises an ImportError naming the extra
 to install (``pip install bdia-pam[cuda]``).
 """
+import contextlib
 import importlib.util
 import sys
 
@@ -586,18 +587,40 @@ THREADS_PER_BLOCK = {"matmul": TILE * TILE, "matmul_lmul": TILE * TILE,
                      "matmul_exact_grad_right": TILE * TILE, "range_stats": RANGE_STATS_THREADS}
 THREADS_PER_BLOCK.update({name: FAST_THREADS for name in KERNEL_FUNCTIONS if "_fast" in name})
 
-_compiled_cache = {}
+def lazy_kernels(functions, signatures=None):
+    """``compiled(name)``: the cuda.jit dispatcher of ``functions[name]`` (eagerly typed
+    with ``signatures[name]`` when given), compiled on first use and kept."""
+    cache = {}
+
+    def compiled(name):
+        _require_numba_cuda()
+        kernel = cache.get(name)
+        if kernel is None:
+            if signatures is not None:
+                from numba import types as nt
+                kernel = cuda.jit(nt.void(*signatures[name]))(functions[name])
+            else:
+                kernel = cuda.jit(functions[name])
+            cache[name] = kernel
+        return kernel
+    return compiled
 
 
-def _compiled(name):
-    """The cuda.jit dispatcher of kernel ``name`` (compiled lazily, once per signature)."""
-    _require_numba_cuda()
-    kernel = _compiled_cache.get(name)
-    if kernel is None:
-        from numba import types as nt
-        kernel = cuda.jit(nt.void(*SIGNATURES[name]))(KERNEL_FUNCTIONS[name])
-        _compiled_cache[name] = kernel
-    return kernel
+@contextlib.contextmanager
+def torch_stream(tensors):
+    """For torch CUDA tensors on one device (ValueError naming both devices otherwise):
+    makes that device current and yields numba's handle on torch's current stream there."""
+    import torch
+    device = tensors[-1].device
+    for x in tensors:
+        if x.device != device:
+            raise ValueError(f"all tensors must be on one device, got {x.device} and "
+                             f"{device}")
+    with cuda.gpus[device.index if device.index is not None else 0]:
+        yield cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
+_compiled = lazy_kernels(KERNEL_FUNCTIONS, SIGNATURES)
 
 
 # =========================================================================== launching
@@ -638,14 +661,7 @@ def _on_device(arrays, out, body):
     _require_numba_cuda()
     tensors = [_is_torch_tensor(x) for x in (*arrays, out)]
     if all(tensors):
-        import torch
-        device = out.device
-        for x in arrays:
-            if x.device != device:
-                raise ValueError(f"all tensors must be on one device, got {x.device} and "
-                                 f"{device}")
-        with cuda.gpus[device.index if device.index is not None else 0]:
-            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        with torch_stream((*arrays, out)) as stream:
             # Views with canonical strides (torch calls a tensor contiguous whatever the
             # strides of its size-1 dimensions; numba would then type it as non-contiguous).
             dev = [cuda.as_cuda_array(x.detach().reshape(-1).view(x.shape))
@@ -1083,14 +1099,7 @@ def _launch_inplace(name, griddim, blockdim, arrays, scalars, updated):
     kernel = _compiled(name)
     tensors = [_is_torch_tensor(x) for x in arrays]
     if all(tensors):
-        import torch
-        device = arrays[0].device
-        for x in arrays:
-            if x.device != device:
-                raise ValueError(f"all tensors must be on one device, got {x.device} and "
-                                 f"{device}")
-        with cuda.gpus[device.index if device.index is not None else 0]:
-            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        with torch_stream(arrays) as stream:
             dev = [cuda.as_cuda_array(x.detach()) for x in arrays]
             kernel[griddim, blockdim, stream](*dev, *scalars)
         return

@@ -26,7 +26,8 @@ import numpy as np
 from numba.extending import register_jitable
 
 from .. import bits
-from .cuda import _check_array, _is_torch_tensor, _require_numba_cuda, available, cuda
+from .cuda import (_check_array, _is_torch_tensor, available, cuda, lazy_kernels,
+                   torch_stream)
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "conv_forward_lmul",
            "conv_grad_input_lmul", "conv_grad_weight_lmul", "available", "THREADS"]
@@ -200,17 +201,7 @@ KERNEL_FUNCTIONS = {
     "conv_grad_weight_lmul": _conv_grad_weight_lmul_kernel,
 }
 
-_compiled_cache = {}
-
-
-def _compiled(name):
-    """The cuda.jit dispatcher of kernel ``name`` (compiled lazily, once per signature)."""
-    _require_numba_cuda()
-    kernel = _compiled_cache.get(name)
-    if kernel is None:
-        kernel = cuda.jit(KERNEL_FUNCTIONS[name])
-        _compiled_cache[name] = kernel
-    return kernel
+_compiled = lazy_kernels(KERNEL_FUNCTIONS)
 
 
 # =========================================================================== launching
@@ -230,14 +221,7 @@ def _launch(name, arrays, scalars, out):
     kernel = _compiled(name)
     tensors = [_is_torch_tensor(a) for a in (*arrays, out)]
     if all(tensors):
-        import torch
-        device = out.device
-        for a in arrays:
-            if a.device != device:
-                raise ValueError(f"all tensors must be on one device, got {a.device} and "
-                                 f"{device}")
-        with cuda.gpus[device.index if device.index is not None else 0]:
-            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        with torch_stream((*arrays, out)) as stream:
             dev = [cuda.as_cuda_array(a.detach()) for a in (*arrays, out)]
             kernel[griddim, THREADS, stream](*dev[:-1], *scalars, dev[-1])
         return out

@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import rows_bits
 from .. import optim_bits
-from .cuda import _check_array, _is_torch_tensor, _require_numba_cuda, cuda
+from .cuda import (_check_array, _is_torch_tensor, _require_numba_cuda, cuda, lazy_kernels,
+                   torch_stream)
 
 __all__ = ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
            "layer_norm_backward", "THREADS"]
@@ -62,17 +63,7 @@ KERNEL_FUNCTIONS = {
     "column_sums": _column_sums_kernel,
 }
 
-_compiled_cache = {}
-
-
-def _compiled(name):
-    """The cuda.jit dispatcher of kernel ``name`` (compiled lazily, once per signature)."""
-    _require_numba_cuda()
-    kernel = _compiled_cache.get(name)
-    if kernel is None:
-        kernel = cuda.jit(KERNEL_FUNCTIONS[name])
-        _compiled_cache[name] = kernel
-    return kernel
+_compiled = lazy_kernels(KERNEL_FUNCTIONS)
 
 
 def _grid(size):
@@ -87,14 +78,7 @@ def _run(inputs, outputs, body):
     arrays = (*inputs, *outputs)
     tensors = [_is_torch_tensor(a) for a in arrays]
     if all(tensors):
-        import torch
-        device = outputs[0].device
-        for a in arrays:
-            if a.device != device:
-                raise ValueError(f"all tensors must be on one device, got {a.device} and "
-                                 f"{device}")
-        with cuda.gpus[device.index if device.index is not None else 0]:
-            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        with torch_stream(arrays) as stream:
             dev = [cuda.as_cuda_array(a.detach().reshape(-1)) for a in arrays]
             body(dev[:len(inputs)], dev[len(inputs):], stream)
         return
