@@ -1420,6 +1420,18 @@ def gelu_backward(x, grad, knots, slopes, exact, out):
                                  min(n, (b + 1) * GELU_BLOCK))
 
 
+# The softmax kernels call their row definition through these dispatchers so that it
+# compiles once for the serial and the prange loop (see pam.kernels.cpu_rows).
+@njit(**_SERIAL)
+def _softmax_row_forward(x, out, base, n, off, safe):
+    rows_bits.softmax_row_forward(x, out, base, n, off, safe)
+
+
+@njit(**_SERIAL)
+def _softmax_row_backward(x, g, out, base, n, off, safe, exact):
+    rows_bits.softmax_row_backward(x, g, out, base, n, off, safe, exact)
+
+
 @njit(**_JIT)
 def softmax_forward(x, out, n, off, safe):
     """Rows of length ``n`` of flat int32 ``x`` -> PA softmax (pam.rows_bits)."""
@@ -1427,10 +1439,10 @@ def softmax_forward(x, out, n, off, safe):
     rows = x.size // n if n else 0
     if x.size < FUSED_PARALLEL_MIN:
         for r in range(rows):
-            rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
+            _softmax_row_forward(x, out, r * n, n, off, safe)
     else:
         for r in prange(rows):
-            rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
+            _softmax_row_forward(x, out, r * n, n, off, safe)
 
 
 @njit(**_JIT)
@@ -1440,7 +1452,7 @@ def softmax_backward(x, g, out, n, off, safe, exact):
     rows = x.size // n if n else 0
     if x.size < FUSED_PARALLEL_MIN:
         for r in range(rows):
-            rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
+            _softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
     else:
         for r in prange(rows):
-            rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
+            _softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
