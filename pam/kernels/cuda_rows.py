@@ -15,8 +15,8 @@ import numpy as np
 
 from .. import rows_bits
 from .. import optim_bits
-from .cuda import (_check_array, _is_torch_tensor, _require_numba_cuda, cuda, lazy_kernels,
-                   torch_stream)
+from .cuda import (_check_array, _check_rows, _is_torch_tensor, _require_numba_cuda, cuda,
+                   lazy_kernels, torch_stream)
 
 __all__ = ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
            "layer_norm_backward", "THREADS"]
@@ -102,16 +102,10 @@ def _scratch(like, size):
 
 
 def _rows(n, off, **arrays):
+    """The number of rows of length ``n`` in the flat int32 ``arrays`` (checked as
+    pam.kernels.cuda's row kernels check theirs), after checking the offset constant."""
     optim_bits.check_offset(int(off))
-    size = None
-    for label, a in arrays.items():
-        _check_array(a, label, 1, np.int32)
-        if size is not None and a.shape[0] != size:
-            raise ValueError(f"{label} must have {size} elements, got {a.shape[0]}")
-        size = a.shape[0]
-    if n <= 0 or size % n:
-        raise ValueError(f"row length n={n} must be positive and divide {size}")
-    return size // n
+    return _check_rows(n, **arrays)
 
 
 def log_softmax_forward(x, out, n, off):
