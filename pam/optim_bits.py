@@ -149,15 +149,23 @@ def log2_sel_bits(ix):
 
 
 @register_jitable(forceinline=True)
-def exp2_sel_bits(iy):
-    """bits.exp2_bits(iy) (pa_exp2) with selects, in int32: floor by truncation and a
-    correction (exact for |y| <= 200)."""
+def exp2_floor_sel(iy):
+    """(y, yc, n) for pa_exp2's argument bits ``iy``: y, yc = y where -200 <= y < 128 (else
+    0), n = floor(yc) by truncation and a correction (exact in that range), with selects."""
     iy = np.int32(iy)
     y = bits.bits_to_f32(iy)
     inside = (y >= np.float32(-200.0)) & (y < np.float32(128.0))
     yc = bits.bits_to_f32(sel(inside, iy, _I_ZERO))
     t = np.int32(yc)                            # truncation toward zero
-    n = np.int32(t - np.int32(np.float32(t) > yc))
+    return y, yc, np.int32(t - np.int32(np.float32(t) > yc))
+
+
+@register_jitable(forceinline=True)
+def exp2_sel_bits(iy):
+    """bits.exp2_bits(iy) (pa_exp2) with selects, in int32: floor by truncation and a
+    correction (exact for |y| <= 200)."""
+    iy = np.int32(iy)
+    y, yc, n = exp2_floor_sel(iy)
     frac = yc - np.float32(n)
     one_plus = np.float32(1.0) + frac
     r = np.int32(np.int32(bits.f32_to_bits(one_plus)) + np.int32(n << np.int32(23)))

@@ -30,7 +30,7 @@ from numba.extending import register_jitable
 
 from . import bits
 from .optim_bits import (_I_ABS, _I_INF, _I_MIN, _I_QNAN, _I_SIGN, _I_ZERO, div0_bits,
-                         exp2_sel_bits, mul32_bits, sel)
+                         exp2_floor_sel, exp2_sel_bits, mul32_bits, sel)
 
 
 @register_jitable(forceinline=True)
@@ -343,11 +343,7 @@ def div_slope_den0_sel(ia, ib):
 def exp2_slope_sel(iy, e):
     """bits.exp2_slope_bits(iy) with selects, given e = bits.exp2_bits(iy)."""
     iy = np.int32(iy)
-    y = bits.bits_to_f32(iy)
-    inside = (y >= np.float32(-200.0)) & (y < np.float32(128.0))
-    yc = bits.bits_to_f32(sel(inside, iy, _I_ZERO))
-    t = np.int32(yc)                            # truncation toward zero
-    n = np.int32(t - np.int32(np.float32(t) > yc))
+    y, _, n = exp2_floor_sel(iy)
     field = np.int32(n + np.int32(127))
     r = sel(field >= np.int32(255), _I_INF, np.int32(np.int32(field & 255) << 23))
     r = sel((field <= _I_ZERO) | (np.int32(e) == _I_ZERO), _I_ZERO, r)
