@@ -181,10 +181,10 @@ def warm(processes=None, manifest=MANIFEST, force=False, announce=None, workload
     ``"bdia-pam train"``) into Numba's cache in ``processes`` parallel compilers (default:
     one per core available to this process): this process and ``processes - 1`` workers.
 
-    Returns {"skipped": bool, "seconds": wall time, "processes": n, "kernels": entries}.
-    Skipped (at once) when a marker shows this warm-up already ran for these definitions,
-    unless ``force``; ``announce(n)`` is called before ``n`` workers start (e.g. to tell
-    the user). A worker that fails raises RuntimeError with its error output; the kernels
+    Returns {"skipped": bool, "seconds": wall time, "processes": n compilers, "kernels":
+    number of entries}. Skipped (at once) when a marker shows this warm-up already ran for
+    these definitions, unless ``force``; ``announce(n)`` is called before the ``n``
+    compilers start (e.g. to tell the user). A worker that fails raises RuntimeError with its error output; the kernels
     then still compile lazily on first call. An interrupt (Ctrl-C) kills the workers and
     leaves no marker.
     """
