@@ -23,6 +23,7 @@ callers that dispatch below autograd.
 import torch
 
 from . import dispatch as D
+from ._internal import without_layers
 from . import families as FAM
 from . import library as L
 from .ops import _check_mode, _multiplier
@@ -167,6 +168,7 @@ class _Conv(torch.autograd.Function):
         return _add_bias(out, bias)
 
     @staticmethod
+    @without_layers
     def backward(ctx, grad):
         x4, w4 = ctx.saved_tensors
         stride, pad_lo, _, dilation, groups = ctx.geometry

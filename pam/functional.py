@@ -60,6 +60,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import dispatch as D
+from ._internal import without_layers
 from . import fused
 from . import library as L
 from . import ops as P
@@ -200,6 +201,7 @@ class _SoftmaxRows(torch.autograd.Function):
         return L.softmax_forward(x, dim, off, safe)
 
     @staticmethod
+    @without_layers
     @once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
@@ -267,6 +269,7 @@ class _LogSoftmaxRows(torch.autograd.Function):
         return L.log_softmax_forward(x, dim, off)
 
     @staticmethod
+    @without_layers
     @once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
@@ -445,6 +448,7 @@ class _LayerNormRows(torch.autograd.Function):
         return L.layer_norm_forward(x, weight, bias, n, nb, eps_b, off, flags)
 
     @staticmethod
+    @without_layers
     @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
@@ -532,6 +536,7 @@ class _Gelu(torch.autograd.Function):
         return L.gelu_forward(x)
 
     @staticmethod
+    @without_layers
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return L.gelu_backward(grad.contiguous(), x, ctx.mode), None

@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import dispatch as D
+from ._internal import layers_off
 from . import families as FAM
 from . import library as L
 
@@ -34,13 +35,15 @@ def _first_order(backward):
     """Make a Function's backward refuse to build a graph (``create_graph=True``) through
     tensors it saved that require grad: its result would lack the second-order term.
     ``once_differentiable`` (applied inside) covers the incoming gradient; this covers the
-    saved inputs, whose dependence it cannot see."""
+    saved inputs, whose dependence it cannot see. The backward runs with the
+    pam.arithmetic() layers off (:mod:`pam._internal`)."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ctx.saved_tensors):
             raise RuntimeError("PAM ops are first-order only (once_differentiable): their backward "
                                "cannot be differentiated again; use create_graph=False")
-        return backward(ctx, *grads)
+        with layers_off():
+            return backward(ctx, *grads)
     return wrapper
 
 

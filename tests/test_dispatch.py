@@ -43,13 +43,17 @@ def test_scalar_operand_kernels_equal_full_kernel(name, off):
 
 def test_python_number_operand_uses_scalar_kernel(monkeypatch):
     seen = []
-    orig = D.launch
+    orig = D._launcher
 
-    def spy(name, device, *args):
-        seen.append((name, [tuple(a.shape) for a in args if hasattr(a, "shape")]))
-        return orig(name, device, *args)
+    def spy(device, name):
+        kernel = orig(device, name)
 
-    monkeypatch.setattr(D, "launch", spy)
+        def call(*args):
+            seen.append((name, [tuple(a.shape) for a in args if hasattr(a, "shape")]))
+            return kernel(*args)
+        return call
+
+    monkeypatch.setattr(D, "_launcher", spy)
     x = torch.randn(64, 32)
     y = pam.mul(x, 2.5)
     assert seen == [("mul_bs", [(2048,), (1,), (2048,)])]

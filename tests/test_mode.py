@@ -427,3 +427,80 @@ def test_inplace_activation_stays_in_place():
         out = F.silu(y, inplace=True)
     assert out is y
     assert torch.equal(_bits(y), _bits(PF.silu(x)))
+
+
+# ----------------------------------------------------------------------------- internals
+def _layers_at_launch(monkeypatch, run):
+    """[(pam dispatch layer innermost?, torch function modes on?, audit on the stack?)]
+    at every kernel launch made while ``run()`` executes."""
+    from torch.utils._python_dispatch import (_get_current_dispatch_mode,
+                                              _get_current_dispatch_mode_stack)
+    from pam import dispatch as D
+    from pam._internal import LAYER_ATTR
+
+    seen = []
+
+    def state():
+        top = _get_current_dispatch_mode()
+        seen.append((getattr(top, LAYER_ATTR, False), torch._C._is_torch_function_mode_enabled(),
+                     any(isinstance(m, no_float_multiply)
+                         for m in _get_current_dispatch_mode_stack())))
+
+    orig_launch, orig_launcher = D.launch, D._launcher
+
+    def launch(name, device, *args):
+        state()
+        return orig_launch(name, device, *args)
+
+    def launcher(device, name):
+        kernel = orig_launcher(device, name)
+
+        def call(*args):
+            state()
+            return kernel(*args)
+        return call
+
+    monkeypatch.setattr(D, "launch", launch)
+    monkeypatch.setattr(D, "_launcher", launcher)
+    run()
+    return seen
+
+
+def _layers_model_step():
+    """A step to run under the mode: layer 1 takes linear and layer_norm, layer 2 the
+    multiplication; the backward runs the backward functions of both."""
+    torch.manual_seed(0)
+    lin, ln = nn.Linear(8, 8), nn.LayerNorm(8)
+    x = torch.randn(4, 8)
+    return lambda: (ln(lin(x)) * x).sum().backward()
+
+
+def test_pam_internals_run_without_the_layers(monkeypatch):
+    """pam's own code (the ops layer 1 and layer 2 hand over, their backward functions)
+    runs with neither pam.arithmetic() layer active: no 10-20 us per internal torch call
+    spent routing allocations and views through them (pam._internal)."""
+    step = _layers_model_step()
+
+    def run():
+        with pam.arithmetic(backward="exact"):
+            step()
+    seen = _layers_at_launch(monkeypatch, run)
+    assert len(seen) >= 4
+    assert all(not layer and not function_modes for layer, function_modes, _ in seen)
+
+
+@pytest.mark.parametrize("audit_inside", [False, True])
+def test_pam_internals_stay_visible_to_the_audit(monkeypatch, audit_inside):
+    """An audit around the mode (the documented use) or inside it still sees every ATen
+    op pam runs: only the pam layer is popped, only when it is innermost, and kernels
+    launch with the audit on the stack."""
+    step = _layers_model_step()
+
+    def run():
+        mode = pam.arithmetic(backward="exact")
+        with (mode if audit_inside else no_float_multiply()), \
+                (no_float_multiply() if audit_inside else mode):
+            step()
+    seen = _layers_at_launch(monkeypatch, run)
+    assert len(seen) >= 4
+    assert all(audit for _, _, audit in seen)

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from .. import functional as PF
 from .. import location as _loc
+from .._internal import LAYER_ATTR, layers_off
 from .. import ops as P
 from ..audit import _alpha_not_one, is_banned
 from .. import families as FAM
@@ -359,7 +360,8 @@ class _DispatchLayer(TorchDispatchMode):
         base, inplace, foreach = _split(full)
         if inplace and base in _optim.FUSED_STEPS:    # a whole optimizer step
             try:
-                return _optim.fused_step(self.cfg, base, func, args, kwargs)
+                with layers_off():
+                    return _optim.fused_step(self.cfg, base, func, args, kwargs)
             except UnsupportedOpError as e:            # raised before any tensor changed
                 if self.cfg.strict:
                     raise
@@ -386,7 +388,7 @@ class _DispatchLayer(TorchDispatchMode):
             self._refuse(full, f"on {bad[0]} tensors (pam emulates float32 only)")
             return func(*args, **kwargs)
         vals, out = _bind(func, args, kwargs)
-        with torch.no_grad():
+        with torch.no_grad(), layers_off():
             if foreach:
                 return self._foreach(handler, base, vals, inplace)
             res = handler(self.cfg, *vals)
@@ -429,6 +431,8 @@ class _DispatchLayer(TorchDispatchMode):
                 results.append(r)
         return None if inplace else results
 
+
+setattr(_DispatchLayer, LAYER_ATTR, True)
 
 _ELEMENTWISE = frozenset({"mul", "div", "addcmul", "addcdiv", "lerp", "add", "sub", "sqrt",
                           "rsqrt", "exp", "log", "reciprocal", "pow", "sigmoid", "tanh"})

@@ -6,6 +6,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import functional as PF
 from .. import location as _loc
+from .._internal import LAYER_ATTR, call_without_layers
 from .. import ops as P
 from .semantics import (UnsupportedOpError, _is_f32, div, exp, gelu, layer_norm, log,
                         log_softmax, matmul, mean, mul, pow_, reciprocal, rsqrt, sigmoid,
@@ -349,11 +350,14 @@ class _FunctionLayer(TorchFunctionMode):
         entry = _LAYER1.get(func)
         out = NotImplemented
         if entry is not None and entry[1] in self.cfg.ops:
-            out = entry[0](self.cfg, args, kwargs)
+            out = call_without_layers(entry[0], self.cfg, args, kwargs)
         if out is NotImplemented:
             out = func(*args, **kwargs)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             _loc.tag_outputs(out, _loc.where_now())    # compiled: the FX nodes' metadata
         return out
+
+
+setattr(_FunctionLayer, LAYER_ATTR, True)
 
 
