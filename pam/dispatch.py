@@ -130,6 +130,26 @@ def launch(name, device, *args):
     return kernel(*args)
 
 
+_MODULES = {}
+
+
+def launch_in(module, name, device, *args):
+    """Run kernel ``name`` of the kernel module ``module`` for ``device``
+    (``pam.kernels.cpu_<module>`` or ``cuda_<module>``, imported once), tensor arguments
+    passed as :func:`launch` passes them."""
+    key = (module, device)
+    entry = _MODULES.get(key)
+    if entry is None:
+        import importlib
+        kind = "cpu" if device.type == "cpu" else "cuda"
+        entry = _MODULES[key] = (importlib.import_module(f"pam.kernels.{kind}_{module}"),
+                                 kind == "cpu")
+    mod, cpu = entry
+    if cpu:
+        args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
+    return getattr(mod, name)(*args)
+
+
 def _launcher(device, name):
     """Kernel ``name`` for ``device``, to be called with arguments that are already what
     it takes (the bit views of :func:`_flat_bits` / :func:`_new_result`)."""

@@ -313,6 +313,13 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     smooth = -sum_c w_c log p_c, both reduced like torch (mean: divided by the summed
     weights of the non-ignored targets). All products by weights and smoothing factors
     are PAM, all divisions PAD. A mean over zero non-ignored targets is NaN (as torch).
+
+    Class-index targets run as one fused kernel per pass (:func:`pam.fused.cross_entropy_forward`
+    / ``cross_entropy_backward``, definition in :mod:`pam.xent_bits`): every sum (over
+    classes for the smoothing term, over rows for the reductions and the mean's weights)
+    is a float32 sum from +0 in increasing index; earlier versions summed in torch's order
+    (:func:`_cross_entropy_chain`, still used when the class weights require grad).
+    Probability targets run the composite (log_softmax fused, the rest op by op).
     """
     _check_tensor(input, "input")
     if reduction not in _REDUCTIONS:
@@ -331,25 +338,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if weight.shape != (C,):
             raise ValueError(f"weight must have shape ({C},), got {tuple(weight.shape)}")
     x = input.movedim(1, -1)                       # (N, d..., C)
-    logp = log_softmax(x, dim=-1, offset=offset, backward=backward)
-    if weight is not None:
-        wlogp = P.mul(logp, weight, offset=offset, backward=backward)
-    else:
-        wlogp = logp
-
     if target.dtype.is_floating_point:             # class probabilities
-        if target.shape != input.shape:
-            raise ValueError(f"probability target must have the input's shape "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        _check_tensor(target, "target")
-        t = target.movedim(1, -1)
-        if ls > 0:
-            t = (P.mul(t, 1.0 - ls, backward=backward)
-                 + _scalar(_pad_scalar(ls, C), t))
-        loss = -(P.mul(wlogp, t, offset=offset, backward=backward).sum(dim=-1))
-        count = float(loss.numel())
-        return _reduce(loss, reduction, count, backward)
-
+        return _cross_entropy_probabilities(x, target, input.shape, weight, reduction, ls,
+                                            offset, backward)
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"target must hold class indices (an integer dtype) or class "
                         f"probabilities (float32), got {target.dtype}")
@@ -357,15 +348,86 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         raise ValueError(f"target must have shape {tuple(x.shape[:-1])} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     target = target.long()
+    _check_class_indices(target, C, ignore_index)
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return _cross_entropy_chain(x, target, weight, ignore_index, reduction, ls, offset,
+                                    backward)
+    flags, a_b, s_b, red = fused.cross_entropy_args(weight, C, reduction, ls, backward)
+    args = (target.reshape(-1), None if weight is None else weight.detach(),
+            int(ignore_index), a_b, s_b, D.offset_constant(offset), flags, red)
+    x2 = x.reshape(-1, C)
+    if torch.is_grad_enabled() and x2.requires_grad:
+        loss = _CrossEntropyRows.apply(x2, *args)
+    else:
+        loss = L.cross_entropy_forward(x2, *args)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+class _CrossEntropyRows(torch.autograd.Function):
+    """Cross entropy with class-index targets as one kernel per pass (pam.fused)."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore, a_b, s_b, off, flags, red):
+        ctx.save_for_backward(x, target, weight)
+        ctx.args = (ignore, a_b, s_b, off, flags, red)
+        return L.cross_entropy_forward(x, target, weight, ignore, a_b, s_b, off, flags, red)
+
+    @staticmethod
+    @without_layers
+    @once_differentiable
+    def backward(ctx, grad):
+        x, target, weight = ctx.saved_tensors
+        gx = L.cross_entropy_backward(grad.contiguous(), x, target, weight, *ctx.args)
+        return (gx,) + (None,) * 8
+
+
+def _check_class_indices(target, classes, ignore_index):
+    """IndexError unless every target is in [0, classes) or ``ignore_index`` (an async
+    assert under torch.compile)."""
     ignore = target == ignore_index
-    t = torch.where(ignore, torch.zeros_like(target), target)
-    valid = (t >= 0) & (t < C)
-    message = f"target values must be in [0, {C}) or ignore_index={ignore_index}"
+    valid = ignore | ((target >= 0) & (target < classes))
+    message = f"target values must be in [0, {classes}) or ignore_index={ignore_index}"
     if torch.compiler.is_compiling():
         torch._assert_async(valid.all(), message)    # a graph op, not a graph break
     elif not bool(valid.all()):
         raise IndexError(message)
-    zero = torch.zeros((), dtype=torch.float32, device=input.device)
+
+
+def _weighted_log_probs(x, weight, offset, backward):
+    logp = log_softmax(x, dim=-1, offset=offset, backward=backward)
+    if weight is None:
+        return logp
+    return P.mul(logp, weight, offset=offset, backward=backward)
+
+
+def _cross_entropy_probabilities(x, target, input_shape, weight, reduction, ls, offset,
+                                 backward):
+    """The probability-target cross entropy (composite; sums over classes in torch's
+    order)."""
+    if target.shape != input_shape:
+        raise ValueError(f"probability target must have the input's shape "
+                         f"{tuple(input_shape)}, got {tuple(target.shape)}")
+    _check_tensor(target, "target")
+    C = input_shape[1]
+    wlogp = _weighted_log_probs(x, weight, offset, backward)
+    t = target.movedim(1, -1)
+    if ls > 0:
+        t = (P.mul(t, 1.0 - ls, backward=backward)
+             + _scalar(_pad_scalar(ls, C), t))
+    loss = -(P.mul(wlogp, t, offset=offset, backward=backward).sum(dim=-1))
+    count = float(loss.numel())
+    return _reduce(loss, reduction, count, backward)
+
+
+def _cross_entropy_chain(x, target, weight, ignore_index, reduction, ls, offset, backward):
+    """Index-target cross entropy as the composite of earlier versions (fused log_softmax,
+    the rest op by op; sums in torch's order): the definition the fused kernel restates
+    with sequential sums, used when the class weights require grad."""
+    C = x.shape[-1]
+    wlogp = _weighted_log_probs(x, weight, offset, backward)
+    ignore = target == ignore_index
+    t = torch.where(ignore, torch.zeros_like(target), target)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
     picked = wlogp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
     nll = torch.where(ignore, zero, -picked)
     if reduction == "mean":

@@ -15,6 +15,10 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
 * :func:`layer_norm_forward`, :func:`layer_norm_backward`: the PA layer norm of
   :func:`pam.nn.functional.layer_norm` with its weight and bias gradients (one launch on
   CPU; on CUDA the weight / bias column sums are a second launch).
+* :func:`cross_entropy_forward`, :func:`cross_entropy_backward`: the PA cross entropy of
+  :func:`pam.nn.functional.cross_entropy` for class-index targets (class weights,
+  ignore_index, label smoothing, every reduction), its loss and its input gradient, one
+  launch each on CPU (:mod:`pam.xent_bits`).
 
 The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
 one change from the composites of earlier versions (see :mod:`pam.rows_bits`);
@@ -36,7 +40,8 @@ from . import optim_bits as OB
 
 __all__ = ["adamw_step", "sgd_step", "gelu_forward", "gelu_backward", "softmax_forward",
            "softmax_backward", "log_softmax_forward", "log_softmax_backward",
-           "layer_norm_forward", "layer_norm_backward"]
+           "layer_norm_forward", "layer_norm_backward", "cross_entropy_forward",
+           "cross_entropy_backward"]
 
 
 def _check_lists(device, **lists):
@@ -436,22 +441,10 @@ def softmax_backward_kernel(grad, x, dim, off, safe, exact):
 
 
 # ------------------------------------------------------------------------- log_softmax, layer_norm
-def _rows_kernels(device):
-    """The row-kernel module for ``device`` (pam.kernels.cpu_rows or cuda_rows)."""
-    if device.type == "cpu":
-        from .kernels import cpu_rows
-        return cpu_rows
-    from .kernels import cuda_rows
-    return cuda_rows
-
-
 def rows_launch(name, device, *args):
     """Run row kernel ``name`` of :mod:`pam.kernels.cpu_rows` / ``cuda_rows`` on
     ``device`` (tensor arguments passed zero-copy, on CPU as NumPy views)."""
-    kernel = getattr(_rows_kernels(device), name)
-    if device.type == "cpu":
-        args = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
-    return kernel(*args)
+    return D.launch_in("rows", name, device, *args)
 
 
 def _check_row_grad(grad, x, backward):
@@ -620,3 +613,122 @@ def layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags):
         gw.zero_()
         gb.zero_()
     return out.view(torch.float32), gw.view(torch.float32), gb.view(torch.float32)
+
+
+# ------------------------------------------------------------------------- cross entropy
+def cross_entropy_args(weight, classes, reduction, label_smoothing, backward="exact"):
+    """(flags, bits of a = float32(1 - e), bits of s = PAD(e, C), reduction code) of a
+    fused cross entropy over ``classes`` classes: checks ``reduction`` ("mean", "sum",
+    "none"), ``label_smoothing`` e in [0, 1], ``backward`` and the weight's shape (ValueError
+    naming the argument)."""
+    from . import xent_bits as XB
+    if reduction not in XB.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {tuple(XB.REDUCTIONS)}, got {reduction!r}")
+    ls = float(label_smoothing)
+    if not 0.0 <= ls <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if backward not in ("exact", "approx"):
+        raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
+    flags = XB.CE_EXACT if backward == "exact" else 0
+    if weight is not None:
+        D.check_float32(weight, "weight")
+        if tuple(weight.shape) != (classes,):
+            raise ValueError(f"weight must have shape ({classes},), got {tuple(weight.shape)}")
+        flags |= XB.CE_WEIGHT
+    a_b = s_b = 0
+    if ls > 0.0:
+        flags |= XB.CE_SMOOTH
+        a_b = L.f32_bits_scalar(1.0 - ls)
+        s_b = L.f32_bits_scalar(L.pad_scalar(ls, classes))
+    return flags, a_b, s_b, XB.REDUCTIONS[reduction]
+
+
+def _check_targets(x, target, ignore_index):
+    """Checks of fused cross-entropy arguments: float32 (rows, classes) logits and an
+    integer target per row, each class index in [0, classes) or ``ignore_index``."""
+    D.check_float32(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be (rows, classes), got shape {tuple(x.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or \
+            target.dtype == torch.bool:
+        raise TypeError(f"target must hold class indices (an integer dtype), got "
+                        f"{target.dtype}")
+    if tuple(target.shape) != (x.shape[0],):
+        raise ValueError(f"target must have shape ({x.shape[0]},), got "
+                         f"{tuple(target.shape)}")
+    bad = (target != ignore_index) & ((target < 0) | (target >= x.shape[1]))
+    if bool(bad.any()):
+        raise IndexError(f"target values must be in [0, {x.shape[1]}) or "
+                         f"ignore_index={ignore_index}")
+
+
+def cross_entropy_forward(x, target, weight=None, ignore_index=-100, reduction="mean",
+                          label_smoothing=0.0, offset=None):
+    """Cross entropy of float32 logits ``x`` (rows, classes) and class indices ``target``
+    (rows,), no autograd, one launch: the definition of :mod:`pam.xent_bits` (the
+    composite of earlier versions with its sums made sequential). Returns the loss: one
+    value per row for ``reduction="none"``, else a 0-dim tensor."""
+    _check_targets(x, target, ignore_index)
+    flags, a_b, s_b, red = cross_entropy_args(weight, x.shape[1], reduction,
+                                              label_smoothing)
+    return L.cross_entropy_forward(x, target.long(), weight, int(ignore_index), a_b, s_b,
+                                   D.offset_constant(offset), flags, red)
+
+
+def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100,
+                           reduction="mean", label_smoothing=0.0, offset=None,
+                           backward="exact"):
+    """Input gradient of :func:`cross_entropy_forward` for the loss gradient ``grad``
+    (shaped like the loss): the chain rule through the composite's operations as autograd
+    runs them (:mod:`pam.xent_bits`); ``backward``: "exact" or "approx"."""
+    _check_targets(x, target, ignore_index)
+    flags, a_b, s_b, red = cross_entropy_args(weight, x.shape[1], reduction,
+                                              label_smoothing, backward)
+    D.check_float32(grad, "grad")
+    want = (x.shape[0],) if reduction == "none" else ()
+    if tuple(grad.shape) != want:
+        raise ValueError(f"grad must have the loss's shape {want}, got {tuple(grad.shape)}")
+    return L.cross_entropy_backward(grad, x, target.long(), weight, int(ignore_index), a_b,
+                                    s_b, D.offset_constant(offset), flags, red)
+
+
+def _xent_inputs(x, target, weight):
+    """Flat int32 bits of x, contiguous int64 targets, int32 bits of the weights (a
+    one-element placeholder without weights)."""
+    xb = x.detach().contiguous().view(torch.int32).view(-1)
+    tg = target.detach().contiguous()
+    if weight is None:
+        wb = torch.zeros(1, dtype=torch.int32, device=x.device)
+    else:
+        wb = weight.detach().contiguous().view(torch.int32)
+    return xb, tg, wb
+
+
+def cross_entropy_forward_kernel(x, target, weight, ignore, a_b, s_b, off, flags, red):
+    """:func:`cross_entropy_forward` of checked arguments (``weight`` may be None),
+    launching the kernel directly (the custom op's implementation)."""
+    from . import xent_bits as XB
+    rows, n = x.shape
+    out = torch.empty(rows if red == XB.REDUCE_NONE else (), dtype=torch.float32,
+                      device=x.device)
+    if red == XB.REDUCE_NONE and rows == 0:
+        return out
+    xb, tg, wb = _xent_inputs(x, target, weight)
+    D.launch_in("xent", "cross_entropy_forward", x.device, xb, wb, tg, n, ignore, a_b, s_b,
+                off, flags, red, out.view(torch.int32).view(-1))
+    return out
+
+
+def cross_entropy_backward_kernel(grad, x, target, weight, ignore, a_b, s_b, off, flags,
+                                  red):
+    """:func:`cross_entropy_backward` of checked arguments, launching the kernel directly
+    (the custom op's implementation)."""
+    rows, n = x.shape
+    out = torch.empty((rows, n), dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
+    xb, tg, wb = _xent_inputs(x, target, weight)
+    gb = grad.detach().contiguous().view(torch.int32).view(-1)
+    D.launch_in("xent", "cross_entropy_backward", x.device, xb, wb, tg, n, ignore, a_b, s_b,
+                off, flags, red, gb, out.view(torch.int32).view(-1))
+    return out

@@ -220,20 +220,9 @@ def matmul_exact_grad_right(a3, b3, grad, off):
 
 
 # --------------------------------------------------------------------------- convolution
-def _conv_kernels(device):
-    if device.type == "cpu":
-        from .kernels import cpu_conv
-        return cpu_conv
-    from .kernels import cuda_conv
-    return cuda_conv
-
-
 def _conv_launch(name, device, *args):
     """Run convolution kernel ``name`` on ``device`` (tensor arguments passed zero-copy)."""
-    kernel = getattr(_conv_kernels(device), name)
-    if device.type == "cpu":
-        args = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
-    return kernel(*args)
+    return D.launch_in("conv", name, device, *args)
 
 
 def _conv_out_shape(x4, w4, stride, pad_lo, pad_hi, dilation):
@@ -647,3 +636,63 @@ def layer_norm_backward(grad, x, weight, n, nb, eps_b, off, flags):
         from . import fused
         return fused.layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags)
     return _layer_norm_backward_op(grad, x, weight, n, nb, eps_b, off, flags)
+
+
+# ------------------------------------------------------------------------- cross entropy
+__all__ += ["cross_entropy_forward", "cross_entropy_backward"]
+
+
+def _placeholder_weight(weight, like):
+    return weight if weight is not None else like.new_zeros(1)
+
+
+@torch.library.custom_op("pam::cross_entropy_forward", mutates_args=())
+def _cross_entropy_forward_op(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                              has_weight: bool, ignore: int, a_b: int, s_b: int, off: int,
+                              flags: int, red: int) -> torch.Tensor:
+    from . import fused
+    return fused.cross_entropy_forward_kernel(x, target, weight if has_weight else None,
+                                              ignore, a_b, s_b, off, flags, red)
+
+
+@_cross_entropy_forward_op.register_fake
+def _(x, target, weight, has_weight, ignore, a_b, s_b, off, flags, red):
+    from .xent_bits import REDUCE_NONE
+    return x.new_empty(x.shape[0] if red == REDUCE_NONE else ())
+
+
+@torch.library.custom_op("pam::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(grad: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
+                               weight: torch.Tensor, has_weight: bool, ignore: int, a_b: int,
+                               s_b: int, off: int, flags: int, red: int) -> torch.Tensor:
+    from . import fused
+    return fused.cross_entropy_backward_kernel(grad, x, target,
+                                               weight if has_weight else None, ignore, a_b,
+                                               s_b, off, flags, red)
+
+
+@_cross_entropy_backward_op.register_fake
+def _(grad, x, target, weight, has_weight, ignore, a_b, s_b, off, flags, red):
+    return x.new_empty(x.shape)
+
+
+def cross_entropy_forward(x, target, weight, ignore, a_b, s_b, off, flags, red):
+    """:func:`pam.fused.cross_entropy_forward` of checked arguments (``weight`` may be
+    None; the flags, smoothing bits and reduction code of
+    :func:`pam.fused.cross_entropy_args`), traceable."""
+    if _direct(x, target) and (weight is None or _direct(weight)):
+        from . import fused
+        return fused.cross_entropy_forward_kernel(x, target, weight, ignore, a_b, s_b, off,
+                                                  flags, red)
+    return _cross_entropy_forward_op(x, target, _placeholder_weight(weight, x),
+                                     weight is not None, ignore, a_b, s_b, off, flags, red)
+
+
+def cross_entropy_backward(grad, x, target, weight, ignore, a_b, s_b, off, flags, red):
+    """:func:`pam.fused.cross_entropy_backward` of checked arguments, traceable."""
+    if _direct(grad, x, target) and (weight is None or _direct(weight)):
+        from . import fused
+        return fused.cross_entropy_backward_kernel(grad, x, target, weight, ignore, a_b,
+                                                   s_b, off, flags, red)
+    return _cross_entropy_backward_op(grad, x, target, _placeholder_weight(weight, x),
+                                      weight is not None, ignore, a_b, s_b, off, flags, red)

@@ -1,7 +1,7 @@
 """No float multiply or divide in the compiled CPU kernels (checked on the LLVM IR).
 
-Every Numba dispatcher defined in pam.kernels.cpu, pam.kernels.cpu_conv and
-pam.kernels.cpu_rows (named ``cpu_conv.<name>``, ``cpu_rows.<name>``) is found
+Every Numba dispatcher defined in pam.kernels.cpu, pam.kernels.cpu_conv,
+pam.kernels.cpu_rows and pam.kernels.cpu_xent (named ``cpu_conv.<name>``...) is found
 automatically (so a new kernel is covered as soon as it exists), compiled for its int32
 bit-pattern signatures by running the public kernels on small inputs that take every path
 (int32 fast paths with and without zero masks, general paths with inf/NaN), and the IR of
@@ -28,9 +28,10 @@ import pytest
 from numba import njit, prange
 from numba.core.dispatcher import Dispatcher
 
-from pam.kernels import cpu, cpu_conv, cpu_rows
+from pam.kernels import cpu, cpu_conv, cpu_rows, cpu_xent
 
-KERNEL_MODULES = {"": cpu, "cpu_conv.": cpu_conv, "cpu_rows.": cpu_rows}
+KERNEL_MODULES = {"": cpu, "cpu_conv.": cpu_conv, "cpu_rows.": cpu_rows,
+                  "cpu_xent.": cpu_xent}
 
 FORBIDDEN = re.compile(r"=\s*(?:fmul|fdiv)\b|call\b[^\n]*@llvm\.(?:fma|fmuladd)\.")
 
@@ -146,6 +147,14 @@ def compile_fused_kernels(a, b, out):
             cpu_rows.layer_norm_backward(x, w8[:n], b[:6 * n].copy(), np.empty_like(x),
                                          np.empty(n, np.int32), np.empty(n, np.int32), n, nb,
                                          0x3727C5AC, 0, flags)
+    target = np.array([0, 7, -100, 3, 5, 1, 2, 6], np.int64)    # cross entropy, 8 rows of 8
+    for reduction in (0, 1, 2):
+        for flags in (0, 7):                            # weight / smoothing / exact
+            loss = np.empty(8 if reduction == 0 else 1, np.int32)
+            cpu_xent.cross_entropy_forward(a, w8, target, 8, -100, 0x3F666666, 0x3C23D70A, 0,
+                                           flags, reduction, loss)
+            cpu_xent.cross_entropy_backward(a, w8, target, 8, -100, 0x3F666666, 0x3C23D70A,
+                                            0, flags, reduction, loss, out)
 
 
 def compile_all_kernels():
@@ -229,7 +238,8 @@ def test_every_kernel_is_found_and_compiled(compiled):
               "mul_lmul_as", "matmul_lmul", "cpu_conv.conv_forward_lmul",
               "cpu_conv.conv_grad_input_lmul", "cpu_conv.conv_grad_weight_lmul",
               "cpu_rows.log_softmax_forward", "cpu_rows.log_softmax_backward",
-              "cpu_rows.layer_norm_forward", "cpu_rows.layer_norm_backward"}
+              "cpu_rows.layer_norm_forward", "cpu_rows.layer_norm_backward",
+              "cpu_xent.cross_entropy_forward", "cpu_xent.cross_entropy_backward"}
     # public kernels are dispatchers or, where the path is chosen in Python (matmul and its
     # gradients), plain functions over dispatchers that are all in ``compiled``
     entries = {prefix + name for prefix, module in KERNEL_MODULES.items()

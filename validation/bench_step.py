@@ -13,7 +13,7 @@ Float and PAM steps are interleaved (float, PAM, float, PAM, ...) after warm-up 
 absorb JIT compilation, so both see the same machine state; each phase (forward with the
 loss, backward, optimizer step with zero_grad) is timed separately and the median over the
 measured steps is reported. Kernel launches per PAM step count the calls to
-``pam.dispatch.launch`` (every PAM kernel goes through it). The launch overhead is the
+``pam.dispatch``'s launch functions (every PAM kernel goes through them). The launch overhead is the
 median time of one ``pam.mul`` of two 1-element tensors (forward only, no autograd), the
 raw ``pam.dispatch.launch`` of the 1-element ``mul`` kernel, and ``torch.mul`` for scale;
 then ``pam.mul`` of 16 elements (no grad, and with an input that requires grad: through
@@ -153,24 +153,31 @@ COMPILED = ("gpt_small", "gpt_wide")
 
 # --------------------------------------------------------------------------- timing
 class LaunchCounter:
-    """Counts calls to pam.dispatch.launch while installed."""
+    """Counts kernel launches while installed: the calls to pam.dispatch.launch and
+    launch_in, and of the kernels pam.dispatch._launcher hands to the elementwise maps
+    (every PAM kernel goes through one of the three)."""
 
     def __init__(self):
         self.count = 0
-        self._orig = pam.dispatch.launch
+        D = pam.dispatch
+        self._orig = (D.launch, D.launch_in, D._launcher)
 
     def __enter__(self):
-        orig = self._orig
+        launch, launch_in, launcher = self._orig
 
-        def counting(*args, **kwargs):
-            self.count += 1
-            return orig(*args, **kwargs)
+        def counted(fn):
+            def call(*args, **kwargs):
+                self.count += 1
+                return fn(*args, **kwargs)
+            return call
 
-        pam.dispatch.launch = counting
+        pam.dispatch.launch = counted(launch)
+        pam.dispatch.launch_in = counted(launch_in)
+        pam.dispatch._launcher = lambda device, name: counted(launcher(device, name))
         return self
 
     def __exit__(self, *exc):
-        pam.dispatch.launch = self._orig
+        pam.dispatch.launch, pam.dispatch.launch_in, pam.dispatch._launcher = self._orig
 
 
 def _timed_step(model, loss_fn, opt, last_loss=None):

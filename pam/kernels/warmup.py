@@ -32,9 +32,9 @@ import time
 
 from numba.core import event, types
 
-from . import _cache, cpu, cpu_conv, cpu_rows
+from . import _cache, cpu, cpu_conv, cpu_rows, cpu_xent
 
-MODULES = {"cpu": cpu, "cpu_conv": cpu_conv, "cpu_rows": cpu_rows}
+MODULES = {"cpu": cpu, "cpu_conv": cpu_conv, "cpu_rows": cpu_rows, "cpu_xent": cpu_xent}
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_manifest.json")
 _PAM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
