@@ -110,7 +110,7 @@ def test_bdia_combine_ties_and_tiny_fractions():
     h = torch.tensor([0, 0, 0, 0, 0, 2.0 ** -40], dtype=torch.float32)
     gp = torch.ones(6, dtype=torch.bool)
     assert quant.bdia_combine(X, h, gp, 9).tolist() == [2, 2, 0, -2, 0, 1]
-    with pytest.raises(GridRangeError, match="block 7"):
+    with pytest.raises(GridRangeError, match=r"block 7.*largest finite \|x\| = 1e\+30"):
         quant.bdia_combine(X, torch.full((6,), 1e30), gp, 9, "block 7")
     with pytest.raises(GridRangeError):
         quant.bdia_combine(X, torch.full((6,), float("nan")), gp, 9, "block 7")
@@ -180,3 +180,16 @@ def test_no_float_multiply_in_grid_ops():
     with pytest.raises(pam.audit.FloatMultiplyError):
         with NoFloatMul():
             x * 2.0
+
+
+@pytest.mark.parametrize("l", [1, 9, 20])
+def test_from_grid_float32_is_the_exact_value(l):
+    """from_grid's float32 path (exponent edit of the int32 view) gives X 2^-l exactly for
+    every |X| < 2^24, zero and the extremes included (against Fractions)."""
+    g = torch.Generator().manual_seed(l)
+    X = torch.randint(-2 ** 24 + 1, 2 ** 24, (2000,), generator=g)
+    X[:6] = torch.tensor([0, 1, -1, 2 ** 24 - 1, -(2 ** 24 - 1), 2 ** 23])
+    got = quant.from_grid(X, l)
+    assert got.dtype == torch.float32
+    assert [Fraction(float(v)) for v in got] == [Fraction(int(x), 2 ** l) for x in X]
+    assert bits(got[:1]).item() == 0                    # +0, not a denormal pattern

@@ -4,7 +4,8 @@ For each op at the shapes of a GPT step (rows = batch 16 x sequence 64), the cha
 elementwise PAM kernels and torch sums of earlier versions (``pam.functional``'s
 ``_layer_norm_chain``, ``_log_softmax_chain``, ``_softmax_chain``) and the fused kernels
 (one launch per pass: ``pam.nn.functional.layer_norm``, ``log_softmax``,
-``cross_entropy``, and the attention softmax with ``safe`` rows) run interleaved
+``cross_entropy`` against ``_cross_entropy_chain`` on the log_softmax chain, and the
+attention softmax with ``safe`` rows) run interleaved
 (chain, fused, chain, ...) with ``backward="exact"``; the median time of forward +
 backward is reported, and the ratio chain / fused (> 1: the fused kernel is faster).
 
@@ -33,12 +34,13 @@ from pam import functional as PF  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def _chain_cross_entropy(x, t):
-    """cross_entropy with log_softmax as the chain (the module global it calls)."""
+def _chain_cross_entropy(x, t, weight=None, ls=0.0, backward="exact"):
+    """The cross-entropy chain of earlier versions: the composite
+    (``PF._cross_entropy_chain``) on the log_softmax chain (the module global it calls)."""
     fused_ls = PF.log_softmax
     PF.log_softmax = PF._log_softmax_chain
     try:
-        return PF.cross_entropy(x, t)
+        return PF._cross_entropy_chain(x, t, weight, -100, "mean", ls, None, backward)
     finally:
         PF.log_softmax = fused_ls
 
@@ -60,6 +62,9 @@ def cases():
     out.append(("cross_entropy (1024, 256)", (logits,),
                 lambda x: _chain_cross_entropy(x, target),
                 lambda x: PF.cross_entropy(x, target)))
+    out.append(("cross_entropy (1024, 256) ls 0.1", (logits,),
+                lambda x: _chain_cross_entropy(x, target, ls=0.1),
+                lambda x: PF.cross_entropy(x, target, label_smoothing=0.1)))
     scores = torch.randn(16, 4, 64, 64, generator=g) * 3
     out.append(("softmax (16, 4, 64, 64)", (scores,),
                 lambda x: PF._softmax_chain(x, -1, None, "exact", True),
@@ -130,6 +135,20 @@ def differences():
             out.append({"op": f"{name} {shape}", "backward": mode,
                         "out": _rel(res[0][0], res[1][0]),
                         "grads": [_rel(res[0][1], res[1][1])]})
+        x = torch.randn(1024, 256) * 3                 # cross entropy, weights, smoothing 0.1
+        t = torch.randint(0, 256, (1024,))
+        t[::7] = -100
+        w = torch.rand(256) + 0.5
+        res = []
+        for f in (lambda v: PF.cross_entropy(v, t, w, label_smoothing=0.1, backward=mode),
+                  lambda v: _chain_cross_entropy(v, t, w, 0.1, mode)):
+            leaf = x.clone().requires_grad_()
+            y = f(leaf)
+            y.backward()
+            res.append((y.detach(), leaf.grad))
+        out.append({"op": "cross_entropy (1024, 256) weights, ls 0.1", "backward": mode,
+                    "out": _rel(res[0][0], res[1][0]),
+                    "grads": [_rel(res[0][1], res[1][1])]})
     return out
 
 
