@@ -24,15 +24,20 @@ exact), signed zeros included: the gather's gradient is scattered by addition in
 +0 entries, the smoothing sum's gradient is broadcast to every class and added to it, an
 ignored row receives +0 through ``where`` and -0 after the negation. Every value is an
 int32 float32 bit pattern.
+
+The kernels run a row in two steps: the log_softmax row of :mod:`pam.rows_bits`, then
+:func:`ce_row_terms` (forward) or :func:`ce_row_grad` then the log_softmax row backward.
+On CPU the log_softmax rows are the compiled row functions of
+:mod:`pam.kernels.cpu_rows`, so that their (large) code compiles once for both.
 """
 import numpy as np
 from numba.extending import register_jitable
 
 from . import bits
-from .rows_bits import _b, _f, log_softmax_row_backward, log_softmax_row_forward
+from .rows_bits import _b, _f
 
 __all__ = ["CE_WEIGHT", "CE_SMOOTH", "CE_EXACT", "REDUCE_NONE", "REDUCE_SUM", "REDUCE_MEAN",
-           "REDUCTIONS", "ce_row_forward", "ce_finish", "ce_grad_scalars", "ce_row_backward"]
+           "REDUCTIONS", "ce_row_terms", "ce_finish", "ce_grad_scalars", "ce_row_grad"]
 
 CE_WEIGHT = 1          # class weights are given
 CE_SMOOTH = 2          # label smoothing > 0
@@ -75,9 +80,10 @@ def _target(target, r, n, ignore):
 
 
 @register_jitable
-def ce_row_forward(x, w, target, lp, nll, sm, wt, r, n, ignore, off, flags):
-    """Row r: nll[r], sm[r] (with CE_SMOOTH, else +0) and wt[r] of the definition above;
-    ``lp`` receives the row's log-probabilities (scratch shaped like ``x``)."""
+def ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags):
+    """Row r: nll[r], sm[r] (with CE_SMOOTH, else +0) and wt[r] of the definition above,
+    from the row's log-probabilities ``lp[r n : (r + 1) n]`` (the kernels compute them
+    first with :func:`pam.rows_bits.log_softmax_row_forward`; unused for an ignored row)."""
     base = r * n
     t, ignored = _target(target, r, n, ignore)
     if ignored:
@@ -85,7 +91,6 @@ def ce_row_forward(x, w, target, lp, nll, sm, wt, r, n, ignore, off, flags):
         sm[r] = _ZERO
         wt[r] = _ZERO
         return
-    log_softmax_row_forward(x, lp, base, n, off)
     weighted = (flags & CE_WEIGHT) != 0
     p = lp[base + t]
     nll[r] = _neg(_pam(p, w[t], off) if weighted else p)
@@ -194,11 +199,13 @@ def ce_grad_scalars(target, nll, sm, wt, rows, ignore, reduction, flags, a_b, s_
 
 
 @register_jitable
-def ce_row_backward(x, w, target, lp, dl, out, r, n, ignore, dn, ds, off, flags):
-    """Row r of the input gradient, given the row's gradients ``dn`` w.r.t. nll_r and
-    ``ds`` w.r.t. smooth_r (bits, from :func:`ce_grad_scalars`); ``lp`` and ``dl`` are
-    scratch shaped like ``x``. An ignored row still runs the log_softmax backward (of its
-    signed zeros: NaN where its logits hold NaN or infinities, as the composite)."""
+def ce_row_grad(w, target, lp, dl, r, n, ignore, dn, ds, flags, off):
+    """Row r of the gradient w.r.t. the row's log-probabilities into ``dl``, given the
+    row's gradients ``dn`` w.r.t. nll_r and ``ds`` w.r.t. smooth_r (bits, from
+    :func:`ce_grad_scalars`); ``lp`` holds the row's log-probabilities (read only for
+    exact slopes with class weights). The kernels then run
+    :func:`pam.rows_bits.log_softmax_row_backward` of ``dl`` -- also for an ignored row,
+    whose signed zeros give NaN where its logits hold NaN or infinities, as the composite."""
     base = r * n
     t, ignored = _target(target, r, n, ignore)
     exact = (flags & CE_EXACT) != 0
@@ -206,8 +213,6 @@ def ce_row_backward(x, w, target, lp, dl, out, r, n, ignore, dn, ds, off, flags)
     gp = _add(_ZERO, _neg(_ZERO if ignored else dn))   # where, neg, gather (scatter-add)
     smoothing = (flags & CE_SMOOTH) != 0
     gs = _neg(_ZERO if ignored else ds)                 # where, neg, sum (broadcast)
-    if weighted and exact:
-        log_softmax_row_forward(x, lp, base, n, off)
     for c in range(n):
         v = gp if c == t else _ZERO
         if smoothing:
@@ -218,4 +223,9 @@ def ce_row_backward(x, w, target, lp, dl, out, r, n, ignore, dn, ds, off, flags)
             else:
                 v = _pam(v, w[c], off)
         dl[base + c] = v
-    log_softmax_row_backward(x, dl, out, base, n, off, exact)
+
+
+@register_jitable
+def ce_needs_log_probs(flags):
+    """Whether :func:`ce_row_grad` reads ``lp`` (exact slopes with class weights)."""
+    return (flags & CE_EXACT) != 0 and (flags & CE_WEIGHT) != 0

@@ -5,14 +5,17 @@
 ignore_index; ``a_b`` / ``s_b``: the bits of the smoothing factors (unused without
 ``CE_SMOOTH``); ``reduction``: a ``pam.xent_bits.REDUCE_*`` code. One serial loop over rows
 (a loss has few rows and classes next to the layers before it; serial code compiles in a
-fraction of a parallel kernel's time). A target outside [0, n) that is not ``ignore``
-raises ValueError; ``off`` must be an offset constant of pam.dispatch.offset_constant.
+fraction of a parallel kernel's time). The log_softmax rows are :mod:`.cpu_rows`' compiled
+row functions (their code compiles once for both modules). A target outside [0, n) that
+is not ``ignore`` raises ValueError; ``off`` must be an offset constant of
+pam.dispatch.offset_constant.
 """
 import numpy as np
 from numba import njit
 
 from .. import optim_bits
 from .. import xent_bits as XB
+from .cpu_rows import _log_softmax_row_backward, _log_softmax_row_forward
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
@@ -25,7 +28,9 @@ def _rows_forward(x, w, target, n, ignore, off, flags):
     sm = np.empty(rows, np.int32)
     wt = np.empty(rows, np.int32)
     for r in range(rows):
-        XB.ce_row_forward(x, w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
+        if target[r] != ignore:
+            _log_softmax_row_forward(x, lp, r * n, n, off)
+        XB.ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
     return lp, nll, sm, wt
 
 
@@ -49,7 +54,9 @@ def cross_entropy_backward(x, w, target, n, ignore, a_b, s_b, off, flags, reduct
     ds = np.empty(rows, np.int32)
     XB.ce_grad_scalars(target, nll, sm, wt, rows, ignore, reduction, flags, a_b, s_b, g, dn,
                        ds)
+    exact = (flags & XB.CE_EXACT) != 0
     dl = np.empty(x.size, np.int32)
     for r in range(rows):
         k = r if reduction == XB.REDUCE_NONE else 0
-        XB.ce_row_backward(x, w, target, lp, dl, out, r, n, ignore, dn[k], ds[k], off, flags)
+        XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
+        _log_softmax_row_backward(x, dl, out, r * n, n, off, exact)

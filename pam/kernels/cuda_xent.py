@@ -12,7 +12,7 @@ neither a GPU nor numba-cuda.
 """
 import numpy as np
 
-from .. import optim_bits
+from .. import optim_bits, rows_bits
 from .. import xent_bits as XB
 from .cuda import _check_array, cuda, lazy_kernels
 from .cuda_rows import THREADS, _grid, _run, _scratch
@@ -22,7 +22,9 @@ __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
 def _rows_forward_kernel(x, w, target, n, ignore, off, flags, lp, nll, sm, wt):
     for r in range(cuda.grid(1), target.size, cuda.gridsize(1)):
-        XB.ce_row_forward(x, w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
+        if target[r] != ignore:
+            rows_bits.log_softmax_row_forward(x, lp, r * n, n, off)
+        XB.ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
 
 
 def _finish_kernel(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, out):
@@ -40,9 +42,11 @@ def _grad_scalars_kernel(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b
 
 def _rows_backward_kernel(x, w, target, n, ignore, off, flags, reduction, lp, dn, ds, dl,
                           out):
+    exact = (flags & XB.CE_EXACT) != 0
     for r in range(cuda.grid(1), target.size, cuda.gridsize(1)):
         k = r if reduction == XB.REDUCE_NONE else 0
-        XB.ce_row_backward(x, w, target, lp, dl, out, r, n, ignore, dn[k], ds[k], off, flags)
+        XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
+        rows_bits.log_softmax_row_backward(x, dl, out, r * n, n, off, exact)
 
 
 _compiled = lazy_kernels({
