@@ -241,6 +241,26 @@ def test_grad_micro_kernel_blocks(n, k, m, zeros):
         assert_same_bits(dr[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
 
 
+@pytest.mark.parametrize("zeros", ["none", "a", "b", "all"])
+@pytest.mark.parametrize("n, k, m", BLOCK_SHAPES + [(6, 3, 40)])
+def test_matmul_micro_kernel_blocks(n, k, m, zeros):
+    """The register-blocked PAM forward fast path (4-row x 16-column tiles, MM_ROW_BLOCK-row
+    tasks, packed strips of b) on shapes that are not multiples of the blocks, batch 2,
+    unmasked and masked (zeros in a, b or both), against the reference per batch."""
+    rng = np.random.default_rng(n * 7919 + k * 31 + m)
+    pick = lambda x: "zeros" if zeros in (x, "all") else "normal"  # noqa: E731
+    n = n + cpu.MM_ROW_BLOCK if n > 16 else n                       # a partial last task
+    a = operand(rng, (2, n, k), pick("a"))
+    b = operand(rng, (2, k, m), pick("b"))
+    ai, bi = a.view(np.int32), b.view(np.int32)
+    fast, za, zb = cpu._matmul_plan(ai, bi, 0, False)
+    assert fast and (zeros != "none" or not (za or zb))           # fast path, masked or not
+    out = np.full((2, n, m), np.nan, np.float32)
+    cpu.matmul(ai, bi, 0, out)
+    for p in range(2):
+        assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
+
+
 def test_grad_scratch_reused_across_sizes_and_threads():
     """The per-thread packing scratch (cpu._strip_work): a large call, then a smaller one
     that reuses the bigger buffer, then a masked one that needs more than it; and two

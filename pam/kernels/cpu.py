@@ -6,7 +6,10 @@ scalar definitions of :mod:`pam.bits`, so the CPU and CUDA kernels compute the s
 Reductions (matmul and its backward) accumulate in float32, one output element at a time,
 in increasing order of the reduced index: the result does not depend on the thread count.
 Parallelism is over output rows; vectorization is across output columns (an elementwise
-``acc[j] += p[j]``, which needs no reassociation).
+``acc[j] += p[j]``, which needs no reassociation). The PAM matmul and its exact gradients
+keep a small tile of such accumulators in registers over the whole reduced range
+(pam.kernels.vec8 eight-lane values) and stream the operand that varies along the output
+columns from a packed copy of 16-column strips.
 
 Each matmul kernel scans its operands once (O(inputs)) and, when no inf/NaN is present and
 the exponent ranges rule out overflow and underflow, takes an int32 fast path in which one
@@ -655,18 +658,18 @@ def _mm_row_consts(arows, off):
     return cs, nz, nz4
 
 
-# PAM and L-Mul fast paths, with and without the zero mask of b, are four dispatchers (the
-# family and the mask are compile-time constants, not runtime flags): each compiles only its
-# own inner loops, on its first use. A PAM run never compiles the L-Mul loops; operands
-# without zeros (weights, most activations) never compile the masked ones.
-def _make_matmul_fast(lmul, use_mask):
-    """The parallel fast-path kernel ``(a, b, M, off, out)`` of ``matmul`` (``lmul`` False:
-    PAM products, off the PAM offset) or ``matmul_lmul`` (L-Mul, off = c); M is the zero mask
-    of b when ``use_mask`` (unused otherwise: pass b)."""
-    # Only bools are captured (the cache key hashes the captured values; the blocks are
-    # named as globals) and the branches on them are pruned at compile time.
+# The L-Mul fast path, with and without the zero mask of b, is two dispatchers (the mask is
+# a compile-time constant, not a runtime flag): each compiles only its own inner loops, on
+# its first use; a PAM run compiles neither. (The PAM fast path is the register-blocked
+# ``_matmul_fast`` further down; the L-Mul product's carry correction keeps these
+# accumulator-row loops.)
+def _make_matmul_fast_lmul(use_mask):
+    """The parallel L-Mul fast-path kernel ``(a, b, M, c, out)`` of ``matmul_lmul``; M is the
+    zero mask of b when ``use_mask`` (unused otherwise: pass b)."""
+    # Only a bool is captured (the cache key hashes the captured values; the blocks are
+    # named as globals) and the branches on it are pruned at compile time.
     @njit(**_JIT)
-    def _matmul_fast(a, b, M, off, out):
+    def _matmul_fast_lmul(a, b, M, off, out):
         batch, n, k = a.shape
         m = b.shape[2]
         row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
@@ -678,30 +681,23 @@ def _make_matmul_fast(lmul, use_mask):
             acc = np.empty((rows, COL_TILE), np.float32)
             Bp = b[p]
             Mp = M[p]
-            if lmul:
-                es = np.empty((rows, k), np.int32)
-                for r in range(rows):
-                    _lmul_row_consts(a[p, i0 + r], off, es[r])
+            es = np.empty((rows, k), np.int32)
+            for r in range(rows):
+                _lmul_row_consts(a[p, i0 + r], off, es[r])
             for j0 in range(0, m, COL_TILE):
                 w = min(COL_TILE, m - j0)
                 acc[:, :w] = 0.0
-                if lmul and use_mask:
+                if use_mask:
                     _lmm_fast_block_m(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
-                elif lmul:
-                    _lmm_fast_block(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
-                elif use_mask:
-                    _mm_fast_block_m(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
                 else:
-                    _mm_fast_block(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
+                    _lmm_fast_block(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
                 for r in range(rows):
                     out[p, i0 + r, j0:j0 + w] = acc[r, :w]
-    return _matmul_fast
+    return _matmul_fast_lmul
 
 
-_matmul_fast = _make_matmul_fast(False, False)
-_matmul_fast_m = _make_matmul_fast(False, True)
-_matmul_fast_lmul = _make_matmul_fast(True, False)
-_matmul_fast_lmul_m = _make_matmul_fast(True, True)
+_matmul_fast_lmul = _make_matmul_fast_lmul(False)
+_matmul_fast_lmul_m = _make_matmul_fast_lmul(True)
 
 
 @njit(**_JIT)
@@ -741,11 +737,11 @@ def _matmul_general(a, b, off, lmul, out):
 # int32 operands, a float32 result, int64 scalars, a bool mask flag.
 @njit(cache=True, nogil=True)
 def _matmul_plan(a, b, off, lmul):
-    """(fast, mask): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
-    applies, and whether it needs the zero mask of b."""
+    """(fast, za, zb): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
+    applies, and whether a, b hold zeros or subnormals."""
     sa, za, lo_a, hi_a = _stats(a)
     sb, zb, lo_b, hi_b = _stats(b)
-    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), zb
+    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), za, zb
 
 
 def _matmul_run(a, b, off, lmul, out):
@@ -755,13 +751,15 @@ def _matmul_run(a, b, off, lmul, out):
     if a.shape[2] == 0:
         out[:] = 0.0
         return
-    fast, zb = _matmul_plan(a, b, off, lmul)
+    fast, za, zb = _matmul_plan(a, b, off, lmul)
     if not fast:
         _matmul_general(a, b, off, lmul, out)
+    elif not lmul:
+        _matmul_fast(a, b, za or zb, off, _strip_work(b, za or zb), out)
     elif zb:
-        (_matmul_fast_lmul_m if lmul else _matmul_fast_m)(a, b, _zero_mask(b), off, out)
+        _matmul_fast_lmul_m(a, b, _zero_mask(b), off, out)
     else:
-        (_matmul_fast_lmul if lmul else _matmul_fast)(a, b, b, off, out)
+        _matmul_fast_lmul(a, b, b, off, out)
 
 
 def matmul(a, b, off, out):
@@ -866,7 +864,7 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
 # micro-kernel streams it with unit stride; a strided walk down the unpacked operand
 # (row stride 4 KiB at k = 1024) maps every load to the same L1 set and ran 2.5x slower.
 # Output tiles past the last row or column are computed on padding and not stored.
-GRAD_LANES = 16
+STRIP_LANES = 16
 
 
 @njit(cache=True, nogil=True)
@@ -877,16 +875,16 @@ def _pack_row(xr, xp, mp, u, masked):
     cols = xr.size
     for q in range(xp.shape[0]):
         d = xp[q, u]
-        c0 = q * GRAD_LANES
-        if c0 + GRAD_LANES <= cols:
-            for l in range(GRAD_LANES):
+        c0 = q * STRIP_LANES
+        if c0 + STRIP_LANES <= cols:
+            for l in range(STRIP_LANES):
                 d[l] = xr[c0 + l]
         else:
-            for l in range(GRAD_LANES):
+            for l in range(STRIP_LANES):
                 d[l] = xr[c0 + l] if c0 + l < cols else 0
         if masked:
             e = mp[q, u]
-            for l in range(GRAD_LANES):
+            for l in range(STRIP_LANES):
                 e[l] = -1 if (d[l] & ABS_MASK) >= MIN_NORMAL else 0
 
 
@@ -1018,8 +1016,8 @@ def _strips(x, work, masked):
     ``masked`` (else it is xp again). ``work`` must hold 2 * xp.size elements (1 * when
     not masked)."""
     batch, rows, cols = x.shape
-    shape = (batch, (cols + GRAD_LANES - 1) // GRAD_LANES, rows, GRAD_LANES)
-    size = batch * shape[1] * rows * GRAD_LANES
+    shape = (batch, (cols + STRIP_LANES - 1) // STRIP_LANES, rows, STRIP_LANES)
+    size = batch * shape[1] * rows * STRIP_LANES
     xp = work[:size].reshape(shape)
     return xp, (work[size:2 * size].reshape(shape) if masked else xp)
 
@@ -1040,7 +1038,7 @@ def _grad_left_fast(a, bt, grad, masked, off, work, out):
     packed strips of bt (see ``_strips``)."""
     batch, n, k = a.shape
     m = bt.shape[1]
-    strips = (k + GRAD_LANES - 1) // GRAD_LANES
+    strips = (k + STRIP_LANES - 1) // STRIP_LANES
     row_blocks = (n + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
     xp, mp = _strips(bt, work, masked)
     chunks = (m + 63) // 64
@@ -1053,16 +1051,16 @@ def _grad_left_fast(a, bt, grad, masked, off, work, out):
         i0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
         rows = min(i0 + GRAD_ROW_BLOCK, n) - i0
         rows2 = rows + rows % 2
-        y = _lane_rows(a[p, i0:i0 + rows], off, rows2, strips * GRAD_LANES)
+        y = _lane_rows(a[p, i0:i0 + rows], off, rows2, strips * STRIP_LANES)
         g = grad[p, i0:i0 + rows]
         h = _row_masks(g, rows2) if masked else y
-        tile = np.empty((2, GRAD_LANES), np.float32)
+        tile = np.empty((2, STRIP_LANES), np.float32)
         for q in range(strips):
-            t0 = q * GRAD_LANES
-            w = min(GRAD_LANES, k - t0)
+            t0 = q * STRIP_LANES
+            w = min(STRIP_LANES, k - t0)
             for r in range(0, rows, 2):
                 r1 = min(r + 1, rows - 1)
-                _sl_tile(tile, y[r, t0:t0 + GRAD_LANES], y[r + 1, t0:t0 + GRAD_LANES],
+                _sl_tile(tile, y[r, t0:t0 + STRIP_LANES], y[r + 1, t0:t0 + STRIP_LANES],
                          xp[p, q], mp[p, q], g[r], g[r1], h[r], h[r + 1], masked)
                 out[p, i0 + r, t0:t0 + w] = tile[0, :w]
                 if r + 1 < rows:
@@ -1076,7 +1074,7 @@ def _grad_right_fast(at, b, grad, masked, off, work, out):
     packed strips of grad (see ``_strips``)."""
     batch, k, n = at.shape
     m = b.shape[2]
-    strips = (m + GRAD_LANES - 1) // GRAD_LANES
+    strips = (m + STRIP_LANES - 1) // STRIP_LANES
     row_blocks = (k + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
     xp, mp = _strips(grad, work, masked)
     chunks = (n + 63) // 64
@@ -1089,7 +1087,7 @@ def _grad_right_fast(at, b, grad, masked, off, work, out):
         t0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
         rows = min(t0 + GRAD_ROW_BLOCK, k) - t0
         rows2 = rows + rows % 2
-        y = _lane_rows(b[p, t0:t0 + rows], off, rows2, strips * GRAD_LANES)
+        y = _lane_rows(b[p, t0:t0 + rows], off, rows2, strips * STRIP_LANES)
         A = at[p, t0:t0 + rows]
         cs = np.empty((rows2, n), np.int32)
         for r in range(rows2):
@@ -1097,16 +1095,126 @@ def _grad_right_fast(at, b, grad, masked, off, work, out):
                 ia = np.int64(A[min(r, rows - 1), i])
                 cs[r, i] = _signed_const(ia & ABS_MASK, ia < 0)
         h = _row_masks(A, rows2) if masked else cs
-        tile = np.empty((2, GRAD_LANES), np.float32)
+        tile = np.empty((2, STRIP_LANES), np.float32)
         for q in range(strips):
-            j0 = q * GRAD_LANES
-            w = min(GRAD_LANES, m - j0)
+            j0 = q * STRIP_LANES
+            w = min(STRIP_LANES, m - j0)
             for r in range(0, rows, 2):
-                _sr_tile(tile, y[r, j0:j0 + GRAD_LANES], y[r + 1, j0:j0 + GRAD_LANES],
+                _sr_tile(tile, y[r, j0:j0 + STRIP_LANES], y[r + 1, j0:j0 + STRIP_LANES],
                          xp[p, q], mp[p, q], cs[r], cs[r + 1], h[r], h[r + 1], masked)
                 out[p, t0 + r, j0:j0 + w] = tile[0, :w]
                 if r + 1 < rows:
                     out[p, t0 + r + 1, j0:j0 + w] = tile[1, :w]
+
+
+# PAM forward fast path: the same register blocking for out = a @ b. One ``_mm_tile`` call
+# computes a 4-row x 16-column tile over the whole reduced index t: eight 8-lane
+# accumulators in registers, per product one int32 add (b's packed strip plus a's splatted
+# constant) and one float add. Rows past the last are computed on copies of the last row
+# and not stored. (The L-Mul forward keeps the accumulator-row loops above.)
+MM_TILE_ROWS = 4
+# Rows of a per parallel task of the PAM forward fast path (they share each packed strip).
+MM_ROW_BLOCK = 16
+
+
+@njit(cache=True, nogil=True)
+def _mm_tile(tile, X, M, c0, c1, c2, c3, h0, h1, h2, h3, masked):
+    """tile[r, l] = sum_t f32(X[t, l] + c_r[t]), t increasing, for r = 0..3 (X: a packed
+    strip of b, c_r: the int32 constants |bits(a)| - ONE + off (+2^31 for negative a) of a
+    row of a). When ``masked`` each product is anded with M[t, l] (zero mask of X) and
+    h_r[t] (zero mask of a's row): a zero or subnormal factor gives +0."""
+    s00 = vec8.zero_f8()
+    s01 = vec8.zero_f8()
+    s10 = vec8.zero_f8()
+    s11 = vec8.zero_f8()
+    s20 = vec8.zero_f8()
+    s21 = vec8.zero_f8()
+    s30 = vec8.zero_f8()
+    s31 = vec8.zero_f8()
+    if masked:
+        for t in range(c0.size):
+            x0 = vec8.load_i8(X, t * 16)
+            x1 = vec8.load_i8(X, t * 16 + 8)
+            m0 = vec8.load_i8(M, t * 16)
+            m1 = vec8.load_i8(M, t * 16 + 8)
+            a = vec8.splat_i8(c0[t])
+            k = vec8.splat_i8(h0[t])
+            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+            a = vec8.splat_i8(c1[t])
+            k = vec8.splat_i8(h1[t])
+            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+            a = vec8.splat_i8(c2[t])
+            k = vec8.splat_i8(h2[t])
+            s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+            a = vec8.splat_i8(c3[t])
+            k = vec8.splat_i8(h3[t])
+            s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+    else:
+        for t in range(c0.size):
+            x0 = vec8.load_i8(X, t * 16)
+            x1 = vec8.load_i8(X, t * 16 + 8)
+            a = vec8.splat_i8(c0[t])
+            s00 = vec8.fadd_bits(s00, vec8.add_i8(x0, a))
+            s01 = vec8.fadd_bits(s01, vec8.add_i8(x1, a))
+            a = vec8.splat_i8(c1[t])
+            s10 = vec8.fadd_bits(s10, vec8.add_i8(x0, a))
+            s11 = vec8.fadd_bits(s11, vec8.add_i8(x1, a))
+            a = vec8.splat_i8(c2[t])
+            s20 = vec8.fadd_bits(s20, vec8.add_i8(x0, a))
+            s21 = vec8.fadd_bits(s21, vec8.add_i8(x1, a))
+            a = vec8.splat_i8(c3[t])
+            s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, a))
+            s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, a))
+    vec8.store_f8(tile, 0, s00)
+    vec8.store_f8(tile, 8, s01)
+    vec8.store_f8(tile, 16, s10)
+    vec8.store_f8(tile, 24, s11)
+    vec8.store_f8(tile, 32, s20)
+    vec8.store_f8(tile, 40, s21)
+    vec8.store_f8(tile, 48, s30)
+    vec8.store_f8(tile, 56, s31)
+
+
+@njit(**_JIT)
+def _matmul_fast(a, b, masked, off, work, out):
+    """PAM fast path of ``matmul`` (operands in ``_fast_ok``'s range); ``masked``: a or b
+    holds zeros or subnormals; ``work``: int32 scratch for the packed strips of b (see
+    ``_strips``)."""
+    batch, n, k = a.shape
+    m = b.shape[2]
+    strips = (m + STRIP_LANES - 1) // STRIP_LANES
+    row_blocks = (n + MM_ROW_BLOCK - 1) // MM_ROW_BLOCK
+    xp, mp = _strips(b, work, masked)
+    chunks = (k + 63) // 64
+    for task in prange(batch * chunks):
+        p = task // chunks
+        u0 = (task - p * chunks) * 64
+        _pack_strips(b, p, u0, min(u0 + 64, k), xp, mp, masked)
+    for task in prange(batch * row_blocks):
+        p = task // row_blocks
+        i0 = (task - p * row_blocks) * MM_ROW_BLOCK
+        rows = min(i0 + MM_ROW_BLOCK, n) - i0
+        rows4 = rows + (-rows) % MM_TILE_ROWS
+        A = a[p, i0:i0 + rows]
+        cs = np.empty((rows4, k), np.int32)
+        for r in range(rows4):
+            for t in range(k):
+                ia = np.int64(A[min(r, rows - 1), t])
+                cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
+        h = _row_masks(A, rows4) if masked else cs
+        tile = np.empty((MM_TILE_ROWS, STRIP_LANES), np.float32)
+        for q in range(strips):
+            j0 = q * STRIP_LANES
+            w = min(STRIP_LANES, m - j0)
+            for r in range(0, rows, MM_TILE_ROWS):
+                _mm_tile(tile, xp[p, q], mp[p, q], cs[r], cs[r + 1], cs[r + 2], cs[r + 3],
+                         h[r], h[r + 1], h[r + 2], h[r + 3], masked)
+                for u in range(min(MM_TILE_ROWS, rows - r)):
+                    out[p, i0 + r + u, j0:j0 + w] = tile[u, :w]
 
 
 @njit(cache=True, nogil=True)
@@ -1129,7 +1237,7 @@ def _strip_work(x, masked):
     fresh multi-MB array costs its page faults on every call (2.4 ms per 4 MB here, as
     much as packing it), so each thread holds the largest one it has needed."""
     batch, rows, cols = x.shape
-    size = batch * rows * (-(-cols // GRAD_LANES) * GRAD_LANES) * (2 if masked else 1)
+    size = batch * rows * (-(-cols // STRIP_LANES) * STRIP_LANES) * (2 if masked else 1)
     work = getattr(_WORK, "strips", None)
     if work is None or work.size < size:
         work = _WORK.strips = np.empty(max(size, 1), np.int32)
