@@ -860,10 +860,12 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
 # 8-lane accumulators (and the tile's slope constants) held in ymm registers: per product
 # three int32 ops and one float add, no accumulator load/store, no per-call slicing. The
 # operand that varies along the output columns is first packed into 16-column strips
-# (``_pack_lanes``: contiguous per reduced index, zero-padded past the last column) so the
+# (``_pack_strips``: contiguous per reduced index, zero-padded past the last column) so the
 # micro-kernel streams it with unit stride; a strided walk down the unpacked operand
 # (row stride 4 KiB at k = 1024) maps every load to the same L1 set and ran 2.5x slower.
-# Output tiles past the last row or column are computed on padding and not stored.
+# Output tiles past the last row or column are computed on padding and not stored. The PAM
+# forward (``_matmul_fast`` below) packs b the same way. The micro-kernels are written for
+# exactly two 8-lane vectors per row (the literal 16 in their loads is STRIP_LANES).
 STRIP_LANES = 16
 
 
