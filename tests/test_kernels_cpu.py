@@ -213,6 +213,83 @@ def test_sizes_across_column_tiles(regime):
     assert_same_bits(k_grad_right(a, b, g), ref_grad_right(a, b, g), "grad_right")
 
 
+BLOCK_SHAPES = [(1, 1, 1), (3, 15, 17), (2, 16, 16), (5, 31, 33), (17, 8, 1), (33, 47, 2)]
+
+
+@pytest.mark.parametrize("zeros", ["none", "a", "b", "g", "all"])
+@pytest.mark.parametrize("n, k, m", BLOCK_SHAPES)
+def test_grad_micro_kernel_blocks(n, k, m, zeros):
+    """The register-blocked gradient fast paths (2-row x 16-column tiles, GRAD_ROW_BLOCK-row
+    tasks, packed strips with zero padding) on shapes that are not multiples of the blocks
+    (odd rows, partial strips, a partial last task), batch 2, unmasked and masked (zeros in
+    one operand or all three), against the reference per batch."""
+    rng = np.random.default_rng(n * 10007 + k * 101 + m)
+    pick = lambda x: "zeros" if zeros in (x, "all") else "normal"  # noqa: E731
+    n = n + cpu.GRAD_ROW_BLOCK if n > 16 else n                     # a partial last task
+    a = operand(rng, (2, n, k), pick("a"))
+    b = operand(rng, (2, k, m), pick("b"))
+    g = operand(rng, (2, n, m), pick("g"))
+    ai, bi, gi = a.view(np.int32), b.view(np.int32), g.view(np.int32)
+    fast, _, _ = cpu._slope_plan(ai, np.ascontiguousarray(bi.transpose(0, 2, 1)), gi, 0)
+    assert fast                                       # the fast path is what runs
+    dl = np.full(a.shape, np.nan, np.float32)
+    cpu.matmul_exact_grad_left(ai, np.ascontiguousarray(bi.transpose(0, 2, 1)), gi, 0, dl)
+    dr = np.full(b.shape, np.nan, np.float32)
+    cpu.matmul_exact_grad_right(np.ascontiguousarray(ai.transpose(0, 2, 1)), bi, gi, 0, dr)
+    for p in range(2):
+        assert_same_bits(dl[p], ref_grad_left(a[p], b[p], g[p]), f"grad_left batch {p}")
+        assert_same_bits(dr[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
+
+
+@pytest.mark.parametrize("zeros", ["none", "a", "b", "all"])
+@pytest.mark.parametrize("n, k, m", BLOCK_SHAPES + [(6, 3, 40)])
+def test_matmul_micro_kernel_blocks(n, k, m, zeros):
+    """The register-blocked PAM forward fast path (4-row x 16-column tiles, MM_ROW_BLOCK-row
+    tasks, packed strips of b) on shapes that are not multiples of the blocks, batch 2,
+    unmasked and masked (zeros in a, b or both), against the reference per batch."""
+    rng = np.random.default_rng(n * 7919 + k * 31 + m)
+    pick = lambda x: "zeros" if zeros in (x, "all") else "normal"  # noqa: E731
+    n = n + cpu.MM_ROW_BLOCK if n > 16 else n                       # a partial last task
+    a = operand(rng, (2, n, k), pick("a"))
+    b = operand(rng, (2, k, m), pick("b"))
+    ai, bi = a.view(np.int32), b.view(np.int32)
+    fast, za, zb = cpu._matmul_plan(ai, bi, 0, False)
+    assert fast and (zeros != "none" or not (za or zb))           # fast path, masked or not
+    out = np.full((2, n, m), np.nan, np.float32)
+    cpu.matmul(ai, bi, 0, out)
+    for p in range(2):
+        assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
+
+
+def test_grad_scratch_reused_across_sizes_and_threads():
+    """The per-thread packing scratch (cpu._strip_work): a large call, then a smaller one
+    that reuses the bigger buffer, then a masked one that needs more than it; and two
+    threads running different shapes at once. Each result equals its reference."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(21)
+    cases = [((9, 40, 70), "normal"), ((3, 5, 6), "normal"), ((9, 45, 80), "zeros"),
+             ((4, 33, 17), "zeros")]
+    data = [(operand(rng, (n, k), "normal"), operand(rng, (k, m), r), operand(rng, (n, m), r))
+            for (n, k, m), r in cases]
+
+    def run(abg):
+        a, b, g = abg
+        return k_grad_left(a, b, g), k_grad_right(a, b, g)
+
+    def check(abg, got):
+        a, b, g = abg
+        assert_same_bits(got[0], ref_grad_left(a, b, g), "grad_left")
+        assert_same_bits(got[1], ref_grad_right(a, b, g), "grad_right")
+
+    for abg in data:
+        check(abg, run(abg))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            for abg, got in zip(data, pool.map(run, data)):
+                check(abg, got)
+
+
 def test_fast_path_at_range_boundaries():
     """Operands whose extreme products are exactly the smallest normal and just below inf.
 

@@ -6,7 +6,10 @@ scalar definitions of :mod:`pam.bits`, so the CPU and CUDA kernels compute the s
 Reductions (matmul and its backward) accumulate in float32, one output element at a time,
 in increasing order of the reduced index: the result does not depend on the thread count.
 Parallelism is over output rows; vectorization is across output columns (an elementwise
-``acc[j] += p[j]``, which needs no reassociation).
+``acc[j] += p[j]``, which needs no reassociation). The PAM matmul and its exact gradients
+keep a small tile of such accumulators in registers over the whole reduced range
+(pam.kernels.vec8 eight-lane values) and stream the operand that varies along the output
+columns from a packed copy of 16-column strips.
 
 Each matmul kernel scans its operands once (O(inputs)) and, when no inf/NaN is present and
 the exponent ranges rule out overflow and underflow, takes an int32 fast path in which one
@@ -22,12 +25,15 @@ product (``_lprod``); ``mul_lmul`` (``_bs``, ``_as``) is its elementwise form,
 ``pow2_part`` the exact L-Mul slope and ``quantize`` the rounding of float32 to an operand
 format (bits.quantize_bits). tests/test_families.py checks them.
 """
+import threading
+
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 from numba.extending import register_jitable
 
 from .. import bits, optim_bits, rows_bits
+from . import vec8
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
@@ -35,10 +41,8 @@ _JIT = dict(parallel=True, cache=True, nogil=True)
 COL_TILE = 1024
 # Rows of the left operand that share one pass over a tile of the right operand.
 ROW_BLOCK = 4
-# Rows of the exact-backward outputs that share one pass over a tile of the other operands.
-GRAD_ROW_BLOCK = 8
-# Columns per pass in the exact-backward kernels.
-GRAD_COL_TILE = 1024
+# Rows of the exact-backward outputs per parallel task (they share each packed strip).
+GRAD_ROW_BLOCK = 16
 
 ONE = bits.ONE
 MANT_MASK = bits.MANT_MASK
@@ -654,18 +658,18 @@ def _mm_row_consts(arows, off):
     return cs, nz, nz4
 
 
-# PAM and L-Mul fast paths, with and without the zero mask of b, are four dispatchers (the
-# family and the mask are compile-time constants, not runtime flags): each compiles only its
-# own inner loops, on its first use. A PAM run never compiles the L-Mul loops; operands
-# without zeros (weights, most activations) never compile the masked ones.
-def _make_matmul_fast(lmul, use_mask):
-    """The parallel fast-path kernel ``(a, b, M, off, out)`` of ``matmul`` (``lmul`` False:
-    PAM products, off the PAM offset) or ``matmul_lmul`` (L-Mul, off = c); M is the zero mask
-    of b when ``use_mask`` (unused otherwise: pass b)."""
-    # Only bools are captured (the cache key hashes the captured values; the blocks are
-    # named as globals) and the branches on them are pruned at compile time.
+# The L-Mul fast path, with and without the zero mask of b, is two dispatchers (the mask is
+# a compile-time constant, not a runtime flag): each compiles only its own inner loops, on
+# its first use; a PAM run compiles neither. (The PAM fast path is the register-blocked
+# ``_matmul_fast`` further down; the L-Mul product's carry correction keeps these
+# accumulator-row loops.)
+def _make_matmul_fast_lmul(use_mask):
+    """The parallel L-Mul fast-path kernel ``(a, b, M, c, out)`` of ``matmul_lmul``; M is the
+    zero mask of b when ``use_mask`` (unused otherwise: pass b)."""
+    # Only a bool is captured (the cache key hashes the captured values; the blocks are
+    # named as globals) and the branches on it are pruned at compile time.
     @njit(**_JIT)
-    def _matmul_fast(a, b, M, off, out):
+    def _matmul_fast_lmul(a, b, M, off, out):
         batch, n, k = a.shape
         m = b.shape[2]
         row_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
@@ -677,30 +681,23 @@ def _make_matmul_fast(lmul, use_mask):
             acc = np.empty((rows, COL_TILE), np.float32)
             Bp = b[p]
             Mp = M[p]
-            if lmul:
-                es = np.empty((rows, k), np.int32)
-                for r in range(rows):
-                    _lmul_row_consts(a[p, i0 + r], off, es[r])
+            es = np.empty((rows, k), np.int32)
+            for r in range(rows):
+                _lmul_row_consts(a[p, i0 + r], off, es[r])
             for j0 in range(0, m, COL_TILE):
                 w = min(COL_TILE, m - j0)
                 acc[:, :w] = 0.0
-                if lmul and use_mask:
+                if use_mask:
                     _lmm_fast_block_m(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
-                elif lmul:
-                    _lmm_fast_block(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
-                elif use_mask:
-                    _mm_fast_block_m(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
                 else:
-                    _mm_fast_block(acc, Bp, Mp, cs, nz, nz4, k, j0, w)
+                    _lmm_fast_block(acc, Bp, Mp, cs, es, nz, nz4, k, j0, w)
                 for r in range(rows):
                     out[p, i0 + r, j0:j0 + w] = acc[r, :w]
-    return _matmul_fast
+    return _matmul_fast_lmul
 
 
-_matmul_fast = _make_matmul_fast(False, False)
-_matmul_fast_m = _make_matmul_fast(False, True)
-_matmul_fast_lmul = _make_matmul_fast(True, False)
-_matmul_fast_lmul_m = _make_matmul_fast(True, True)
+_matmul_fast_lmul = _make_matmul_fast_lmul(False)
+_matmul_fast_lmul_m = _make_matmul_fast_lmul(True)
 
 
 @njit(**_JIT)
@@ -740,11 +737,11 @@ def _matmul_general(a, b, off, lmul, out):
 # int32 operands, a float32 result, int64 scalars, a bool mask flag.
 @njit(cache=True, nogil=True)
 def _matmul_plan(a, b, off, lmul):
-    """(fast, mask): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
-    applies, and whether it needs the zero mask of b."""
+    """(fast, za, zb): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
+    applies, and whether a, b hold zeros or subnormals."""
     sa, za, lo_a, hi_a = _stats(a)
     sb, zb, lo_b, hi_b = _stats(b)
-    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), zb
+    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), za, zb
 
 
 def _matmul_run(a, b, off, lmul, out):
@@ -754,13 +751,15 @@ def _matmul_run(a, b, off, lmul, out):
     if a.shape[2] == 0:
         out[:] = 0.0
         return
-    fast, zb = _matmul_plan(a, b, off, lmul)
+    fast, za, zb = _matmul_plan(a, b, off, lmul)
     if not fast:
         _matmul_general(a, b, off, lmul, out)
+    elif not lmul:
+        _matmul_fast(a, b, za or zb, off, _strip_work(b, za or zb), out)
     elif zb:
-        (_matmul_fast_lmul_m if lmul else _matmul_fast_m)(a, b, _zero_mask(b), off, out)
+        _matmul_fast_lmul_m(a, b, _zero_mask(b), off, out)
     else:
-        (_matmul_fast_lmul if lmul else _matmul_fast)(a, b, b, off, out)
+        _matmul_fast_lmul(a, b, b, off, out)
 
 
 def matmul(a, b, off, out):
@@ -790,6 +789,8 @@ def matmul_lmul(a, b, c, out):
 # Mx + |bits(y)| + off; PAM(g, slope) = |bits(g)| + that field - ONE with sign(g) xor sign(y).
 # In wrapping int32 arithmetic: ((Mx + off - ONE + bits(y)) & ~MANT) + bits(g), where
 # bits(y) and bits(g) carry their sign bits (adding 2^31 modulo 2^32 is an xor of signs).
+# The accumulator-row loops _sl* / _sr* below serve the convolution gradients
+# (pam.kernels.cpu_conv); the matmul gradients use the register-blocked tiles further down.
 @njit(cache=True, nogil=True)
 def _sl4(acc, am, x0, x1, x2, x3, g0, g1, g2, g3, w):
     for t in range(w):
@@ -832,70 +833,6 @@ def _mantissa_const(x, off, out):
         out[t] = np.int32((ux & MANT_MASK if ux >= MIN_NORMAL else 0) + off - ONE)
 
 
-@njit(**_JIT)
-def _grad_left_fast(a, bt, grad, mask, use_mask, off, out):
-    batch, n, k = a.shape
-    m = bt.shape[1]
-    m4 = m - m % 4
-    row_blocks = (n + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
-    for task in prange(batch * row_blocks):
-        p = task // row_blocks
-        i0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
-        rows = min(i0 + GRAD_ROW_BLOCK, n) - i0
-        X = bt[p]
-        M = mask[p] if use_mask else X
-        G = grad[p, i0:i0 + rows]
-        am = np.empty((rows, k), np.int32)
-        nz = np.empty((rows, m), np.bool_)
-        for r in range(rows):
-            _mantissa_const(a[p, i0 + r], off, am[r])
-            for j in range(m):
-                nz[r, j] = (G[r, j] & ABS_MASK) >= MIN_NORMAL
-        acc = np.empty((rows, GRAD_COL_TILE), np.float32)
-        for t0 in range(0, k, GRAD_COL_TILE):
-            w = min(GRAD_COL_TILE, k - t0)
-            t1 = t0 + w
-            acc[:, :w] = 0.0
-            for j in range(0, m4, 4):
-                x0 = X[j, t0:t1]
-                x1 = X[j + 1, t0:t1]
-                x2 = X[j + 2, t0:t1]
-                x3 = X[j + 3, t0:t1]
-                for r in range(rows):
-                    g = G[r]
-                    z = nz[r]
-                    y = am[r, t0:t1]
-                    if z[j] and z[j + 1] and z[j + 2] and z[j + 3]:
-                        if use_mask:
-                            _sl4m(acc[r], y, x0, x1, x2, x3, M[j, t0:t1], M[j + 1, t0:t1],
-                                  M[j + 2, t0:t1], M[j + 3, t0:t1], g[j], g[j + 1], g[j + 2],
-                                  g[j + 3], w)
-                        else:
-                            _sl4(acc[r], y, x0, x1, x2, x3, g[j], g[j + 1], g[j + 2], g[j + 3], w)
-                    else:
-                        for u in range(j, j + 4):
-                            if z[u]:
-                                _sl1(acc[r], y, X[u, t0:t1], M[u, t0:t1], use_mask, g[u], w)
-            for u in range(m4, m):
-                for r in range(rows):
-                    if nz[r, u]:
-                        _sl1(acc[r], am[r, t0:t1], X[u, t0:t1], M[u, t0:t1], use_mask, G[r, u], w)
-            for r in range(rows):
-                out[p, i0 + r, t0:t1] = acc[r, :w]
-
-
-@njit(cache=True, nogil=True)
-def _sr4(acc, bm, x0, x1, x2, x3, c0, c1, c2, c3, w):
-    for j in range(w):
-        y = bm[j]
-        s = acc[j]
-        s += bits.bits_to_f32(np.int32(((y + c0) & NOT_MANT) + x0[j]))
-        s += bits.bits_to_f32(np.int32(((y + c1) & NOT_MANT) + x1[j]))
-        s += bits.bits_to_f32(np.int32(((y + c2) & NOT_MANT) + x2[j]))
-        s += bits.bits_to_f32(np.int32(((y + c3) & NOT_MANT) + x3[j]))
-        acc[j] = s
-
-
 @njit(cache=True, nogil=True)
 def _sr4m(acc, bm, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
     for j in range(w):
@@ -918,59 +855,368 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
             acc[j] += bits.bits_to_f32(np.int32(((bm[j] + c0) & NOT_MANT) + x0[j]))
 
 
+# Exact-backward fast paths: register-blocked micro-kernels (pam.kernels.vec8). One call
+# computes a 2-row x 16-column tile of the output over the whole reduced range, with the four
+# 8-lane accumulators (and the tile's slope constants) held in ymm registers: per product
+# three int32 ops and one float add, no accumulator load/store, no per-call slicing. The
+# operand that varies along the output columns is first packed into 16-column strips
+# (``_pack_strips``: contiguous per reduced index, zero-padded past the last column) so the
+# micro-kernel streams it with unit stride; a strided walk down the unpacked operand
+# (row stride 4 KiB at k = 1024) maps every load to the same L1 set and ran 2.5x slower.
+# Output tiles past the last row or column are computed on padding and not stored. The PAM
+# forward (``_matmul_fast`` below) packs b the same way. The micro-kernels are written for
+# exactly two 8-lane vectors per row (the literal 16 in their loads is STRIP_LANES).
+STRIP_LANES = 16
+
+
+@njit(cache=True, nogil=True)
+def _pack_row(xr, xp, mp, u, masked):
+    """Scatter the int32 row ``xr`` into the 16-column strips: xp[q, u, l] = xr[16q + l]
+    (0 past its end); when ``masked``, mp[q, u, l] = -1 where that element is normal, 0
+    where it is zero, subnormal or padding (the zero mask of the strips)."""
+    cols = xr.size
+    for q in range(xp.shape[0]):
+        d = xp[q, u]
+        c0 = q * STRIP_LANES
+        if c0 + STRIP_LANES <= cols:
+            for l in range(STRIP_LANES):
+                d[l] = xr[c0 + l]
+        else:
+            for l in range(STRIP_LANES):
+                d[l] = xr[c0 + l] if c0 + l < cols else 0
+        if masked:
+            e = mp[q, u]
+            for l in range(STRIP_LANES):
+                e[l] = -1 if (d[l] & ABS_MASK) >= MIN_NORMAL else 0
+
+
+@njit(cache=True, nogil=True)
+def _lane_rows(x, off, rows, width):
+    """(rows, width) int32: row r holds ``_mantissa_const`` of x[r] (the slope constants of
+    the output row), zero past x's columns; row r >= x.shape[0] repeats the last row."""
+    y = np.zeros((rows, width), np.int32)
+    for r in range(rows):
+        _mantissa_const(x[min(r, x.shape[0] - 1)], off, y[r, :x.shape[1]])
+    return y
+
+
+@njit(cache=True, nogil=True)
+def _row_masks(x, rows):
+    """(rows, cols) int32 of ``x`` (rows >= x.shape[0]; extra rows repeat the last):
+    -1 where normal, 0 where zero or subnormal."""
+    h = np.empty((rows, x.shape[1]), np.int32)
+    for r in range(rows):
+        xr = x[min(r, x.shape[0] - 1)]
+        for u in range(x.shape[1]):
+            h[r, u] = -1 if (xr[u] & ABS_MASK) >= MIN_NORMAL else 0
+    return h
+
+
+@njit(cache=True, nogil=True)
+def _sl_tile(tile, y0, y1, X, M, g0, g1, h0, h1, masked):
+    """tile[r, l] = sum_j f32(((y_r[l] + X[j, l]) & NOT_MANT) + g_r[j]), j increasing, for
+    r = 0, 1 (left-gradient products; y_r: 16 slope constants, X: a packed strip).
+
+    When ``masked`` each product is anded with M[j, l] (zero mask of X) and h_r[j] (zero
+    mask of g_r): a zero or subnormal factor gives +0, which leaves the sum unchanged."""
+    nm = vec8.splat_i8(NOT_MANT)
+    y00 = vec8.load_i8(y0, 0)
+    y01 = vec8.load_i8(y0, 8)
+    y10 = vec8.load_i8(y1, 0)
+    y11 = vec8.load_i8(y1, 8)
+    s00 = vec8.zero_f8()
+    s01 = vec8.zero_f8()
+    s10 = vec8.zero_f8()
+    s11 = vec8.zero_f8()
+    if masked:
+        for j in range(g0.size):
+            x0 = vec8.load_i8(X, j * 16)
+            x1 = vec8.load_i8(X, j * 16 + 8)
+            m0 = vec8.load_i8(M, j * 16)
+            m1 = vec8.load_i8(M, j * 16 + 8)
+            k0 = vec8.splat_i8(h0[j])
+            k1 = vec8.splat_i8(h1[j])
+            c0 = vec8.splat_i8(g0[j])
+            c1 = vec8.splat_i8(g1[j])
+            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y00, x0), nm), c0), m0), k0))
+            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y01, x1), nm), c0), m1), k0))
+            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y10, x0), nm), c1), m0), k1))
+            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y11, x1), nm), c1), m1), k1))
+    else:
+        for j in range(g0.size):
+            x0 = vec8.load_i8(X, j * 16)
+            x1 = vec8.load_i8(X, j * 16 + 8)
+            c0 = vec8.splat_i8(g0[j])
+            c1 = vec8.splat_i8(g1[j])
+            s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, x0), nm), c0))
+            s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), nm), c0))
+            s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), nm), c1))
+            s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, x1), nm), c1))
+    vec8.store_f8(tile, 0, s00)
+    vec8.store_f8(tile, 8, s01)
+    vec8.store_f8(tile, 16, s10)
+    vec8.store_f8(tile, 24, s11)
+
+
+@njit(cache=True, nogil=True)
+def _sr_tile(tile, y0, y1, X, M, c0, c1, h0, h1, masked):
+    """tile[r, l] = sum_i f32(((y_r[l] + c_r[i]) & NOT_MANT) + X[i, l]), i increasing, for
+    r = 0, 1 (right-gradient products; y_r: 16 slope constants, c_r: signed bits of a
+    column of a, X: a packed strip of grad). ``masked``: as in ``_sl_tile``, with M the zero
+    mask of X and h_r that of c_r."""
+    nm = vec8.splat_i8(NOT_MANT)
+    y00 = vec8.load_i8(y0, 0)
+    y01 = vec8.load_i8(y0, 8)
+    y10 = vec8.load_i8(y1, 0)
+    y11 = vec8.load_i8(y1, 8)
+    s00 = vec8.zero_f8()
+    s01 = vec8.zero_f8()
+    s10 = vec8.zero_f8()
+    s11 = vec8.zero_f8()
+    if masked:
+        for i in range(c0.size):
+            x0 = vec8.load_i8(X, i * 16)
+            x1 = vec8.load_i8(X, i * 16 + 8)
+            m0 = vec8.load_i8(M, i * 16)
+            m1 = vec8.load_i8(M, i * 16 + 8)
+            k0 = vec8.splat_i8(h0[i])
+            k1 = vec8.splat_i8(h1[i])
+            a0 = vec8.splat_i8(c0[i])
+            a1 = vec8.splat_i8(c1[i])
+            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y00, a0), nm), x0), m0), k0))
+            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y01, a0), nm), x1), m1), k0))
+            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y10, a1), nm), x0), m0), k1))
+            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y11, a1), nm), x1), m1), k1))
+    else:
+        for i in range(c0.size):
+            x0 = vec8.load_i8(X, i * 16)
+            x1 = vec8.load_i8(X, i * 16 + 8)
+            a0 = vec8.splat_i8(c0[i])
+            a1 = vec8.splat_i8(c1[i])
+            s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, a0), nm), x0))
+            s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, a0), nm), x1))
+            s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, a1), nm), x0))
+            s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, a1), nm), x1))
+    vec8.store_f8(tile, 0, s00)
+    vec8.store_f8(tile, 8, s01)
+    vec8.store_f8(tile, 16, s10)
+    vec8.store_f8(tile, 24, s11)
+
+
+@njit(cache=True, nogil=True)
+def _strips(x, work, masked):
+    """(xp, mp): views of the int32 scratch ``work`` shaped (batch, strips, rows, 16) for
+    packing x (batch, rows, cols), strips = ceil(cols / 16); mp (the zero masks) only when
+    ``masked`` (else it is xp again). ``work`` must hold 2 * xp.size elements (1 * when
+    not masked)."""
+    batch, rows, cols = x.shape
+    shape = (batch, (cols + STRIP_LANES - 1) // STRIP_LANES, rows, STRIP_LANES)
+    size = batch * shape[1] * rows * STRIP_LANES
+    xp = work[:size].reshape(shape)
+    return xp, (work[size:2 * size].reshape(shape) if masked else xp)
+
+
+@njit(cache=True, nogil=True)
+def _pack_strips(x, p, u0, u1, xp, mp, masked):
+    """``_pack_row`` for rows u0 <= u < u1 of x[p]: every 16-column strip q packed into
+    xp[p, q] (rows, 16), zero-padded past the last column, and its zero mask into mp[p, q]
+    when ``masked``. Row by row: a walk down each strip of x would touch a new page per row."""
+    for u in range(u0, u1):
+        _pack_row(x[p, u], xp[p], mp[p], u, masked)
+
+
 @njit(**_JIT)
-def _grad_right_fast(at, b, grad, mask, use_mask, off, out):
+def _grad_left_fast(a, bt, grad, masked, off, work, out):
+    """Fast path of ``matmul_exact_grad_left`` (operands in ``_slope_fast_ok``'s range);
+    ``masked``: bt or grad holds zeros or subnormals; ``work``: int32 scratch for the
+    packed strips of bt (see ``_strips``)."""
+    batch, n, k = a.shape
+    m = bt.shape[1]
+    strips = (k + STRIP_LANES - 1) // STRIP_LANES
+    row_blocks = (n + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
+    xp, mp = _strips(bt, work, masked)
+    chunks = (m + 63) // 64
+    for task in prange(batch * chunks):
+        p = task // chunks
+        u0 = (task - p * chunks) * 64
+        _pack_strips(bt, p, u0, min(u0 + 64, m), xp, mp, masked)
+    for task in prange(batch * row_blocks):
+        p = task // row_blocks
+        i0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
+        rows = min(i0 + GRAD_ROW_BLOCK, n) - i0
+        rows2 = rows + rows % 2
+        y = _lane_rows(a[p, i0:i0 + rows], off, rows2, strips * STRIP_LANES)
+        g = grad[p, i0:i0 + rows]
+        h = _row_masks(g, rows2) if masked else y
+        tile = np.empty((2, STRIP_LANES), np.float32)
+        for q in range(strips):
+            t0 = q * STRIP_LANES
+            w = min(STRIP_LANES, k - t0)
+            for r in range(0, rows, 2):
+                r1 = min(r + 1, rows - 1)
+                _sl_tile(tile, y[r, t0:t0 + STRIP_LANES], y[r + 1, t0:t0 + STRIP_LANES],
+                         xp[p, q], mp[p, q], g[r], g[r1], h[r], h[r + 1], masked)
+                out[p, i0 + r, t0:t0 + w] = tile[0, :w]
+                if r + 1 < rows:
+                    out[p, i0 + r + 1, t0:t0 + w] = tile[1, :w]
+
+
+@njit(**_JIT)
+def _grad_right_fast(at, b, grad, masked, off, work, out):
+    """Fast path of ``matmul_exact_grad_right`` (operands in ``_slope_fast_ok``'s range);
+    ``masked``: at or grad holds zeros or subnormals; ``work``: int32 scratch for the
+    packed strips of grad (see ``_strips``)."""
     batch, k, n = at.shape
     m = b.shape[2]
-    n4 = n - n % 4
+    strips = (m + STRIP_LANES - 1) // STRIP_LANES
     row_blocks = (k + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
+    xp, mp = _strips(grad, work, masked)
+    chunks = (n + 63) // 64
+    for task in prange(batch * chunks):
+        p = task // chunks
+        u0 = (task - p * chunks) * 64
+        _pack_strips(grad, p, u0, min(u0 + 64, n), xp, mp, masked)
     for task in prange(batch * row_blocks):
         p = task // row_blocks
         t0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
         rows = min(t0 + GRAD_ROW_BLOCK, k) - t0
-        G = grad[p]
-        M = mask[p] if use_mask else G
+        rows2 = rows + rows % 2
+        y = _lane_rows(b[p, t0:t0 + rows], off, rows2, strips * STRIP_LANES)
         A = at[p, t0:t0 + rows]
-        cs = np.empty((rows, n), np.int32)
-        nz = np.empty((rows, n), np.bool_)
-        bm = np.empty((rows, m), np.int32)
-        for r in range(rows):
+        cs = np.empty((rows2, n), np.int32)
+        for r in range(rows2):
             for i in range(n):
-                ia = np.int64(A[r, i])
+                ia = np.int64(A[min(r, rows - 1), i])
                 cs[r, i] = _signed_const(ia & ABS_MASK, ia < 0)
-                nz[r, i] = (ia & ABS_MASK) >= MIN_NORMAL
-            _mantissa_const(b[p, t0 + r], off, bm[r])
-        acc = np.empty((rows, GRAD_COL_TILE), np.float32)
-        for j0 in range(0, m, GRAD_COL_TILE):
-            w = min(GRAD_COL_TILE, m - j0)
-            j1 = j0 + w
-            acc[:, :w] = 0.0
-            for i in range(0, n4, 4):
-                x0 = G[i, j0:j1]
-                x1 = G[i + 1, j0:j1]
-                x2 = G[i + 2, j0:j1]
-                x3 = G[i + 3, j0:j1]
-                for r in range(rows):
-                    z = nz[r]
-                    c = cs[r]
-                    y = bm[r, j0:j1]
-                    if z[i] and z[i + 1] and z[i + 2] and z[i + 3]:
-                        if use_mask:
-                            _sr4m(acc[r], y, x0, x1, x2, x3, M[i, j0:j1], M[i + 1, j0:j1],
-                                  M[i + 2, j0:j1], M[i + 3, j0:j1], c[i], c[i + 1], c[i + 2],
-                                  c[i + 3], w)
-                        else:
-                            _sr4(acc[r], y, x0, x1, x2, x3, c[i], c[i + 1], c[i + 2], c[i + 3], w)
-                    else:
-                        for u in range(i, i + 4):
-                            if z[u]:
-                                _sr1(acc[r], y, G[u, j0:j1], M[u, j0:j1], use_mask, c[u], w)
-            for u in range(n4, n):
-                for r in range(rows):
-                    if nz[r, u]:
-                        _sr1(acc[r], bm[r, j0:j1], G[u, j0:j1], M[u, j0:j1], use_mask, cs[r, u], w)
-            for r in range(rows):
-                out[p, t0 + r, j0:j1] = acc[r, :w]
+        h = _row_masks(A, rows2) if masked else cs
+        tile = np.empty((2, STRIP_LANES), np.float32)
+        for q in range(strips):
+            j0 = q * STRIP_LANES
+            w = min(STRIP_LANES, m - j0)
+            for r in range(0, rows, 2):
+                _sr_tile(tile, y[r, j0:j0 + STRIP_LANES], y[r + 1, j0:j0 + STRIP_LANES],
+                         xp[p, q], mp[p, q], cs[r], cs[r + 1], h[r], h[r + 1], masked)
+                out[p, t0 + r, j0:j0 + w] = tile[0, :w]
+                if r + 1 < rows:
+                    out[p, t0 + r + 1, j0:j0 + w] = tile[1, :w]
+
+
+# PAM forward fast path: the same register blocking for out = a @ b. One ``_mm_tile`` call
+# computes a 4-row x 16-column tile over the whole reduced index t: eight 8-lane
+# accumulators in registers, per product one int32 add (b's packed strip plus a's splatted
+# constant) and one float add. Rows past the last are computed on copies of the last row
+# and not stored. (The L-Mul forward keeps the accumulator-row loops above.)
+MM_TILE_ROWS = 4
+# Rows of a per parallel task of the PAM forward fast path (they share each packed strip).
+MM_ROW_BLOCK = 16
+
+
+@njit(cache=True, nogil=True)
+def _mm_tile(tile, X, M, c0, c1, c2, c3, h0, h1, h2, h3, masked):
+    """tile[r, l] = sum_t f32(X[t, l] + c_r[t]), t increasing, for r = 0..3 (X: a packed
+    strip of b, c_r: the int32 constants |bits(a)| - ONE + off (+2^31 for negative a) of a
+    row of a). When ``masked`` each product is anded with M[t, l] (zero mask of X) and
+    h_r[t] (zero mask of a's row): a zero or subnormal factor gives +0."""
+    s00 = vec8.zero_f8()
+    s01 = vec8.zero_f8()
+    s10 = vec8.zero_f8()
+    s11 = vec8.zero_f8()
+    s20 = vec8.zero_f8()
+    s21 = vec8.zero_f8()
+    s30 = vec8.zero_f8()
+    s31 = vec8.zero_f8()
+    if masked:
+        for t in range(c0.size):
+            x0 = vec8.load_i8(X, t * 16)
+            x1 = vec8.load_i8(X, t * 16 + 8)
+            m0 = vec8.load_i8(M, t * 16)
+            m1 = vec8.load_i8(M, t * 16 + 8)
+            a = vec8.splat_i8(c0[t])
+            k = vec8.splat_i8(h0[t])
+            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+            a = vec8.splat_i8(c1[t])
+            k = vec8.splat_i8(h1[t])
+            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+            a = vec8.splat_i8(c2[t])
+            k = vec8.splat_i8(h2[t])
+            s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+            a = vec8.splat_i8(c3[t])
+            k = vec8.splat_i8(h3[t])
+            s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
+            s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+    else:
+        for t in range(c0.size):
+            x0 = vec8.load_i8(X, t * 16)
+            x1 = vec8.load_i8(X, t * 16 + 8)
+            a = vec8.splat_i8(c0[t])
+            s00 = vec8.fadd_bits(s00, vec8.add_i8(x0, a))
+            s01 = vec8.fadd_bits(s01, vec8.add_i8(x1, a))
+            a = vec8.splat_i8(c1[t])
+            s10 = vec8.fadd_bits(s10, vec8.add_i8(x0, a))
+            s11 = vec8.fadd_bits(s11, vec8.add_i8(x1, a))
+            a = vec8.splat_i8(c2[t])
+            s20 = vec8.fadd_bits(s20, vec8.add_i8(x0, a))
+            s21 = vec8.fadd_bits(s21, vec8.add_i8(x1, a))
+            a = vec8.splat_i8(c3[t])
+            s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, a))
+            s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, a))
+    vec8.store_f8(tile, 0, s00)
+    vec8.store_f8(tile, 8, s01)
+    vec8.store_f8(tile, 16, s10)
+    vec8.store_f8(tile, 24, s11)
+    vec8.store_f8(tile, 32, s20)
+    vec8.store_f8(tile, 40, s21)
+    vec8.store_f8(tile, 48, s30)
+    vec8.store_f8(tile, 56, s31)
+
+
+@njit(**_JIT)
+def _matmul_fast(a, b, masked, off, work, out):
+    """PAM fast path of ``matmul`` (operands in ``_fast_ok``'s range); ``masked``: a or b
+    holds zeros or subnormals; ``work``: int32 scratch for the packed strips of b (see
+    ``_strips``)."""
+    batch, n, k = a.shape
+    m = b.shape[2]
+    strips = (m + STRIP_LANES - 1) // STRIP_LANES
+    row_blocks = (n + MM_ROW_BLOCK - 1) // MM_ROW_BLOCK
+    xp, mp = _strips(b, work, masked)
+    chunks = (k + 63) // 64
+    for task in prange(batch * chunks):
+        p = task // chunks
+        u0 = (task - p * chunks) * 64
+        _pack_strips(b, p, u0, min(u0 + 64, k), xp, mp, masked)
+    for task in prange(batch * row_blocks):
+        p = task // row_blocks
+        i0 = (task - p * row_blocks) * MM_ROW_BLOCK
+        rows = min(i0 + MM_ROW_BLOCK, n) - i0
+        rows4 = rows + (-rows) % MM_TILE_ROWS
+        A = a[p, i0:i0 + rows]
+        cs = np.empty((rows4, k), np.int32)
+        for r in range(rows4):
+            for t in range(k):
+                ia = np.int64(A[min(r, rows - 1), t])
+                cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
+        h = _row_masks(A, rows4) if masked else cs
+        tile = np.empty((MM_TILE_ROWS, STRIP_LANES), np.float32)
+        for q in range(strips):
+            j0 = q * STRIP_LANES
+            w = min(STRIP_LANES, m - j0)
+            for r in range(0, rows, MM_TILE_ROWS):
+                _mm_tile(tile, xp[p, q], mp[p, q], cs[r], cs[r + 1], cs[r + 2], cs[r + 3],
+                         h[r], h[r + 1], h[r + 2], h[r + 3], masked)
+                for u in range(min(MM_TILE_ROWS, rows - r)):
+                    out[p, i0 + r + u, j0:j0 + w] = tile[u, :w]
 
 
 @njit(cache=True, nogil=True)
@@ -982,6 +1228,22 @@ def _slope_plan(x, y, grad, off):
     sy, zy, lo_y, hi_y = _stats(y)
     sg, zg, lo_g, hi_g = _stats(grad)
     return not (sx or sy or sg) and _slope_fast_ok(lo_g, hi_g, lo_y, hi_y, off), zy, zg
+
+
+_WORK = threading.local()
+
+
+def _strip_work(x, masked):
+    """Per-thread int32 scratch for the packed strips of x (and their masks when
+    ``masked``), see ``_strips``. Kept and reused across calls (grown when too small): a
+    fresh multi-MB array costs its page faults on every call (2.4 ms per 4 MB here, as
+    much as packing it), so each thread holds the largest one it has needed."""
+    batch, rows, cols = x.shape
+    size = batch * rows * (-(-cols // STRIP_LANES) * STRIP_LANES) * (2 if masked else 1)
+    work = getattr(_WORK, "strips", None)
+    if work is None or work.size < size:
+        work = _WORK.strips = np.empty(max(size, 1), np.int32)
+    return work
 
 
 def matmul_exact_grad_left(a, bt, grad, off, out):
@@ -999,7 +1261,7 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
     if not fast:
         _grad_left_general(a, bt, grad, off, out)
     else:
-        _grad_left_fast(a, bt, grad, _zero_mask(bt) if zb else bt, zb, off, out)
+        _grad_left_fast(a, bt, grad, zb or zg, off, _strip_work(bt, zb or zg), out)
 
 
 def matmul_exact_grad_right(at, b, grad, off, out):
@@ -1017,7 +1279,7 @@ def matmul_exact_grad_right(at, b, grad, off, out):
     if not fast:
         _grad_right_general(at, b, grad, off, out)
     else:
-        _grad_right_fast(at, b, grad, _zero_mask(grad) if zg else grad, zg, off, out)
+        _grad_right_fast(at, b, grad, za or zg, off, _strip_work(grad, za or zg), out)
 
 
 @njit(**_JIT)
