@@ -90,3 +90,30 @@ def test_bad_offset_is_refused_on_every_path():
     for size in (8, x.size):
         with pytest.raises(ValueError, match="offset"):
             cpu_rows.log_softmax_forward(x[:size], np.empty(size, np.int32), 8, 1 << 30)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_starts_its_own_workers():
+    """Worker threads do not survive fork: a child (e.g. a DataLoader worker) must not
+    queue parts to the parent's threads and wait forever."""
+    import multiprocessing
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    old = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        threads.run(lambda lo, hi: None, 4, 100, 100)         # workers started here
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=threads.run, args=(_noop, 4, 100, 100))
+        child.start()
+        child.join(30)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+    finally:
+        numba.set_num_threads(old)
+    assert not alive and child.exitcode == 0
+
+
+def _noop(lo, hi):
+    pass

@@ -16,6 +16,7 @@ The thread count is ``numba.get_num_threads()`` in the calling thread (so
 at the number of items. Work below ``parallel_min`` elements (the caller's measure of size)
 runs in the calling thread in one part: waking threads costs more than it saves there.
 """
+import os
 import queue
 import threading
 
@@ -33,6 +34,17 @@ def _work(jobs):
             done.put(None)
         except BaseException as exc:            # handed to the caller, which raises it
             done.put(exc)
+
+
+def _forget_workers():
+    """In a forked child: the parent's worker threads do not exist there."""
+    global _LOCK
+    _LOCK = threading.Lock()
+    _WORKERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 def _queues(count):
