@@ -78,7 +78,9 @@ def _dispatcher_names():
 class Recorder(event.Listener):
     """Records the outermost kernel compilations while installed (``with Recorder() as r``):
     ``r.entries`` is a list of {"module", "name", "args", "seconds"} for dispatchers of
-    :data:`MODULES` compiled from Python (not as callees of another kernel)."""
+    :data:`MODULES` compiled from Python (not as callees of another kernel); "seconds" is
+    the process CPU time of the compilation with its callees (it does not grow with the
+    load of the machine)."""
 
     def __init__(self):
         self.entries = []
@@ -86,7 +88,7 @@ class Recorder(event.Listener):
         self._names = _dispatcher_names()
 
     def on_start(self, ev):
-        self._starts.append(time.perf_counter())
+        self._starts.append(time.process_time())
 
     def on_end(self, ev):
         start = self._starts.pop()
@@ -97,7 +99,7 @@ class Recorder(event.Listener):
             return
         self.entries.append(dict(module=where[0], name=where[1],
                                  args=[encode_type(t) for t in ev.data["args"]],
-                                 seconds=round(time.perf_counter() - start, 3)))
+                                 seconds=round(time.process_time() - start, 3)))
 
     def __enter__(self):
         event.register("numba:compile", self)
