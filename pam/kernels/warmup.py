@@ -2,12 +2,13 @@
 
 Every CPU kernel is lazy and ``cache=True``: on a fresh install (or after an edit to a
 definition file, see :mod:`pam.kernels._cache`) a training step compiles each kernel it
-calls, one after the other, on one core: about 30 s for the default ``bdia-pam train``
-model. :func:`warm` splits the kernels a training step uses between this process and worker
-processes, one compiler per core, each writing Numba's on-disk cache, and waits for them;
-the kernels the workers compiled are then loaded from the cache on their first call, as in
-a second run. It pays off when cores are free: on a machine whose cores are busy it can
-take longer than compiling lazily (measured in ``validation/cold_start.py``).
+calls, one after the other, on one core: about 40 s of CPU for the default ``bdia-pam
+train`` model (validation/README.md section 9c). :func:`warm` splits the kernels a training
+step uses between this process and worker processes, one compiler per core, each writing
+Numba's on-disk cache, and waits for them; the kernels the workers compiled are then
+loaded from the cache on their first call, as in a second run. It pays off when cores are
+free: on a machine whose cores are busy it can take longer than compiling lazily (measured
+in ``validation/cold_start.py``).
 
 What is compiled is :data:`MANIFEST` (``warm_manifest.json`` beside this file): the
 outermost kernel compilations of recorded training steps ("workloads": the default
