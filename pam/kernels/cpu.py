@@ -1308,11 +1308,12 @@ def _check_gelu_slopes(slopes):
 
 
 @njit(cache=True, nogil=True)
-def _gelu_forward_block(x, knots, slopes, out, lo, hi):
+def _gelu_forward_block(x, knots, slopes, out, lo, hi, acc):
+    """out[lo:hi] of gelu_forward; ``acc``: float32 scratch of at least hi - lo elements
+    (the block's sums, one buffer per part rather than one allocation per block)."""
     xf = x.view(np.float32)
     kf = knots.view(np.float32)
     m = hi - lo
-    acc = np.empty(m, np.float32)
     ed, sd = rows_bits.pow2_parts(slopes[0])
     k = kf[0]
     for i in range(m):
@@ -1338,11 +1339,11 @@ def _gelu_grad_term(xi, gi, k, ed, sd, exact):
 
 
 @njit(cache=True, nogil=True)
-def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi):
+def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi, acc):
+    """out[lo:hi] of gelu_backward; ``acc`` as for _gelu_forward_block."""
     xf = x.view(np.float32)
     kf = knots.view(np.float32)
     m = hi - lo
-    acc = np.empty(m, np.float32)
     n = knots.size
     ed, sd = rows_bits.pow2_parts(slopes[n - 1])
     k = kf[n - 1]
@@ -1363,9 +1364,10 @@ def _gelu_forward_blocks(x, knots, slopes, out, lo, hi):
     """:func:`gelu_forward` of the blocks ``lo:hi`` (GELU_BLOCK elements each)."""
     _check_gelu_slopes(slopes)
     n = x.size
+    acc = np.empty(GELU_BLOCK, np.float32)          # the block's float32 sums
     for b in range(lo, hi):
         _gelu_forward_block(x, knots, slopes, out, b * GELU_BLOCK,
-                            min(n, (b + 1) * GELU_BLOCK))
+                            min(n, (b + 1) * GELU_BLOCK), acc)
 
 
 @njit(**_SERIAL)
@@ -1373,9 +1375,10 @@ def _gelu_backward_blocks(x, grad, knots, slopes, exact, out, lo, hi):
     """:func:`gelu_backward` of the blocks ``lo:hi``."""
     _check_gelu_slopes(slopes)
     n = x.size
+    acc = np.empty(GELU_BLOCK, np.float32)
     for b in range(lo, hi):
         _gelu_backward_block(x, grad, knots, slopes, exact, out, b * GELU_BLOCK,
-                             min(n, (b + 1) * GELU_BLOCK))
+                             min(n, (b + 1) * GELU_BLOCK), acc)
 
 
 def _blocks(n):
