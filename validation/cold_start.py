@@ -4,14 +4,21 @@ Runs ``bdia-pam train --steps 1`` (the default digits model, PAM arithmetic) in 
 process whose ``NUMBA_CACHE_DIR`` is a new empty directory, so every cached kernel is
 compiled as on a fresh install, and records every Numba compilation through Numba's event
 API (``numba:compile`` events): per dispatcher, the inclusive time (with the callees it
-compiled) and the exclusive time (its own typing, lowering and LLVM work). A second run on
-the now-filled cache shows the warm start.
+compiled) and the exclusive time (its own typing, lowering and LLVM work), both as process
+CPU time (the compiler runs in the calling thread while the others idle, so the figures
+hold on a loaded machine); each run's wall and CPU time are reported beside them. A second
+run on the now-filled cache shows the warm start.
 
     python validation/cold_start.py [--top 25] [--args ...]
+    python validation/cold_start.py --kernel-times
 
 prints a table (wall time of each run, compile total, the top dispatchers by exclusive
 time with their number of compilations ``n`` and of distinct argument types ``sigs``) and
-writes validation/results/cold_start.json.
+writes validation/results/cold_start.json. ``--kernel-times`` instead compiles each entry of
+the warm-up manifest (pam/kernels/warm_manifest.json) in one fresh process on an empty
+cache, in manifest order, and prints the process CPU time of each compilation (the first
+one also pays Numba's start-up and the typing of the shared scalar helpers); it writes
+validation/results/cold_start_kernels.json.
 
 What compiles: every CPU kernel is lazy (compiled on its first call) and ``cache=True``,
 which does nothing for the first run on a fresh install (the cache is empty: that run is
@@ -24,6 +31,7 @@ are never compiled.
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -43,11 +51,11 @@ def _child(out_json, train_args):
 
     class Listener(event.Listener):
         def on_start(self, ev):
-            stack.append([time.perf_counter(), 0.0])
+            stack.append([time.process_time(), 0.0])
 
         def on_end(self, ev):
             start, child = stack.pop()
-            incl = time.perf_counter() - start
+            incl = time.process_time() - start
             if stack:
                 stack[-1][1] += incl
             disp = ev.data.get("dispatcher")
@@ -66,8 +74,11 @@ def _child(out_json, train_args):
         rc = main(["train", "--steps", "1", "--no-progress", "--out",
                    os.path.join(out, "run")] + train_args)
     wall = time.perf_counter() - t0
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out_json, "w") as fh:
         json.dump(dict(wall_s=wall, import_s=import_s, rc=rc, compiles=records,
+                       cpu_s=time.process_time(),
+                       workers_cpu_s=workers.ru_utime + workers.ru_stime,
                        outermost=recorded.entries), fh)
 
 
@@ -97,6 +108,44 @@ def record_manifest(path):
                        kernels=kernels), fh, indent=0)
     print(f"{len(kernels)} kernels ({sum(e['seconds'] for e in kernels):.1f} s of recorded "
           f"compilation) written to {path}")
+
+
+def _kernel_times_child(out_json):
+    """Compile the manifest's entries one after the other in this process; CPU seconds
+    of each."""
+    from pam.kernels import warmup
+    rows = []
+    for e in warmup.load_manifest():
+        disp = getattr(warmup.MODULES[e["module"]], e["name"])
+        t0 = time.process_time()
+        disp.compile(tuple(warmup.decode_type(a) for a in e["args"]))
+        rows.append(dict(kernel=f"{e['module']}.{e['name']}", cpu_s=time.process_time() - t0,
+                         workloads=e["workloads"]))
+    with open(out_json, "w") as fh:
+        json.dump(rows, fh)
+
+
+def kernel_times(out):
+    """Print and write the per-entry compile CPU times of :func:`_kernel_times_child`."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache,
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        subprocess.run([sys.executable, __file__, "--child-kernels", path], env=env,
+                       check=True)
+    with open(path) as fh:
+        rows = json.load(fh)
+    os.unlink(path)
+    print(f"{'kernel (manifest order)':<40} {'CPU s':>6}  workloads")
+    for r in rows:
+        print(f"{r['kernel']:<40} {r['cpu_s']:6.2f}  {', '.join(r['workloads'])}")
+    print(f"{'total':<40} {sum(r['cpu_s'] for r in rows):6.2f}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(dict(kernels=rows, total_cpu_s=sum(r["cpu_s"] for r in rows)), fh, indent=1)
+    print(f"wrote {out}")
+    return rows
 
 
 def _run(cache_dir, train_args, warm=True, gpt=False):
@@ -131,7 +180,8 @@ def _summary(res, top):
     for e in by.values():
         e["signatures"] = len(e.pop("args"))
     rows = sorted(by.values(), key=lambda e: -e["exclusive_s"])
-    return dict(process_s=res["process_s"], wall_s=res["wall_s"],
+    return dict(process_s=res["process_s"], wall_s=res["wall_s"], cpu_s=res["cpu_s"],
+                workers_cpu_s=res["workers_cpu_s"],
                 compile_s=sum(r["exclusive_s"] for r in res["compiles"]),
                 compilations=len(res["compiles"]), top=rows[:top])
 
@@ -141,6 +191,9 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-gpt", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-kernels", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="compile CPU time of each manifest entry in a fresh process")
     ap.add_argument("--record-manifest", action="store_true",
                     help="write pam/kernels/warm_manifest.json instead of timing")
     ap.add_argument("--args", nargs=argparse.REMAINDER, default=[],
@@ -155,6 +208,10 @@ def main(argv=None):
         with open(args.child_gpt, "w") as fh:
             json.dump(dict(wall_s=time.perf_counter() - t0, compiles=[], outermost=entries), fh)
         return None
+    if args.child_kernels:
+        return _kernel_times_child(args.child_kernels)
+    if args.kernel_times:
+        return kernel_times(os.path.join(RESULTS, "cold_start_kernels.json"))
     if args.record_manifest:
         from pam.kernels import warmup
         return record_manifest(warmup.MANIFEST)
@@ -167,11 +224,15 @@ def main(argv=None):
     for label, r in (("cold, lazy compilation (PAM_WARMUP=0)", cold),
                      ("cold, parallel warm-up (default)", parallel),
                      ("warm (filled cache)", warm)):
-        print(f"{label:<40} process {r['process_s']:5.1f} s, Numba compile in the process "
-              f"{r['compile_s']:5.1f} s in {r['compilations']} compilations")
+        print(f"{label:<40} process {r['process_s']:5.1f} s wall, {r['cpu_s']:5.1f} s CPU "
+              f"(+ {r['workers_cpu_s']:4.1f} s in warm-up workers), Numba compile in the "
+              f"process {r['compile_s']:5.1f} s CPU in {r['compilations']} compilations")
     print(f"time to the first step beyond a warm start: lazy "
-          f"{cold['process_s'] - warm['process_s']:.1f} s, parallel warm-up "
-          f"{parallel['process_s'] - warm['process_s']:.1f} s")
+          f"{cold['process_s'] - warm['process_s']:.1f} s wall "
+          f"({cold['cpu_s'] - warm['cpu_s']:.1f} s CPU), parallel warm-up "
+          f"{parallel['process_s'] - warm['process_s']:.1f} s wall "
+          f"({parallel['cpu_s'] - warm['cpu_s']:.1f} s CPU in the process, "
+          f"{parallel['workers_cpu_s']:.1f} s in its workers)")
     print(f"{'dispatcher (cold)':<60} {'n':>3} {'sigs':>4} {'excl s':>7}")
     for e in cold["top"]:
         print(f"{e['name'][-60:]:<60} {e['count']:3d} {e['signatures']:4d} "

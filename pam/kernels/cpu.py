@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from numba.extending import register_jitable
 
 from .. import bits, optim_bits, rows_bits
-from . import vec8
+from . import threads, vec8
 
 _JIT = dict(parallel=True, cache=True, nogil=True)
 
@@ -1337,7 +1337,9 @@ def _grad_right_general(at, b, grad, off, out):
 # Numba's negative-index wraparound in the address and stop it). The ``*_table`` kernels
 # update a list of tensors in place without concatenating them: they take a table of
 # the tensors' addresses and sizes (see _array_at) and split it into chunks of at most
-# FUSED_CHUNK elements, run in parallel from FUSED_PARALLEL_MIN elements in total.
+# FUSED_CHUNK elements. The fused kernels are serial ``nogil`` kernels over a range of
+# elements, chunks, blocks or rows, split between threads from FUSED_PARALLEL_MIN elements
+# by pam.kernels.threads (the public names are Python functions doing that split).
 FUSED_PARALLEL_MIN = 1 << 16
 FUSED_CHUNK = 1 << 15
 
@@ -1377,9 +1379,11 @@ def _chunk_table(sizes, chunk):
     return table
 
 
-@njit(cache=True, nogil=True)
-def _adamw_range(p, g, m, v, mx, lo, hi, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
-                 off, flags):
+@njit(**_SERIAL)
+def _adamw_range(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
+                 flags, lo, hi):
+    """The :func:`adamw` update of the elements ``lo:hi``."""
+    optim_bits.check_offset(off)
     p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
     if (flags & optim_bits.ADAMW_AMSGRAD) != 0:
         mx = mx[lo:hi]
@@ -1401,39 +1405,41 @@ def _adamw_range(p, g, m, v, mx, lo, hi, decay, b1, omb1, b2, omb2, step_size, s
             v[i] = nv
 
 
-@njit(**_JIT)
 def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
     """In place over flat int32 arrays: p, m, v (and mx with amsgrad) <- one AdamW step.
 
     Every element follows pam.optim_bits.adamw_update; the scalars are float32 bit
     patterns from pam.optim_bits.adamw_scalars. ``mx`` may be any 1-element array when
-    amsgrad is off.
+    amsgrad is off. From FUSED_PARALLEL_MIN elements the elements are split between
+    threads (pam.kernels.threads).
     """
+    threads.run(_adamw_range, p.size, p.size, FUSED_PARALLEL_MIN, p, g, m, v, mx, decay, b1,
+                omb1, b2, omb2, step_size, sbc2, eps, off, flags)
+
+
+@njit(**_SERIAL)
+def _adamw_table_rows(addresses, sizes, table, decay, b1, omb1, b2, omb2, step_size, sbc2,
+                      eps, off, flags, lo, hi):
+    """The :func:`adamw` update of the chunks ``table[lo:hi]`` of :func:`adamw_table`."""
     optim_bits.check_offset(off)
-    n = p.size
-    if n < FUSED_PARALLEL_MIN:
-        _adamw_range(p, g, m, v, mx, 0, n, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
-                     off, flags)
-        return
-    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
-    for c in prange(chunks):
-        lo = c * FUSED_PARALLEL_MIN
-        _adamw_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, b1, omb1,
-                     b2, omb2, step_size, sbc2, eps, off, flags)
+    for r in range(lo, hi):
+        t = table[r, 0]
+        n = sizes[t]
+        p = _array_at(addresses[0, t], n)
+        mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
+        _adamw_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
+                     _array_at(addresses[3, t], n), mx, decay, b1, omb1, b2, omb2, step_size,
+                     sbc2, eps, off, flags, table[r, 1], table[r, 2])
 
 
-@njit(cache=True, nogil=True)
-def _adamw_table_rows(addresses, sizes, table, r, decay, b1, omb1, b2, omb2, step_size,
-                      sbc2, eps, off, flags):
-    t = table[r, 0]
-    n = sizes[t]
-    p = _array_at(addresses[0, t], n)
-    mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
-    _adamw_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
-                 _array_at(addresses[3, t], n), mx, table[r, 1], table[r, 2], decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags)
+def _table_run(kernel, addresses, sizes, *args):
+    """``kernel`` over the chunk table of ``sizes`` (chunks of at most FUSED_CHUNK
+    elements), split between threads from FUSED_PARALLEL_MIN elements in total."""
+    table = _chunk_table(sizes, FUSED_CHUNK)
+    threads.run(kernel, table.shape[0], int(sizes.sum()), FUSED_PARALLEL_MIN, addresses,
+                sizes, table, *args)
 
 
-@njit(**_JIT)
 def adamw_table(addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
                 flags):
     """The :func:`adamw` update in place over a list of tensors, one launch, no copies.
@@ -1443,20 +1449,14 @@ def adamw_table(addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, ep
     float32 CPU tensor of ``sizes[j]`` elements that the caller keeps alive; distinct
     tensors must not overlap.
     """
+    _table_run(_adamw_table_rows, addresses, sizes, decay, b1, omb1, b2, omb2, step_size,
+               sbc2, eps, off, flags)
+
+
+@njit(**_SERIAL)
+def _sgd_range(p, g, buf, lr, wd, mom, omd, off, flags, lo, hi):
+    """The :func:`sgd` update of the elements ``lo:hi``."""
     optim_bits.check_offset(off)
-    table = _chunk_table(sizes, FUSED_CHUNK)
-    if sizes.sum() < FUSED_PARALLEL_MIN:
-        for r in range(table.shape[0]):
-            _adamw_table_rows(addresses, sizes, table, r, decay, b1, omb1, b2, omb2,
-                              step_size, sbc2, eps, off, flags)
-        return
-    for r in prange(table.shape[0]):
-        _adamw_table_rows(addresses, sizes, table, r, decay, b1, omb1, b2, omb2, step_size,
-                          sbc2, eps, off, flags)
-
-
-@njit(cache=True, nogil=True)
-def _sgd_range(p, g, buf, lo, hi, lr, wd, mom, omd, off, flags):
     p, g = p[lo:hi], g[lo:hi]
     if (flags & optim_bits.SGD_MOMENTUM) != 0:
         buf = buf[lo:hi]
@@ -1470,52 +1470,40 @@ def _sgd_range(p, g, buf, lo, hi, lr, wd, mom, omd, off, flags):
             p[i] = np_
 
 
-@njit(**_JIT)
 def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
     """In place over flat int32 arrays: p (and buf with momentum) <- one SGD step.
 
     Every element follows pam.optim_bits.sgd_update. ``buf`` may be any 1-element array
     without momentum.
     """
+    threads.run(_sgd_range, p.size, p.size, FUSED_PARALLEL_MIN, p, g, buf, lr, wd, mom, omd,
+                off, flags)
+
+
+@njit(**_SERIAL)
+def _sgd_table_rows(addresses, sizes, table, lr, wd, mom, omd, off, flags, lo, hi):
     optim_bits.check_offset(off)
-    n = p.size
-    if n < FUSED_PARALLEL_MIN:
-        _sgd_range(p, g, buf, 0, n, lr, wd, mom, omd, off, flags)
-        return
-    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
-    for c in prange(chunks):
-        lo = c * FUSED_PARALLEL_MIN
-        _sgd_range(p, g, buf, lo, min(lo + FUSED_PARALLEL_MIN, n), lr, wd, mom, omd, off,
-                   flags)
+    for r in range(lo, hi):
+        t = table[r, 0]
+        n = sizes[t]
+        p = _array_at(addresses[0, t], n)
+        buf = _array_at(addresses[2, t], n) if (flags & optim_bits.SGD_MOMENTUM) != 0 else p
+        _sgd_range(p, _array_at(addresses[1, t], n), buf, lr, wd, mom, omd, off, flags,
+                   table[r, 1], table[r, 2])
 
 
-@njit(cache=True, nogil=True)
-def _sgd_table_rows(addresses, sizes, table, r, lr, wd, mom, omd, off, flags):
-    t = table[r, 0]
-    n = sizes[t]
-    p = _array_at(addresses[0, t], n)
-    buf = _array_at(addresses[2, t], n) if (flags & optim_bits.SGD_MOMENTUM) != 0 else p
-    _sgd_range(p, _array_at(addresses[1, t], n), buf, table[r, 1], table[r, 2], lr, wd, mom,
-               omd, off, flags)
-
-
-@njit(**_JIT)
 def sgd_table(addresses, sizes, lr, wd, mom, omd, off, flags):
     """The :func:`sgd` update in place over a list of tensors (addresses (3, k): params,
     grads, momentum buffers, row 2 unused without momentum; see :func:`adamw_table`)."""
+    _table_run(_sgd_table_rows, addresses, sizes, lr, wd, mom, omd, off, flags)
+
+
+@njit(**_SERIAL)
+def _adamw_unbiased_range(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags,
+                          lo, hi):
+    """The :func:`adamw_unbiased` update of the elements ``lo:hi``."""
     optim_bits.check_offset(off)
-    table = _chunk_table(sizes, FUSED_CHUNK)
-    if sizes.sum() < FUSED_PARALLEL_MIN:
-        for r in range(table.shape[0]):
-            _sgd_table_rows(addresses, sizes, table, r, lr, wd, mom, omd, off, flags)
-        return
-    for r in prange(table.shape[0]):
-        _sgd_table_rows(addresses, sizes, table, r, lr, wd, mom, omd, off, flags)
-
-
-@njit(cache=True, nogil=True)
-def _adamw_unbiased_range(p, g, m, v, mx, lo, hi, decay, c1, c2, k_step, eps_s, off, sq_off,
-                          flags):
+    optim_bits.check_offset(sq_off)
     p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
     if (flags & optim_bits.ADAMW_AMSGRAD) != 0:
         mx = mx[lo:hi]
@@ -1536,48 +1524,31 @@ def _adamw_unbiased_range(p, g, m, v, mx, lo, hi, decay, c1, c2, k_step, eps_s, 
             v[i] = nv
 
 
-@njit(**_JIT)
 def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
     """In place: one step of the unbiased AdamW variant (pam.optim_bits.adamw_update_unbiased)."""
+    threads.run(_adamw_unbiased_range, p.size, p.size, FUSED_PARALLEL_MIN, p, g, m, v, mx,
+                decay, c1, c2, k_step, eps_s, off, sq_off, flags)
+
+
+@njit(**_SERIAL)
+def _adamw_unbiased_table_rows(addresses, sizes, table, decay, c1, c2, k_step, eps_s, off,
+                               sq_off, flags, lo, hi):
     optim_bits.check_offset(off)
     optim_bits.check_offset(sq_off)
-    n = p.size
-    if n < FUSED_PARALLEL_MIN:
-        _adamw_unbiased_range(p, g, m, v, mx, 0, n, decay, c1, c2, k_step, eps_s, off, sq_off,
-                              flags)
-        return
-    chunks = (n + FUSED_PARALLEL_MIN - 1) // FUSED_PARALLEL_MIN
-    for c in prange(chunks):
-        lo = c * FUSED_PARALLEL_MIN
-        _adamw_unbiased_range(p, g, m, v, mx, lo, min(lo + FUSED_PARALLEL_MIN, n), decay, c1,
-                              c2, k_step, eps_s, off, sq_off, flags)
+    for r in range(lo, hi):
+        t = table[r, 0]
+        n = sizes[t]
+        p = _array_at(addresses[0, t], n)
+        mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
+        _adamw_unbiased_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
+                              _array_at(addresses[3, t], n), mx, decay, c1, c2, k_step, eps_s,
+                              off, sq_off, flags, table[r, 1], table[r, 2])
 
 
-@njit(cache=True, nogil=True)
-def _adamw_unbiased_table_rows(addresses, sizes, table, r, decay, c1, c2, k_step, eps_s, off,
-                               sq_off, flags):
-    t = table[r, 0]
-    n = sizes[t]
-    p = _array_at(addresses[0, t], n)
-    mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
-    _adamw_unbiased_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
-                          _array_at(addresses[3, t], n), mx, table[r, 1], table[r, 2], decay, c1, c2, k_step, eps_s, off, sq_off, flags)
-
-
-@njit(**_JIT)
 def adamw_unbiased_table(addresses, sizes, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
     """:func:`adamw_unbiased` in place over a list of tensors (see :func:`adamw_table`)."""
-    optim_bits.check_offset(off)
-    optim_bits.check_offset(sq_off)
-    table = _chunk_table(sizes, FUSED_CHUNK)
-    if sizes.sum() < FUSED_PARALLEL_MIN:
-        for r in range(table.shape[0]):
-            _adamw_unbiased_table_rows(addresses, sizes, table, r, decay, c1, c2, k_step,
-                                       eps_s, off, sq_off, flags)
-        return
-    for r in prange(table.shape[0]):
-        _adamw_unbiased_table_rows(addresses, sizes, table, r, decay, c1, c2, k_step, eps_s,
-                                   off, sq_off, flags)
+    _table_run(_adamw_unbiased_table_rows, addresses, sizes, decay, c1, c2, k_step, eps_s,
+               off, sq_off, flags)
 
 
 # --------------------------------------------------------------------------- fused composites
@@ -1598,11 +1569,12 @@ def _check_gelu_slopes(slopes):
 
 
 @njit(cache=True, nogil=True)
-def _gelu_forward_block(x, knots, slopes, out, lo, hi):
+def _gelu_forward_block(x, knots, slopes, out, lo, hi, acc):
+    """out[lo:hi] of gelu_forward; ``acc``: float32 scratch of at least hi - lo elements
+    (the block's sums, one buffer per part rather than one allocation per block)."""
     xf = x.view(np.float32)
     kf = knots.view(np.float32)
     m = hi - lo
-    acc = np.empty(m, np.float32)
     ed, sd = rows_bits.pow2_parts(slopes[0])
     k = kf[0]
     for i in range(m):
@@ -1628,11 +1600,11 @@ def _gelu_grad_term(xi, gi, k, ed, sd, exact):
 
 
 @njit(cache=True, nogil=True)
-def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi):
+def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi, acc):
+    """out[lo:hi] of gelu_backward; ``acc`` as for _gelu_forward_block."""
     xf = x.view(np.float32)
     kf = knots.view(np.float32)
     m = hi - lo
-    acc = np.empty(m, np.float32)
     n = knots.size
     ed, sd = rows_bits.pow2_parts(slopes[n - 1])
     k = kf[n - 1]
@@ -1648,73 +1620,70 @@ def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi):
         out[lo + i] = bits.f32_to_bits(acc[i])
 
 
-@njit(**_JIT)
-def gelu_forward(x, knots, slopes, out):
-    """out[i] = pam.rows_bits.gelu_forward_bits(x[i]) (flat int32 arrays); every slope
-    change must be a power of two of magnitude <= 1 (else ValueError)."""
+@njit(**_SERIAL)
+def _gelu_forward_blocks(x, knots, slopes, out, lo, hi):
+    """:func:`gelu_forward` of the blocks ``lo:hi`` (GELU_BLOCK elements each)."""
     _check_gelu_slopes(slopes)
     n = x.size
-    blocks = (n + GELU_BLOCK - 1) // GELU_BLOCK
-    if n < FUSED_PARALLEL_MIN:
-        for b in range(blocks):
-            _gelu_forward_block(x, knots, slopes, out, b * GELU_BLOCK,
-                                min(n, (b + 1) * GELU_BLOCK))
-    else:
-        for b in prange(blocks):
-            _gelu_forward_block(x, knots, slopes, out, b * GELU_BLOCK,
-                                min(n, (b + 1) * GELU_BLOCK))
+    acc = np.empty(GELU_BLOCK, np.float32)          # the block's float32 sums
+    for b in range(lo, hi):
+        _gelu_forward_block(x, knots, slopes, out, b * GELU_BLOCK,
+                            min(n, (b + 1) * GELU_BLOCK), acc)
 
 
-@njit(**_JIT)
+@njit(**_SERIAL)
+def _gelu_backward_blocks(x, grad, knots, slopes, exact, out, lo, hi):
+    """:func:`gelu_backward` of the blocks ``lo:hi``."""
+    _check_gelu_slopes(slopes)
+    n = x.size
+    acc = np.empty(GELU_BLOCK, np.float32)
+    for b in range(lo, hi):
+        _gelu_backward_block(x, grad, knots, slopes, exact, out, b * GELU_BLOCK,
+                             min(n, (b + 1) * GELU_BLOCK), acc)
+
+
+def _blocks(n):
+    return (n + GELU_BLOCK - 1) // GELU_BLOCK
+
+
+def gelu_forward(x, knots, slopes, out):
+    """out[i] = pam.rows_bits.gelu_forward_bits(x[i]) (flat int32 arrays); every slope
+    change must be a power of two of magnitude <= 1 (else ValueError). Blocks split between
+    threads from FUSED_PARALLEL_MIN elements."""
+    threads.run(_gelu_forward_blocks, _blocks(x.size), x.size, FUSED_PARALLEL_MIN, x, knots,
+                slopes, out)
+
+
 def gelu_backward(x, grad, knots, slopes, exact, out):
     """out[i] = pam.rows_bits.gelu_backward_bits(x[i], grad[i]) (flat int32 arrays); the
     slope changes as for gelu_forward."""
-    _check_gelu_slopes(slopes)
-    n = x.size
-    blocks = (n + GELU_BLOCK - 1) // GELU_BLOCK
-    if n < FUSED_PARALLEL_MIN:
-        for b in range(blocks):
-            _gelu_backward_block(x, grad, knots, slopes, exact, out, b * GELU_BLOCK,
-                                 min(n, (b + 1) * GELU_BLOCK))
-    else:
-        for b in prange(blocks):
-            _gelu_backward_block(x, grad, knots, slopes, exact, out, b * GELU_BLOCK,
-                                 min(n, (b + 1) * GELU_BLOCK))
+    threads.run(_gelu_backward_blocks, _blocks(x.size), x.size, FUSED_PARALLEL_MIN, x, grad,
+                knots, slopes, bool(exact), out)
 
 
-# The softmax kernels call their row definition through these dispatchers so that it
-# compiles once for the serial and the prange loop (see pam.kernels.cpu_rows).
+# Softmax rows: a serial kernel over the rows lo:hi, split between threads from
+# FUSED_PARALLEL_MIN elements (as the row kernels of pam.kernels.cpu_rows).
 @njit(**_SERIAL)
-def _softmax_row_forward(x, out, base, n, off, safe):
-    rows_bits.softmax_row_forward(x, out, base, n, off, safe)
+def _softmax_forward_rows(x, out, n, off, safe, lo, hi):
+    optim_bits.check_offset(off)
+    for r in range(lo, hi):
+        rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
 
 
 @njit(**_SERIAL)
-def _softmax_row_backward(x, g, out, base, n, off, safe, exact):
-    rows_bits.softmax_row_backward(x, g, out, base, n, off, safe, exact)
+def _softmax_backward_rows(x, g, out, n, off, safe, exact, lo, hi):
+    optim_bits.check_offset(off)
+    for r in range(lo, hi):
+        rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
 
 
-@njit(**_JIT)
 def softmax_forward(x, out, n, off, safe):
     """Rows of length ``n`` of flat int32 ``x`` -> PA softmax (pam.rows_bits)."""
-    optim_bits.check_offset(off)
-    rows = x.size // n if n else 0
-    if x.size < FUSED_PARALLEL_MIN:
-        for r in range(rows):
-            _softmax_row_forward(x, out, r * n, n, off, safe)
-    else:
-        for r in prange(rows):
-            _softmax_row_forward(x, out, r * n, n, off, safe)
+    threads.run(_softmax_forward_rows, x.size // n if n else 0, x.size, FUSED_PARALLEL_MIN,
+                x, out, n, off, bool(safe))
 
 
-@njit(**_JIT)
 def softmax_backward(x, g, out, n, off, safe, exact):
     """Input gradient of softmax_forward for output gradient ``g`` (pam.rows_bits)."""
-    optim_bits.check_offset(off)
-    rows = x.size // n if n else 0
-    if x.size < FUSED_PARALLEL_MIN:
-        for r in range(rows):
-            _softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
-    else:
-        for r in prange(rows):
-            _softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
+    threads.run(_softmax_backward_rows, x.size // n if n else 0, x.size, FUSED_PARALLEL_MIN,
+                x, g, out, n, off, bool(safe), bool(exact))

@@ -15,7 +15,7 @@ from numba import njit
 
 from .. import optim_bits
 from .. import xent_bits as XB
-from .cpu_rows import _log_softmax_row_backward, _log_softmax_row_forward
+from .cpu_rows import _log_softmax_backward_rows, _log_softmax_forward_rows
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
@@ -29,7 +29,7 @@ def _rows_forward(x, w, target, n, ignore, off, flags):
     wt = np.empty(rows, np.int32)
     for r in range(rows):
         if target[r] != ignore:
-            _log_softmax_row_forward(x, lp, r * n, n, off)
+            _log_softmax_forward_rows(x, lp, n, off, r, r + 1)
         XB.ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
     return lp, nll, sm, wt
 
@@ -59,4 +59,4 @@ def cross_entropy_backward(x, w, target, n, ignore, a_b, s_b, off, flags, reduct
     for r in range(rows):
         k = r if reduction == XB.REDUCE_NONE else 0
         XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
-        _log_softmax_row_backward(x, dl, out, r * n, n, off, exact)
+        _log_softmax_backward_rows(x, dl, out, n, off, exact, r, r + 1)

@@ -2,12 +2,13 @@
 
 Every CPU kernel is lazy and ``cache=True``: on a fresh install (or after an edit to a
 definition file, see :mod:`pam.kernels._cache`) a training step compiles each kernel it
-calls, one after the other, on one core: about 30 s for the default ``bdia-pam train``
-model. :func:`warm` splits the kernels a training step uses between this process and worker
-processes, one compiler per core, each writing Numba's on-disk cache, and waits for them;
-the kernels the workers compiled are then loaded from the cache on their first call, as in
-a second run. It pays off when cores are free: on a machine whose cores are busy it can
-take longer than compiling lazily (measured in ``validation/cold_start.py``).
+calls, one after the other, on one core: about 40 s of CPU for the default ``bdia-pam
+train`` model (validation/README.md section 9c). :func:`warm` splits the kernels a training
+step uses between this process and worker processes, one compiler per core, each writing
+Numba's on-disk cache, and waits for them; the kernels the workers compiled are then
+loaded from the cache on their first call, as in a second run. It pays off when cores are
+free: on a machine whose cores are busy it can take longer than compiling lazily (measured
+in ``validation/cold_start.py``).
 
 What is compiled is :data:`MANIFEST` (``warm_manifest.json`` beside this file): the
 outermost kernel compilations of recorded training steps ("workloads": the default
@@ -78,7 +79,9 @@ def _dispatcher_names():
 class Recorder(event.Listener):
     """Records the outermost kernel compilations while installed (``with Recorder() as r``):
     ``r.entries`` is a list of {"module", "name", "args", "seconds"} for dispatchers of
-    :data:`MODULES` compiled from Python (not as callees of another kernel)."""
+    :data:`MODULES` compiled from Python (not as callees of another kernel); "seconds" is
+    the process CPU time of the compilation with its callees (it does not grow with the
+    load of the machine)."""
 
     def __init__(self):
         self.entries = []
@@ -86,7 +89,7 @@ class Recorder(event.Listener):
         self._names = _dispatcher_names()
 
     def on_start(self, ev):
-        self._starts.append(time.perf_counter())
+        self._starts.append(time.process_time())
 
     def on_end(self, ev):
         start = self._starts.pop()
@@ -97,7 +100,7 @@ class Recorder(event.Listener):
             return
         self.entries.append(dict(module=where[0], name=where[1],
                                  args=[encode_type(t) for t in ev.data["args"]],
-                                 seconds=round(time.perf_counter() - start, 3)))
+                                 seconds=round(time.process_time() - start, 3)))
 
     def __enter__(self):
         event.register("numba:compile", self)
