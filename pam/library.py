@@ -45,8 +45,7 @@ from . import bits
 from . import dispatch as D
 
 __all__ = ["binary_map", "unary_map", "quantize", "pow2_part", "matmul3",
-           "matmul_exact_grad_left",
-           "matmul_exact_grad_right", "conv_forward", "conv_grad_input", "conv_grad_weight",
+           "matmul_exact_grads", "conv_forward", "conv_grad_input", "conv_grad_weight",
            "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
            "direct_list", "adamw_step", "sgd_step", "pam_scalar", "pad_scalar",
            "pa_sqrt_scalar", "static_int", "lmul_scalar", "quantize_scalar",
@@ -165,26 +164,27 @@ def matmul3(a3, b3, off, kind="pam"):
     return _matmul_op(a3, b3, off, kind)
 
 
-def _grad_left_impl(a3, b3, grad, off):
-    out = torch.empty(a3.shape, dtype=torch.float32, device=a3.device)
-    if out.numel():
-        D.launch("matmul_exact_grad_left", a3.device, D.as_bits(a3),
-                 D.as_bits(b3.transpose(-1, -2)), D.as_bits(grad), off, out)
-    return out
+def _grads_impl(a3, b3, grad, off, need_a, need_b):
+    """(ga or None, gb or None): one launch computes both exact gradients with one range
+    scan of a3, b3 and grad (pam.kernels' ``matmul_exact_grads``)."""
+    ga = torch.empty(a3.shape, dtype=torch.float32, device=a3.device) if need_a else None
+    gb = torch.empty(b3.shape, dtype=torch.float32, device=b3.device) if need_b else None
+    if (ga is not None and ga.numel()) or (gb is not None and gb.numel()):
+        D.launch("matmul_exact_grads", a3.device,
+                 D.as_bits(a3) if need_a else None,
+                 D.as_bits(b3.transpose(-1, -2)) if need_a else None,
+                 D.as_bits(a3.transpose(-1, -2)) if need_b else None,
+                 D.as_bits(b3) if need_b else None,
+                 D.as_bits(grad), off, ga, gb)
+    return ga, gb
 
 
-def _grad_right_impl(a3, b3, grad, off):
-    out = torch.empty(b3.shape, dtype=torch.float32, device=b3.device)
-    if out.numel():
-        D.launch("matmul_exact_grad_right", b3.device, D.as_bits(a3.transpose(-1, -2)),
-                 D.as_bits(b3), D.as_bits(grad), off, out)
-    return out
-
-
+# Traced code gets one single-output op per gradient: a two-output op changed the layout
+# Inductor gave a later bias-gradient sum (tests/test_compile.py), so eager's bits.
 @torch.library.custom_op("pam::matmul_exact_grad_left", mutates_args=())
 def _grad_left_op(a3: torch.Tensor, b3: torch.Tensor, grad: torch.Tensor,
                   off: int) -> torch.Tensor:
-    return _grad_left_impl(a3, b3, grad, off)
+    return _grads_impl(a3, b3, grad, off, True, False)[0]
 
 
 @_grad_left_op.register_fake
@@ -195,7 +195,7 @@ def _(a3, b3, grad, off):
 @torch.library.custom_op("pam::matmul_exact_grad_right", mutates_args=())
 def _grad_right_op(a3: torch.Tensor, b3: torch.Tensor, grad: torch.Tensor,
                    off: int) -> torch.Tensor:
-    return _grad_right_impl(a3, b3, grad, off)
+    return _grads_impl(a3, b3, grad, off, False, True)[1]
 
 
 @_grad_right_op.register_fake
@@ -203,20 +203,17 @@ def _(a3, b3, grad, off):
     return b3.new_empty(b3.shape)
 
 
-def matmul_exact_grad_left(a3, b3, grad, off):
-    """Exact gradient of ``matmul3(a3, b3, off)`` w.r.t. a3 for output gradient ``grad``
-    (the true derivative of the PAM products), a new tensor shaped like a3 (no k = 0 or
-    empty-gradient special cases: the caller handles those)."""
+def matmul_exact_grads(a3, b3, grad, off, need_a=True, need_b=True):
+    """(ga, gb): the exact gradients of ``matmul3(a3, b3, off)`` w.r.t. a3 and b3 for
+    output gradient ``grad`` (the true derivatives of the PAM products), new tensors
+    shaped like a3 and b3, None where not ``need_a`` / ``need_b`` (no k = 0 or
+    empty-gradient special cases: the caller handles those). Eager: one launch and one
+    range scan of the inputs for both; traced: the custom ops
+    ``pam::matmul_exact_grad_left`` / ``_right``."""
     if _direct(a3, b3, grad):
-        return _grad_left_impl(a3, b3, grad, off)
-    return _grad_left_op(a3, b3, grad, off)
-
-
-def matmul_exact_grad_right(a3, b3, grad, off):
-    """Exact gradient of ``matmul3(a3, b3, off)`` w.r.t. b3, a new tensor shaped like b3."""
-    if _direct(a3, b3, grad):
-        return _grad_right_impl(a3, b3, grad, off)
-    return _grad_right_op(a3, b3, grad, off)
+        return _grads_impl(a3, b3, grad, off, need_a, need_b)
+    return (_grad_left_op(a3, b3, grad, off) if need_a else None,
+            _grad_right_op(a3, b3, grad, off) if need_b else None)
 
 
 # --------------------------------------------------------------------------- convolution

@@ -393,10 +393,7 @@ class _Matmul(torch.autograd.Function):
         if a3.shape[2] == 0 or grad.numel() == 0:
             return (torch.zeros_like(a3) if need_a else None,
                     torch.zeros_like(b3) if need_b else None, None, None, None)
-        if need_a:
-            ga = L.matmul_exact_grad_left(a3, b3, grad, ctx.off)
-        if need_b:
-            gb = L.matmul_exact_grad_right(a3, b3, grad, ctx.off)
+        ga, gb = L.matmul_exact_grads(a3, b3, grad, ctx.off, need_a, need_b)
         return ga, gb, None, None, None
 
 

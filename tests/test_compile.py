@@ -104,6 +104,8 @@ def test_custom_op_path_gives_the_direct_bits(case, monkeypatch):
     ("matmul", lambda: (torch.randn(2, 3, 4), torch.randn(2, 4, 5), 0)),
     ("matmul_exact_grad_left", lambda: (torch.randn(2, 3, 4), torch.randn(2, 4, 5),
                                         torch.randn(2, 3, 5), 0)),
+    ("matmul_exact_grad_right", lambda: (torch.randn(2, 3, 4), torch.randn(2, 4, 5),
+                                         torch.randn(2, 3, 5), 0)),
     ("conv_forward", lambda: (torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), [1, 1],
                               [1, 1], [1, 1], [1, 1], 1, 0)),
     ("gelu_backward", lambda: (torch.randn(6), torch.randn(6), True)),

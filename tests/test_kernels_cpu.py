@@ -230,15 +230,21 @@ def test_grad_micro_kernel_blocks(n, k, m, zeros):
     b = operand(rng, (2, k, m), pick("b"))
     g = operand(rng, (2, n, m), pick("g"))
     ai, bi, gi = a.view(np.int32), b.view(np.int32), g.view(np.int32)
-    fast, _, _ = cpu._slope_plan(ai, np.ascontiguousarray(bi.transpose(0, 2, 1)), gi, 0)
-    assert fast                                       # the fast path is what runs
+    fast_a, fast_b, _, _, _ = cpu._grads_plan(ai, bi, gi, 0)
+    assert fast_a and fast_b                          # the fast paths are what runs
+    bt = np.ascontiguousarray(bi.transpose(0, 2, 1))
+    at = np.ascontiguousarray(ai.transpose(0, 2, 1))
     dl = np.full(a.shape, np.nan, np.float32)
-    cpu.matmul_exact_grad_left(ai, np.ascontiguousarray(bi.transpose(0, 2, 1)), gi, 0, dl)
+    cpu.matmul_exact_grad_left(ai, bt, gi, 0, dl)
     dr = np.full(b.shape, np.nan, np.float32)
-    cpu.matmul_exact_grad_right(np.ascontiguousarray(ai.transpose(0, 2, 1)), bi, gi, 0, dr)
+    cpu.matmul_exact_grad_right(at, bi, gi, 0, dr)
     for p in range(2):
         assert_same_bits(dl[p], ref_grad_left(a[p], b[p], g[p]), f"grad_left batch {p}")
         assert_same_bits(dr[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
+    both_l, both_r = np.full(a.shape, np.nan, np.float32), np.full(b.shape, np.nan, np.float32)
+    cpu.matmul_exact_grads(ai, bt, at, bi, gi, 0, both_l, both_r)    # one plan for both
+    assert_same_bits(both_l, dl, "matmul_exact_grads left")
+    assert_same_bits(both_r, dr, "matmul_exact_grads right")
 
 
 @pytest.mark.parametrize("zeros", ["none", "a", "b", "all"])

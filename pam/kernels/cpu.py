@@ -1220,14 +1220,18 @@ def _matmul_fast(a, b, masked, off, work, out):
 
 
 @njit(cache=True, nogil=True)
-def _slope_plan(x, y, grad, off):
-    """(fast, zy, zg) for an exact matmul gradient: whether the int32 fast path applies
-    (no inf/NaN in x, y, grad, and ``_slope_fast_ok`` for grad's and y's ranges, y the
-    operand whose exponents enter the slopes) and whether y, grad hold zeros/subnormals."""
-    sx, zx, lo_x, hi_x = _stats(x)
-    sy, zy, lo_y, hi_y = _stats(y)
+def _grads_plan(a, b, grad, off):
+    """(fast_a, fast_b, za, zb, zg) for the exact matmul gradients: whether the int32
+    fast path of the left / right gradient applies (no inf/NaN in a, b, grad, and
+    ``_slope_fast_ok`` for grad's range and that of the operand whose exponents enter the
+    slopes: b for the left gradient, a for the right one), and whether a, b, grad hold
+    zeros/subnormals. a and b may be given transposed (the scans see the same values)."""
+    sa, za, lo_a, hi_a = _stats(a)
+    sb, zb, lo_b, hi_b = _stats(b)
     sg, zg, lo_g, hi_g = _stats(grad)
-    return not (sx or sy or sg) and _slope_fast_ok(lo_g, hi_g, lo_y, hi_y, off), zy, zg
+    ok = not (sa or sb or sg)
+    return (ok and _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off),
+            ok and _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off), za, zb, zg)
 
 
 _WORK = threading.local()
@@ -1246,6 +1250,30 @@ def _strip_work(x, masked):
     return work
 
 
+def matmul_exact_grads(a, bt, at, b, grad, off, out_a, out_b):
+    """Both exact gradients of ``matmul`` (``matmul_exact_grad_left`` into ``out_a`` and
+    ``matmul_exact_grad_right`` into ``out_b``) with one range scan of the operands and
+    the output gradient for the two: a (or its transpose at) and b (or bt) are scanned
+    once, grad once. Pass None for an output not wanted; the operand only it needs (bt
+    for out_a, at for out_b) may then be None too. Same bits as the two functions."""
+    want_a = out_a is not None and out_a.size > 0
+    want_b = out_b is not None and out_b.size > 0
+    if not (want_a or want_b):
+        return
+    fast_a, fast_b, za, zb, zg = _grads_plan(a if a is not None else at,
+                                             b if b is not None else bt, grad, off)
+    if want_a:
+        if fast_a:
+            _grad_left_fast(a, bt, grad, zb or zg, off, _strip_work(bt, zb or zg), out_a)
+        else:
+            _grad_left_general(a, bt, grad, off, out_a)
+    if want_b:
+        if fast_b:
+            _grad_right_fast(at, b, grad, za or zg, off, _strip_work(grad, za or zg), out_b)
+        else:
+            _grad_right_general(at, b, grad, off, out_b)
+
+
 def matmul_exact_grad_left(a, bt, grad, off, out):
     """Exact gradient w.r.t. the left operand of ``matmul``.
 
@@ -1255,13 +1283,7 @@ def matmul_exact_grad_left(a, bt, grad, off, out):
     grad: (batch, n, m) int32; out: (batch, n, k) float32. An empty j range gives zeros.
     The general path (any inf/NaN or range issue) compiles on first use only.
     """
-    if out.size == 0:
-        return
-    fast, zb, zg = _slope_plan(a, bt, grad, off)
-    if not fast:
-        _grad_left_general(a, bt, grad, off, out)
-    else:
-        _grad_left_fast(a, bt, grad, zb or zg, off, _strip_work(bt, zb or zg), out)
+    matmul_exact_grads(a, bt, None, None, grad, off, out, None)
 
 
 def matmul_exact_grad_right(at, b, grad, off, out):
@@ -1273,13 +1295,7 @@ def matmul_exact_grad_right(at, b, grad, off, out):
     out: (batch, k, m) float32. An empty i range gives zeros. As for the left gradient,
     the general path compiles on first use only.
     """
-    if out.size == 0:
-        return
-    fast, za, zg = _slope_plan(b, at, grad, off)
-    if not fast:
-        _grad_right_general(at, b, grad, off, out)
-    else:
-        _grad_right_fast(at, b, grad, za or zg, off, _strip_work(grad, za or zg), out)
+    matmul_exact_grads(None, None, at, b, grad, off, None, out)
 
 
 @njit(**_JIT)

@@ -49,7 +49,7 @@ from .. import bits, optim_bits, rows_bits
 
 __all__ = ["mul", "div", "mul_slope", "div_slope_num", "div_slope_den", "exp2", "log2",
            "exp2_slope", "log2_slope", "matmul", "matmul_exact_grad_left",
-           "matmul_exact_grad_right", "available", "TILE", "ELEMENTWISE_THREADS"]
+           "matmul_exact_grad_right", "matmul_exact_grads", "available", "TILE", "ELEMENTWISE_THREADS"]
 
 # Side of the square thread block and of the shared-memory tiles of the matmul kernels.
 TILE = 16
@@ -912,6 +912,16 @@ def matmul_exact_grad_right(at, b, grad, off, out):
                            "grad (P, n, m), out (P, k, m)",
                            at=at.shape, b=b.shape, grad=grad.shape, out=out.shape)
     return _tiled("matmul_exact_grad_right", (at, b, grad), ("at", "b", "grad"), off, out)
+
+
+def matmul_exact_grads(a, bt, at, b, grad, off, out_a, out_b):
+    """Both exact gradients (see the CPU kernel of that name): ``matmul_exact_grad_left``
+    into ``out_a`` and ``matmul_exact_grad_right`` into ``out_b``, each skipped when None
+    (the CUDA kernels take their fast path per tile, so there is no shared scan to save)."""
+    if out_a is not None:
+        matmul_exact_grad_left(a, bt, grad, off, out_a)
+    if out_b is not None:
+        matmul_exact_grad_right(at, b, grad, off, out_b)
 
 
 # ===========================================================================
