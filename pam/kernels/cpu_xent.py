@@ -3,60 +3,80 @@
 ``x``: flat int32 logits, rows of ``n`` classes; ``target``: int64 class index per row;
 ``w``: int32 class weights (any 1-element array without ``CE_WEIGHT``); ``ignore``: the
 ignore_index; ``a_b`` / ``s_b``: the bits of the smoothing factors (unused without
-``CE_SMOOTH``); ``reduction``: a ``pam.xent_bits.REDUCE_*`` code. One serial loop over rows
-(a loss has few rows and classes next to the layers before it; serial code compiles in a
-fraction of a parallel kernel's time). The log_softmax rows are :mod:`.cpu_rows`' compiled
-row functions (their code compiles once for both modules). A target outside [0, n) that
-is not ``ignore`` raises ValueError; ``off`` must be an offset constant of
-pam.dispatch.offset_constant.
+``CE_SMOOTH``); ``reduction``: a ``pam.xent_bits.REDUCE_*`` code. The rows (their
+log_softmax, through :mod:`.cpu_rows`' compiled range kernels, and their loss terms or
+gradients) are split over threads with :func:`pam.kernels.threads.run` as the other row
+kernels are; the sums over rows run after them in one thread, in increasing row order.
+A target outside [0, n) that is not ``ignore`` raises ValueError; ``off`` must be an
+offset constant of pam.dispatch.offset_constant.
 """
 import numpy as np
 from numba import njit
 
 from .. import optim_bits
 from .. import xent_bits as XB
+from . import threads
+from .cpu import FUSED_PARALLEL_MIN
 from .cpu_rows import _log_softmax_backward_rows, _log_softmax_forward_rows
+
+_SERIAL = dict(cache=True, nogil=True)
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
 
-@njit(cache=True, nogil=True)
-def _rows_forward(x, w, target, n, ignore, off, flags):
-    rows = target.size
-    lp = np.empty(x.size, np.int32)
-    nll = np.empty(rows, np.int32)
-    sm = np.empty(rows, np.int32)
-    wt = np.empty(rows, np.int32)
-    for r in range(rows):
+@njit(**_SERIAL)
+def _forward_rows(x, w, target, n, ignore, off, flags, lp, nll, sm, wt, lo, hi):
+    optim_bits.check_offset(off)
+    for r in range(lo, hi):
         if target[r] != ignore:
             _log_softmax_forward_rows(x, lp, n, off, r, r + 1)
         XB.ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
-    return lp, nll, sm, wt
 
 
-@njit(cache=True, nogil=True)
-def cross_entropy_forward(x, w, target, n, ignore, a_b, s_b, off, flags, reduction, out):
-    """The loss into ``out`` (one element per row for reduction "none", else one)."""
-    optim_bits.check_offset(off)
-    _, nll, sm, wt = _rows_forward(x, w, target, n, ignore, off, flags)
+@njit(**_SERIAL)
+def _finish(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, out):
     XB.ce_finish(target, nll, sm, wt, target.size, ignore, reduction, flags, a_b, s_b, out)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
+def _grad_scalars(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, g, dn, ds):
+    XB.ce_grad_scalars(target, nll, sm, wt, target.size, ignore, reduction, flags, a_b,
+                       s_b, g, dn, ds)
+
+
+@njit(**_SERIAL)
+def _backward_rows(x, w, target, n, ignore, off, flags, reduction, lp, dn, ds, dl, out, lo,
+                   hi):
+    exact = (flags & XB.CE_EXACT) != 0
+    for r in range(lo, hi):
+        k = r if reduction == XB.REDUCE_NONE else 0
+        XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
+        _log_softmax_backward_rows(x, dl, out, n, off, exact, r, r + 1)
+
+
+def _rows_forward(x, w, target, n, ignore, off, flags):
+    rows = target.size
+    lp = np.empty(x.size, np.int32)
+    nll, sm, wt = (np.empty(rows, np.int32) for _ in range(3))
+    threads.run(_forward_rows, rows, x.size, FUSED_PARALLEL_MIN,
+                x, w, target, n, ignore, off, flags, lp, nll, sm, wt)
+    return lp, nll, sm, wt
+
+
+def cross_entropy_forward(x, w, target, n, ignore, a_b, s_b, off, flags, reduction, out):
+    """The loss into ``out`` (one element per row for reduction "none", else one)."""
+    _, nll, sm, wt = _rows_forward(x, w, target, n, ignore, off, flags)
+    _finish(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, out)
+
+
 def cross_entropy_backward(x, w, target, n, ignore, a_b, s_b, off, flags, reduction, g,
                            out):
     """The input gradient (shaped like ``x``) for the loss gradient ``g`` (one element per
     row for "none", else one); the forward rows are recomputed."""
-    optim_bits.check_offset(off)
     rows = target.size
     lp, nll, sm, wt = _rows_forward(x, w, target, n, ignore, off, flags)
-    dn = np.empty(rows, np.int32)
-    ds = np.empty(rows, np.int32)
-    XB.ce_grad_scalars(target, nll, sm, wt, rows, ignore, reduction, flags, a_b, s_b, g, dn,
-                       ds)
-    exact = (flags & XB.CE_EXACT) != 0
-    dl = np.empty(x.size, np.int32)
-    for r in range(rows):
-        k = r if reduction == XB.REDUCE_NONE else 0
-        XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
-        _log_softmax_backward_rows(x, dl, out, n, off, exact, r, r + 1)
+    dn, ds = np.empty(rows, np.int32), np.empty(rows, np.int32)
+    _grad_scalars(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, g, dn, ds)
+    threads.run(_backward_rows, rows, x.size, FUSED_PARALLEL_MIN,
+                x, w, target, n, ignore, off, flags, reduction, lp, dn, ds,
+                np.empty(x.size, np.int32), out)
