@@ -16,7 +16,7 @@ from . import bits
 
 __all__ = ["check_float32", "check_same_device", "offset_constant", "launch",
            "binary_map", "unary_map", "as_bits", "KINDS", "kernel_suffix", "check_format",
-           "quantize"]
+           "quantize", "launch_in", "recording_launches"]
 
 
 def check_float32(x, name):
@@ -148,6 +148,42 @@ def launch_in(module, name, device, *args):
     if cpu:
         args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
     return getattr(mod, name)(*args)
+
+
+class recording_launches:
+    """Context manager for tests and benchmarks: inside it, every kernel launch -- through
+    :func:`launch`, :func:`launch_in` or the elementwise maps' direct kernel calls --
+    appends the kernel's name to the list it returns (``as names``). Not thread-safe:
+    it swaps this module's launch functions while entered."""
+
+    def __enter__(self):
+        g = globals()
+        self._saved = {k: g[k] for k in ("launch", "launch_in", "_launcher")}
+        names, orig = [], dict(self._saved)
+
+        def counted_launch(name, device, *args):
+            names.append(name)
+            return orig["launch"](name, device, *args)
+
+        def counted_launch_in(module, name, device, *args):
+            names.append(name)
+            return orig["launch_in"](module, name, device, *args)
+
+        def counted_launcher(device, name):
+            kernel = orig["_launcher"](device, name)
+
+            def call(*args):
+                names.append(name)
+                return kernel(*args)
+            return call
+
+        g.update(launch=counted_launch, launch_in=counted_launch_in,
+                 _launcher=counted_launcher)
+        return names
+
+    def __exit__(self, *exc):
+        globals().update(self._saved)
+        return False
 
 
 def _launcher(device, name):

@@ -13,7 +13,7 @@ weight decay 0.01) is timed on these sides, interleaved round by round after war
   PAM kernel per group, :mod:`pam.mode.optimizers`);
 * ``pam_optim``: ``pam.optim.AdamW`` (the same kernel, no mode).
 
-Also reported: kernel launches per step (calls to ``pam.dispatch.launch``) and whether the
+Also reported: kernel launches per step (``pam.dispatch.recording_launches``) and whether the
 fused side's parameters and moments have the bits of ``pam.optim.AdamW`` after all steps.
 
     python validation/bench_optim_mode.py [--steps 10] [--warmup 2] [--threads 2]
@@ -42,24 +42,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODELS = {"gpt_small": dict(width=128, depth=6), "gpt_wide": dict(width=256, depth=8)}
 SIDES = ("float", "ops_single", "ops_foreach", "fused", "pam_optim")
 LR, WD = 1e-3, 0.01
-
-
-class _Launches:
-    """Counts pam.dispatch.launch calls while entered."""
-
-    def __enter__(self):
-        self.n = 0
-        self._orig = pam.dispatch.launch
-
-        def counting(*args, **kwargs):
-            self.n += 1
-            return self._orig(*args, **kwargs)
-
-        pam.dispatch.launch = counting
-        return self
-
-    def __exit__(self, *exc):
-        pam.dispatch.launch = self._orig
 
 
 def _side(name, params):
@@ -96,13 +78,13 @@ def bench_model(name, steps, warmup):
     for r in range(warmup + steps):
         for s in SIDES:
             side = sides[s]
-            with _Launches() as count:
+            with pam.dispatch.recording_launches() as launched:
                 t0 = time.perf_counter()
                 side["step"]()
                 dt = time.perf_counter() - t0
             if r >= warmup:
                 side["times"].append(dt)
-            launches[s] = count.n
+            launches[s] = len(launched)
     fused, ref = sides["fused"], sides["pam_optim"]
     same = all(torch.equal(a.view(torch.int32), b.view(torch.int32))
                for a, b in zip(fused["params"], ref["params"]))

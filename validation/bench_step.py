@@ -153,31 +153,20 @@ COMPILED = ("gpt_small", "gpt_wide")
 
 # --------------------------------------------------------------------------- timing
 class LaunchCounter:
-    """Counts kernel launches while installed: the calls to pam.dispatch.launch and
-    launch_in, and of the kernels pam.dispatch._launcher hands to the elementwise maps
-    (every PAM kernel goes through one of the three)."""
-
-    def __init__(self):
-        self.count = 0
-        D = pam.dispatch
-        self._orig = (D.launch, D.launch_in, D._launcher)
+    """Counts kernel launches while entered (``pam.dispatch.recording_launches``: every
+    launch path of pam.dispatch)."""
 
     def __enter__(self):
-        launch, launch_in, launcher = self._orig
-
-        def counted(fn):
-            def call(*args, **kwargs):
-                self.count += 1
-                return fn(*args, **kwargs)
-            return call
-
-        pam.dispatch.launch = counted(launch)
-        pam.dispatch.launch_in = counted(launch_in)
-        pam.dispatch._launcher = lambda device, name: counted(launcher(device, name))
+        self._rec = pam.dispatch.recording_launches()
+        self._names = self._rec.__enter__()
         return self
 
+    @property
+    def count(self):
+        return len(self._names)
+
     def __exit__(self, *exc):
-        pam.dispatch.launch, pam.dispatch.launch_in, pam.dispatch._launcher = self._orig
+        self._rec.__exit__(*exc)
 
 
 def _timed_step(model, loss_fn, opt, last_loss=None):
