@@ -78,6 +78,26 @@ def test_torch_adamw_has_the_bits_of_pam_adamw(kw, flags):
     assert opt.param_groups[0]["fused"] == flags.get("fused")       # restored
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(amsgrad=True, weight_decay=0.05, maximize=True)])
+def test_unbiased_moments_option(kw):
+    """pam.arithmetic(moments="unbiased"): torch.optim.AdamW takes pam.optim.AdamW's
+    unbiased-moments step (its bits), not the paper one; a bad value is refused."""
+    m, r, p = _model(), _model(), _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, **kw)
+    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, moments="unbiased", **kw)
+    paper = pam.optim.AdamW(p.parameters(), lr=1e-2, **kw)
+    _run(m, opt, 3, moments="unbiased")
+    for s in range(3):
+        for model, o in ((r, ref), (p, paper)):
+            _set_grads(model, _grads(model, s))
+            o.step()
+    _assert_same_state(m, opt, r, ref)
+    assert not _same(m.parameters(), p.parameters())
+    assert pam.arithmetic(moments="unbiased").spec["moments"] == "unbiased"
+    with pytest.raises(ValueError, match="moments must be one of"):
+        pam.arithmetic(moments="exact")
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(amsgrad=True, maximize=True)])
 def test_torch_adam_without_decay_has_the_bits_of_pam_adamw(kw):
     m, r = _model(), _model()

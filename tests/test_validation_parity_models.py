@@ -17,6 +17,7 @@ def test_quick_run_writes_json_and_png(tmp_path):
         saved = json.load(f)
     assert (tmp_path / "parity_models.png").stat().st_size > 0
     assert {(r["family"], r["arithmetic"]) for r in saved["rows"]} == {
-        (f, a) for f in ("encoder_pre", "nanogpt_sdpa") for a in ("float", "pam")}
-    assert all(r["audit"] == "pass" for r in rows if r["arithmetic"] == "pam")
+        (f, a) for f in ("encoder_pre", "nanogpt_sdpa")
+        for a in ("float", "pam", "pam_unbiased")}
+    assert all(r["audit"] == "pass" for r in rows if r["arithmetic"] != "float")
     assert all(len(r["curve"]) == 4 for r in saved["runs"])

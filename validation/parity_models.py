@@ -192,7 +192,7 @@ def run(name, seed, arithmetic, steps, batch, backward):
         else:
             ctx = no_float_multiply() if step == 0 else _Null()
             try:
-                with ctx, pam.arithmetic(backward=backward):
+                with ctx, pam.arithmetic(**_mode(arithmetic, backward)):
                     loss, _ = loss_fn(model, b)
                     loss.backward()
                     opt.step()
@@ -208,12 +208,22 @@ def run(name, seed, arithmetic, steps, batch, backward):
         if arithmetic == "float":
             hl, ha = loss_fn(model, held)
         else:
-            with pam.arithmetic(backward=backward):
+            with pam.arithmetic(**_mode(arithmetic, backward)):
                 hl, ha = loss_fn(model, held)
     return {"family": name, "arithmetic": arithmetic, "seed": seed, "steps": steps,
             "train_loss_first": curve[0], "train_loss_final": statistics.fmean(curve[-5:]),
             "heldout_loss": hl.item(), "heldout_accuracy": ha.item(), "wall_s": wall,
             "audit": audit if arithmetic != "float" else None, "curve": curve}
+
+
+ARITHMETICS = ("float", "pam", "pam_unbiased")
+
+
+def _mode(arithmetic, backward):
+    """pam.arithmetic's arguments for "pam" (torch.optim.AdamW's fused step with the
+    paper's moments, the default) and "pam_unbiased" (``moments="unbiased"``)."""
+    return {"backward": backward,
+            "moments": "unbiased" if arithmetic == "pam_unbiased" else "paper"}
 
 
 class _Null:
@@ -264,7 +274,7 @@ def plot(runs, path):
     for ax, fam in zip(axes[0], fams):
         for r in runs:
             if r["family"] == fam:
-                ax.plot(r["curve"], color="C0" if r["arithmetic"] == "float" else "C3",
+                ax.plot(r["curve"], color={"float": "C0", "pam": "C3"}.get(r["arithmetic"], "C2"),
                         alpha=0.6, label=r["arithmetic"] if r["seed"] == 0 else None)
         ax.set_title(fam, fontsize=9)
         ax.set_xlabel("step")
@@ -283,6 +293,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     ap.add_argument("--backward", choices=pam.BACKWARD_MODES, default="approx")
+    ap.add_argument("--arithmetics", nargs="+", choices=ARITHMETICS, default=list(ARITHMETICS))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the runs of other families already in OUT/parity_models.json")
@@ -293,9 +304,9 @@ def main(argv=None):
     runs = []
     for fam in a.families:
         for seed in range(a.seeds):
-            for ar in ("float", "pam"):
+            for ar in a.arithmetics:
                 r = run(fam, seed, ar, a.steps, a.batch, a.backward)
-                print(f"{fam:13s} {ar:5s} seed {seed}: loss {r['train_loss_first']:.3f} -> "
+                print(f"{fam:13s} {ar:12s} seed {seed}: loss {r['train_loss_first']:.3f} -> "
                       f"{r['train_loss_final']:.3f}, held-out {r['heldout_loss']:.3f} / "
                       f"{100 * r['heldout_accuracy']:.1f} %, {r['wall_s']:.1f} s", flush=True)
                 runs.append(r)

@@ -47,7 +47,9 @@ Options: ``backward`` ("approx", the paper's choice and default here, or "exact"
 ``ops`` ("all", "matmul", or a set of :data:`FAMILIES` names: families left out run in
 float by the user's explicit choice), ``strict``, ``optimizers`` ("fused", default, or
 "ops": torch.optim steps op by op, ~20 launches per tensor on the single-tensor path or one
-per ``_foreach_*`` op, with torch's sequence of PAM ops as their definition).
+per ``_foreach_*`` op, with torch's sequence of PAM ops as their definition), ``moments``
+(the fused Adam/AdamW step's moments: "paper", default, or "unbiased", as
+:class:`pam.optim.AdamW`'s ``moments``).
 
 The fused optimizer step covers ``torch.optim.Adam``, ``AdamW`` and ``SGD`` (these classes
 exactly; subclasses and other optimizers run op by op) under the PAM family without an

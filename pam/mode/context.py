@@ -23,11 +23,12 @@ class _Config:
     family passed to the pam ops ("pam" for both PAM families, the offset carrying the
     difference); ``operands``: the operand format of the matmul and conv families;
     ``optimizers``: "fused" (torch.optim Adam/AdamW/SGD steps as one fused PAM kernel per
-    group, :mod:`.optimizers`) or "ops" (op by op).
+    group, :mod:`.optimizers`) or "ops" (op by op); ``moments``: the fused Adam/AdamW
+    step's moments, "paper" or "unbiased" (:class:`pam.optim.AdamW`'s ``moments``).
     """
 
     def __init__(self, backward, offset, ops, strict, family="pam", operands="float32",
-                 optimizers="fused"):
+                 optimizers="fused", moments="paper"):
         if backward not in P.BACKWARD_MODES:
             raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
         self.multiplier = FAM.resolve(family, operands, offset)
@@ -51,6 +52,9 @@ class _Config:
                              f"{optimizers!r}")
         self.backward, self.offset, self.ops, self.strict = backward, offset, ops, strict
         self.optimizers = optimizers
+        if moments not in _optim.MOMENTS:
+            raise ValueError(f"moments must be one of {_optim.MOMENTS}, got {moments!r}")
+        self.moments = moments
         self.reported = set()
 
 
@@ -81,12 +85,13 @@ class arithmetic:
     """
 
     def __init__(self, backward="approx", offset=None, ops="all", strict=True, family="pam",
-                 operands="float32", optimizers="fused"):
-        self.cfg = _Config(backward, offset, ops, strict, family, operands, optimizers)
+                 operands="float32", optimizers="fused", moments="paper"):
+        self.cfg = _Config(backward, offset, ops, strict, family, operands, optimizers,
+                           moments)
         self._spec = {"backward": backward, "offset": offset,
                       "ops": ops if isinstance(ops, str) else frozenset(ops),
                       "strict": strict, "family": family, "operands": operands,
-                      "optimizers": optimizers}
+                      "optimizers": optimizers, "moments": moments}
         self._entered = []
 
     @property

@@ -13,7 +13,8 @@ Two pieces:
    mode live on the parameters' device, as torch's fused path keeps them).
 2. :func:`fused_step`, called by the dispatch layer for those three ATen ops (also when
    the user constructed the optimizer with ``fused=True``): the update of
-   :class:`pam.optim.AdamW` / :class:`pam.optim.SGD` (``moments="paper"``, no offset) by
+   :class:`pam.optim.AdamW` / :class:`pam.optim.SGD` (no offset; AdamW's ``moments`` as
+   ``pam.arithmetic(moments=...)`` says, "paper" by default) by
    :func:`pam.fused.adamw_step` / :func:`pam.fused.sgd_step`, one kernel launch per device
    and step count. ``Adam``'s L2 weight decay (g + wd p, after maximize's negation, as
    torch) is one more elementwise PAM launch before the fused step, then the step runs with
@@ -41,6 +42,7 @@ from .. import fused as _fused
 from .semantics import UnsupportedOpError, add_scaled
 
 OPTIMIZERS = ("fused", "ops")
+MOMENTS = _fused.MOMENTS           # pam.arithmetic(moments=...) of the fused Adam/AdamW step
 # aten op names (overload packets, trailing underscore stripped) handled by fused_step
 FUSED_STEPS = frozenset({"_fused_adam", "_fused_adamw", "_fused_sgd"})
 _OPS_HINT = "; pam.arithmetic(optimizers='ops') runs it op by op"
@@ -207,7 +209,7 @@ def fused_step(cfg, name, func, args, kwargs):
                           list(v["max_exp_avg_sqs"]) if v["amsgrad"] else None,
                           list(v["state_steps"]), lr=lr, beta1=float(v["beta1"]),
                           beta2=float(v["beta2"]), eps=float(v["eps"]), weight_decay=wd,
-                          amsgrad=v["amsgrad"], maximize=maximize)
+                          amsgrad=v["amsgrad"], maximize=maximize, moments=cfg.moments)
     return None
 
 
