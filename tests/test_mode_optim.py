@@ -59,6 +59,8 @@ def _assert_same_state(m1, o1, m2, o2):
             assert torch.equal(_bits(s1[k]), _bits(s2[k])), k
 
 
+MODE_MOMENTS = "unbiased"            # pam.arithmetic()'s default for the fused Adam/AdamW step
+
 ADAMW_CASES = [dict(), dict(amsgrad=True), dict(weight_decay=0.1), dict(maximize=True),
                dict(amsgrad=True, weight_decay=0.05, maximize=True)]
 
@@ -69,7 +71,7 @@ ADAMW_CASES = [dict(), dict(amsgrad=True), dict(weight_decay=0.1), dict(maximize
 def test_torch_adamw_has_the_bits_of_pam_adamw(kw, flags):
     m, r = _model(), _model()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, **kw, **flags)
-    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, **kw)
+    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, moments=MODE_MOMENTS, **kw)
     _run(m, opt, 3)
     for s in range(3):
         _set_grads(r, _grads(r, s))
@@ -79,21 +81,21 @@ def test_torch_adamw_has_the_bits_of_pam_adamw(kw, flags):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(amsgrad=True, weight_decay=0.05, maximize=True)])
-def test_unbiased_moments_option(kw):
-    """pam.arithmetic(moments="unbiased"): torch.optim.AdamW takes pam.optim.AdamW's
-    unbiased-moments step (its bits), not the paper one; a bad value is refused."""
-    m, r, p = _model(), _model(), _model()
+def test_paper_moments_option(kw):
+    """pam.arithmetic(moments="paper"): torch.optim.AdamW takes pam.optim.AdamW's
+    paper-moments step (its bits), not the default unbiased one; a bad value is refused."""
+    m, r, u = _model(), _model(), _model()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, **kw)
-    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, moments="unbiased", **kw)
-    paper = pam.optim.AdamW(p.parameters(), lr=1e-2, **kw)
-    _run(m, opt, 3, moments="unbiased")
+    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, moments="paper", **kw)
+    unbiased = pam.optim.AdamW(u.parameters(), lr=1e-2, moments="unbiased", **kw)
+    _run(m, opt, 3, moments="paper")
     for s in range(3):
-        for model, o in ((r, ref), (p, paper)):
+        for model, o in ((r, ref), (u, unbiased)):
             _set_grads(model, _grads(model, s))
             o.step()
     _assert_same_state(m, opt, r, ref)
-    assert not _same(m.parameters(), p.parameters())
-    assert pam.arithmetic(moments="unbiased").spec["moments"] == "unbiased"
+    assert not _same(m.parameters(), u.parameters())
+    assert pam.arithmetic().spec["moments"] == MODE_MOMENTS
     with pytest.raises(ValueError, match="moments must be one of"):
         pam.arithmetic(moments="exact")
 
@@ -102,7 +104,8 @@ def test_unbiased_moments_option(kw):
 def test_torch_adam_without_decay_has_the_bits_of_pam_adamw(kw):
     m, r = _model(), _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-2, **kw)
-    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, weight_decay=0.0, **kw)
+    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, weight_decay=0.0, moments=MODE_MOMENTS,
+                          **kw)
     _run(m, opt, 3)
     for s in range(3):
         _set_grads(r, _grads(r, s))
@@ -117,7 +120,7 @@ def test_torch_adam_l2_decay_is_added_to_the_gradient(maximize):
     wd = 0.1
     m, r = _model(), _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=wd, maximize=maximize)
-    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, weight_decay=0.0)
+    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, weight_decay=0.0, moments=MODE_MOMENTS)
     _run(m, opt, 3)
     for s in range(3):
         for p, g in zip(r.parameters(), _grads(r, s)):
@@ -153,8 +156,8 @@ def launched():
 
 
 @pytest.mark.parametrize("make, kernel", [
-    (lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True), "adamw_table"),
-    (lambda ps: torch.optim.Adam(ps, lr=1e-2), "adamw_table"),
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True), "adamw_unbiased_table"),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2), "adamw_unbiased_table"),
     (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True), "sgd_table"),
 ])
 def test_one_kernel_launch_per_group(launched, make, kernel):
@@ -180,7 +183,7 @@ def test_adam_l2_decay_adds_one_elementwise_launch(monkeypatch, launched):
     launched.clear()
     with no_float_multiply(), pam.arithmetic():
         opt.step()
-    assert entry == [1] and len(launched) == 2 and launched[-1] == "adamw_table"
+    assert entry == [1] and len(launched) == 2 and launched[-1] == "adamw_unbiased_table"
 
 
 def test_opt_out_runs_op_by_op_with_the_old_bits():
@@ -244,7 +247,7 @@ def test_state_dict_loads_into_a_plain_optimizer():
 def test_tensor_lr_is_read_exactly():
     m, r = _model(), _model()
     opt = torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-2))
-    ref = pam.optim.AdamW(r.parameters(), lr=1e-2)
+    ref = pam.optim.AdamW(r.parameters(), lr=1e-2, moments=MODE_MOMENTS)
     _run(m, opt, 2)
     for s in range(2):
         _set_grads(r, _grads(r, s))

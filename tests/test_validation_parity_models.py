@@ -18,6 +18,6 @@ def test_quick_run_writes_json_and_png(tmp_path):
     assert (tmp_path / "parity_models.png").stat().st_size > 0
     assert {(r["family"], r["arithmetic"]) for r in saved["rows"]} == {
         (f, a) for f in ("encoder_pre", "nanogpt_sdpa")
-        for a in ("float", "pam", "pam_unbiased")}
+        for a in ("float", "pam", "pam_paper")}
     assert all(r["audit"] == "pass" for r in rows if r["arithmetic"] != "float")
     assert all(len(r["curve"]) == 4 for r in saved["runs"])

@@ -11,7 +11,7 @@ weight decay 0.01) is timed on these sides, interleaved round by round after war
   or one launch per ``_foreach_`` op over concatenated tensors);
 * ``fused``: ``torch.optim.AdamW`` (default flags) under ``pam.arithmetic()`` (one fused
   PAM kernel per group, :mod:`pam.mode.optimizers`);
-* ``pam_optim``: ``pam.optim.AdamW`` (the same kernel, no mode).
+* ``pam_optim``: ``pam.optim.AdamW(moments="unbiased")`` (the same kernel, no mode).
 
 Also reported: kernel launches per step (``pam.dispatch.recording_launches``) and whether the
 fused side's parameters and moments have the bits of ``pam.optim.AdamW`` after all steps.
@@ -42,12 +42,13 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODELS = {"gpt_small": dict(width=128, depth=6), "gpt_wide": dict(width=256, depth=8)}
 SIDES = ("float", "ops_single", "ops_foreach", "fused", "pam_optim")
 LR, WD = 1e-3, 0.01
+MOMENTS = "unbiased"       # pam.arithmetic()'s default for torch.optim's fused AdamW step
 
 
 def _side(name, params):
     """(step callable, optimizer) of one side, over its own copy of ``params``."""
     if name == "pam_optim":
-        opt = pam.optim.AdamW(params, lr=LR, weight_decay=WD)
+        opt = pam.optim.AdamW(params, lr=LR, weight_decay=WD, moments=MOMENTS)
         return opt.step, opt
     foreach = {"ops_single": False, "ops_foreach": True}.get(name)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, foreach=foreach)

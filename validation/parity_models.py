@@ -216,14 +216,14 @@ def run(name, seed, arithmetic, steps, batch, backward):
             "audit": audit if arithmetic != "float" else None, "curve": curve}
 
 
-ARITHMETICS = ("float", "pam", "pam_unbiased")
+ARITHMETICS = ("float", "pam", "pam_paper")
 
 
 def _mode(arithmetic, backward):
-    """pam.arithmetic's arguments for "pam" (torch.optim.AdamW's fused step with the
-    paper's moments, the default) and "pam_unbiased" (``moments="unbiased"``)."""
+    """pam.arithmetic's arguments for "pam" (the default: torch.optim.AdamW's fused step
+    with moments unbiased in expectation) and "pam_paper" (``moments="paper"``)."""
     return {"backward": backward,
-            "moments": "unbiased" if arithmetic == "pam_unbiased" else "paper"}
+            "moments": "paper" if arithmetic == "pam_paper" else "unbiased"}
 
 
 class _Null:

@@ -23,7 +23,8 @@ Mechanism (two torch modes, pushed together by :class:`arithmetic`):
    approximate backward). ``torch.optim.Adam``/``AdamW``/``SGD`` steps take the fused
    path (:mod:`.optimizers`): each parameter group is updated by one fused PAM kernel per
    device and step count through :mod:`pam.fused`, with the definition of
-   :class:`pam.optim.AdamW` / :class:`pam.optim.SGD` (paper moments; their bits), whatever
+   :class:`pam.optim.AdamW` / :class:`pam.optim.SGD` (their bits; AdamW with
+   ``moments="unbiased"`` unless ``pam.arithmetic(moments="paper")``), whatever
    the optimizer's foreach/fused flags (a torch.optim step hook sets the group's ``fused``
    key for the duration of the step and puts it back, so ``state_dict()`` is unchanged;
    the ``aten._fused_adam_``/``_fused_adamw_``/``_fused_sgd_`` ops it makes torch call are
@@ -48,7 +49,8 @@ Options: ``backward`` ("approx", the paper's choice and default here, or "exact"
 float by the user's explicit choice), ``strict``, ``optimizers`` ("fused", default, or
 "ops": torch.optim steps op by op, ~20 launches per tensor on the single-tensor path or one
 per ``_foreach_*`` op, with torch's sequence of PAM ops as their definition), ``moments``
-(the fused Adam/AdamW step's moments: "paper", default, or "unbiased", as
+(the fused Adam/AdamW step's moments: "unbiased", default, so that torch.optim's AdamW
+keeps torch's update size and real models train as in float, or "paper", as
 :class:`pam.optim.AdamW`'s ``moments``).
 
 The fused optimizer step covers ``torch.optim.Adam``, ``AdamW`` and ``SGD`` (these classes

@@ -24,11 +24,11 @@ class _Config:
     difference); ``operands``: the operand format of the matmul and conv families;
     ``optimizers``: "fused" (torch.optim Adam/AdamW/SGD steps as one fused PAM kernel per
     group, :mod:`.optimizers`) or "ops" (op by op); ``moments``: the fused Adam/AdamW
-    step's moments, "paper" or "unbiased" (:class:`pam.optim.AdamW`'s ``moments``).
+    step's moments, "unbiased" (default) or "paper" (:class:`pam.optim.AdamW`'s ``moments``).
     """
 
     def __init__(self, backward, offset, ops, strict, family="pam", operands="float32",
-                 optimizers="fused", moments="paper"):
+                 optimizers="fused", moments="unbiased"):
         if backward not in P.BACKWARD_MODES:
             raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
         self.multiplier = FAM.resolve(family, operands, offset)
@@ -85,7 +85,7 @@ class arithmetic:
     """
 
     def __init__(self, backward="approx", offset=None, ops="all", strict=True, family="pam",
-                 operands="float32", optimizers="fused", moments="paper"):
+                 operands="float32", optimizers="fused", moments="unbiased"):
         self.cfg = _Config(backward, offset, ops, strict, family, operands, optimizers,
                            moments)
         self._spec = {"backward": backward, "offset": offset,

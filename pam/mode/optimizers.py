@@ -14,7 +14,7 @@ Two pieces:
 2. :func:`fused_step`, called by the dispatch layer for those three ATen ops (also when
    the user constructed the optimizer with ``fused=True``): the update of
    :class:`pam.optim.AdamW` / :class:`pam.optim.SGD` (no offset; AdamW's ``moments`` as
-   ``pam.arithmetic(moments=...)`` says, "paper" by default) by
+   ``pam.arithmetic(moments=...)`` says, "unbiased" by default) by
    :func:`pam.fused.adamw_step` / :func:`pam.fused.sgd_step`, one kernel launch per device
    and step count. ``Adam``'s L2 weight decay (g + wd p, after maximize's negation, as
    torch) is one more elementwise PAM launch before the fused step, then the step runs with
