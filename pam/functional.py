@@ -348,7 +348,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         raise ValueError(f"target must have shape {tuple(x.shape[:-1])} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     target = target.long()
-    _check_class_indices(target, C, ignore_index)
+    fused.check_class_indices(target, C, ignore_index)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         return _cross_entropy_chain(x, target, weight, ignore_index, reduction, ls, offset,
                                     backward)
@@ -379,18 +379,6 @@ class _CrossEntropyRows(torch.autograd.Function):
         x, target, weight = ctx.saved_tensors
         gx = L.cross_entropy_backward(grad.contiguous(), x, target, weight, *ctx.args)
         return (gx,) + (None,) * 8
-
-
-def _check_class_indices(target, classes, ignore_index):
-    """IndexError unless every target is in [0, classes) or ``ignore_index`` (an async
-    assert under torch.compile)."""
-    ignore = target == ignore_index
-    valid = ignore | ((target >= 0) & (target < classes))
-    message = f"target values must be in [0, {classes}) or ignore_index={ignore_index}"
-    if torch.compiler.is_compiling():
-        torch._assert_async(valid.all(), message)    # a graph op, not a graph break
-    elif not bool(valid.all()):
-        raise IndexError(message)
 
 
 def _weighted_log_probs(x, weight, offset, backward):

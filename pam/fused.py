@@ -656,10 +656,18 @@ def _check_targets(x, target, ignore_index):
     if tuple(target.shape) != (x.shape[0],):
         raise ValueError(f"target must have shape ({x.shape[0]},), got "
                          f"{tuple(target.shape)}")
-    bad = (target != ignore_index) & ((target < 0) | (target >= x.shape[1]))
-    if bool(bad.any()):
-        raise IndexError(f"target values must be in [0, {x.shape[1]}) or "
-                         f"ignore_index={ignore_index}")
+    check_class_indices(target, x.shape[1], ignore_index)
+
+
+def check_class_indices(target, classes, ignore_index):
+    """IndexError unless every target is in [0, classes) or ``ignore_index`` (an async
+    assert under torch.compile, not a graph break)."""
+    valid = (target == ignore_index) | ((target >= 0) & (target < classes))
+    message = f"target values must be in [0, {classes}) or ignore_index={ignore_index}"
+    if torch.compiler.is_compiling():
+        torch._assert_async(valid.all(), message)
+    elif not bool(valid.all()):
+        raise IndexError(message)
 
 
 def cross_entropy_forward(x, target, weight=None, ignore_index=-100, reduction="mean",
