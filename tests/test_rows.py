@@ -53,6 +53,32 @@ def test_gelu_fused_equals_composite(backward):
     assert _same(xf.grad, xc.grad)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gelu_blocks_and_thread_parts_equal_composite(threads):
+    """Many kernel blocks (GELU_BLOCK elements each, the last one partial) split between
+    threads: every block's slice starts at its own offset, special values included."""
+    import numba
+
+    from pam.kernels import cpu
+    base = _inputs()
+    n = max(cpu.FUSED_PARALLEL_MIN, 3 * cpu.GELU_BLOCK) + 123
+    x = base.repeat(n // base.numel() + 1)[:n].contiguous()
+    x[cpu.GELU_BLOCK - 2:cpu.GELU_BLOCK + 2] = torch.tensor([np.nan, -0.0, np.inf, 1e-40])
+    g = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        y = fused.gelu_forward(x)
+        gx = fused.gelu_backward(g, x)
+    finally:
+        numba.set_num_threads(before)
+    xc = x.clone().requires_grad_()
+    yc = gelu_composite(xc)
+    yc.backward(g)
+    assert _same(y, yc)
+    assert _same(gx, xc.grad)
+
+
 def test_gelu_one_launch_per_pass(monkeypatch):
     calls = []
     orig = pam.dispatch.launch

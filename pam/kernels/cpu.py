@@ -1572,7 +1572,9 @@ def adamw_unbiased_table(addresses, sizes, decay, c1, c2, k_step, eps_s, off, sq
 # the same order per element as pam.rows_bits.gelu_forward_bits / gelu_backward_bits, with
 # the loop over elements innermost so that it vectorizes). The slope changes are powers of
 # two of magnitude <= 1 (checked), so each term's PAM is rows_bits.mul_pow2_bits (the same
-# bits as bits.mul_bits in int32 lanes) and the sums run in a float32 block buffer.
+# bits as bits.mul_bits in int32 lanes) and the sums run in a float32 block buffer. The
+# loops index slices of the block from 0: an index lo + i with a runtime lo carries Numba's
+# negative-index wraparound, which made LLVM load the elements one by one (2.2-2.6x slower).
 GELU_BLOCK = 4096
 
 
@@ -1588,22 +1590,23 @@ def _check_gelu_slopes(slopes):
 def _gelu_forward_block(x, knots, slopes, out, lo, hi, acc):
     """out[lo:hi] of gelu_forward; ``acc``: float32 scratch of at least hi - lo elements
     (the block's sums, one buffer per part rather than one allocation per block)."""
-    xf = x.view(np.float32)
+    xs = x[lo:hi].view(np.float32)
     kf = knots.view(np.float32)
+    ys = out[lo:hi]
     m = hi - lo
     ed, sd = rows_bits.pow2_parts(slopes[0])
     k = kf[0]
     for i in range(m):
-        r = rows_bits._relu_f32(xf[lo + i] - k)
+        r = rows_bits._relu_f32(xs[i] - k)
         acc[i] = bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed, sd))
     for j in range(1, knots.size):
         ed, sd = rows_bits.pow2_parts(slopes[j])
         k = kf[j]
         for i in range(m):
-            r = rows_bits._relu_f32(xf[lo + i] - k)
+            r = rows_bits._relu_f32(xs[i] - k)
             acc[i] += bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed, sd))
     for i in range(m):
-        out[lo + i] = bits.f32_to_bits(acc[i])
+        ys[i] = bits.f32_to_bits(acc[i])
 
 
 @njit(cache=True, nogil=True)
@@ -1618,22 +1621,24 @@ def _gelu_grad_term(xi, gi, k, ed, sd, exact):
 @njit(cache=True, nogil=True)
 def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi, acc):
     """out[lo:hi] of gelu_backward; ``acc`` as for _gelu_forward_block."""
-    xf = x.view(np.float32)
+    xs = x[lo:hi].view(np.float32)
+    gs = grad[lo:hi]
     kf = knots.view(np.float32)
+    ys = out[lo:hi]
     m = hi - lo
     n = knots.size
     ed, sd = rows_bits.pow2_parts(slopes[n - 1])
     k = kf[n - 1]
     for i in range(m):
-        acc[i] = bits.bits_to_f32(_gelu_grad_term(xf[lo + i], grad[lo + i], k, ed, sd, exact))
+        acc[i] = bits.bits_to_f32(_gelu_grad_term(xs[i], gs[i], k, ed, sd, exact))
     for jj in range(1, n):
         ed, sd = rows_bits.pow2_parts(slopes[n - 1 - jj])
         k = kf[n - 1 - jj]
         for i in range(m):
-            acc[i] += bits.bits_to_f32(_gelu_grad_term(xf[lo + i], grad[lo + i], k, ed, sd,
+            acc[i] += bits.bits_to_f32(_gelu_grad_term(xs[i], gs[i], k, ed, sd,
                                                        exact))
     for i in range(m):
-        out[lo + i] = bits.f32_to_bits(acc[i])
+        ys[i] = bits.f32_to_bits(acc[i])
 
 
 @njit(**_SERIAL)
