@@ -14,6 +14,11 @@ tensors): scaling by powers of two edits the exponent field through an integer v
 code runs inside ``pam.audit.no_float_multiply``. Integer arithmetic (shifts, adds, int64
 products in the checksum) is used freely.
 
+Under ``pam.arithmetic()`` these functions run with the mode's layers off
+(``pam._internal.without_layers``), as pam's own code does: they only do integer and exact
+float64 work the mode would pass through unchanged, at 10-20 us per torch call (the audit
+still sees every op).
+
 Side bits and gamma signs are packed 8 per byte (bit i of byte j holds element 8 j + i;
 padding bits are 0) with :func:`pack_bits` / :func:`unpack_bits`.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from pam._internal import without_layers
 
 __all__ = [
     "MIN_FRAC_BITS", "MAX_FRAC_BITS", "MANTISSA_LIMIT", "GridRangeError", "check_frac_bits",
@@ -78,6 +85,7 @@ def _ldexp32(x32: torch.Tensor, e: int) -> torch.Tensor:
     return torch.where(x32 == 0, bits, bits + (e << 23)).view(torch.float32)
 
 
+@without_layers
 def ldexp_exact(x: torch.Tensor, e: int) -> torch.Tensor:
     """``x * 2^e`` rounded once to ``x.dtype`` (float32/16/bf16): bit-identical to ``x * 2.0**e``.
 
@@ -110,6 +118,7 @@ def _check_finite_range(v64: torch.Tensor, bound: float, what: str, frac_bits: i
             f"{nonfinite} non-finite). Scale the activations down or lower frac_bits.")
 
 
+@without_layers
 def to_grid(x: torch.Tensor, frac_bits: int, what: str = "input",
             dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Round a float tensor to the grid: ``X = round_half_even(x * 2^l)`` as ``dtype``
@@ -128,11 +137,13 @@ def to_grid(x: torch.Tensor, frac_bits: int, what: str = "input",
     return X.to(dtype)
 
 
+@without_layers
 def round_grid(x: torch.Tensor, frac_bits: int, what: str = "input") -> torch.Tensor:
     """Q_l[x] as a float32 tensor: ``from_grid(to_grid(x))``."""
     return from_grid(to_grid(x, frac_bits, what), frac_bits)
 
 
+@without_layers
 def from_grid(X: torch.Tensor, frac_bits: int, dtype=torch.float32) -> torch.Tensor:
     """Exact float value ``X * 2^-l`` of integer grid values (requires |X| < 2^24)."""
     if X.is_floating_point():
@@ -156,6 +167,7 @@ def _check_grid(X: torch.Tensor, frac_bits: int, what: str):
             f"down or lower frac_bits.")
 
 
+@without_layers
 def check_grid(X: torch.Tensor, frac_bits: int, what: str):
     """Raise :class:`GridRangeError` naming ``what`` unless every |X| < 2^24."""
     _check_grid(X, frac_bits, what)
@@ -171,6 +183,7 @@ def _branch64(h: torch.Tensor, frac_bits: int, what: str) -> torch.Tensor:
     return _ldexp64(h64, frac_bits)
 
 
+@without_layers
 def residual_step(X: torch.Tensor, h: torch.Tensor, frac_bits: int, what: str) -> torch.Tensor:
     """``X + round_half_even(h * 2^l)``: the grid form of x + Q_l[h] (first block, eval mode).
 
@@ -182,6 +195,7 @@ def residual_step(X: torch.Tensor, h: torch.Tensor, frac_bits: int, what: str) -
     return out
 
 
+@without_layers
 def bdia_combine(X: torch.Tensor, h: torch.Tensor, gamma_pos: torch.Tensor, frac_bits: int,
                  what: str = "block output") -> torch.Tensor:
     """Grid integer of ``Q_l[(1 - g) x + (1 + g) h]`` for g = +0.5 (``gamma_pos``) or -0.5.
@@ -219,12 +233,14 @@ def bdia_combine(X: torch.Tensor, h: torch.Tensor, gamma_pos: torch.Tensor, frac
     return M.add_(frac_pos)
 
 
+@without_layers
 def gamma_term_inverse_(T: torch.Tensor, side: torch.Tensor, gamma_pos: torch.Tensor) -> torch.Tensor:
     """In-place :func:`gamma_term_inverse` (overwrites and returns T; integer ops only)."""
     sign = torch.where(gamma_pos, 2, -2).to(T.dtype)  # (batch, 1, ...): small
     return T.mul_(sign).sub_(side)
 
 
+@without_layers
 def gamma_term(X_prev: torch.Tensor, side: torch.Tensor, gamma_pos: torch.Tensor) -> torch.Tensor:
     """Grid integer of ``Q_l[g (x_prev + s 2^-l)]``: exactly +-(X_prev + s) / 2 (even numerator).
 
@@ -233,17 +249,20 @@ def gamma_term(X_prev: torch.Tensor, side: torch.Tensor, gamma_pos: torch.Tensor
     return torch.where(gamma_pos, half, -half)
 
 
+@without_layers
 def gamma_term_inverse(T: torch.Tensor, side: torch.Tensor, gamma_pos: torch.Tensor) -> torch.Tensor:
     """Invert :func:`gamma_term`: X_prev = T / g - s = +-2 T - s."""
     twice = T + T
     return torch.where(gamma_pos, twice, -twice) - side
 
 
+@without_layers
 def parity(X: torch.Tensor) -> torch.Tensor:
     """Side bit s = 1 where X is odd (two's complement: also for negative X), as int64."""
     return X & 1
 
 
+@without_layers
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a flat 0/1 integer tensor into uint8, 8 per byte (bit i of byte j = element 8j+i).
 
@@ -257,6 +276,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.int64).to(torch.uint8).contiguous()
 
 
+@without_layers
 def unpack_bits(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` bits as a 0/1 tensor of ``dtype``."""
     if packed.dtype != torch.uint8:
@@ -272,6 +292,7 @@ _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64
 _MIX = 0x632BE59BD9B4E019
 
 
+@without_layers
 def checksum(X: torch.Tensor) -> int:
     """64-bit position-dependent checksum of an integer tensor: sum_i X_i w_i mod 2^64.
 

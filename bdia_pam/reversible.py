@@ -38,6 +38,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from pam._internal import without_layers
+
 from . import quant
 from .quant import GridRangeError
 
@@ -163,22 +165,26 @@ def _foreign_leaves(h: torch.Tensor, own) -> list:
     return found
 
 
+@without_layers
 def _gamma_pos_rows(gamma_bits: torch.Tensor, batch: int, ndim: int):
     """Per block k >= 1, a bool tensor (batch, 1, ..., 1) that is True where gamma = +0.5."""
     shape = (batch,) + (1,) * (ndim - 1)
     return [quant.unpack_bits(row, batch).bool().view(shape) for row in gamma_bits]
 
 
+@without_layers
 def _half(a: torch.Tensor) -> torch.Tensor:
     return quant.ldexp_exact(a, -1)
 
 
+@without_layers
 def _one_and_half(a: torch.Tensor) -> torch.Tensor:
     """float32(1.5 a), correctly rounded (= a * 1.5 in float32), without a float multiply."""
     a64 = a.to(torch.float64)
     return (a64 + quant._ldexp64(a64, -1)).to(a.dtype)
 
 
+@without_layers
 def _bdia_grads(a: torch.Tensor, gp: torch.Tensor):
     """(g a, (1 - g) a, (1 + g) a) for g = +0.5 where gp else -0.5."""
     h, oh = _half(a), _one_and_half(a)
@@ -674,12 +680,14 @@ class _ReverseWalk:
         return None, pgrads
 
 
+@without_layers
 def _signed_half(a, gp):
     """g a for g = +-0.5 (exact)."""
     h = _half(a)
     return torch.where(gp, h, -h)
 
 
+@without_layers
 def _scale(a, gp, plus):
     """(1 + g) a if plus else (1 - g) a, for g = +0.5 where gp else -0.5."""
     h, oh = _half(a), _one_and_half(a)

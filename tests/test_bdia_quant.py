@@ -193,3 +193,34 @@ def test_from_grid_float32_is_the_exact_value(l):
     assert got.dtype == torch.float32
     assert [Fraction(float(v)) for v in got] == [Fraction(int(x), 2 ** l) for x in X]
     assert bits(got[:1]).item() == 0                    # +0, not a denormal pattern
+
+
+def test_grid_functions_bypass_the_mode_layers_with_the_same_results(monkeypatch):
+    """Under pam.arithmetic() the grid functions run with the mode's layers off (they do
+    only integer and exact float64 work): the function layer sees none of their torch calls,
+    the results are those computed outside the mode, and an audit inside still sees (and
+    passes) every op."""
+    from pam.mode import functions as layer1
+    seen = []
+    orig = layer1._FunctionLayer.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return orig(self, func, types, args, kwargs)
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randint(-2 ** 20, 2 ** 20, (4, 8), generator=g)
+    h = torch.randn(4, 8, generator=g) * 30
+    gp = torch.tensor([True, False, True, False]).view(4, 1)
+    outside = (quant.bdia_combine(X, h, gp, 9), quant.from_grid(X, 9), quant.to_grid(h, 9),
+               quant.residual_step(X, h, 9, "block"))
+    monkeypatch.setattr(layer1._FunctionLayer, "__torch_function__", spy)
+    with pam.arithmetic(), NoFloatMul():
+        inside = (quant.bdia_combine(X, h, gp, 9), quant.from_grid(X, 9), quant.to_grid(h, 9),
+                  quant.residual_step(X, h, 9, "block"))
+        seen_by_grid_functions = len(seen)
+        probe = torch.ones(2) + 1          # the spy does see ops run under the mode
+    assert seen_by_grid_functions == 0
+    assert len(seen) > 0 and probe.tolist() == [2.0, 2.0]
+    for a, b in zip(outside, inside):
+        assert a.dtype == b.dtype and torch.equal(a, b)
