@@ -8,6 +8,9 @@ Models (each run in float with ``torch.optim.AdamW`` and in PAM):
   GELU MLP of width 4x, tied head off), made PAM with ``pam.convert`` +
   ``pam.nn.functional.cross_entropy`` + ``pam.optim.AdamW``.
 * ``gpt_wide``: the same GPT with width 256 and depth 8.
+* ``gpt_small_mode``: the small GPT left as it is (``torch.nn`` layers,
+  ``F.cross_entropy``, ``torch.optim.AdamW``) with every phase of its step run under
+  ``pam.arithmetic()``: the op-level path a Hugging Face model takes.
 
 Float and PAM steps are interleaved (float, PAM, float, PAM, ...) after warm-up steps that
 absorb JIT compilation, so both see the same machine state; each phase (forward with the
@@ -30,6 +33,7 @@ compiled step (compilation included) and whether that step's loss has the eager 
 prints a table and writes validation/results/bench_step.json.
 """
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -109,6 +113,24 @@ def _gpt_pair(width, depth, batch=16, context=64, heads=4, seed=0):
     return (fmodel, floss, fopt), (pmodel, ploss, popt)
 
 
+def _gpt_mode_pair(width=128, depth=6, batch=16, context=64, heads=4, seed=0):
+    """The small GPT twice, unconverted: float, and the same model whose step phases run
+    under ``pam.arithmetic()`` (the fourth element of a side: the context of its phases)."""
+    torch.manual_seed(seed)
+    fmodel = GPT(context=context, width=width, depth=depth, heads=heads)
+    pmodel = GPT(context=context, width=width, depth=depth, heads=heads)
+    pmodel.load_state_dict(fmodel.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (batch, context), generator=g)
+    y = torch.randint(0, 256, (batch, context), generator=g)
+
+    def loss(m):
+        return F.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1))
+
+    return ((fmodel, loss, torch.optim.AdamW(fmodel.parameters(), lr=1e-3)),
+            (pmodel, loss, torch.optim.AdamW(pmodel.parameters(), lr=1e-3), pam.arithmetic))
+
+
 def _bdia_pair(seed=0):
     from bdia_pam.cli import MODEL_DEFAULTS, TASK_MODEL_DEFAULTS
     from bdia_pam.model import BDIAConfig, BDIATransformer
@@ -142,6 +164,8 @@ MODELS = {
                   lambda: _gpt_pair(128, 6)),
     "gpt_wide": ("GPT 8 layers, width 256, 4 heads, seq 64, batch 16",
                  lambda: _gpt_pair(256, 8)),
+    "gpt_small_mode": ("the small GPT unconverted, its step under pam.arithmetic()",
+                       _gpt_mode_pair),
 }
 
 
@@ -169,14 +193,17 @@ class LaunchCounter:
         self._rec.__exit__(*exc)
 
 
-def _timed_step(model, loss_fn, opt, last_loss=None):
+def _timed_step(model, loss_fn, opt, context=contextlib.nullcontext, last_loss=None):
     t0 = time.perf_counter()
-    loss = loss_fn(model)
+    with context():
+        loss = loss_fn(model)
     t1 = time.perf_counter()
-    loss.backward()
+    with context():
+        loss.backward()
     t2 = time.perf_counter()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    with context():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
     if last_loss is not None:
         last_loss[:] = [loss.detach()]
@@ -287,7 +314,7 @@ def print_compiled(rows):
         return
     print("PAM model compiled (pam.compile, inductor, fullgraph) vs eager PAM:")
     for r in rows:
-        print(f"  {r['model']:<13} eager {_ms(r['pam_step_s']).strip()} ms, compiled "
+        print(f"  {r['model']:<15} eager {_ms(r['pam_step_s']).strip()} ms, compiled "
               f"{_ms(r['compiled_step_s']).strip()} ms ({r['compiled_vs_eager']:.2f}x eager, "
               f"{r['compiled_ratio']:.2f}x float), first compiled step "
               f"{r['compiled_first_step_s']:.1f} s, same loss bits as eager: "
@@ -295,13 +322,13 @@ def print_compiled(rows):
 
 
 def print_table(rows, launch):
-    head = (f"{'model':<13} {'float ms':>8} {'PAM ms':>8} {'ratio':>6} | "
+    head = (f"{'model':<15} {'float ms':>8} {'PAM ms':>8} {'ratio':>6} | "
             f"{'fwd f/P ms':>15} {'bwd f/P ms':>15} {'opt f/P ms':>15} | "
             f"{'fwd x':>5} {'bwd x':>5} {'opt x':>5} | {'launch/step':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<13} {_ms(r['float_step_s'])} {_ms(r['pam_step_s'])} "
+        print(f"{r['model']:<15} {_ms(r['float_step_s'])} {_ms(r['pam_step_s'])} "
               f"{r['ratio']:6.2f} | {_ms(r['float_fwd_s'])}/{_ms(r['pam_fwd_s']).strip():<6} "
               f"{_ms(r['float_bwd_s'])}/{_ms(r['pam_bwd_s']).strip():<6} "
               f"{_ms(r['float_opt_s'])}/{_ms(r['pam_opt_s']).strip():<6} | "
