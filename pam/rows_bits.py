@@ -221,6 +221,50 @@ def exp2_slope_given_bits(iy, e):
     return field << 23
 
 
+def _softmax_row_backward_variant(exact):
+    """:func:`softmax_row_backward` with ``exact`` fixed (a captured Python bool: Numba
+    prunes the branches on it, so a kernel calling one variant compiles only its passes)."""
+    @register_jitable
+    def softmax_row_backward_variant(x, g, out, base, n, off, safe):
+        m = softmax_row_shift(x, base, n, off)
+        s = _softmax_row_exp(x, out, base, n, off, m)
+        zero_sum = safe and s == np.float32(0.0)
+        if zero_sum:
+            s = np.float32(1.0)
+        sb = _b(s)
+        if exact:
+            for j in range(n):
+                e = _softmax_e(x[base + j], off, m)
+                out[base + j] = mul32_bits(g[base + j], div_slope_den0_sel(e, sb), 0)
+        else:
+            for j in range(n):
+                e = _softmax_e(x[base + j], off, m)
+                t = div0_bits(mul32_bits(g[base + j], div0_bits(e, sb), 0), sb)
+                out[base + j] = np.int32(t ^ _I_SIGN)
+        gs = _seq_sum(out, base, n, False)
+        if zero_sum:
+            gs = np.float32(0.0)
+        if exact:
+            for j in range(n):
+                zb = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
+                e = exp2_sel_bits(zb)
+                ge = _b(_f(mul32_bits(g[base + j], div_slope_num0_sel(e, sb), 0)) + gs)
+                gz = mul32_bits(ge, exp2_slope_sel(zb, e), 0)
+                out[base + j] = mul32_bits(gz, mul_slope_sel(x[base + j], LOG2_E_BITS, off),
+                                           0)
+        else:
+            for j in range(n):
+                e = _softmax_e(x[base + j], off, m)
+                ge = _b(_f(div0_bits(g[base + j], sb)) + gs)
+                gz = mul32_bits(ge, mul32_bits(e, LN_2_BITS, 0), 0)
+                out[base + j] = mul32_bits(gz, LOG2_E_BITS, off)
+    return softmax_row_backward_variant
+
+
+softmax_row_backward_exact = _softmax_row_backward_variant(True)
+softmax_row_backward_approx = _softmax_row_backward_variant(False)
+
+
 @register_jitable
 def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     """Input gradient of softmax_row_forward for output gradient ``g`` (one row).
@@ -232,37 +276,10 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact):
     PAM(g, log2 e; off)). Per-element work in the select forms; ``out`` holds scratch
     between the passes (each pass recomputes e_j from x), the input gradient at the end.
     """
-    m = softmax_row_shift(x, base, n, off)
-    s = _softmax_row_exp(x, out, base, n, off, m)
-    zero_sum = safe and s == np.float32(0.0)
-    if zero_sum:
-        s = np.float32(1.0)
-    sb = _b(s)
     if exact:
-        for j in range(n):
-            e = _softmax_e(x[base + j], off, m)
-            out[base + j] = mul32_bits(g[base + j], div_slope_den0_sel(e, sb), 0)
+        softmax_row_backward_exact(x, g, out, base, n, off, safe)
     else:
-        for j in range(n):
-            e = _softmax_e(x[base + j], off, m)
-            t = div0_bits(mul32_bits(g[base + j], div0_bits(e, sb), 0), sb)
-            out[base + j] = np.int32(t ^ _I_SIGN)
-    gs = _seq_sum(out, base, n, False)
-    if zero_sum:
-        gs = np.float32(0.0)
-    if exact:
-        for j in range(n):
-            zb = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
-            e = exp2_sel_bits(zb)
-            ge = _b(_f(mul32_bits(g[base + j], div_slope_num0_sel(e, sb), 0)) + gs)
-            gz = mul32_bits(ge, exp2_slope_sel(zb, e), 0)
-            out[base + j] = mul32_bits(gz, mul_slope_sel(x[base + j], LOG2_E_BITS, off), 0)
-    else:
-        for j in range(n):
-            e = _softmax_e(x[base + j], off, m)
-            ge = _b(_f(div0_bits(g[base + j], sb)) + gs)
-            gz = mul32_bits(ge, mul32_bits(e, LN_2_BITS, 0), 0)
-            out[base + j] = mul32_bits(gz, LOG2_E_BITS, off)
+        softmax_row_backward_approx(x, g, out, base, n, off, safe)
 
 
 # --------------------------------------------------------------------------- select forms
@@ -391,6 +408,50 @@ def log_softmax_row_forward(x, out, base, n, off):
         out[base + j] = div0_bits(_b(zj - lse), LOG2_E_BITS)
 
 
+def _log_softmax_row_backward_variant(exact):
+    """:func:`log_softmax_row_backward` with ``exact`` fixed (a captured Python bool: Numba
+    prunes the branches on it, so a kernel calling one variant compiles only its passes)."""
+    @register_jitable
+    def log_softmax_row_backward_variant(x, g, out, base, n, off):
+        m, s = log_softmax_row_sum(x, out, base, n, off)
+        sb = _b(s)
+        lse = _f(bits.log2_bits(sb))
+        if exact:
+            for j in range(n):
+                zj = _f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m
+                out[base + j] = mul32_bits(g[base + j], div_slope_num0_sel(_b(zj - lse),
+                                                                           LOG2_E_BITS), 0)
+        else:
+            for j in range(n):
+                out[base + j] = div0_bits(g[base + j], LOG2_E_BITS)
+        glb = _b(_seq_sum(out, base, n, True))
+        # the last pass recomputes t_j rather than reading it back from ``out``: LLVM does not
+        # vectorize Numba loops that read and write the same array
+        if exact:
+            gs = bits.mul_bits(glb, bits.log2_slope_bits(sb), 0)
+            for j in range(n):
+                zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
+                t = mul32_bits(g[base + j],
+                               div_slope_num0_sel(_b(_f(zj) - lse), LOG2_E_BITS), 0)
+                ge = mul32_bits(gs, exp2_slope_sel(zj, exp2_sel_bits(zj)), 0)
+                gz = _b(_f(t) + _f(ge))
+                out[base + j] = mul32_bits(gz, mul_slope_sel(x[base + j], LOG2_E_BITS, off),
+                                           0)
+        else:
+            gs = bits.div_bits(glb, bits.mul_bits(sb, LN_2_BITS, 0), 0)
+            for j in range(n):
+                zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
+                t = div0_bits(g[base + j], LOG2_E_BITS)
+                ge = mul32_bits(gs, mul32_bits(exp2_sel_bits(zj), LN_2_BITS, 0), 0)
+                gz = _b(_f(t) + _f(ge))
+                out[base + j] = mul32_bits(gz, LOG2_E_BITS, off)
+    return log_softmax_row_backward_variant
+
+
+log_softmax_row_backward_exact = _log_softmax_row_backward_variant(True)
+log_softmax_row_backward_approx = _log_softmax_row_backward_variant(False)
+
+
 @register_jitable
 def log_softmax_row_backward(x, g, out, base, n, off, exact):
     """Input gradient of log_softmax_row_forward for output gradient ``g`` (one row): the
@@ -402,36 +463,10 @@ def log_softmax_row_backward(x, g, out, base, n, off, exact):
     (exact slope, or PAM(g_s, PAM(e_j, ln 2))); then PAM(x, log2 e; off)'s gradient (exact
     slope, or PAM(g_z, log2 e; off)). ``out`` holds scratch between the passes.
     """
-    m, s = log_softmax_row_sum(x, out, base, n, off)
-    sb = _b(s)
-    lse = _f(bits.log2_bits(sb))
     if exact:
-        for j in range(n):
-            zj = _f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m
-            out[base + j] = mul32_bits(g[base + j], div_slope_num0_sel(_b(zj - lse),
-                                                                       LOG2_E_BITS), 0)
+        log_softmax_row_backward_exact(x, g, out, base, n, off)
     else:
-        for j in range(n):
-            out[base + j] = div0_bits(g[base + j], LOG2_E_BITS)
-    glb = _b(_seq_sum(out, base, n, True))
-    # the last pass recomputes t_j rather than reading it back from ``out``: LLVM does not
-    # vectorize Numba loops that read and write the same array
-    if exact:
-        gs = bits.mul_bits(glb, bits.log2_slope_bits(sb), 0)
-        for j in range(n):
-            zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
-            t = mul32_bits(g[base + j], div_slope_num0_sel(_b(_f(zj) - lse), LOG2_E_BITS), 0)
-            ge = mul32_bits(gs, exp2_slope_sel(zj, exp2_sel_bits(zj)), 0)
-            gz = _b(_f(t) + _f(ge))
-            out[base + j] = mul32_bits(gz, mul_slope_sel(x[base + j], LOG2_E_BITS, off), 0)
-    else:
-        gs = bits.div_bits(glb, bits.mul_bits(sb, LN_2_BITS, 0), 0)
-        for j in range(n):
-            zj = _b(_f(mul32_bits(x[base + j], LOG2_E_BITS, off)) - m)
-            t = div0_bits(g[base + j], LOG2_E_BITS)
-            ge = mul32_bits(gs, mul32_bits(exp2_sel_bits(zj), LN_2_BITS, 0), 0)
-            gz = _b(_f(t) + _f(ge))
-            out[base + j] = mul32_bits(gz, LOG2_E_BITS, off)
+        log_softmax_row_backward_approx(x, g, out, base, n, off)
 
 
 # --------------------------------------------------------------------------- layer_norm rows
@@ -477,28 +512,176 @@ def layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb):
     stats[sb + 8] = bits.exp2_bits(bits.mul_bits(bits.log2_bits(_b(ve)), HALF_BITS, 0))
 
 
+def _layer_norm_row_forward_variant(has_w, has_b):
+    """:func:`layer_norm_row_forward` with LN_WEIGHT (``has_w``) and LN_BIAS (``has_b``)
+    fixed: Python bools the generated function captures, so Numba prunes the branches on
+    them before typing and a kernel calling one variant compiles only its own loop."""
+    @register_jitable
+    def layer_norm_row_forward_variant(x, w, b, out, base, n, nb, eps_b, off, stats, sb):
+        layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb)
+        mu = _f(stats[sb + 5])
+        std = stats[sb + 8]
+        if has_w:
+            if has_b:
+                for j in range(n):
+                    y = mul32_bits(div0_bits(_b(_f(x[base + j]) - mu), std), w[j], off)
+                    out[base + j] = _b(_f(y) + _f(b[j]))
+            else:
+                for j in range(n):
+                    out[base + j] = mul32_bits(div0_bits(_b(_f(x[base + j]) - mu), std),
+                                               w[j], off)
+        elif has_b:
+            for j in range(n):
+                out[base + j] = _b(_f(div0_bits(_b(_f(x[base + j]) - mu), std)) + _f(b[j]))
+        else:
+            for j in range(n):
+                out[base + j] = div0_bits(_b(_f(x[base + j]) - mu), std)
+    return layer_norm_row_forward_variant
+
+
+# the four variants of layer_norm_row_forward (flags & (LN_WEIGHT | LN_BIAS))
+layer_norm_row_forward_plain = _layer_norm_row_forward_variant(False, False)
+layer_norm_row_forward_w = _layer_norm_row_forward_variant(True, False)
+layer_norm_row_forward_b = _layer_norm_row_forward_variant(False, True)
+layer_norm_row_forward_wb = _layer_norm_row_forward_variant(True, True)
+
+
 @register_jitable
 def layer_norm_row_forward(x, w, b, out, base, n, nb, eps_b, off, flags, stats, sb):
     """One row of the PA layer norm (pam.nn.functional.layer_norm of earlier versions with
     its row sums taken from +0 in increasing index): y_j = PAD(x_j - mu2, std), then
     PAM(y_j, w_j; off) when ``flags`` has LN_WEIGHT, then + b_j (float32) when it has
-    LN_BIAS; mu2, std from layer_norm_row_stats (``stats[sb:sb + 9]``)."""
-    layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb)
-    mu = _f(stats[sb + 5])
-    std = stats[sb + 8]
-    if (flags & LN_WEIGHT) and (flags & LN_BIAS):
-        for j in range(n):
-            y = mul32_bits(div0_bits(_b(_f(x[base + j]) - mu), std), w[j], off)
-            out[base + j] = _b(_f(y) + _f(b[j]))
-    elif flags & LN_WEIGHT:
-        for j in range(n):
-            out[base + j] = mul32_bits(div0_bits(_b(_f(x[base + j]) - mu), std), w[j], off)
-    elif flags & LN_BIAS:
-        for j in range(n):
-            out[base + j] = _b(_f(div0_bits(_b(_f(x[base + j]) - mu), std)) + _f(b[j]))
+    LN_BIAS; mu2, std from layer_norm_row_stats (``stats[sb:sb + 9]``). Runs the variant
+    ``layer_norm_row_forward_<plain|w|b|wb>`` the flags select (the CPU kernels call the
+    variants directly, one kernel per variant)."""
+    if (flags & LN_WEIGHT) != 0:
+        if (flags & LN_BIAS) != 0:
+            layer_norm_row_forward_wb(x, w, b, out, base, n, nb, eps_b, off, stats, sb)
+        else:
+            layer_norm_row_forward_w(x, w, b, out, base, n, nb, eps_b, off, stats, sb)
+    elif (flags & LN_BIAS) != 0:
+        layer_norm_row_forward_b(x, w, b, out, base, n, nb, eps_b, off, stats, sb)
     else:
-        for j in range(n):
-            out[base + j] = div0_bits(_b(_f(x[base + j]) - mu), std)
+        layer_norm_row_forward_plain(x, w, b, out, base, n, nb, eps_b, off, stats, sb)
+
+
+@register_jitable(forceinline=True)
+def _pad_grad_num_exact(g, a, d):
+    """Gradient of PAD(a, d) w.r.t. a for incoming g: PAM(g, exact slope)."""
+    return bits.mul_bits(g, bits.div_slope_num_bits(a, d, 0), 0)
+
+
+@register_jitable(forceinline=True)
+def _pad_grad_num_approx(g, a, d):
+    """Gradient of PAD(a, d) w.r.t. a for incoming g, approximate rule: PAD(g, d)."""
+    return bits.div_bits(g, d, 0)
+
+
+def _layer_norm_row_backward_variant(exact, has_w):
+    """:func:`layer_norm_row_backward` with LN_EXACT (``exact``) and LN_WEIGHT (``has_w``)
+    fixed, as :func:`_layer_norm_row_forward_variant` (LN_BIAS plays no part in the rows)."""
+    pad_grad_num = _pad_grad_num_exact if exact else _pad_grad_num_approx
+
+    @register_jitable
+    def layer_norm_row_backward_variant(x, w, g, out, gw, base, n, nb, eps_b, off, stats,
+                                        sb):
+        layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb)
+        mu = _f(stats[sb + 5])
+        std = stats[sb + 8]
+        # pass 1: the terms of g_std into out (and the weight terms)
+        if exact and has_w:
+            for j in range(n):
+                y = div0_bits(_b(_f(x[base + j]) - mu), std)
+                gw[base + j] = mul32_bits(g[base + j], mul_slope_sel(w[j], y, off), 0)
+            for j in range(n):
+                xc = _b(_f(x[base + j]) - mu)
+                y = div0_bits(xc, std)
+                gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
+                out[base + j] = mul32_bits(gy, div_slope_den0_sel(xc, std), 0)
+        elif exact:
+            for j in range(n):
+                xc = _b(_f(x[base + j]) - mu)
+                out[base + j] = mul32_bits(g[base + j], div_slope_den0_sel(xc, std), 0)
+        elif has_w:
+            for j in range(n):
+                y = div0_bits(_b(_f(x[base + j]) - mu), std)
+                gw[base + j] = mul32_bits(g[base + j], y, off)
+            for j in range(n):
+                y = div0_bits(_b(_f(x[base + j]) - mu), std)
+                gy = mul32_bits(g[base + j], w[j], off)
+                out[base + j] = np.int32(div0_bits(mul32_bits(gy, y, 0), std) ^ _I_SIGN)
+        else:
+            for j in range(n):
+                y = div0_bits(_b(_f(x[base + j]) - mu), std)
+                t = div0_bits(mul32_bits(g[base + j], y, 0), std)
+                out[base + j] = np.int32(t ^ _I_SIGN)
+        gsb = _b(_seq_sum(out, base, n, False))
+        ve = stats[sb + 7]
+        lv = bits.log2_bits(ve)
+        p = bits.mul_bits(lv, HALF_BITS, 0)
+        if exact:
+            gp = bits.mul_bits(gsb, bits.exp2_slope_bits(p), 0)
+            gl = bits.mul_bits(gp, bits.mul_slope_bits(lv, HALF_BITS, 0), 0)
+            gve = bits.mul_bits(gl, bits.log2_slope_bits(ve), 0)
+        else:
+            gp = bits.mul_bits(gsb, bits.mul_bits(std, LN_2_BITS, 0), 0)
+            gl = bits.mul_bits(gp, HALF_BITS, 0)
+            gve = bits.div_bits(gl, bits.mul_bits(ve, LN_2_BITS, 0), 0)
+        gv = pad_grad_num(gve, stats[sb + 6], nb)
+        # pass 2: gxc_j into out
+        if exact and has_w:
+            for j in range(n):
+                xc = _b(_f(x[base + j]) - mu)
+                y = div0_bits(xc, std)
+                gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
+                gxc1 = mul32_bits(gy, div_slope_num0_sel(xc, std), 0)
+                a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
+                out[base + j] = _b((_f(gxc1) + a) + a)
+        elif exact:
+            for j in range(n):
+                xc = _b(_f(x[base + j]) - mu)
+                gxc1 = mul32_bits(g[base + j], div_slope_num0_sel(xc, std), 0)
+                a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
+                out[base + j] = _b((_f(gxc1) + a) + a)
+        elif has_w:
+            for j in range(n):
+                xc = _b(_f(x[base + j]) - mu)
+                gxc1 = div0_bits(mul32_bits(g[base + j], w[j], off), std)
+                a = _f(mul32_bits(gv, xc, off))
+                out[base + j] = _b((_f(gxc1) + a) + a)
+        else:
+            for j in range(n):
+                xc = _b(_f(x[base + j]) - mu)
+                gxc1 = div0_bits(g[base + j], std)
+                a = _f(mul32_bits(gv, xc, off))
+                out[base + j] = _b((_f(gxc1) + a) + a)
+        gmu = _seq_sum(out, base, n, True)
+        if n & (n - 1):
+            gs2 = _f(pad_grad_num(_b(gmu), stats[sb + 4], nb))
+            acc = np.float32(0.0)
+            for j in range(n):
+                acc += -gs2
+            gmu1 = gmu + acc
+            gs1 = _f(pad_grad_num(_b(gmu1), stats[sb + 2], nb))
+            acc = np.float32(0.0)
+            for j in range(n):
+                acc += -gs1
+            gmu0 = gmu1 + acc
+            gs0 = _f(pad_grad_num(_b(gmu0), stats[sb + 0], nb))
+            for j in range(n):
+                out[base + j] = _b(((_f(out[base + j]) + gs2) + gs1) + gs0)
+        else:
+            gs0 = _f(pad_grad_num(_b(gmu), stats[sb + 0], nb))
+            for j in range(n):
+                out[base + j] = _b(_f(out[base + j]) + gs0)
+    return layer_norm_row_backward_variant
+
+
+# the four variants of layer_norm_row_backward (flags & (LN_EXACT | LN_WEIGHT))
+layer_norm_row_backward_approx = _layer_norm_row_backward_variant(False, False)
+layer_norm_row_backward_approx_w = _layer_norm_row_backward_variant(False, True)
+layer_norm_row_backward_exact = _layer_norm_row_backward_variant(True, False)
+layer_norm_row_backward_exact_w = _layer_norm_row_backward_variant(True, True)
 
 
 @register_jitable
@@ -518,101 +701,15 @@ def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, eps_b, off, flags, st
     gx_j = ((gxc_j + g_S2) + g_S1) + g_S0 (N not a power of two) or gxc_j + g_S0.
     Every sum float32 from +0 in increasing j; ``out`` holds scratch between the passes.
     """
-    exact = (flags & LN_EXACT) != 0
-    has_w = (flags & LN_WEIGHT) != 0
-    layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb)
-    mu = _f(stats[sb + 5])
-    std = stats[sb + 8]
-    # pass 1: the terms of g_std into out (and the weight terms)
-    if exact and has_w:
-        for j in range(n):
-            y = div0_bits(_b(_f(x[base + j]) - mu), std)
-            gw[base + j] = mul32_bits(g[base + j], mul_slope_sel(w[j], y, off), 0)
-        for j in range(n):
-            xc = _b(_f(x[base + j]) - mu)
-            y = div0_bits(xc, std)
-            gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
-            out[base + j] = mul32_bits(gy, div_slope_den0_sel(xc, std), 0)
-    elif exact:
-        for j in range(n):
-            xc = _b(_f(x[base + j]) - mu)
-            out[base + j] = mul32_bits(g[base + j], div_slope_den0_sel(xc, std), 0)
-    elif has_w:
-        for j in range(n):
-            y = div0_bits(_b(_f(x[base + j]) - mu), std)
-            gw[base + j] = mul32_bits(g[base + j], y, off)
-        for j in range(n):
-            y = div0_bits(_b(_f(x[base + j]) - mu), std)
-            gy = mul32_bits(g[base + j], w[j], off)
-            out[base + j] = np.int32(div0_bits(mul32_bits(gy, y, 0), std) ^ _I_SIGN)
+    if (flags & LN_EXACT) != 0:
+        if (flags & LN_WEIGHT) != 0:
+            layer_norm_row_backward_exact_w(x, w, g, out, gw, base, n, nb, eps_b, off, stats,
+                                            sb)
+        else:
+            layer_norm_row_backward_exact(x, w, g, out, gw, base, n, nb, eps_b, off, stats,
+                                          sb)
+    elif (flags & LN_WEIGHT) != 0:
+        layer_norm_row_backward_approx_w(x, w, g, out, gw, base, n, nb, eps_b, off, stats,
+                                         sb)
     else:
-        for j in range(n):
-            y = div0_bits(_b(_f(x[base + j]) - mu), std)
-            out[base + j] = np.int32(div0_bits(mul32_bits(g[base + j], y, 0), std) ^ _I_SIGN)
-    gsb = _b(_seq_sum(out, base, n, False))
-    ve = stats[sb + 7]
-    lv = bits.log2_bits(ve)
-    p = bits.mul_bits(lv, HALF_BITS, 0)
-    if exact:
-        gp = bits.mul_bits(gsb, bits.exp2_slope_bits(p), 0)
-        gl = bits.mul_bits(gp, bits.mul_slope_bits(lv, HALF_BITS, 0), 0)
-        gve = bits.mul_bits(gl, bits.log2_slope_bits(ve), 0)
-    else:
-        gp = bits.mul_bits(gsb, bits.mul_bits(std, LN_2_BITS, 0), 0)
-        gl = bits.mul_bits(gp, HALF_BITS, 0)
-        gve = bits.div_bits(gl, bits.mul_bits(ve, LN_2_BITS, 0), 0)
-    gv = _pad_grad_num(gve, stats[sb + 6], nb, exact)
-    # pass 2: gxc_j into out
-    if exact and has_w:
-        for j in range(n):
-            xc = _b(_f(x[base + j]) - mu)
-            y = div0_bits(xc, std)
-            gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
-            gxc1 = mul32_bits(gy, div_slope_num0_sel(xc, std), 0)
-            a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
-            out[base + j] = _b((_f(gxc1) + a) + a)
-    elif exact:
-        for j in range(n):
-            xc = _b(_f(x[base + j]) - mu)
-            gxc1 = mul32_bits(g[base + j], div_slope_num0_sel(xc, std), 0)
-            a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
-            out[base + j] = _b((_f(gxc1) + a) + a)
-    elif has_w:
-        for j in range(n):
-            xc = _b(_f(x[base + j]) - mu)
-            gxc1 = div0_bits(mul32_bits(g[base + j], w[j], off), std)
-            a = _f(mul32_bits(gv, xc, off))
-            out[base + j] = _b((_f(gxc1) + a) + a)
-    else:
-        for j in range(n):
-            xc = _b(_f(x[base + j]) - mu)
-            gxc1 = div0_bits(g[base + j], std)
-            a = _f(mul32_bits(gv, xc, off))
-            out[base + j] = _b((_f(gxc1) + a) + a)
-    gmu = _seq_sum(out, base, n, True)
-    if n & (n - 1):
-        gs2 = _f(_pad_grad_num(_b(gmu), stats[sb + 4], nb, exact))
-        acc = np.float32(0.0)
-        for j in range(n):
-            acc += -gs2
-        gmu1 = gmu + acc
-        gs1 = _f(_pad_grad_num(_b(gmu1), stats[sb + 2], nb, exact))
-        acc = np.float32(0.0)
-        for j in range(n):
-            acc += -gs1
-        gmu0 = gmu1 + acc
-        gs0 = _f(_pad_grad_num(_b(gmu0), stats[sb + 0], nb, exact))
-        for j in range(n):
-            out[base + j] = _b(((_f(out[base + j]) + gs2) + gs1) + gs0)
-    else:
-        gs0 = _f(_pad_grad_num(_b(gmu), stats[sb + 0], nb, exact))
-        for j in range(n):
-            out[base + j] = _b(_f(out[base + j]) + gs0)
-
-
-@register_jitable(forceinline=True)
-def _pad_grad_num(g, a, d, exact):
-    """Gradient of PAD(a, d) w.r.t. a for incoming g: PAM(g, exact slope) or PAD(g, d)."""
-    if exact:
-        return bits.mul_bits(g, bits.div_slope_num_bits(a, d, 0), 0)
-    return bits.div_bits(g, d, 0)
+        layer_norm_row_backward_approx(x, w, g, out, gw, base, n, nb, eps_b, off, stats, sb)
