@@ -7,6 +7,8 @@ ignore_index; ``a_b`` / ``s_b``: the bits of the smoothing factors (unused witho
 log_softmax, through :mod:`.cpu_rows`' compiled range kernels, and their loss terms or
 gradients) are split over threads with :func:`pam.kernels.threads.run` as the other row
 kernels are; the sums over rows run after them in one thread, in increasing row order.
+The backward rows are one kernel per ``CE_EXACT`` choice (``_backward_rows_<exact|approx>``,
+each calling one log_softmax backward variant of :mod:`.cpu_rows`): a run compiles one.
 A target outside [0, n) that is not ``ignore`` raises ValueError; ``off`` must be an
 offset constant of pam.dispatch.offset_constant.
 """
