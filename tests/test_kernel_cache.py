@@ -5,17 +5,26 @@ import subprocess
 import sys
 import textwrap
 
-from pam.kernels import _cache, cpu
+from pam.kernels import _cache, cpu, cpu_rows, cpu_xent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_kernels_use_the_definitions_locator():
-    locator = cpu.mul._cache._impl.locator
-    assert isinstance(locator, _cache.DefinitionsStampedLocator)
-    inner_stamp, digest = locator.get_source_stamp()
-    assert digest == _cache.definitions_digest()
-    assert inner_stamp == locator._inner.get_source_stamp()
+    for kernel in (cpu.mul, cpu_rows._column_sums, cpu_rows._layer_norm_forward_rows_wb,
+                   cpu_xent._finish, cpu_xent._backward_rows_exact):
+        locator = kernel._cache._impl.locator
+        assert isinstance(locator, _cache.DefinitionsStampedLocator), kernel
+        inner_stamp, digest = locator.get_source_stamp()
+        assert digest == _cache.definitions_digest()
+        assert inner_stamp == locator._inner.get_source_stamp()
+
+
+def test_every_definition_file_is_stamped():
+    """The scalar definition files the kernels import are all in the stamp."""
+    names = {os.path.basename(p) for p in _cache.DEFINITIONS}
+    assert {"bits.py", "optim_bits.py", "rows_bits.py", "xent_bits.py", "cpu.py",
+            "cpu_conv.py", "cpu_rows.py", "cpu_xent.py"} <= names
 
 
 def test_other_files_keep_numbas_locators():

@@ -117,15 +117,18 @@ def compile_elementwise_kernels(a, b, out):
 
 def compile_fused_kernels(a, b, out):
     """Fused optimizer steps (flat and address-table) and row kernels (pam.optim_bits,
-    pam.rows_bits); flags 7 / 63 turn every branch on."""
+    pam.rows_bits); flags 7 / 63 turn every branch on (AdamW also without amsgrad, a kernel
+    of its own)."""
     m, v, mx = a.copy(), np.abs(b.view(np.float32)).view(np.int32), a.copy()
-    cpu.adamw(a.copy(), b, m, v, mx, *([0x3F000000] * 8), 0, 7)
+    for flags in (7, 3):                                # amsgrad on and off: one kernel each
+        cpu.adamw(a.copy(), b, m, v, mx, *([0x3F000000] * 8), 0, flags)
     cpu.adamw_unbiased(a.copy(), b, m, v, mx, *([0x3F000000] * 5), 0, 0, 7)
     cpu.sgd(a.copy(), b, m, *([0x3F000000] * 4), 0, 63)
     keep = [a.copy(), b, m, v, mx]                      # the table kernels: by address
     table = np.array([[x.ctypes.data] for x in keep], np.int64)
     sizes = np.array([a.size], np.int64)
-    cpu.adamw_table(table, sizes, *([0x3F000000] * 8), 0, 7)
+    for flags in (7, 3):
+        cpu.adamw_table(table, sizes, *([0x3F000000] * 8), 0, flags)
     cpu.adamw_unbiased_table(table, sizes, *([0x3F000000] * 5), 0, 0, 7)
     cpu.sgd_table(table[:3], sizes, *([0x3F000000] * 4), 0, 63)
     knots = np.array([-1.0, 0.5], np.float32).view(np.int32)
@@ -133,7 +136,8 @@ def compile_fused_kernels(a, b, out):
     cpu.gelu_forward(a, knots, slopes, out)
     cpu.gelu_backward(a, b, knots, slopes, True, out)
     cpu.softmax_forward(a, out, 8, 0, True)
-    cpu.softmax_backward(a, b, out, 8, 0, True, True)
+    for exact in (True, False):                         # one kernel per variant
+        cpu.softmax_backward(a, b, out, 8, 0, True, exact)
     w8 = b[:8].copy()                                   # row kernels (pam.kernels.cpu_rows)
     for exact in (True, False):
         cpu_rows.log_softmax_forward(a, out, 8, 0)
@@ -141,7 +145,7 @@ def compile_fused_kernels(a, b, out):
     for n in (8, 6):                                    # N a power of two and not
         nb = int(np.float32(n).view(np.int32))
         x = a[:6 * n].copy()
-        for flags in (0, 3, 4, 7):                      # weight / bias / exact on and off
+        for flags in range(8):                          # weight / bias / exact: every variant
             cpu_rows.layer_norm_forward(x, w8[:n], w8[:n], np.empty_like(x), n, nb,
                                         0x3727C5AC, 0, flags)
             cpu_rows.layer_norm_backward(x, w8[:n], b[:6 * n].copy(), np.empty_like(x),

@@ -26,7 +26,9 @@ what this script measures) and makes later runs load the machine code instead (t
 row). Numba invalidates a cached kernel when its own source file changes (timestamp and
 size); the matmul kernels choose their path in Python, so paths a run never takes (general
 inf/NaN paths, the other product family, masked inner loops for operands without zeros)
-are never compiled.
+are never compiled, and the row, cross-entropy and AdamW kernels are one kernel per flag
+variant (``_<kernel>_<variant>``: exact or approximate backward, layer-norm weight and bias,
+amsgrad), so a run compiles only the variants it uses.
 """
 import argparse
 import json

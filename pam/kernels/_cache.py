@@ -1,10 +1,11 @@
 """Numba's on-disk cache for the CPU kernels, invalidated by the definitions they compile.
 
-The kernels of :mod:`pam.kernels.cpu`, :mod:`pam.kernels.cpu_conv` and
-:mod:`pam.kernels.cpu_rows` are ``cache=True``.
+The kernels of :mod:`pam.kernels.cpu`, :mod:`pam.kernels.cpu_conv`,
+:mod:`pam.kernels.cpu_rows` and :mod:`pam.kernels.cpu_xent` are ``cache=True``.
 Numba keys a cached kernel on its own source file only, but these kernels compile in the
-scalar definitions of :mod:`pam.bits`, :mod:`pam.optim_bits` and :mod:`pam.rows_bits` (and
-``cpu_conv`` compiles helpers of ``cpu``): an edit to one of those files alone would leave
+scalar definitions of :mod:`pam.bits`, :mod:`pam.optim_bits`, :mod:`pam.rows_bits` and
+:mod:`pam.xent_bits` (and ``cpu_conv`` compiles helpers of ``cpu``, ``cpu_xent`` kernels of
+``cpu_rows``): an edit to one of those files alone would leave
 every cached kernel on the old definitions. :class:`DefinitionsStampedLocator` wraps the
 locator Numba would have chosen (same cache directory, so ``NUMBA_CACHE_DIR`` is honoured)
 and adds the SHA-256 of every definition file to the source stamp, so a change to any of
@@ -18,11 +19,13 @@ import os
 from numba.core import caching
 
 _PAM = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Files whose code the cached kernels compile (besides the kernel file itself).
+# The cached kernel files, and the files whose code they compile (the scalar definitions
+# and each other's kernels: cpu_conv compiles helpers of cpu, cpu_xent kernels of cpu_rows).
+_KERNELS = (("kernels", "cpu.py"), ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py"),
+            ("kernels", "cpu_xent.py"))
 DEFINITIONS = tuple(os.path.join(_PAM, *p) for p in (
-    ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("kernels", "cpu.py"),
-    ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py")))
-KERNEL_FILES = frozenset(os.path.normcase(p) for p in DEFINITIONS[3:])
+    ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("xent_bits.py",)) + _KERNELS)
+KERNEL_FILES = frozenset(os.path.normcase(os.path.join(_PAM, *p)) for p in _KERNELS)
 
 
 def definitions_digest():

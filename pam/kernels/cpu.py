@@ -63,6 +63,15 @@ TWO31 = 2147483648           # 2^31: adding it modulo 2^32 flips the sign bit
 _SERIAL = dict(cache=True, nogil=True)
 
 
+def serial_kernel(name, fn):
+    """``fn`` compiled as a serial nogil cached kernel named ``name``: the variants that a
+    factory generates (flags captured as Python bools, so Numba prunes the branches on them
+    and each variant compiles only its own code) get their own names, in the warm-up
+    manifest and in Numba's cache files (which are named after the function)."""
+    fn.__name__ = fn.__qualname__ = name
+    return njit(**_SERIAL)(fn)
+
+
 @njit(**_SERIAL)
 def mul(a, b, off, out):
     for i in range(a.size):
@@ -1395,30 +1404,37 @@ def _chunk_table(sizes, chunk):
     return table
 
 
-@njit(**_SERIAL)
-def _adamw_range(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
-                 flags, lo, hi):
-    """The :func:`adamw` update of the elements ``lo:hi``."""
-    optim_bits.check_offset(off)
-    p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
-    if (flags & optim_bits.ADAMW_AMSGRAD) != 0:
-        mx = mx[lo:hi]
-        for i in range(p.size):
-            np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], mx[i], decay,
-                                                       b1, omb1, b2, omb2, step_size, sbc2,
-                                                       eps, off, flags)
-            p[i] = np_
-            m[i] = nm
-            v[i] = nv
-            mx[i] = nmx
-    else:
-        for i in range(p.size):
-            np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], 0, decay, b1,
-                                                       omb1, b2, omb2, step_size, sbc2, eps,
-                                                       off, flags)
-            p[i] = np_
-            m[i] = nm
-            v[i] = nv
+def _make_adamw_range(amsgrad):
+    """The :func:`adamw` update of the elements ``lo:hi``, with or without amsgrad (fixed:
+    one kernel per choice, ``_adamw_range`` and ``_adamw_range_amsgrad``)."""
+    def kernel(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags,
+               lo, hi):
+        optim_bits.check_offset(off)
+        p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+        if amsgrad:
+            mx = mx[lo:hi]
+            for i in range(p.size):
+                np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i], mx[i],
+                                                           decay, b1, omb1, b2, omb2,
+                                                           step_size, sbc2, eps, off, flags)
+                p[i] = np_
+                m[i] = nm
+                v[i] = nv
+                mx[i] = nmx
+        else:
+            for i in range(p.size):
+                np_, nm, nv, nmx = optim_bits.adamw_update(p[i], g[i], m[i], v[i],
+                                                           np.int32(0), decay, b1, omb1, b2,
+                                                           omb2, step_size, sbc2, eps, off,
+                                                           flags)
+                p[i] = np_
+                m[i] = nm
+                v[i] = nv
+    return serial_kernel("_adamw_range_amsgrad" if amsgrad else "_adamw_range", kernel)
+
+
+_adamw_range = _make_adamw_range(False)
+_adamw_range_amsgrad = _make_adamw_range(True)
 
 
 def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
@@ -1429,23 +1445,37 @@ def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, 
     amsgrad is off. From FUSED_PARALLEL_MIN elements the elements are split between
     threads (pam.kernels.threads).
     """
-    threads.run(_adamw_range, p.size, p.size, FUSED_PARALLEL_MIN, p, g, m, v, mx, decay, b1,
-                omb1, b2, omb2, step_size, sbc2, eps, off, flags)
+    kernel = _adamw_range_amsgrad if flags & optim_bits.ADAMW_AMSGRAD else _adamw_range
+    threads.run(kernel, p.size, p.size, FUSED_PARALLEL_MIN, p, g, m, v, mx, decay, b1, omb1,
+                b2, omb2, step_size, sbc2, eps, off, flags)
 
 
-@njit(**_SERIAL)
-def _adamw_table_rows(addresses, sizes, table, decay, b1, omb1, b2, omb2, step_size, sbc2,
-                      eps, off, flags, lo, hi):
-    """The :func:`adamw` update of the chunks ``table[lo:hi]`` of :func:`adamw_table`."""
-    optim_bits.check_offset(off)
-    for r in range(lo, hi):
-        t = table[r, 0]
-        n = sizes[t]
-        p = _array_at(addresses[0, t], n)
-        mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
-        _adamw_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
-                     _array_at(addresses[3, t], n), mx, decay, b1, omb1, b2, omb2, step_size,
-                     sbc2, eps, off, flags, table[r, 1], table[r, 2])
+def _make_adamw_table_rows(amsgrad):
+    """The :func:`adamw` update of the chunks ``table[lo:hi]`` of :func:`adamw_table`
+    (``_adamw_table_rows`` and ``_adamw_table_rows_amsgrad``)."""
+    def kernel(addresses, sizes, table, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off,
+               flags, lo, hi):
+        optim_bits.check_offset(off)
+        for r in range(lo, hi):
+            t = table[r, 0]
+            n = sizes[t]
+            p = _array_at(addresses[0, t], n)
+            g = _array_at(addresses[1, t], n)
+            m = _array_at(addresses[2, t], n)
+            v = _array_at(addresses[3, t], n)
+            if amsgrad:
+                _adamw_range_amsgrad(p, g, m, v, _array_at(addresses[4, t], n), decay, b1,
+                                     omb1, b2, omb2, step_size, sbc2, eps, off, flags,
+                                     table[r, 1], table[r, 2])
+            else:
+                _adamw_range(p, g, m, v, p, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
+                             off, flags, table[r, 1], table[r, 2])
+    return serial_kernel("_adamw_table_rows_amsgrad" if amsgrad else "_adamw_table_rows",
+                         kernel)
+
+
+_adamw_table_rows = _make_adamw_table_rows(False)
+_adamw_table_rows_amsgrad = _make_adamw_table_rows(True)
 
 
 def _table_run(kernel, addresses, sizes, *args):
@@ -1465,8 +1495,10 @@ def adamw_table(addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, ep
     float32 CPU tensor of ``sizes[j]`` elements that the caller keeps alive; distinct
     tensors must not overlap.
     """
-    _table_run(_adamw_table_rows, addresses, sizes, decay, b1, omb1, b2, omb2, step_size,
-               sbc2, eps, off, flags)
+    kernel = (_adamw_table_rows_amsgrad if flags & optim_bits.ADAMW_AMSGRAD
+              else _adamw_table_rows)
+    _table_run(kernel, addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
+               off, flags)
 
 
 @njit(**_SERIAL)
@@ -1482,7 +1514,8 @@ def _sgd_range(p, g, buf, lr, wd, mom, omd, off, flags, lo, hi):
             buf[i] = nb
     else:
         for i in range(p.size):
-            np_, nb = optim_bits.sgd_update(p[i], g[i], 0, lr, wd, mom, omd, off, flags)
+            np_, nb = optim_bits.sgd_update(p[i], g[i], np.int32(0), lr, wd, mom, omd, off,
+                                            flags)
             p[i] = np_
 
 
@@ -1534,7 +1567,8 @@ def _adamw_unbiased_range(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_
     else:
         for i in range(p.size):
             np_, nm, nv, nmx = optim_bits.adamw_update_unbiased(
-                p[i], g[i], m[i], v[i], 0, decay, c1, c2, k_step, eps_s, off, sq_off, flags)
+                p[i], g[i], m[i], v[i], np.int32(0), decay, c1, c2, k_step, eps_s, off, sq_off,
+                flags)
             p[i] = np_
             m[i] = nm
             v[i] = nv
@@ -1691,11 +1725,22 @@ def _softmax_forward_rows(x, out, n, off, safe, lo, hi):
         rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
 
 
-@njit(**_SERIAL)
-def _softmax_backward_rows(x, g, out, n, off, safe, exact, lo, hi):
-    optim_bits.check_offset(off)
-    for r in range(lo, hi):
-        rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
+def _make_softmax_backward_rows(exact):
+    """The softmax backward rows with ``exact`` fixed (a captured bool: the branch on it is
+    pruned, so each variant compiles only its own row code; a run compiles the one it
+    uses). Named ``_softmax_backward_rows_<exact|approx>`` (manifest, cache files)."""
+    def kernel(x, g, out, n, off, safe, lo, hi):
+        optim_bits.check_offset(off)
+        for r in range(lo, hi):
+            if exact:
+                rows_bits.softmax_row_backward_exact(x, g, out, r * n, n, off, safe)
+            else:
+                rows_bits.softmax_row_backward_approx(x, g, out, r * n, n, off, safe)
+    return serial_kernel(f"_softmax_backward_rows_{'exact' if exact else 'approx'}", kernel)
+
+
+_softmax_backward_rows_exact = _make_softmax_backward_rows(True)
+_softmax_backward_rows_approx = _make_softmax_backward_rows(False)
 
 
 def softmax_forward(x, out, n, off, safe):
@@ -1706,5 +1751,6 @@ def softmax_forward(x, out, n, off, safe):
 
 def softmax_backward(x, g, out, n, off, safe, exact):
     """Input gradient of softmax_forward for output gradient ``g`` (pam.rows_bits)."""
-    threads.run(_softmax_backward_rows, x.size // n if n else 0, x.size, FUSED_PARALLEL_MIN,
-                x, g, out, n, off, bool(safe), bool(exact))
+    kernel = _softmax_backward_rows_exact if exact else _softmax_backward_rows_approx
+    threads.run(kernel, x.size // n if n else 0, x.size, FUSED_PARALLEL_MIN, x, g, out, n,
+                off, bool(safe))

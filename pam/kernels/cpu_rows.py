@@ -6,8 +6,10 @@ int32 bit patterns, one row per iteration. The compiled part (``_<kernel>_rows``
 serial ``nogil`` kernel over the rows ``lo:hi``; the public kernel of the same name splits
 the rows between threads with :func:`pam.kernels.threads.run` when the input has at least
 ``cpu.FUSED_PARALLEL_MIN`` elements, else runs them in the calling thread (same bits either
-way: rows are independent and each is reduced sequentially). Flags are runtime integers, so
-each kernel has one specialization. The layer-norm weight and bias gradients are the column
+way: rows are independent and each is reduced sequentially). The flags (exact, weight,
+bias) choose one compiled kernel per variant in Python (``_<kernel>_rows_<variant>``), so a
+run compiles only the row code of the variants it uses (cold start, validation/README.md
+section 9c). The layer-norm weight and bias gradients are the column
 sums of per-row terms over rows in increasing row index (float32 from +0), after the rows.
 ``off`` must be an offset constant of pam.dispatch.offset_constant (ValueError otherwise).
 """
@@ -16,7 +18,7 @@ from numba import njit
 
 from .. import optim_bits, rows_bits
 from . import threads
-from .cpu import FUSED_PARALLEL_MIN
+from .cpu import FUSED_PARALLEL_MIN, serial_kernel
 
 _SERIAL = dict(cache=True, nogil=True)
 
@@ -35,40 +37,98 @@ def _log_softmax_forward_rows(x, out, n, off, lo, hi):
         rows_bits.log_softmax_row_forward(x, out, r * n, n, off)
 
 
-@njit(**_SERIAL)
-def _log_softmax_backward_rows(x, g, out, n, off, exact, lo, hi):
-    optim_bits.check_offset(off)
-    for r in range(lo, hi):
-        rows_bits.log_softmax_row_backward(x, g, out, r * n, n, off, exact)
+# One kernel per flag variant: each captures its flags as Python bools, so Numba prunes the
+# branches on them and compiles only the row code of that variant (the row definitions'
+# pam.rows_bits.*_<variant> functions); a run compiles the variants it uses.
+def _make_log_softmax_backward_rows(exact):
+    def kernel(x, g, out, n, off, lo, hi):
+        optim_bits.check_offset(off)
+        for r in range(lo, hi):
+            if exact:
+                rows_bits.log_softmax_row_backward_exact(x, g, out, r * n, n, off)
+            else:
+                rows_bits.log_softmax_row_backward_approx(x, g, out, r * n, n, off)
+    return serial_kernel(f"_log_softmax_backward_rows_{'exact' if exact else 'approx'}", kernel)
 
 
-@njit(**_SERIAL)
-def _layer_norm_forward_rows(x, w, b, out, n, nb, eps_b, off, flags, lo, hi):
-    optim_bits.check_offset(off)
-    stats = np.empty(9, np.int32)                   # the row statistics, row after row
-    for r in range(lo, hi):
-        rows_bits.layer_norm_row_forward(x, w, b, out, r * n, n, nb, eps_b, off, flags,
-                                         stats, 0)
+_log_softmax_backward_rows_exact = _make_log_softmax_backward_rows(True)
+_log_softmax_backward_rows_approx = _make_log_softmax_backward_rows(False)
 
 
-@njit(**_SERIAL)
-def _layer_norm_backward_rows(x, w, g, out, terms, n, nb, eps_b, off, flags, lo, hi):
-    optim_bits.check_offset(off)
-    stats = np.empty(9, np.int32)
-    for r in range(lo, hi):
-        rows_bits.layer_norm_row_backward(x, w, g, out, terms, r * n, n, nb, eps_b, off,
-                                          flags, stats, 0)
+def _make_layer_norm_forward_rows(has_w, has_b):
+    def kernel(x, w, b, out, n, nb, eps_b, off, lo, hi):
+        optim_bits.check_offset(off)
+        stats = np.empty(9, np.int32)               # the row statistics, row after row
+        for r in range(lo, hi):
+            if has_w:
+                if has_b:
+                    rows_bits.layer_norm_row_forward_wb(x, w, b, out, r * n, n, nb, eps_b,
+                                                        off, stats, 0)
+                else:
+                    rows_bits.layer_norm_row_forward_w(x, w, b, out, r * n, n, nb, eps_b,
+                                                       off, stats, 0)
+            elif has_b:
+                rows_bits.layer_norm_row_forward_b(x, w, b, out, r * n, n, nb, eps_b, off,
+                                                   stats, 0)
+            else:
+                rows_bits.layer_norm_row_forward_plain(x, w, b, out, r * n, n, nb, eps_b,
+                                                       off, stats, 0)
+    suffix = ("w" if has_w else "") + ("b" if has_b else "")
+    return serial_kernel(f"_layer_norm_forward_rows_{suffix or 'plain'}", kernel)
+
+
+_layer_norm_forward_rows_plain = _make_layer_norm_forward_rows(False, False)
+_layer_norm_forward_rows_w = _make_layer_norm_forward_rows(True, False)
+_layer_norm_forward_rows_b = _make_layer_norm_forward_rows(False, True)
+_layer_norm_forward_rows_wb = _make_layer_norm_forward_rows(True, True)
+_LAYER_NORM_FORWARD = {(False, False): _layer_norm_forward_rows_plain,
+                       (True, False): _layer_norm_forward_rows_w,
+                       (False, True): _layer_norm_forward_rows_b,
+                       (True, True): _layer_norm_forward_rows_wb}
+
+
+def _make_layer_norm_backward_rows(exact, has_w):
+    def kernel(x, w, g, out, terms, n, nb, eps_b, off, lo, hi):
+        optim_bits.check_offset(off)
+        stats = np.empty(9, np.int32)
+        for r in range(lo, hi):
+            if exact:
+                if has_w:
+                    rows_bits.layer_norm_row_backward_exact_w(x, w, g, out, terms, r * n, n,
+                                                              nb, eps_b, off, stats, 0)
+                else:
+                    rows_bits.layer_norm_row_backward_exact(x, w, g, out, terms, r * n, n,
+                                                            nb, eps_b, off, stats, 0)
+            elif has_w:
+                rows_bits.layer_norm_row_backward_approx_w(x, w, g, out, terms, r * n, n, nb,
+                                                           eps_b, off, stats, 0)
+            else:
+                rows_bits.layer_norm_row_backward_approx(x, w, g, out, terms, r * n, n, nb,
+                                                         eps_b, off, stats, 0)
+    suffix = ("exact" if exact else "approx") + ("_w" if has_w else "")
+    return serial_kernel(f"_layer_norm_backward_rows_{suffix}", kernel)
+
+
+_layer_norm_backward_rows_approx = _make_layer_norm_backward_rows(False, False)
+_layer_norm_backward_rows_approx_w = _make_layer_norm_backward_rows(False, True)
+_layer_norm_backward_rows_exact = _make_layer_norm_backward_rows(True, False)
+_layer_norm_backward_rows_exact_w = _make_layer_norm_backward_rows(True, True)
+_LAYER_NORM_BACKWARD = {(False, False): _layer_norm_backward_rows_approx,
+                        (False, True): _layer_norm_backward_rows_approx_w,
+                        (True, False): _layer_norm_backward_rows_exact,
+                        (True, True): _layer_norm_backward_rows_exact_w}
 
 
 @njit(**_SERIAL)
 def _column_sums(t, out, n, rows):
     """out[j] = t[0 * n + j] + t[1 * n + j] + ... (float32 from +0, increasing row), row
     by row into a vector of column accumulators (each column in row order)."""
-    tf = t.view(np.float32)
-    acc = np.zeros(n, np.float32)
+    acc = np.empty(n, np.float32)
+    for j in range(n):
+        acc[j] = np.float32(0.0)
     for r in range(rows):
         for j in range(n):
-            acc[j] += tf[r * n + j]
+            acc[j] += rows_bits._f(t[r * n + j])
     for j in range(n):
         out[j] = rows_bits._b(acc[j])
 
@@ -83,16 +143,18 @@ def log_softmax_forward(x, out, n, off):
 def log_softmax_backward(x, g, out, n, off, exact):
     """Input gradient of log_softmax_forward for output gradient ``g``
     (pam.rows_bits.log_softmax_row_backward)."""
-    threads.run(_log_softmax_backward_rows, _rows(x, n), x.size, FUSED_PARALLEL_MIN,
-                x, g, out, n, off, bool(exact))
+    kernel = _log_softmax_backward_rows_exact if exact else _log_softmax_backward_rows_approx
+    threads.run(kernel, _rows(x, n), x.size, FUSED_PARALLEL_MIN, x, g, out, n, off)
 
 
 def layer_norm_forward(x, w, b, out, n, nb, eps_b, off, flags):
     """Rows of length ``n`` -> PA layer norm (pam.rows_bits.layer_norm_row_forward);
     ``w``, ``b``: int32 bits of length ``n`` (read only with LN_WEIGHT / LN_BIAS in
     ``flags``), ``nb`` the bits of float32(n), ``eps_b`` those of float32(eps)."""
-    threads.run(_layer_norm_forward_rows, _rows(x, n), x.size, FUSED_PARALLEL_MIN,
-                x, w, b, out, n, nb, eps_b, off, flags)
+    kernel = _LAYER_NORM_FORWARD[(flags & rows_bits.LN_WEIGHT) != 0,
+                                 (flags & rows_bits.LN_BIAS) != 0]
+    threads.run(kernel, _rows(x, n), x.size, FUSED_PARALLEL_MIN, x, w, b, out, n, nb, eps_b,
+                off)
 
 
 def layer_norm_backward(x, w, g, out, gw, gb, n, nb, eps_b, off, flags):
@@ -102,8 +164,9 @@ def layer_norm_backward(x, w, g, out, gw, gb, n, nb, eps_b, off, flags):
     rows = _rows(x, n)
     has_w = (flags & rows_bits.LN_WEIGHT) != 0
     terms = np.empty(x.size if has_w else 1, np.int32)
-    threads.run(_layer_norm_backward_rows, rows, x.size, FUSED_PARALLEL_MIN,
-                x, w, g, out, terms, n, nb, eps_b, off, flags)
+    kernel = _LAYER_NORM_BACKWARD[(flags & rows_bits.LN_EXACT) != 0, has_w]
+    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN, x, w, g, out, terms, n, nb, eps_b,
+                off)
     if has_w:
         _column_sums(terms, gw, n, rows)
     if flags & rows_bits.LN_BIAS:

@@ -7,6 +7,8 @@ ignore_index; ``a_b`` / ``s_b``: the bits of the smoothing factors (unused witho
 log_softmax, through :mod:`.cpu_rows`' compiled range kernels, and their loss terms or
 gradients) are split over threads with :func:`pam.kernels.threads.run` as the other row
 kernels are; the sums over rows run after them in one thread, in increasing row order.
+The backward rows are one kernel per ``CE_EXACT`` choice (``_backward_rows_<exact|approx>``,
+each calling one log_softmax backward variant of :mod:`.cpu_rows`): a run compiles one.
 A target outside [0, n) that is not ``ignore`` raises ValueError; ``off`` must be an
 offset constant of pam.dispatch.offset_constant.
 """
@@ -16,8 +18,9 @@ from numba import njit
 from .. import optim_bits
 from .. import xent_bits as XB
 from . import threads
-from .cpu import FUSED_PARALLEL_MIN
-from .cpu_rows import _log_softmax_backward_rows, _log_softmax_forward_rows
+from .cpu import FUSED_PARALLEL_MIN, serial_kernel
+from .cpu_rows import (_log_softmax_backward_rows_approx, _log_softmax_backward_rows_exact,
+                       _log_softmax_forward_rows)
 
 _SERIAL = dict(cache=True, nogil=True)
 
@@ -44,14 +47,22 @@ def _grad_scalars(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, g, dn
                        s_b, g, dn, ds)
 
 
-@njit(**_SERIAL)
-def _backward_rows(x, w, target, n, ignore, off, flags, reduction, lp, dn, ds, dl, out, lo,
-                   hi):
-    exact = (flags & XB.CE_EXACT) != 0
-    for r in range(lo, hi):
-        k = r if reduction == XB.REDUCE_NONE else 0
-        XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
-        _log_softmax_backward_rows(x, dl, out, n, off, exact, r, r + 1)
+def _make_backward_rows(exact):
+    """The backward rows with CE_EXACT fixed (``exact``, a captured bool: the branch on it
+    is pruned, so only one log_softmax backward kernel is compiled in)."""
+    def kernel(x, w, target, n, ignore, off, flags, reduction, lp, dn, ds, dl, out, lo, hi):
+        for r in range(lo, hi):
+            k = r if reduction == XB.REDUCE_NONE else 0
+            XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
+            if exact:
+                _log_softmax_backward_rows_exact(x, dl, out, n, off, r, r + 1)
+            else:
+                _log_softmax_backward_rows_approx(x, dl, out, n, off, r, r + 1)
+    return serial_kernel(f"_backward_rows_{'exact' if exact else 'approx'}", kernel)
+
+
+_backward_rows_exact = _make_backward_rows(True)
+_backward_rows_approx = _make_backward_rows(False)
 
 
 def _rows_forward(x, w, target, n, ignore, off, flags):
@@ -77,6 +88,7 @@ def cross_entropy_backward(x, w, target, n, ignore, a_b, s_b, off, flags, reduct
     lp, nll, sm, wt = _rows_forward(x, w, target, n, ignore, off, flags)
     dn, ds = np.empty(rows, np.int32), np.empty(rows, np.int32)
     _grad_scalars(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, g, dn, ds)
-    threads.run(_backward_rows, rows, x.size, FUSED_PARALLEL_MIN,
+    kernel = _backward_rows_exact if flags & XB.CE_EXACT else _backward_rows_approx
+    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN,
                 x, w, target, n, ignore, off, flags, reduction, lp, dn, ds,
                 np.empty(x.size, np.int32), out)
