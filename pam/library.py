@@ -176,19 +176,18 @@ def matmul3(a3, b3, off, kind="pam"):
     return _matmul_op(a3, b3, off, kind)
 
 
-def _grads_impl(a3, b3, grad, off, need_a, need_b):
+def _grads_impl(a3, b3, grad, off, need_a, need_b, gb_t=False):
     """(ga or None, gb or None): one launch computes both exact gradients with one range
     scan of a3, b3 and grad (pam.kernels' ``matmul_exact_grads``). On CPU the operands are
-    passed in their own layouts (``_operand_bits``) and gb is the transpose of a contiguous
-    (P, m, k) tensor, which the kernel writes in place (a linear layer's weight gradient is
-    then contiguous without a copy)."""
+    passed in their own layouts (``_operand_bits``); with ``gb_t`` gb is the transpose of
+    a contiguous (P, m, k) tensor, which the kernel writes in place, else contiguous."""
     P, n, k = a3.shape
     m = b3.shape[2]
     cpu = a3.device.type == "cpu"
     ga = torch.empty(a3.shape, dtype=torch.float32, device=a3.device) if need_a else None
     gb = None
     if need_b:
-        gb = (torch.empty((P, m, k), dtype=torch.float32).transpose(1, 2) if cpu else
+        gb = (torch.empty((P, m, k), dtype=torch.float32).transpose(1, 2) if cpu and gb_t else
               torch.empty(b3.shape, dtype=torch.float32, device=b3.device))
     if not ((ga is not None and ga.numel()) or (gb is not None and gb.numel())):
         return ga, gb
@@ -221,7 +220,7 @@ def _(a3, b3, grad, off):
 @torch.library.custom_op("pam::matmul_exact_grad_right", mutates_args=())
 def _grad_right_op(a3: torch.Tensor, b3: torch.Tensor, grad: torch.Tensor,
                    off: int) -> torch.Tensor:
-    return _grads_impl(a3, b3, grad, off, False, True)[1].contiguous()   # the fake's layout
+    return _grads_impl(a3, b3, grad, off, False, True)[1]
 
 
 @_grad_right_op.register_fake
@@ -229,15 +228,17 @@ def _(a3, b3, grad, off):
     return b3.new_empty(b3.shape)
 
 
-def matmul_exact_grads(a3, b3, grad, off, need_a=True, need_b=True):
+def matmul_exact_grads(a3, b3, grad, off, need_a=True, need_b=True, grad_b_transposed=False):
     """(ga, gb): the exact gradients of ``matmul3(a3, b3, off)`` w.r.t. a3 and b3 for
     output gradient ``grad`` (the true derivatives of the PAM products), new tensors
     shaped like a3 and b3, None where not ``need_a`` / ``need_b`` (no k = 0 or
     empty-gradient special cases: the caller handles those). Eager: one launch and one
     range scan of the inputs for both; traced: the custom ops
-    ``pam::matmul_exact_grad_left`` / ``_right``."""
+    ``pam::matmul_exact_grad_left`` / ``_right``. ``grad_b_transposed``: eager CPU
+    returns gb as the transpose of a contiguous tensor (for a b that is a leaf weight's
+    transpose, whose gradient then needs no copy; same values)."""
     if _direct(a3, b3, grad):
-        return _grads_impl(a3, b3, grad, off, need_a, need_b)
+        return _grads_impl(a3, b3, grad, off, need_a, need_b, grad_b_transposed)
     return (_grad_left_op(a3, b3, grad, off) if need_a else None,
             _grad_right_op(a3, b3, grad, off) if need_b else None)
 
