@@ -968,6 +968,24 @@ def _pack_range(x, trans, xp, mp, masked, lo, hi):
 
 
 @njit(cache=True, nogil=True)
+def _transpose_range(x, out, lo, hi):
+    """Tasks lo <= task < hi of out[p] = x[p]^T (x: (batch, rows, cols), out: (batch, cols,
+    rows)): task p * blocks + c copies the 16 rows [16 c, 16 c + 16) of x[p], walking them
+    side by side so that each output row gets a full 64-byte line per step while the 16
+    input rows stream sequentially (a walk down x's columns, one 4 KiB-strided load at a
+    time, ran at memory latency)."""
+    rows, cols = x.shape[1], x.shape[2]
+    blocks = (rows + STRIP_LANES - 1) // STRIP_LANES
+    for task in range(lo, hi):
+        p = task // blocks
+        r0 = (task - p * blocks) * STRIP_LANES
+        r1 = min(r0 + STRIP_LANES, rows)
+        for c in range(cols):
+            for r in range(r0, r1):
+                out[p, c, r] = x[p, r, c]
+
+
+@njit(cache=True, nogil=True)
 def _strip_span(M):
     """(lo, hi): the rows of a packed strip's zero mask M (rows, 16) from the first to the
     last one holding a normal lane ((0, 0) when none does)."""
@@ -1271,6 +1289,17 @@ def _strip_work(batch, rows, cols, masked):
     return xp, (work[size:2 * size].reshape(shape) if masked else xp)
 
 
+def _scratch(name, shape, dtype):
+    """A per-thread scratch array of ``shape`` (contents undefined), kept and reused across
+    calls under ``name`` (grown when too small) for the reason given in ``_strip_work``."""
+    size = int(np.prod(shape))
+    buf = getattr(_WORK, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1), dtype)
+        setattr(_WORK, name, buf)
+    return buf[:size].reshape(shape)
+
+
 def _pack(x, trans, rows, cols, masked):
     """The packed strips (xp, mp) of X (batch, rows, cols): x, or when ``trans`` x is
     X's transpose (see ``_pack_range``)."""
@@ -1307,6 +1336,12 @@ def _grad_tiles(y_src, y_trans, x_src, x_trans, g, g_trans, mask_x, mask_g, off,
     batch, n, k = out.shape
     red = x_src.shape[2] if x_trans else x_src.shape[1]
     xp, mp = _pack(x_src, x_trans, red, k, mask_x)
+    if y_trans:           # row blocks read Y's rows: transpose it once, blocked
+        yt = y_src
+        y_src = _scratch("y", (batch, n, k), np.int32)
+        threads.run(_transpose_range, batch * -(-k // STRIP_LANES), yt.size,
+                    MATMUL_PARALLEL_MIN, yt, y_src)
+        y_trans = False
     threads.run(_grad_range, batch * -(-n // GRAD_ROW_BLOCK), batch * n * k * red,
                 MATMUL_PARALLEL_MIN, y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g,
                 off, out)
@@ -1340,9 +1375,16 @@ def matmul_exact_grads(a, bt, at, b, grad, off, out_a, out_b):
     if want_b:
         if fast_b:     # out_b^T[j, t] = sum_i f(bt[j, t], a[i, t], grad[i, j]): left form
             o = out_b.transpose(0, 2, 1)
-            if not o.flags.c_contiguous:
-                o = np.empty(o.shape, np.float32)
+            if o.flags.c_contiguous:
+                _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off, o)
+                return
+            o = _scratch("out", o.shape, np.float32)
             _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off, o)
+            if out_b.flags.c_contiguous:            # blocked transpose of the bit patterns
+                threads.run(_transpose_range, o.shape[0] * -(-o.shape[1] // STRIP_LANES),
+                            o.size, MATMUL_PARALLEL_MIN, o.view(np.int32),
+                            out_b.view(np.int32))
+                return
             o = o.transpose(0, 2, 1)
         else:
             o = out_b if out_b.flags.c_contiguous else np.empty(out_b.shape, np.float32)
