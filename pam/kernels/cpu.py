@@ -1342,6 +1342,12 @@ def _grad_tiles(y_src, y_trans, x_src, x_trans, g, g_trans, mask_x, mask_g, off,
         threads.run(_transpose_range, batch * -(-k // STRIP_LANES), yt.size,
                     MATMUL_PARALLEL_MIN, yt, y_src)
         y_trans = False
+    if g_trans:           # likewise G (its rows are copied per row block)
+        gt = g
+        g = _scratch("g", (batch, n, red), np.int32)
+        threads.run(_transpose_range, batch * -(-red // STRIP_LANES), gt.size,
+                    MATMUL_PARALLEL_MIN, gt, g)
+        g_trans = False
     threads.run(_grad_range, batch * -(-n // GRAD_ROW_BLOCK), batch * n * k * red,
                 MATMUL_PARALLEL_MIN, y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g,
                 off, out)
