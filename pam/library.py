@@ -130,6 +130,18 @@ def pow2_part(x):
 
 
 # --------------------------------------------------------------------------- matmul
+def _operand_bits(x):
+    """int32 view of the float32 3-D matmul operand ``x`` for the kernels: on CPU, x in
+    its own layout when x or its transpose is contiguous (the CPU matmul kernels read
+    either in place: a linear layer's right operand is its weight transposed), otherwise a
+    contiguous copy (as on CUDA, whose kernels take contiguous operands)."""
+    if x.device.type == "cpu":
+        x = x.detach()
+        if x.is_contiguous() or x.transpose(-1, -2).is_contiguous():
+            return x.view(torch.int32)
+    return D.as_bits(x)
+
+
 def _matmul_impl(a3, b3, off, kind="pam"):
     P, n, k = a3.shape
     m = b3.shape[2]
@@ -138,8 +150,8 @@ def _matmul_impl(a3, b3, off, kind="pam"):
         return out
     if k == 0:
         return out.zero_()
-    D.launch("matmul" + D.kernel_suffix(kind), a3.device, D.as_bits(a3), D.as_bits(b3), off,
-             out)
+    D.launch("matmul" + D.kernel_suffix(kind), a3.device, D.as_bits(a3), _operand_bits(b3),
+             off, out)
     return out
 
 
@@ -164,12 +176,25 @@ def matmul3(a3, b3, off, kind="pam"):
     return _matmul_op(a3, b3, off, kind)
 
 
-def _grads_impl(a3, b3, grad, off, need_a, need_b):
+def _grads_impl(a3, b3, grad, off, need_a, need_b, gb_t=False):
     """(ga or None, gb or None): one launch computes both exact gradients with one range
-    scan of a3, b3 and grad (pam.kernels' ``matmul_exact_grads``)."""
+    scan of a3, b3 and grad (pam.kernels' ``matmul_exact_grads``). On CPU the operands are
+    passed in their own layouts (``_operand_bits``); with ``gb_t`` gb is the transpose of
+    a contiguous (P, m, k) tensor, which the kernel writes in place, else contiguous."""
+    P, n, k = a3.shape
+    m = b3.shape[2]
+    cpu = a3.device.type == "cpu"
     ga = torch.empty(a3.shape, dtype=torch.float32, device=a3.device) if need_a else None
-    gb = torch.empty(b3.shape, dtype=torch.float32, device=b3.device) if need_b else None
-    if (ga is not None and ga.numel()) or (gb is not None and gb.numel()):
+    gb = None
+    if need_b:
+        gb = (torch.empty((P, m, k), dtype=torch.float32).transpose(1, 2) if cpu and gb_t else
+              torch.empty(b3.shape, dtype=torch.float32, device=b3.device))
+    if not ((ga is not None and ga.numel()) or (gb is not None and gb.numel())):
+        return ga, gb
+    if cpu:
+        D.launch("matmul_exact_grads", a3.device, _operand_bits(a3), None, None,
+                 _operand_bits(b3), D.as_bits(grad), off, ga, gb)
+    else:
         D.launch("matmul_exact_grads", a3.device,
                  D.as_bits(a3) if need_a else None,
                  D.as_bits(b3.transpose(-1, -2)) if need_a else None,
@@ -203,15 +228,17 @@ def _(a3, b3, grad, off):
     return b3.new_empty(b3.shape)
 
 
-def matmul_exact_grads(a3, b3, grad, off, need_a=True, need_b=True):
+def matmul_exact_grads(a3, b3, grad, off, need_a=True, need_b=True, grad_b_transposed=False):
     """(ga, gb): the exact gradients of ``matmul3(a3, b3, off)`` w.r.t. a3 and b3 for
     output gradient ``grad`` (the true derivatives of the PAM products), new tensors
     shaped like a3 and b3, None where not ``need_a`` / ``need_b`` (no k = 0 or
     empty-gradient special cases: the caller handles those). Eager: one launch and one
     range scan of the inputs for both; traced: the custom ops
-    ``pam::matmul_exact_grad_left`` / ``_right``."""
+    ``pam::matmul_exact_grad_left`` / ``_right``. ``grad_b_transposed``: eager CPU
+    returns gb as the transpose of a contiguous tensor (for a b that is a leaf weight's
+    transpose, whose gradient then needs no copy; same values)."""
     if _direct(a3, b3, grad):
-        return _grads_impl(a3, b3, grad, off, need_a, need_b)
+        return _grads_impl(a3, b3, grad, off, need_a, need_b, grad_b_transposed)
     return (_grad_left_op(a3, b3, grad, off) if need_a else None,
             _grad_right_op(a3, b3, grad, off) if need_b else None)
 

@@ -364,9 +364,9 @@ class _Matmul(torch.autograd.Function):
     ``kind`` "pam" or "lmul" products."""
 
     @staticmethod
-    def forward(ctx, a3, b3, off, mode, kind):
+    def forward(ctx, a3, b3, off, mode, kind, gb_t=False):
         ctx.save_for_backward(a3, b3)
-        ctx.off, ctx.mode, ctx.kind = off, mode, kind
+        ctx.off, ctx.mode, ctx.kind, ctx.gb_t = off, mode, kind, gb_t
         return L.matmul3(a3, b3, off, kind)
 
     @staticmethod
@@ -382,25 +382,26 @@ class _Matmul(torch.autograd.Function):
                 ga = L.matmul3(grad, _transpose(b3), ctx.off, ctx.kind)
             if need_b:
                 gb = L.matmul3(_transpose(a3), grad, ctx.off, ctx.kind)
-            return ga, gb, None, None, None
+            return ga, gb, None, None, None, None
         if ctx.kind == "lmul":
             # d/da lmul(a, b) = sign(b) 2^E(b): PAM products with a power of two are exact.
             if need_a:
                 ga = L.matmul3(grad, _transpose(L.unary_map("pow2_part", b3)), 0, "pam")
             if need_b:
                 gb = L.matmul3(_transpose(L.unary_map("pow2_part", a3)), grad, 0, "pam")
-            return ga, gb, None, None, None
+            return ga, gb, None, None, None, None
         if a3.shape[2] == 0 or grad.numel() == 0:
             return (torch.zeros_like(a3) if need_a else None,
-                    torch.zeros_like(b3) if need_b else None, None, None, None)
-        ga, gb = L.matmul_exact_grads(a3, b3, grad, ctx.off, need_a, need_b)
-        return ga, gb, None, None, None
+                    torch.zeros_like(b3) if need_b else None, None, None, None, None)
+        ga, gb = L.matmul_exact_grads(a3, b3, grad, ctx.off, need_a, need_b,
+                                      grad_b_transposed=ctx.gb_t)
+        return ga, gb, None, None, None, None
 
 
-def _matmul3(a3, b3, off, mode, kind):
+def _matmul3(a3, b3, off, mode, kind, gb_t=False):
     if not _needs_grad(a3, b3):
         return L.matmul3(a3, b3, off, kind)
-    return _Matmul.apply(a3, _distinct(a3, b3), off, mode, kind)
+    return _Matmul.apply(a3, _distinct(a3, b3), off, mode, kind, gb_t)
 
 
 def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"):
@@ -413,6 +414,13 @@ def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"
     ``operands`` (the format the operands are rounded to first): :mod:`pam.families`;
     ``family="float"`` is ``torch.matmul`` of the rounded operands.
     """
+    return _matmul(a, b, offset, backward, family, operands)
+
+
+def _matmul(a, b, offset, backward, family, operands, weight_grad=False):
+    """:func:`matmul`; ``weight_grad``: b is a leaf's transpose (linear's weight.t()) whose
+    gradient only accumulates into that leaf, so the exact gradient of a 2-D b may be
+    returned as the transpose of a contiguous tensor (the leaf's layout: no copy)."""
     a = D.check_float32(a, "a")
     b = D.check_float32(b, "b")
     D.check_same_device(a=a, b=b)
@@ -421,6 +429,7 @@ def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"
                          f"b {tuple(b.shape)}")
     mult = _multiplier(family, operands, offset)
     mode = _check_mode(backward)
+    b_in = b
     a, b = FAM.round_operand(a, mult), FAM.round_operand(b, mult)
     if mult.kind == "float":
         return torch.matmul(a, b)
@@ -436,7 +445,8 @@ def matmul(a, b, offset=None, backward="exact", family="pam", operands="float32"
         # Shared right operand: fold every batch dimension of a into its rows (no copies).
         batch = a2.shape[:-2]
         rows = math.prod(batch) * n
-        c = _matmul3(a2.reshape(1, rows, k), b2.unsqueeze(0), off, mode, kind)
+        c = _matmul3(a2.reshape(1, rows, k), b2.unsqueeze(0), off, mode, kind,
+                     weight_grad and b is b_in)
         c = c.reshape(*batch, n, m)
     else:
         try:
@@ -467,8 +477,9 @@ def linear(x, weight, bias=None, offset=None, backward="exact", family="pam",
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dimension must equal in_features={weight.shape[1]}, got "
                          f"x of shape {tuple(x.shape)}")
-    y = matmul(x, weight.t(), offset=offset, backward=backward, family=family,
-               operands=operands)
+    # (traced code uses the custom ops, which ignore the hint; Dynamo cannot read grad_fn)
+    y = _matmul(x, weight.t(), offset, backward, family, operands,
+                weight_grad=not torch.compiler.is_compiling() and weight.grad_fn is None)
     if bias is not None:
         bias = D.check_float32(bias, "bias")
         D.check_same_device(x=x, bias=bias)

@@ -267,6 +267,96 @@ def test_matmul_micro_kernel_blocks(n, k, m, zeros):
         assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
 
 
+def _layouts(x, trans):
+    """int32 view of the 3-D float32 ``x`` in C order (trans False) or as the transposed
+    view of a C-contiguous transpose (trans True): same values, the other layout."""
+    xi = x.view(np.int32)
+    return np.ascontiguousarray(xi.transpose(0, 2, 1)).transpose(0, 2, 1) if trans else xi
+
+
+def _causal(rng, shape, upper):
+    """Random normal operand with a zero triangle (j > i, or j < i when ``upper`` is False)
+    like causal attention's probabilities and their gradients, plus scattered zeros."""
+    x = operand(rng, shape, "normal")
+    i, j = np.indices(shape[1:])
+    x[:, (j > i) if upper else (j < i)] = 0.0
+    x[rng.random(shape) < 0.05] = -0.0
+    return np.ascontiguousarray(x)
+
+
+LAYOUT_SHAPES = [(1, 1, 1), (5, 17, 3), (19, 33, 40), (34, 16, 18)]
+
+
+@pytest.mark.parametrize("ta, tb", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("zeros", ["none", "a", "b", "g", "all", "causal"])
+@pytest.mark.parametrize("n, k, m", LAYOUT_SHAPES)
+def test_grads_read_either_operand_layout(n, k, m, zeros, ta, tb):
+    """matmul_exact_grads reads a and b in place whether each is C-contiguous or the
+    transpose of a C-contiguous array (a linear layer's b is weight.t()), and writes the
+    right gradient into the transpose of a C-contiguous output (or a plain one): the same
+    bits as the per-batch references, batch 3, odd shapes (partial strips and row blocks),
+    unmasked, zeros in each operand (the masked variants: the packed operand's lane mask,
+    grad's folded mask) and causal zero triangles (the skipped spans)."""
+    rng = np.random.default_rng(n * 131 + k * 17 + m + 7 * ta + 3 * tb)
+    pick = lambda x: "zeros" if zeros in (x, "all") else "normal"  # noqa: E731
+    if zeros == "causal":       # scores = q @ k^T backward: grad (n, m) lower triangle
+        a, b = operand(rng, (3, n, k), "normal"), operand(rng, (3, k, m), "normal")
+        g = _causal(rng, (3, n, m), upper=True)
+    else:
+        a, b, g = (operand(rng, (3, n, k), pick("a")), operand(rng, (3, k, m), pick("b")),
+                   operand(rng, (3, n, m), pick("g")))
+    ai, bi = _layouts(a, ta), _layouts(b, tb)
+    gi = g.view(np.int32)
+    fast_a, fast_b, _, _, _ = cpu._grads_plan(a.view(np.int32), b.view(np.int32), gi, 0)
+    assert fast_a and fast_b
+    dl = np.full(a.shape, np.nan, np.float32)
+    dr_t = np.full((3, m, k), np.nan, np.float32).transpose(0, 2, 1)   # written in place
+    dr = np.full(b.shape, np.nan, np.float32)
+    cpu.matmul_exact_grads(ai, None, None, bi, gi, 0, dl, dr_t)
+    cpu.matmul_exact_grads(None, bi.transpose(0, 2, 1), ai.transpose(0, 2, 1), None, gi, 0,
+                           None, dr)                    # at and bt given instead
+    for p in range(3):
+        assert_same_bits(dl[p], ref_grad_left(a[p], b[p], g[p]), f"grad_left batch {p}")
+        assert_same_bits(dr_t[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
+    assert_same_bits(dr, dr_t, "grad_right into a C-contiguous output")
+
+
+@pytest.mark.parametrize("zeros", ["none", "a", "b", "causal"])
+@pytest.mark.parametrize("n, k, m", LAYOUT_SHAPES + [(6, 40, 3)])
+def test_matmul_reads_b_transposed(n, k, m, zeros):
+    """The PAM forward reads b from the transpose of a C-contiguous array (linear: b =
+    weight.t()) as it reads a C-contiguous b: same bits as the reference, batch 2, odd
+    shapes, zeros (masked) and causal probabilities (a with a zero upper triangle: the
+    skipped spans of the 4-row tiles)."""
+    rng = np.random.default_rng(n * 7 + k * 3 + m)
+    a = (_causal(rng, (2, n, k), upper=True) if zeros == "causal" else
+         operand(rng, (2, n, k), "zeros" if zeros == "a" else "normal"))
+    b = operand(rng, (2, k, m), "zeros" if zeros == "b" else "normal")
+    out = np.full((2, n, m), np.nan, np.float32)
+    cpu.matmul(a.view(np.int32), _layouts(b, True), 0, out)
+    for p in range(2):
+        assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
+
+
+def test_grad_right_of_causal_probabilities():
+    """dV of probs @ v with causal probabilities: the packed operand (probs) has a zero
+    lower-left triangle per strip, so each strip's span of live rows is skipped around;
+    batch 2, strips and rows that end mid-tile."""
+    rng = np.random.default_rng(5)
+    n = k = 37
+    m = 20
+    a = _causal(rng, (2, n, k), upper=True)
+    b = operand(rng, (2, k, m), "normal")
+    g = operand(rng, (2, n, m), "normal")
+    dr = np.full(b.shape, np.nan, np.float32)
+    dl = np.full(a.shape, np.nan, np.float32)
+    cpu.matmul_exact_grads(a.view(np.int32), None, None, b.view(np.int32), g.view(np.int32), 0,
+                           dl, dr)
+    for p in range(2):
+        assert_same_bits(dl[p], ref_grad_left(a[p], b[p], g[p]), f"grad_left batch {p}")
+        assert_same_bits(dr[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
+
+
 def test_grad_scratch_reused_across_sizes_and_threads():
     """The per-thread packing scratch (cpu._strip_work): a large call, then a smaller one
     that reuses the bigger buffer, then a masked one that needs more than it; and two

@@ -249,8 +249,9 @@ def test_every_kernel_is_found_and_compiled(compiled):
     entries = {prefix + name for prefix, module in KERNEL_MODULES.items()
                for name, obj in vars(module).items() if callable(obj)}
     assert public <= entries
-    assert {"_matmul_fast", "_matmul_fast_lmul", "_matmul_general", "_grad_left_fast",
-            "_grad_left_general", "_grad_right_fast", "_grad_right_general"} <= set(compiled)
+    assert {"_mm_range", "_pack_range", "_transpose_range", "_matmul_fast_lmul",
+            "_matmul_general", "_grad_range",
+            "_grad_left_general", "_grad_right_general"} <= set(compiled)
     missing = sorted(name for name, sigs in compiled.items() if not sigs)
     assert not missing, (f"kernels never compiled by compile_all_kernels(), extend it so their "
                          f"IR gets checked: {missing}")

@@ -337,3 +337,32 @@ def test_bad_input_errors_name_the_argument():
         pam.mul(x, torch.randn(3, device="meta"))
     with pytest.raises(ValueError, match="a on cpu, b on meta"):
         pam.dispatch.check_same_device(a=x, b=torch.randn(3, device="meta"))
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_linear_reads_weight_in_place_same_bits(leaf, zeros):
+    """pam.linear passes weight.t() to the CPU kernels without a copy and, for a leaf
+    weight, gets its exact gradient as the transpose of a contiguous tensor (so
+    weight.grad is contiguous): output and every gradient have the bits of pam.matmul on
+    contiguous copies of the operands (a 3-D input: batch dimensions folded into rows;
+    zeros: ReLU-like input, the masked kernels)."""
+    torch.manual_seed(3)
+    x0 = torch.randn(2, 7, 19)
+    if zeros:
+        x0 = torch.relu(x0)
+    w0 = torch.randn(21, 19)
+    x = x0.clone().requires_grad_()
+    w_leaf = w0.clone().requires_grad_()
+    w = w_leaf if leaf else w_leaf * 1.0
+    y = pam.linear(x, w)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    xr = x0.clone().requires_grad_()
+    wtr = w0.t().contiguous().requires_grad_()
+    yr = pam.matmul(xr, wtr)
+    yr.backward(g)
+    assert bits_equal(y.detach(), yr.detach())
+    assert bits_equal(x.grad, xr.grad)
+    assert bits_equal(w_leaf.grad, wtr.grad.t())
+    assert w_leaf.grad.is_contiguous()

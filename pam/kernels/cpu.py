@@ -754,28 +754,40 @@ def _matmul_plan(a, b, off, lmul):
 
 
 def _matmul_run(a, b, off, lmul, out):
-    """The range check, then the fast or the general path (PAM or L-Mul products)."""
+    """The range check, then the fast or the general path (PAM or L-Mul products). b may
+    be any strided view: the PAM fast path reads b or its transpose, whichever is
+    C-contiguous (``_layout``); the other paths take a contiguous copy."""
     if out.size == 0:
         return
     if a.shape[2] == 0:
         out[:] = 0.0
         return
-    fast, za, zb = _matmul_plan(a, b, off, lmul)
+    a = np.ascontiguousarray(a)
+    B, tb = _layout(b, None)
+    fast, za, zb = _matmul_plan(a, B, off, lmul)
     if not fast:
-        _matmul_general(a, b, off, lmul, out)
+        _matmul_general(a, _plain(B, tb), off, lmul, out)
     elif not lmul:
-        _matmul_fast(a, b, za or zb, off, _strip_work(b, za or zb), out)
+        masked = za or zb
+        batch, n, k = a.shape
+        m = out.shape[2]
+        xp, mp = _pack(B, tb, k, m, masked)
+        threads.run(_mm_range, batch * -(-n // MM_ROW_BLOCK), batch * n * k * m,
+                    MATMUL_PARALLEL_MIN, a, xp, mp, masked, off, out)
     elif zb:
+        b = _plain(B, tb)
         _matmul_fast_lmul_m(a, b, _zero_mask(b), off, out)
     else:
+        b = _plain(B, tb)
         _matmul_fast_lmul(a, b, b, off, out)
 
 
 def matmul(a, b, off, out):
     """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing.
 
-    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32, all
-    C-contiguous. Bit-identical to accumulating bits.mul_bits products for every input
+    a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32 C-contiguous
+    (a and b may have any strides: the fast path reads b's transpose in place when that is
+    the contiguous one). Bit-identical to accumulating bits.mul_bits products for every input
     (zeros, subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
     k = 0 gives zeros.
     """
@@ -864,18 +876,47 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
             acc[j] += bits.bits_to_f32(np.int32(((bm[j] + c0) & NOT_MANT) + x0[j]))
 
 
-# Exact-backward fast paths: register-blocked micro-kernels (pam.kernels.vec8). One call
-# computes a 2-row x 16-column tile of the output over the whole reduced range, with the four
-# 8-lane accumulators (and the tile's slope constants) held in ymm registers: per product
-# three int32 ops and one float add, no accumulator load/store, no per-call slicing. The
-# operand that varies along the output columns is first packed into 16-column strips
-# (``_pack_strips``: contiguous per reduced index, zero-padded past the last column) so the
-# micro-kernel streams it with unit stride; a strided walk down the unpacked operand
-# (row stride 4 KiB at k = 1024) maps every load to the same L1 set and ran 2.5x slower.
-# Output tiles past the last row or column are computed on padding and not stored. The PAM
-# forward (``_matmul_fast`` below) packs b the same way. The micro-kernels are written for
-# exactly two 8-lane vectors per row (the literal 16 in their loads is STRIP_LANES).
+# Exact-backward and PAM-forward fast paths: register-blocked micro-kernels
+# (pam.kernels.vec8). One call computes a small tile of the output (2 rows x 16 columns for
+# the gradients, 4 x 16 for the forward) over the whole reduced range, its 8-lane
+# accumulators (and the tile's slope constants) held in ymm registers. The operand that
+# varies along the output columns is first packed into 16-column strips (``_pack_range``:
+# contiguous per reduced index, zero-padded past the last column) so the micro-kernel
+# streams it with unit stride; a strided walk down the unpacked operand (row stride 4 KiB
+# at k = 1024) maps every load to the same L1 set and ran 2.5x slower. Output tiles past
+# the last row are computed on copies of the last row and not stored; columns past the
+# last one are computed on padding and not stored.
+#
+# Both exact gradients are one kernel (``_grad_range``): the right gradient, transposed,
+# has the left gradient's form (see ``matmul_exact_grads``). Every operand is read in the
+# layout the caller has (a matrix or its transpose, whichever is C-contiguous: a linear
+# layer's weight is the transpose of its right operand), so no transposed copy is made.
+#
+# Zeros (the masked variants): a product with a zero or subnormal factor must add +0.
+# The factor that is splatted per reduced index (grad's entries for the gradients) is
+# folded into the constants: its NOT_MANT mask and its bits are both 0 where it is not
+# normal, which makes the product 0 at no extra instruction. The packed factor's zero mask
+# costs one vpand per product. Adding +0 never changes an accumulator that started at +0.0
+# (round-to-nearest gives -0 only from -0 + -0), so a reduced range where every product of
+# a tile is +0 is skipped: each tile runs over the span of reduced indices at which its
+# splatted rows or its packed strip hold a normal number (causal attention: about half).
+# The kernels are serial ``nogil`` range kernels split between threads by
+# pam.kernels.threads (parfor lowering doubled their compile time).
 STRIP_LANES = 16
+# Reduced rows of the packed operand per packing task.
+PACK_ROWS = 64
+# Products from which the matmul kernels split their work between threads.
+MATMUL_PARALLEL_MIN = 1 << 17
+# Rows of the PAM forward's output per micro-kernel call, and per task (they share each
+# packed strip).
+MM_TILE_ROWS = 4
+MM_ROW_BLOCK = 16
+
+
+@njit(cache=True, nogil=True)
+def _normal(v):
+    """True when the int32 bit pattern v is a normal number (not zero or subnormal)."""
+    return (v & ABS_MASK) >= MIN_NORMAL
 
 
 @njit(cache=True, nogil=True)
@@ -896,71 +937,135 @@ def _pack_row(xr, xp, mp, u, masked):
         if masked:
             e = mp[q, u]
             for l in range(STRIP_LANES):
-                e[l] = -1 if (d[l] & ABS_MASK) >= MIN_NORMAL else 0
+                e[l] = -1 if _normal(d[l]) else 0
 
 
 @njit(cache=True, nogil=True)
-def _lane_rows(x, off, rows, width):
-    """(rows, width) int32: row r holds ``_mantissa_const`` of x[r] (the slope constants of
-    the output row), zero past x's columns; row r >= x.shape[0] repeats the last row."""
-    y = np.zeros((rows, width), np.int32)
-    for r in range(rows):
-        _mantissa_const(x[min(r, x.shape[0] - 1)], off, y[r, :x.shape[1]])
-    return y
+def _pack_range(x, trans, xp, mp, masked, lo, hi):
+    """Packing tasks lo <= task < hi: the 16-column strips of X (batch, rows, cols) into xp
+    (batch, strips, rows, 16), zero past the last column, and when ``masked`` their zero
+    masks into mp (see ``_pack_row``). X is ``x`` itself, or when ``trans`` its transpose
+    (x is (batch, cols, rows) and is read down its columns). Task p * chunks + c packs rows
+    [PACK_ROWS c, PACK_ROWS (c + 1)) of batch p."""
+    rows = xp.shape[2]
+    cols = x.shape[1] if trans else x.shape[2]
+    chunks = (rows + PACK_ROWS - 1) // PACK_ROWS
+    tail = cols % STRIP_LANES
+    for task in range(lo, hi):
+        p = task // chunks
+        u0 = (task - p * chunks) * PACK_ROWS
+        u1 = min(u0 + PACK_ROWS, rows)
+        if not trans:
+            for u in range(u0, u1):
+                _pack_row(x[p, u], xp[p], mp[p], u, masked)
+            continue
+        for c in range(cols):
+            src = x[p, c, u0:u1]
+            q = c // STRIP_LANES
+            d = xp[p, q, u0:u1, c - q * STRIP_LANES]
+            for u in range(u1 - u0):
+                d[u] = src[u]
+            if masked:
+                e = mp[p, q, u0:u1, c - q * STRIP_LANES]
+                for u in range(u1 - u0):
+                    e[u] = -1 if _normal(src[u]) else 0
+        if tail:
+            q = cols // STRIP_LANES
+            xp[p, q, u0:u1, tail:] = 0
+            if masked:
+                mp[p, q, u0:u1, tail:] = 0
 
 
 @njit(cache=True, nogil=True)
-def _row_masks(x, rows):
-    """(rows, cols) int32 of ``x`` (rows >= x.shape[0]; extra rows repeat the last):
-    -1 where normal, 0 where zero or subnormal."""
-    h = np.empty((rows, x.shape[1]), np.int32)
-    for r in range(rows):
-        xr = x[min(r, x.shape[0] - 1)]
-        for u in range(x.shape[1]):
-            h[r, u] = -1 if (xr[u] & ABS_MASK) >= MIN_NORMAL else 0
-    return h
+def _transpose_range(x, out, lo, hi):
+    """Tasks lo <= task < hi of out[p] = x[p]^T (x: (batch, rows, cols), out: (batch, cols,
+    rows)): task p * blocks + c copies the 16 rows [16 c, 16 c + 16) of x[p], walking them
+    side by side so that each output row gets a full 64-byte line per step while the 16
+    input rows stream sequentially (a walk down x's columns, one 4 KiB-strided load at a
+    time, ran at memory latency)."""
+    rows, cols = x.shape[1], x.shape[2]
+    blocks = (rows + STRIP_LANES - 1) // STRIP_LANES
+    for task in range(lo, hi):
+        p = task // blocks
+        r0 = (task - p * blocks) * STRIP_LANES
+        r1 = min(r0 + STRIP_LANES, rows)
+        for c in range(cols):
+            for r in range(r0, r1):
+                out[p, c, r] = x[p, r, c]
 
 
 @njit(cache=True, nogil=True)
-def _sl_tile(tile, y0, y1, X, M, g0, g1, h0, h1, masked):
-    """tile[r, l] = sum_j f32(((y_r[l] + X[j, l]) & NOT_MANT) + g_r[j]), j increasing, for
-    r = 0, 1 (left-gradient products; y_r: 16 slope constants, X: a packed strip).
+def _strip_span(M):
+    """(lo, hi): the rows of a packed strip's zero mask M (rows, 16) from the first to the
+    last one holding a normal lane ((0, 0) when none does)."""
+    lo = 0
+    hi = M.shape[0]
+    while lo < hi and not M[lo].any():
+        lo += 1
+    while hi > lo and not M[hi - 1].any():
+        hi -= 1
+    return lo, hi
 
-    When ``masked`` each product is anded with M[j, l] (zero mask of X) and h_r[j] (zero
-    mask of g_r): a zero or subnormal factor gives +0, which leaves the sum unchanged."""
+
+@njit(cache=True, nogil=True)
+def _sl_tile(tile, y, r, t0, xp, mp, base, gs, ns, j0, j1, mask_x, mask_g):
+    """tile[u, l] = sum_j f32(((y[r + u, t0 + l] + X[j, l]) & n_u[j]) + g_u[j]) for u = 0, 1,
+    j0 <= j < j1 increasing (exact-gradient products; y: slope constants, X: the packed
+    strip starting at flat index ``base`` of xp (rows of 16), g_u = gs[r + u]: the signed
+    bits of a row of grad). ``mask_g``: n_u = ns[r + u] holds NOT_MANT, or 0 where g_u[j]
+    is zero or subnormal (g_u[j] is then 0 too: the product is +0); otherwise NOT_MANT is
+    used. ``mask_x``: each product is also anded with the packed zero mask in mp. Arrays
+    are read by flat index (no views: a view costs a reference count update)."""
     nm = vec8.splat_i8(NOT_MANT)
-    y00 = vec8.load_i8(y0, 0)
-    y01 = vec8.load_i8(y0, 8)
-    y10 = vec8.load_i8(y1, 0)
-    y11 = vec8.load_i8(y1, 8)
+    w = y.shape[1]
+    y00 = vec8.load_i8(y, r * w + t0)
+    y01 = vec8.load_i8(y, r * w + t0 + 8)
+    y10 = vec8.load_i8(y, (r + 1) * w + t0)
+    y11 = vec8.load_i8(y, (r + 1) * w + t0 + 8)
     s00 = vec8.zero_f8()
     s01 = vec8.zero_f8()
     s10 = vec8.zero_f8()
     s11 = vec8.zero_f8()
-    if masked:
-        for j in range(g0.size):
-            x0 = vec8.load_i8(X, j * 16)
-            x1 = vec8.load_i8(X, j * 16 + 8)
-            m0 = vec8.load_i8(M, j * 16)
-            m1 = vec8.load_i8(M, j * 16 + 8)
-            k0 = vec8.splat_i8(h0[j])
-            k1 = vec8.splat_i8(h1[j])
-            c0 = vec8.splat_i8(g0[j])
-            c1 = vec8.splat_i8(g1[j])
-            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y00, x0), nm), c0), m0), k0))
-            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y01, x1), nm), c0), m1), k0))
-            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y10, x0), nm), c1), m0), k1))
-            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y11, x1), nm), c1), m1), k1))
+    red = gs.shape[1]
+    if mask_x:
+        for j in range(j0, j1):
+            i = base + j * 16
+            x0 = vec8.load_i8(xp, i)
+            x1 = vec8.load_i8(xp, i + 8)
+            m0 = vec8.load_i8(mp, i)
+            m1 = vec8.load_i8(mp, i + 8)
+            k0 = vec8.splat_i8(vec8.get_i32(ns, r * red + j)) if mask_g else nm
+            k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * red + j)) if mask_g else nm
+            c0 = vec8.splat_i8(vec8.get_i32(gs, r * red + j))
+            c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * red + j))
+            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y00, x0), k0), c0), m0))
+            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y01, x1), k0), c0), m1))
+            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y10, x0), k1), c1), m0))
+            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.add_i8(
+                vec8.and_i8(vec8.add_i8(y11, x1), k1), c1), m1))
+    elif mask_g:
+        for j in range(j0, j1):
+            i = base + j * 16
+            x0 = vec8.load_i8(xp, i)
+            x1 = vec8.load_i8(xp, i + 8)
+            k0 = vec8.splat_i8(vec8.get_i32(ns, r * red + j))
+            k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * red + j))
+            c0 = vec8.splat_i8(vec8.get_i32(gs, r * red + j))
+            c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * red + j))
+            s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, x0), k0), c0))
+            s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), k0), c0))
+            s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), k1), c1))
+            s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, x1), k1), c1))
     else:
-        for j in range(g0.size):
-            x0 = vec8.load_i8(X, j * 16)
-            x1 = vec8.load_i8(X, j * 16 + 8)
-            c0 = vec8.splat_i8(g0[j])
-            c1 = vec8.splat_i8(g1[j])
+        for j in range(j0, j1):
+            i = base + j * 16
+            x0 = vec8.load_i8(xp, i)
+            x1 = vec8.load_i8(xp, i + 8)
+            c0 = vec8.splat_i8(vec8.get_i32(gs, r * red + j))
+            c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * red + j))
             s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, x0), nm), c0))
             s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), nm), c0))
             s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), nm), c1))
@@ -972,168 +1077,86 @@ def _sl_tile(tile, y0, y1, X, M, g0, g1, h0, h1, masked):
 
 
 @njit(cache=True, nogil=True)
-def _sr_tile(tile, y0, y1, X, M, c0, c1, h0, h1, masked):
-    """tile[r, l] = sum_i f32(((y_r[l] + c_r[i]) & NOT_MANT) + X[i, l]), i increasing, for
-    r = 0, 1 (right-gradient products; y_r: 16 slope constants, c_r: signed bits of a
-    column of a, X: a packed strip of grad). ``masked``: as in ``_sl_tile``, with M the zero
-    mask of X and h_r that of c_r."""
-    nm = vec8.splat_i8(NOT_MANT)
-    y00 = vec8.load_i8(y0, 0)
-    y01 = vec8.load_i8(y0, 8)
-    y10 = vec8.load_i8(y1, 0)
-    y11 = vec8.load_i8(y1, 8)
-    s00 = vec8.zero_f8()
-    s01 = vec8.zero_f8()
-    s10 = vec8.zero_f8()
-    s11 = vec8.zero_f8()
-    if masked:
-        for i in range(c0.size):
-            x0 = vec8.load_i8(X, i * 16)
-            x1 = vec8.load_i8(X, i * 16 + 8)
-            m0 = vec8.load_i8(M, i * 16)
-            m1 = vec8.load_i8(M, i * 16 + 8)
-            k0 = vec8.splat_i8(h0[i])
-            k1 = vec8.splat_i8(h1[i])
-            a0 = vec8.splat_i8(c0[i])
-            a1 = vec8.splat_i8(c1[i])
-            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y00, a0), nm), x0), m0), k0))
-            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y01, a0), nm), x1), m1), k0))
-            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y10, a1), nm), x0), m0), k1))
-            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y11, a1), nm), x1), m1), k1))
-    else:
-        for i in range(c0.size):
-            x0 = vec8.load_i8(X, i * 16)
-            x1 = vec8.load_i8(X, i * 16 + 8)
-            a0 = vec8.splat_i8(c0[i])
-            a1 = vec8.splat_i8(c1[i])
-            s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, a0), nm), x0))
-            s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, a0), nm), x1))
-            s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, a1), nm), x0))
-            s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, a1), nm), x1))
-    vec8.store_f8(tile, 0, s00)
-    vec8.store_f8(tile, 8, s01)
-    vec8.store_f8(tile, 16, s10)
-    vec8.store_f8(tile, 24, s11)
-
-
-@njit(cache=True, nogil=True)
-def _strips(x, work, masked):
-    """(xp, mp): views of the int32 scratch ``work`` shaped (batch, strips, rows, 16) for
-    packing x (batch, rows, cols), strips = ceil(cols / 16); mp (the zero masks) only when
-    ``masked`` (else it is xp again). ``work`` must hold 2 * xp.size elements (1 * when
-    not masked)."""
-    batch, rows, cols = x.shape
-    shape = (batch, (cols + STRIP_LANES - 1) // STRIP_LANES, rows, STRIP_LANES)
-    size = batch * shape[1] * rows * STRIP_LANES
-    xp = work[:size].reshape(shape)
-    return xp, (work[size:2 * size].reshape(shape) if masked else xp)
-
-
-@njit(cache=True, nogil=True)
-def _pack_strips(x, p, u0, u1, xp, mp, masked):
-    """``_pack_row`` for rows u0 <= u < u1 of x[p]: every 16-column strip q packed into
-    xp[p, q] (rows, 16), zero-padded past the last column, and its zero mask into mp[p, q]
-    when ``masked``. Row by row: a walk down each strip of x would touch a new page per row."""
-    for u in range(u0, u1):
-        _pack_row(x[p, u], xp[p], mp[p], u, masked)
-
-
-@njit(**_JIT)
-def _grad_left_fast(a, bt, grad, masked, off, work, out):
-    """Fast path of ``matmul_exact_grad_left`` (operands in ``_slope_fast_ok``'s range);
-    ``masked``: bt or grad holds zeros or subnormals; ``work``: int32 scratch for the
-    packed strips of bt (see ``_strips``)."""
-    batch, n, k = a.shape
-    m = bt.shape[1]
-    strips = (k + STRIP_LANES - 1) // STRIP_LANES
+def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, lo, hi):
+    """Tasks lo <= task < hi of the exact gradient in left form:
+    out[p, i, t] = sum_j PAM(G[p, i, j], slope(Y[p, i, t], X[p, j, t])), j increasing,
+    slope the exact derivative of PAM w.r.t. its first operand (bits.mul_slope_bits).
+    Y (batch, n, k) is ``y_src`` or, when ``y_trans``, its transpose; G (batch, n, red)
+    is ``g`` or, when ``g_trans``, its transpose; X (batch, red, k) is given packed in
+    xp / mp (``_pack_range``, masks when ``mask_x``: X holds zeros or subnormals);
+    ``mask_g``: G holds zeros or subnormals. Task p * row_blocks + b computes output rows
+    [GRAD_ROW_BLOCK b, GRAD_ROW_BLOCK (b + 1)) of batch p."""
+    strips, red = xp.shape[1], xp.shape[2]
+    n, k = out.shape[1], out.shape[2]
     row_blocks = (n + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
-    xp, mp = _strips(bt, work, masked)
-    chunks = (m + 63) // 64
-    for task in prange(batch * chunks):
-        p = task // chunks
-        u0 = (task - p * chunks) * 64
-        _pack_strips(bt, p, u0, min(u0 + 64, m), xp, mp, masked)
-    for task in prange(batch * row_blocks):
+    y = np.zeros((GRAD_ROW_BLOCK, strips * STRIP_LANES), np.int32)
+    gs = np.empty((GRAD_ROW_BLOCK, red), np.int32)
+    ns = np.empty((GRAD_ROW_BLOCK, red), np.int32)
+    spans = np.empty((GRAD_ROW_BLOCK // 2, 2), np.int64)
+    tile = np.empty((2, STRIP_LANES), np.float32)
+    for task in range(lo, hi):
         p = task // row_blocks
         i0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
         rows = min(i0 + GRAD_ROW_BLOCK, n) - i0
         rows2 = rows + rows % 2
-        y = _lane_rows(a[p, i0:i0 + rows], off, rows2, strips * STRIP_LANES)
-        g = grad[p, i0:i0 + rows]
-        h = _row_masks(g, rows2) if masked else y
-        tile = np.empty((2, STRIP_LANES), np.float32)
+        # Slope constants Mx + off - ONE (Mx: Y's mantissa field, 0 unless normal) and the
+        # splatted rows of G; rows past the last repeat it.
+        if y_trans:
+            for t in range(k):
+                for r in range(rows2):
+                    v = y_src[p, t, i0 + min(r, rows - 1)]
+                    y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
+        else:
+            for r in range(rows2):
+                for t in range(k):
+                    v = y_src[p, i0 + min(r, rows - 1), t]
+                    y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
+        if g_trans:
+            for j in range(red):
+                for r in range(rows2):
+                    gs[r, j] = g[p, j, i0 + min(r, rows - 1)]
+        else:
+            for r in range(rows2):
+                for j in range(red):
+                    gs[r, j] = g[p, i0 + min(r, rows - 1), j]
+        for r in range(0, rows2, 2):
+            j0 = 0
+            j1 = red
+            if mask_g:
+                for rr in range(r, r + 2):
+                    for j in range(red):
+                        live = _normal(gs[rr, j])
+                        ns[rr, j] = NOT_MANT if live else 0
+                        gs[rr, j] = gs[rr, j] if live else 0
+                while j0 < j1 and ns[r, j0] == 0 and ns[r + 1, j0] == 0:
+                    j0 += 1
+                while j1 > j0 and ns[r, j1 - 1] == 0 and ns[r + 1, j1 - 1] == 0:
+                    j1 -= 1
+            spans[r // 2, 0] = j0
+            spans[r // 2, 1] = j1
         for q in range(strips):
             t0 = q * STRIP_LANES
             w = min(STRIP_LANES, k - t0)
+            base = (p * strips + q) * red * STRIP_LANES
+            s0, s1 = _strip_span(mp[p, q]) if mask_x else (0, red)
             for r in range(0, rows, 2):
-                r1 = min(r + 1, rows - 1)
-                _sl_tile(tile, y[r, t0:t0 + STRIP_LANES], y[r + 1, t0:t0 + STRIP_LANES],
-                         xp[p, q], mp[p, q], g[r], g[r1], h[r], h[r + 1], masked)
-                out[p, i0 + r, t0:t0 + w] = tile[0, :w]
-                if r + 1 < rows:
-                    out[p, i0 + r + 1, t0:t0 + w] = tile[1, :w]
-
-
-@njit(**_JIT)
-def _grad_right_fast(at, b, grad, masked, off, work, out):
-    """Fast path of ``matmul_exact_grad_right`` (operands in ``_slope_fast_ok``'s range);
-    ``masked``: at or grad holds zeros or subnormals; ``work``: int32 scratch for the
-    packed strips of grad (see ``_strips``)."""
-    batch, k, n = at.shape
-    m = b.shape[2]
-    strips = (m + STRIP_LANES - 1) // STRIP_LANES
-    row_blocks = (k + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
-    xp, mp = _strips(grad, work, masked)
-    chunks = (n + 63) // 64
-    for task in prange(batch * chunks):
-        p = task // chunks
-        u0 = (task - p * chunks) * 64
-        _pack_strips(grad, p, u0, min(u0 + 64, n), xp, mp, masked)
-    for task in prange(batch * row_blocks):
-        p = task // row_blocks
-        t0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
-        rows = min(t0 + GRAD_ROW_BLOCK, k) - t0
-        rows2 = rows + rows % 2
-        y = _lane_rows(b[p, t0:t0 + rows], off, rows2, strips * STRIP_LANES)
-        A = at[p, t0:t0 + rows]
-        cs = np.empty((rows2, n), np.int32)
-        for r in range(rows2):
-            for i in range(n):
-                ia = np.int64(A[min(r, rows - 1), i])
-                cs[r, i] = _signed_const(ia & ABS_MASK, ia < 0)
-        h = _row_masks(A, rows2) if masked else cs
-        tile = np.empty((2, STRIP_LANES), np.float32)
-        for q in range(strips):
-            j0 = q * STRIP_LANES
-            w = min(STRIP_LANES, m - j0)
-            for r in range(0, rows, 2):
-                _sr_tile(tile, y[r, j0:j0 + STRIP_LANES], y[r + 1, j0:j0 + STRIP_LANES],
-                         xp[p, q], mp[p, q], cs[r], cs[r + 1], h[r], h[r + 1], masked)
-                out[p, t0 + r, j0:j0 + w] = tile[0, :w]
-                if r + 1 < rows:
-                    out[p, t0 + r + 1, j0:j0 + w] = tile[1, :w]
-
-
-# PAM forward fast path: the same register blocking for out = a @ b. One ``_mm_tile`` call
-# computes a 4-row x 16-column tile over the whole reduced index t: eight 8-lane
-# accumulators in registers, per product one int32 add (b's packed strip plus a's splatted
-# constant) and one float add. Rows past the last are computed on copies of the last row
-# and not stored. (The L-Mul forward keeps the accumulator-row loops above.)
-MM_TILE_ROWS = 4
-# Rows of a per parallel task of the PAM forward fast path (they share each packed strip).
-MM_ROW_BLOCK = 16
+                j0 = max(s0, spans[r // 2, 0])
+                j1 = max(j0, min(s1, spans[r // 2, 1]))
+                _sl_tile(tile, y, r, t0, xp, mp, base, gs, ns, j0, j1, mask_x, mask_g)
+                for u in range(min(2, rows - r)):
+                    for l in range(w):
+                        out[p, i0 + r + u, t0 + l] = tile[u, l]
 
 
 @njit(cache=True, nogil=True)
-def _mm_tile(tile, X, M, c0, c1, c2, c3, h0, h1, h2, h3, masked):
-    """tile[r, l] = sum_t f32(X[t, l] + c_r[t]), t increasing, for r = 0..3 (X: a packed
-    strip of b, c_r: the int32 constants |bits(a)| - ONE + off (+2^31 for negative a) of a
-    row of a). When ``masked`` each product is anded with M[t, l] (zero mask of X) and
-    h_r[t] (zero mask of a's row): a zero or subnormal factor gives +0."""
+def _mm_tile(tile, xp, mp, base, cs, h, r, t0, t1, masked):
+    """tile[u, l] = sum_t f32(X[t, l] + cs[r + u, t]), t0 <= t < t1 increasing, for
+    u = 0..3 (X: the packed strip of b starting at flat index ``base`` of xp, rows of 16;
+    cs[r + u]: the int32 constants |bits(a)| - ONE + off (+2^31 for negative a) of a row
+    of a). When ``masked`` each product is anded with the packed zero mask of X (in mp) and
+    h[r + u, t] (zero mask of a's row): a zero or subnormal factor gives +0. Arrays are
+    read by flat index (no views)."""
+    k = cs.shape[1]
     s00 = vec8.zero_f8()
     s01 = vec8.zero_f8()
     s10 = vec8.zero_f8()
@@ -1143,41 +1166,43 @@ def _mm_tile(tile, X, M, c0, c1, c2, c3, h0, h1, h2, h3, masked):
     s30 = vec8.zero_f8()
     s31 = vec8.zero_f8()
     if masked:
-        for t in range(c0.size):
-            x0 = vec8.load_i8(X, t * 16)
-            x1 = vec8.load_i8(X, t * 16 + 8)
-            m0 = vec8.load_i8(M, t * 16)
-            m1 = vec8.load_i8(M, t * 16 + 8)
-            a = vec8.splat_i8(c0[t])
-            k = vec8.splat_i8(h0[t])
-            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
-            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
-            a = vec8.splat_i8(c1[t])
-            k = vec8.splat_i8(h1[t])
-            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
-            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
-            a = vec8.splat_i8(c2[t])
-            k = vec8.splat_i8(h2[t])
-            s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
-            s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
-            a = vec8.splat_i8(c3[t])
-            k = vec8.splat_i8(h3[t])
-            s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), k))
-            s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), k))
+        for t in range(t0, t1):
+            i = base + t * 16
+            x0 = vec8.load_i8(xp, i)
+            x1 = vec8.load_i8(xp, i + 8)
+            m0 = vec8.load_i8(mp, i)
+            m1 = vec8.load_i8(mp, i + 8)
+            a = vec8.splat_i8(vec8.get_i32(cs, r * k + t))
+            z = vec8.splat_i8(vec8.get_i32(h, r * k + t))
+            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
+            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
+            a = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * k + t))
+            z = vec8.splat_i8(vec8.get_i32(h, (r + 1) * k + t))
+            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
+            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
+            a = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * k + t))
+            z = vec8.splat_i8(vec8.get_i32(h, (r + 2) * k + t))
+            s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
+            s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
+            a = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * k + t))
+            z = vec8.splat_i8(vec8.get_i32(h, (r + 3) * k + t))
+            s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
+            s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
     else:
-        for t in range(c0.size):
-            x0 = vec8.load_i8(X, t * 16)
-            x1 = vec8.load_i8(X, t * 16 + 8)
-            a = vec8.splat_i8(c0[t])
+        for t in range(t0, t1):
+            i = base + t * 16
+            x0 = vec8.load_i8(xp, i)
+            x1 = vec8.load_i8(xp, i + 8)
+            a = vec8.splat_i8(vec8.get_i32(cs, r * k + t))
             s00 = vec8.fadd_bits(s00, vec8.add_i8(x0, a))
             s01 = vec8.fadd_bits(s01, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(c1[t])
+            a = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * k + t))
             s10 = vec8.fadd_bits(s10, vec8.add_i8(x0, a))
             s11 = vec8.fadd_bits(s11, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(c2[t])
+            a = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * k + t))
             s20 = vec8.fadd_bits(s20, vec8.add_i8(x0, a))
             s21 = vec8.fadd_bits(s21, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(c3[t])
+            a = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * k + t))
             s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, a))
             s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, a))
     vec8.store_f8(tile, 0, s00)
@@ -1190,42 +1215,54 @@ def _mm_tile(tile, X, M, c0, c1, c2, c3, h0, h1, h2, h3, masked):
     vec8.store_f8(tile, 56, s31)
 
 
-@njit(**_JIT)
-def _matmul_fast(a, b, masked, off, work, out):
-    """PAM fast path of ``matmul`` (operands in ``_fast_ok``'s range); ``masked``: a or b
-    holds zeros or subnormals; ``work``: int32 scratch for the packed strips of b (see
-    ``_strips``)."""
-    batch, n, k = a.shape
-    m = b.shape[2]
-    strips = (m + STRIP_LANES - 1) // STRIP_LANES
+@njit(cache=True, nogil=True)
+def _mm_range(a, xp, mp, masked, off, out, lo, hi):
+    """Tasks lo <= task < hi of the PAM forward fast path: out[p, i, j] = sum_t
+    PAM(a[p, i, t], b[p, t, j]), t increasing, with b given packed in xp / mp
+    (``_pack_range``; masks when ``masked``: a or b holds zeros or subnormals). Task
+    p * row_blocks + b computes output rows [MM_ROW_BLOCK b, MM_ROW_BLOCK (b + 1)) of
+    batch p."""
+    n, k = a.shape[1], a.shape[2]
+    strips, m = xp.shape[1], out.shape[2]
     row_blocks = (n + MM_ROW_BLOCK - 1) // MM_ROW_BLOCK
-    xp, mp = _strips(b, work, masked)
-    chunks = (k + 63) // 64
-    for task in prange(batch * chunks):
-        p = task // chunks
-        u0 = (task - p * chunks) * 64
-        _pack_strips(b, p, u0, min(u0 + 64, k), xp, mp, masked)
-    for task in prange(batch * row_blocks):
+    cs = np.empty((MM_ROW_BLOCK, k), np.int32)
+    h = np.empty((MM_ROW_BLOCK, k), np.int32)
+    spans = np.empty((MM_ROW_BLOCK // MM_TILE_ROWS, 2), np.int64)
+    tile = np.empty((MM_TILE_ROWS, STRIP_LANES), np.float32)
+    for task in range(lo, hi):
         p = task // row_blocks
         i0 = (task - p * row_blocks) * MM_ROW_BLOCK
         rows = min(i0 + MM_ROW_BLOCK, n) - i0
         rows4 = rows + (-rows) % MM_TILE_ROWS
-        A = a[p, i0:i0 + rows]
-        cs = np.empty((rows4, k), np.int32)
         for r in range(rows4):
+            src = a[p, i0 + min(r, rows - 1)]
             for t in range(k):
-                ia = np.int64(A[min(r, rows - 1), t])
+                ia = np.int64(src[t])
                 cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
-        h = _row_masks(A, rows4) if masked else cs
-        tile = np.empty((MM_TILE_ROWS, STRIP_LANES), np.float32)
+                h[r, t] = -1 if _normal(src[t]) else 0
+        for r in range(0, rows4, MM_TILE_ROWS):
+            t0 = 0
+            t1 = k
+            if masked:
+                while t0 < t1 and (h[r, t0] | h[r + 1, t0] | h[r + 2, t0] | h[r + 3, t0]) == 0:
+                    t0 += 1
+                while t1 > t0 and (h[r, t1 - 1] | h[r + 1, t1 - 1] | h[r + 2, t1 - 1]
+                                   | h[r + 3, t1 - 1]) == 0:
+                    t1 -= 1
+            spans[r // MM_TILE_ROWS, 0] = t0
+            spans[r // MM_TILE_ROWS, 1] = t1
         for q in range(strips):
             j0 = q * STRIP_LANES
             w = min(STRIP_LANES, m - j0)
+            base = (p * strips + q) * k * STRIP_LANES
+            s0, s1 = _strip_span(mp[p, q]) if masked else (0, k)
             for r in range(0, rows, MM_TILE_ROWS):
-                _mm_tile(tile, xp[p, q], mp[p, q], cs[r], cs[r + 1], cs[r + 2], cs[r + 3],
-                         h[r], h[r + 1], h[r + 2], h[r + 3], masked)
+                t0 = max(s0, spans[r // MM_TILE_ROWS, 0])
+                t1 = max(t0, min(s1, spans[r // MM_TILE_ROWS, 1]))
+                _mm_tile(tile, xp, mp, base, cs, h, r, t0, t1, masked)
                 for u in range(min(MM_TILE_ROWS, rows - r)):
-                    out[p, i0 + r + u, j0:j0 + w] = tile[u, :w]
+                    for l in range(w):
+                        out[p, i0 + r + u, j0 + l] = tile[u, l]
 
 
 @njit(cache=True, nogil=True)
@@ -1246,41 +1283,129 @@ def _grads_plan(a, b, grad, off):
 _WORK = threading.local()
 
 
-def _strip_work(x, masked):
-    """Per-thread int32 scratch for the packed strips of x (and their masks when
-    ``masked``), see ``_strips``. Kept and reused across calls (grown when too small): a
-    fresh multi-MB array costs its page faults on every call (2.4 ms per 4 MB here, as
-    much as packing it), so each thread holds the largest one it has needed."""
-    batch, rows, cols = x.shape
-    size = batch * rows * (-(-cols // STRIP_LANES) * STRIP_LANES) * (2 if masked else 1)
+def _strip_work(batch, rows, cols, masked):
+    """Per-thread int32 scratch for the packed 16-column strips of a (batch, rows, cols)
+    matrix (and their masks when ``masked``), as the views (xp, mp) of ``_pack_range``;
+    mp is xp again when not ``masked``. The buffer is kept and reused across calls (grown
+    when too small): a fresh multi-MB array costs its page faults on every call (2.4 ms per
+    4 MB here, as much as packing it), so each thread holds the largest one it has needed."""
+    shape = (batch, -(-cols // STRIP_LANES), rows, STRIP_LANES)
+    size = batch * shape[1] * rows * STRIP_LANES
     work = getattr(_WORK, "strips", None)
-    if work is None or work.size < size:
-        work = _WORK.strips = np.empty(max(size, 1), np.int32)
-    return work
+    if work is None or work.size < 2 * size:
+        work = _WORK.strips = np.empty(max(2 * size, 1), np.int32)
+    xp = work[:size].reshape(shape)
+    return xp, (work[size:2 * size].reshape(shape) if masked else xp)
+
+
+def _scratch(name, shape, dtype):
+    """A per-thread scratch array of ``shape`` (contents undefined), kept and reused across
+    calls under ``name`` (grown when too small) for the reason given in ``_strip_work``."""
+    size = int(np.prod(shape))
+    buf = getattr(_WORK, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1), dtype)
+        setattr(_WORK, name, buf)
+    return buf[:size].reshape(shape)
+
+
+def _pack(x, trans, rows, cols, masked):
+    """The packed strips (xp, mp) of X (batch, rows, cols): x, or when ``trans`` x is
+    X's transpose (see ``_pack_range``)."""
+    batch = x.shape[0]
+    xp, mp = _strip_work(batch, rows, cols, masked)
+    threads.run(_pack_range, batch * -(-rows // PACK_ROWS), batch * rows * cols,
+                MATMUL_PARALLEL_MIN, x, trans, xp, mp, masked)
+    return xp, mp
+
+
+def _layout(x, xt):
+    """(arr, trans): a C-contiguous int32 array holding the 3-D matrix X given as ``x``
+    (any strides, or None) or as its transpose ``xt``: X itself (trans False) or X's
+    transpose (trans True), whichever is contiguous already; a contiguous copy of X only
+    when neither is."""
+    if x is None:
+        arr, trans = _layout(xt, None)
+        return arr, not trans
+    if x.flags.c_contiguous:
+        return x, False
+    if x.transpose(0, 2, 1).flags.c_contiguous:
+        return x.transpose(0, 2, 1), True
+    return np.ascontiguousarray(x), False
+
+
+def _plain(arr, trans):
+    """The matrix given by ``_layout``'s (arr, trans) as a C-contiguous array."""
+    return np.ascontiguousarray(arr.transpose(0, 2, 1)) if trans else arr
+
+
+def _grad_tiles(y_src, y_trans, x_src, x_trans, g, g_trans, mask_x, mask_g, off, out):
+    """``_grad_range`` over all of ``out`` (batch, n, k): X (batch, red, k) packed from
+    ``x_src`` (transposed when ``x_trans``), then the row blocks split between threads."""
+    batch, n, k = out.shape
+    red = x_src.shape[2] if x_trans else x_src.shape[1]
+    xp, mp = _pack(x_src, x_trans, red, k, mask_x)
+    if y_trans:           # row blocks read Y's rows: transpose it once, blocked
+        yt = y_src
+        y_src = _scratch("y", (batch, n, k), np.int32)
+        threads.run(_transpose_range, batch * -(-k // STRIP_LANES), yt.size,
+                    MATMUL_PARALLEL_MIN, yt, y_src)
+        y_trans = False
+    if g_trans:           # likewise G (its rows are copied per row block)
+        gt = g
+        g = _scratch("g", (batch, n, red), np.int32)
+        threads.run(_transpose_range, batch * -(-red // STRIP_LANES), gt.size,
+                    MATMUL_PARALLEL_MIN, gt, g)
+        g_trans = False
+    threads.run(_grad_range, batch * -(-n // GRAD_ROW_BLOCK), batch * n * k * red,
+                MATMUL_PARALLEL_MIN, y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g,
+                off, out)
 
 
 def matmul_exact_grads(a, bt, at, b, grad, off, out_a, out_b):
     """Both exact gradients of ``matmul`` (``matmul_exact_grad_left`` into ``out_a`` and
     ``matmul_exact_grad_right`` into ``out_b``) with one range scan of the operands and
-    the output gradient for the two: a (or its transpose at) and b (or bt) are scanned
-    once, grad once. Pass None for an output not wanted; the operand only it needs (bt
-    for out_a, at for out_b) may then be None too. Same bits as the two functions."""
+    the output gradient for the two. Each operand may be given either way: a (batch, n, k)
+    or its transpose at, b (batch, k, m) or its transpose bt (pass None for the other),
+    with any strides; the fast path reads whichever of the two layouts is C-contiguous, so
+    a linear layer's a = x and bt = weight are read in place. ``out_b`` may be the
+    transpose of a C-contiguous array (then written in place, row by row of b^T). Pass None
+    for an output not wanted. Same bits as the two functions."""
     want_a = out_a is not None and out_a.size > 0
     want_b = out_b is not None and out_b.size > 0
     if not (want_a or want_b):
         return
-    fast_a, fast_b, za, zb, zg = _grads_plan(a if a is not None else at,
-                                             b if b is not None else bt, grad, off)
+    A, ta = _layout(a, at)                       # A: a, or at when ta
+    B, tb = _layout(b, bt)                       # B: b, or bt when tb
+    grad = np.ascontiguousarray(grad)
+    fast_a, fast_b, za, zb, zg = _grads_plan(A, B, grad, off)
     if want_a:
-        if fast_a:
-            _grad_left_fast(a, bt, grad, zb or zg, off, _strip_work(bt, zb or zg), out_a)
+        o = out_a if out_a.flags.c_contiguous else np.empty(out_a.shape, np.float32)
+        if fast_a:     # out_a[i, t] = sum_j f(a[i, t], bt[j, t], grad[i, j])
+            _grad_tiles(A, ta, B, not tb, grad, False, zb, zg, off, o)
         else:
-            _grad_left_general(a, bt, grad, off, out_a)
+            _grad_left_general(_plain(A, ta), _plain(B, not tb), grad, off, o)
+        if o is not out_a:
+            out_a[...] = o
     if want_b:
-        if fast_b:
-            _grad_right_fast(at, b, grad, za or zg, off, _strip_work(grad, za or zg), out_b)
+        if fast_b:     # out_b^T[j, t] = sum_i f(bt[j, t], a[i, t], grad[i, j]): left form
+            o = out_b.transpose(0, 2, 1)
+            if o.flags.c_contiguous:
+                _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off, o)
+                return
+            o = _scratch("out", o.shape, np.float32)
+            _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off, o)
+            if out_b.flags.c_contiguous:            # blocked transpose of the bit patterns
+                threads.run(_transpose_range, o.shape[0] * -(-o.shape[1] // STRIP_LANES),
+                            o.size, MATMUL_PARALLEL_MIN, o.view(np.int32),
+                            out_b.view(np.int32))
+                return
+            o = o.transpose(0, 2, 1)
         else:
-            _grad_right_general(at, b, grad, off, out_b)
+            o = out_b if out_b.flags.c_contiguous else np.empty(out_b.shape, np.float32)
+            _grad_right_general(_plain(A, not ta), _plain(B, tb), grad, off, o)
+        if not np.may_share_memory(o, out_b):          # computed into a scratch array
+            out_b[...] = o
 
 
 def matmul_exact_grad_left(a, bt, grad, off, out):

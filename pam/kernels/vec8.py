@@ -16,7 +16,8 @@ C-contiguous int32 / float32 array (no bounds check: the caller guarantees
 ``and_i8``: lane-wise wrapping int32 add / bitwise and; ``zero_f8()``: eight +0.0;
 ``fadd_bits(acc, v)``: ``acc + v`` with ``v``'s lanes read as float32 bit patterns;
 ``store_f8(a, i, v)``: write ``v`` to ``a.flat[i:i + 8]`` (float32, same contract as
-``load_f8``).
+``load_f8``); ``get_i32(a, i)``: the int32 scalar ``a.flat[i]`` (same contract, for
+splat operands read by flat index without taking a view).
 """
 from llvmlite import ir
 from numba.core import types
@@ -109,6 +110,19 @@ def store_f8(typingctx, a, i, v):
 
 
 @intrinsic
+def get_i32(typingctx, a, i):
+    """The int32 element a.flat[i] (unchecked: no bounds check, no negative-index wrap)."""
+    if not (_is_c_array(a, types.int32) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        index = context.cast(builder, args[1], sig.args[1], types.intp)
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.load(builder.gep(data, [index]))
+    return types.int32(a, i), codegen
+
+
+@intrinsic
 def splat_i8(typingctx, x):
     """Eight copies of the integer x truncated to int32."""
     if not isinstance(x, types.Integer):
@@ -163,5 +177,5 @@ def fadd_bits(typingctx, acc, v):
     return F8(acc, v), codegen
 
 
-__all__ = ["I8", "F8", "load_i8", "load_f8", "store_f8", "splat_i8", "add_i8", "and_i8",
-           "zero_f8", "fadd_bits"]
+__all__ = ["I8", "F8", "load_i8", "load_f8", "store_f8", "get_i32", "splat_i8", "add_i8",
+           "and_i8", "zero_f8", "fadd_bits"]
