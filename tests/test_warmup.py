@@ -109,3 +109,24 @@ def test_train_goes_on_when_the_warm_up_fails(monkeypatch, capsys):
     monkeypatch.setattr(warmup, "warm", broken)
     cli._warm_kernels()
     assert "warm-up failed" in capsys.readouterr().err
+
+
+def test_partition_keeps_code_groups_together():
+    """Kernels sharing compiled helpers (one code_group) land in one process's list, and
+    the lists stay within the heaviest group of each other."""
+    entries = warmup.load_manifest()
+    bins = warmup.partition(entries, 2)
+    assert sorted(e["name"] for b in bins for e in b) == sorted(e["name"] for e in entries)
+    where = {}
+    for i, b in enumerate(bins):
+        for e in b:
+            assert where.setdefault(warmup.code_group(e), i) == i, e["name"]
+    groups = {}
+    for e in entries:
+        groups[warmup.code_group(e)] = groups.get(warmup.code_group(e), 0.0) + e["seconds"]
+    loads = [sum(e["seconds"] for e in b) for b in bins]
+    assert max(loads) - min(loads) <= max(groups.values())
+    assert warmup.code_group({"module": "cpu_rows", "name": "_layer_norm_forward_rows_wb"}) \
+        == warmup.code_group({"module": "cpu_rows", "name": "_column_sums"})
+    assert warmup.code_group({"module": "cpu", "name": "_mm_range"}) \
+        != warmup.code_group({"module": "cpu", "name": "_softmax_forward_rows"})
