@@ -1077,13 +1077,13 @@ def _sl_tile(tile, y, r, t0, xp, mp, base, gs, ns, j0, j1, mask_x, mask_g):
 
 
 @njit(cache=True, nogil=True)
-def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, lo, hi):
+def _grad_range(y_src, g, xp, mp, mask_x, mask_g, off, out, lo, hi):
     """Tasks lo <= task < hi of the exact gradient in left form:
     out[p, i, t] = sum_j PAM(G[p, i, j], slope(Y[p, i, t], X[p, j, t])), j increasing,
     slope the exact derivative of PAM w.r.t. its first operand (bits.mul_slope_bits).
-    Y (batch, n, k) is ``y_src`` or, when ``y_trans``, its transpose; G (batch, n, red)
-    is ``g`` or, when ``g_trans``, its transpose; X (batch, red, k) is given packed in
-    xp / mp (``_pack_range``, masks when ``mask_x``: X holds zeros or subnormals);
+    Y (batch, n, k) is ``y_src`` and G (batch, n, red) is ``g``, read row by row (a
+    transposed operand is transposed once by ``_grad_tiles``); X (batch, red, k) is given
+    packed in xp / mp (``_pack_range``, masks when ``mask_x``: X holds zeros or subnormals);
     ``mask_g``: G holds zeros or subnormals. Task p * row_blocks + b computes output rows
     [GRAD_ROW_BLOCK b, GRAD_ROW_BLOCK (b + 1)) of batch p."""
     strips, red = xp.shape[1], xp.shape[2]
@@ -1101,24 +1101,13 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, lo
         rows2 = rows + rows % 2
         # Slope constants Mx + off - ONE (Mx: Y's mantissa field, 0 unless normal) and the
         # splatted rows of G; rows past the last repeat it.
-        if y_trans:
+        for r in range(rows2):
             for t in range(k):
-                for r in range(rows2):
-                    v = y_src[p, t, i0 + min(r, rows - 1)]
-                    y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
-        else:
-            for r in range(rows2):
-                for t in range(k):
-                    v = y_src[p, i0 + min(r, rows - 1), t]
-                    y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
-        if g_trans:
+                v = y_src[p, i0 + min(r, rows - 1), t]
+                y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
+        for r in range(rows2):
             for j in range(red):
-                for r in range(rows2):
-                    gs[r, j] = g[p, j, i0 + min(r, rows - 1)]
-        else:
-            for r in range(rows2):
-                for j in range(red):
-                    gs[r, j] = g[p, i0 + min(r, rows - 1), j]
+                gs[r, j] = g[p, i0 + min(r, rows - 1), j]
         for r in range(0, rows2, 2):
             j0 = 0
             j1 = red
@@ -1350,16 +1339,13 @@ def _grad_tiles(y_src, y_trans, x_src, x_trans, g, g_trans, mask_x, mask_g, off,
         y_src = _scratch("y", (batch, n, k), np.int32)
         threads.run(_transpose_range, batch * -(-k // STRIP_LANES), yt.size,
                     MATMUL_PARALLEL_MIN, yt, y_src)
-        y_trans = False
     if g_trans:           # likewise G (its rows are copied per row block)
         gt = g
         g = _scratch("g", (batch, n, red), np.int32)
         threads.run(_transpose_range, batch * -(-red // STRIP_LANES), gt.size,
                     MATMUL_PARALLEL_MIN, gt, g)
-        g_trans = False
     threads.run(_grad_range, batch * -(-n // GRAD_ROW_BLOCK), batch * n * k * red,
-                MATMUL_PARALLEL_MIN, y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g,
-                off, out)
+                MATMUL_PARALLEL_MIN, y_src, g, xp, mp, mask_x, mask_g, off, out)
 
 
 def matmul_exact_grads(a, bt, at, b, grad, off, out_a, out_b):
