@@ -19,12 +19,14 @@ import os
 from numba.core import caching
 
 _PAM = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The cached kernel files, and the files whose code they compile (the scalar definitions
-# and each other's kernels: cpu_conv compiles helpers of cpu, cpu_xent kernels of cpu_rows).
+# The cached kernel files, and the files whose code they compile (the scalar definitions,
+# the vec8 intrinsics and each other's kernels: cpu_conv compiles helpers of cpu, cpu_xent
+# kernels of cpu_rows).
 _KERNELS = (("kernels", "cpu.py"), ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py"),
             ("kernels", "cpu_xent.py"))
 DEFINITIONS = tuple(os.path.join(_PAM, *p) for p in (
-    ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("xent_bits.py",)) + _KERNELS)
+    ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("xent_bits.py",),
+    ("kernels", "vec8.py")) + _KERNELS)
 KERNEL_FILES = frozenset(os.path.normcase(os.path.join(_PAM, *p)) for p in _KERNELS)
 
 
