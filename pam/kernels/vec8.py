@@ -59,10 +59,24 @@ class _F8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _VF)
 
 
-def _lanes_pointer(context, builder, aryty, ary, index, vecty):
-    """Pointer to the vector at flat element ``index`` of the C-contiguous array ``ary``."""
-    data = context.make_array(aryty)(context, builder, ary).data
-    return builder.bitcast(builder.gep(data, [index]), vecty.as_pointer())
+def _element_pointer(context, builder, sig, args):
+    """Pointer to element ``args[1]`` (any integer type) of the flat C-contiguous array
+    ``args[0]``: the addressing every accessor below shares."""
+    index = context.cast(builder, args[1], sig.args[1], types.intp)
+    data = context.make_array(sig.args[0])(context, builder, args[0]).data
+    return builder.gep(data, [index])
+
+
+def _lanes_pointer(context, builder, sig, args, vecty):
+    """The pointer of ``_element_pointer`` as a pointer to an 8-lane vector."""
+    return builder.bitcast(_element_pointer(context, builder, sig, args), vecty.as_pointer())
+
+
+def _load_lanes(vecty):
+    """Codegen of an unchecked 8-lane load at flat index ``args[1]`` of ``args[0]``."""
+    def codegen(context, builder, sig, args):
+        return builder.load(_lanes_pointer(context, builder, sig, args, vecty), align=4)
+    return codegen
 
 
 def _is_c_array(a, dtype):
@@ -74,12 +88,7 @@ def load_i8(typingctx, a, i):
     """Eight int32 elements a.flat[i:i + 8] (unchecked)."""
     if not (_is_c_array(a, types.int32) and isinstance(i, types.Integer)):
         return None
-
-    def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
-        return builder.load(_lanes_pointer(context, builder, sig.args[0], args[0], index, _VI),
-                            align=4)
-    return I8(a, i), codegen
+    return I8(a, i), _load_lanes(_VI)
 
 
 @intrinsic
@@ -87,12 +96,7 @@ def load_f8(typingctx, a, i):
     """Eight float32 elements a.flat[i:i + 8] (unchecked)."""
     if not (_is_c_array(a, types.float32) and isinstance(i, types.Integer)):
         return None
-
-    def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
-        return builder.load(_lanes_pointer(context, builder, sig.args[0], args[0], index, _VF),
-                            align=4)
-    return F8(a, i), codegen
+    return F8(a, i), _load_lanes(_VF)
 
 
 @intrinsic
@@ -102,9 +106,7 @@ def store_f8(typingctx, a, i, v):
         return None
 
     def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
-        builder.store(args[2], _lanes_pointer(context, builder, sig.args[0], args[0], index, _VF),
-                      align=4)
+        builder.store(args[2], _lanes_pointer(context, builder, sig, args, _VF), align=4)
         return context.get_dummy_value()
     return types.none(a, i, v), codegen
 
@@ -116,9 +118,7 @@ def get_i32(typingctx, a, i):
         return None
 
     def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        return builder.load(builder.gep(data, [index]))
+        return builder.load(_element_pointer(context, builder, sig, args))
     return types.int32(a, i), codegen
 
 
