@@ -6,6 +6,8 @@ Public entry points:
     NonDeterministicBlockError, GridRangeError
     quant               the 2^-l fixed-point grid helpers (to_grid, from_grid, pack_bits, ...)
 """
+import pam  # noqa: F401  (before torch: sets OMP_WAIT_POLICY, see pam.kernels.threads)
+
 from . import quant
 from .quant import GridRangeError
 from .reversible import ForwardRecord, NonDeterministicBlockError, ReversibleStack

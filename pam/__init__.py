@@ -8,9 +8,11 @@ for bit across devices.
 import os as _os
 import sys as _sys
 
-if "torch" not in _sys.modules:
-    # Numba's and torch's OpenMP thread pools spin-wait and starve each other; a passive
-    # wait makes small PAM kernel calls ~50x cheaper. Only effective before torch loads.
+_TORCH_LOADED_FIRST = "torch" in _sys.modules
+if not _TORCH_LOADED_FIRST:
+    # torch's OpenMP threads spin-wait after each parallel op, on the cores pam's kernel
+    # threads need (pam.kernels.threads); a passive wait leaves those cores free. Only
+    # effective before torch loads: otherwise the first split kernel warns once.
     _os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from .ops import (BACKWARD_MODES, div, exp, exp2, linear, log, log2, matmul, mul, pow,
@@ -21,6 +23,9 @@ from .families import FAMILIES, FORMATS
 from .mode import arithmetic, UnsupportedOpError
 from .mode import compile  # noqa: A004 (torch.compile for pam.arithmetic)
 from .nn.convert import convert
+from .kernels import threads as _threads
+
+_threads.note_openmp_wait(_TORCH_LOADED_FIRST)
 
 __version__ = "0.1.0"
 

@@ -117,3 +117,64 @@ def test_a_forked_child_starts_its_own_workers():
 
 def _noop(lo, hi):
     pass
+
+
+@pytest.mark.parametrize("first,environ,risk", [
+    (True, {}, True),
+    (True, {"OMP_WAIT_POLICY": "ACTIVE"}, True),
+    (True, {"OMP_WAIT_POLICY": " Passive "}, False),
+    (True, {"GOMP_SPINCOUNT": "1000"}, False),
+    (True, {"KMP_BLOCKTIME": "0"}, False),
+    (False, {}, False),
+])
+def test_spin_wait_risk_needs_torch_first_and_no_wait_setting(first, environ, risk):
+    saved = threads._SPIN_RISK
+    try:
+        assert threads.note_openmp_wait(first, environ) is risk
+        assert threads._SPIN_RISK is risk
+    finally:
+        threads._SPIN_RISK = saved
+
+
+def test_the_spin_wait_warning_is_shown_once_and_only_for_split_work(monkeypatch):
+    import torch
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    monkeypatch.setattr(threads, "_SPIN_RISK", True)
+    old = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(2)
+    torch.set_num_threads(2)
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            threads.run(lambda lo, hi: None, 8, 10, 100)        # one part: no warning
+        with pytest.warns(threads.SpinWaitWarning, match="OMP_WAIT_POLICY=passive"):
+            threads.run(lambda lo, hi: None, 8, 100, 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            threads.run(lambda lo, hi: None, 8, 100, 10)        # shown once
+        threads._SPIN_RISK = True
+        torch.set_num_threads(1)                               # no torch threads to spin
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            threads.run(lambda lo, hi: None, 8, 100, 10)
+    finally:
+        numba.set_num_threads(old[0])
+        torch.set_num_threads(old[1])
+
+
+@pytest.mark.parametrize("order,risk", [("torch, pam", True), ("pam, torch", False)])
+def test_import_order_sets_the_spin_wait_flag(order, risk):
+    """A fresh interpreter without OMP_WAIT_POLICY: pam imported first sets it (passive);
+    torch imported first leaves the risk flagged for the warning."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    code = (f"import {order}, os, pam.kernels.threads as t; "
+            "print(t._SPIN_RISK, os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == [str(risk), "None" if risk else "passive"]

@@ -22,6 +22,12 @@ raw ``pam.dispatch.launch`` of the 1-element ``mul`` kernel, and ``torch.mul`` f
 then ``pam.mul`` of 16 elements (no grad, and with an input that requires grad: through
 autograd) and ``pam.matmul`` of two 8x8 matrices (no grad).
 
+Both sides run under ``OMP_WAIT_POLICY=passive`` (as ``import pam`` sets it), which PAM's
+kernel threads need (pam.kernels.threads) and which slows torch's float step a little: a
+float-only user keeps OpenMP's default wait. So the float step is also timed in a child
+process under the default policy (float steps only, right after; ``--no-default-wait``
+skips it), and the table gives the PAM step against that baseline too.
+
 The GPT models' PAM side is also run compiled (``pam.compile(model, backend="inductor",
 fullgraph=True)``: a copy with the same weights and its own optimizer, interleaved with the
 others); reported: its step time against the eager PAM and the float step, the first
@@ -43,7 +49,8 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+if not os.environ.get("BENCH_STEP_DEFAULT_WAIT"):   # set for the float-baseline child
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -271,6 +278,26 @@ def bench_model(name, steps, warmup, compiled=True):
                 launches_per_step=lc.count)
 
 
+def bench_float(name, steps, warmup):
+    """The float side alone: median step time (s) of ``steps`` steps after ``warmup``."""
+    fside, _ = MODELS[name][1]()
+    for _ in range(warmup):
+        _timed_step(*fside)
+    return statistics.median(sum(_timed_step(*fside)) for _ in range(steps))
+
+
+def float_default_wait(names, steps, warmup, threads):
+    """{model: float step (s)} measured in a child process with OMP_WAIT_POLICY removed
+    from its environment (torch's OpenMP default wait)."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["BENCH_STEP_DEFAULT_WAIT"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--float-only", "--models", *names,
+           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _median_call(fn, n):
     times = []
     for _ in range(n):
@@ -337,6 +364,11 @@ def print_table(rows, launch):
     print(f"launch overhead (1-element operands, median): pam.mul {launch['pam_mul_us']:.1f} us, "
           f"pam.mul(x, 3.0) {launch['pam_mul_scalar_us']:.1f} us, raw dispatch.launch "
           f"{launch['raw_launch_us']:.1f} us, torch.mul {launch['torch_mul_us']:.1f} us")
+    waits = [r for r in rows if "float_default_wait_step_s" in r]
+    if waits:
+        print("float step under OpenMP's default wait (own process, float only): " + ", ".join(
+            f"{r['model']} {_ms(r['float_default_wait_step_s']).strip()} ms (PAM / that "
+            f"{r['ratio_default_wait']:.2f}x)" for r in waits))
     if "pam_matmul8_us" in launch:
         print(f"small ops (median): pam.mul of 16 elements {launch['pam_mul16_us']:.1f} us "
               f"(no grad) / {launch['pam_mul16_grad_us']:.1f} us (input requires grad), "
@@ -351,6 +383,9 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the compiled PAM column (models: " + ", ".join(COMPILED) + ")")
+    ap.add_argument("--no-default-wait", action="store_true",
+                    help="skip the float baseline under OpenMP's default wait policy")
+    ap.add_argument("--float-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "bench_step.json"))
     args = ap.parse_args(argv)
     if args.warmup < 1 and not args.no_compile:
@@ -359,11 +394,20 @@ def main(argv=None):
     import numba
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    if args.float_only:                       # the child of float_default_wait
+        print(json.dumps({name: bench_float(name, args.steps, args.warmup)
+                          for name in args.models}))
+        return None
     t0 = time.perf_counter()
     rows = []
     for name in args.models:
         rows.append(bench_model(name, args.steps, args.warmup, not args.no_compile))
         print(f"  {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    if not args.no_default_wait:
+        base = float_default_wait(args.models, args.steps, args.warmup, args.threads)
+        for r in rows:
+            r["float_default_wait_step_s"] = base[r["model"]]
+            r["ratio_default_wait"] = r["pam_step_s"] / base[r["model"]]
     launch = bench_launch()
     print_table(rows, launch)
     print_compiled(rows)

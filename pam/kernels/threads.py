@@ -15,15 +15,58 @@ The thread count is ``numba.get_num_threads()`` in the calling thread (so
 ``numba.set_num_threads`` and ``NUMBA_NUM_THREADS`` apply as they did to ``prange``), capped
 at the number of items. Work below ``parallel_min`` elements (the caller's measure of size)
 runs in the calling thread in one part: waking threads costs more than it saves there.
+
+torch's OpenMP threads. With OpenMP's default wait policy, torch's worker threads keep
+spinning for milliseconds after each parallel torch op, on the cores these kernel threads
+need: a small GPT's training step (validation/bench_step.py's gpt_small, 2 cores) took
+532 ms instead of 282 ms. ``import pam`` sets ``OMP_WAIT_POLICY=passive`` when torch is
+not loaded yet; when torch was imported first, the policy is fixed already, and the first
+call that splits its work warns once (:class:`SpinWaitWarning`) naming the two fixes.
 """
 import os
 import queue
+import sys
 import threading
+import warnings
 
 import numba
 
 _LOCK = threading.Lock()
 _WORKERS = []                       # one job queue per started worker thread
+_SPIN_RISK = False                  # see note_openmp_wait
+
+
+class SpinWaitWarning(RuntimeWarning):
+    """torch's OpenMP threads spin-wait on the cores pam's kernel threads need."""
+
+
+def note_openmp_wait(torch_loaded_first, environ=None):
+    """Record, at ``import pam``, whether torch's OpenMP threads may spin-wait: torch was
+    loaded before pam (so pam could not set the policy) and the environment sets neither
+    ``OMP_WAIT_POLICY=passive`` nor a spin limit (``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``).
+    Returns that flag."""
+    global _SPIN_RISK
+    environ = os.environ if environ is None else environ
+    passive = environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+    limited = "GOMP_SPINCOUNT" in environ or "KMP_BLOCKTIME" in environ
+    _SPIN_RISK = bool(torch_loaded_first) and not passive and not limited
+    return _SPIN_RISK
+
+
+def _warn_spin_wait():
+    """Once per process: the SpinWaitWarning, when torch runs more than one thread."""
+    global _SPIN_RISK
+    _SPIN_RISK = False
+    torch = sys.modules.get("torch")
+    if torch is None or torch.get_num_threads() <= 1:
+        return
+    warnings.warn(
+        "pam's CPU kernels are splitting their work over threads, but torch was imported "
+        "before pam without OMP_WAIT_POLICY=passive: after every parallel torch op, "
+        "torch's OpenMP threads spin-wait for milliseconds on the cores pam's threads "
+        "need (a small GPT's training step ran 1.9x slower on 2 cores). Start Python with "
+        "OMP_WAIT_POLICY=passive in the environment, or import pam before torch. "
+        "(Shown once.)", SpinWaitWarning, stacklevel=3)
 
 
 def _work(jobs):
@@ -86,6 +129,8 @@ def run(kernel, items, size, parallel_min, *args):
     ranges = parts(items, numba.get_num_threads())
     if len(ranges) == 1:
         return kernel(*args, 0, items)
+    if _SPIN_RISK:
+        _warn_spin_wait()
     done = queue.SimpleQueue()
     for jobs, (lo, hi) in zip(_queues(len(ranges) - 1), ranges[1:]):
         jobs.put((kernel, (*args, lo, hi), done))
