@@ -79,6 +79,37 @@ def test_gelu_blocks_and_thread_parts_equal_composite(threads):
     assert _same(gx, xc.grad)
 
 
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+def test_gelu_finite_blocks_equal_composite(backward):
+    """Blocks without inf / NaN run the kernels' shorter finite terms: edge values (zeros,
+    subnormals, the largest floats, knots, x - k landing near the smallest normal, tiny
+    and huge gradients) in finite blocks, next to a block holding a NaN, same bits."""
+    from pam.kernels import cpu
+    tiny = float(F32.tiny)
+    edge = [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, tiny, -tiny, 2 * tiny, F32.max,
+            -F32.max, 1e30, -1e30] + list(GELU_KNOTS)
+    edge += [k + d for k in GELU_KNOTS for d in (tiny, 1e-7, -1e-7, 2.0 ** -20)]
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.tensor(edge, dtype=torch.float32),
+                   torch.rand(2 * cpu.GELU_BLOCK, generator=g) * 12 - 6])
+    grad = torch.randn(x.shape, generator=g)
+    grad[:8] = torch.tensor([0.0, -0.0, 1e-45, -1e-40, tiny, -tiny, float(F32.max),
+                             -float(F32.max)])
+    grad[8:200] = grad[8:200] * 1e-37                       # products flush to zero
+    x[-5] = np.nan                                          # the last block: general terms
+    xf = x.clone().requires_grad_()
+    xc = x.clone().requires_grad_()
+    yf = pam.nn.functional.gelu(xf, backward=backward)
+    yc = gelu_composite(xc, backward=backward)
+    assert _same(yf, yc)
+    yf.backward(grad)
+    yc.backward(grad)
+    assert _same(xf.grad, xc.grad)
+    first = slice(0, cpu.GELU_BLOCK)                       # a finite block, both inputs
+    assert cpu._finite_bits(x[first].view(torch.int32).numpy())
+    assert cpu._finite_bits(grad[first].view(torch.int32).numpy())
+
+
 def test_gelu_one_launch_per_pass(monkeypatch):
     calls = []
     orig = pam.dispatch.launch

@@ -1720,6 +1720,9 @@ def adamw_unbiased_table(addresses, sizes, decay, c1, c2, k_step, eps_s, off, sq
 # bits as bits.mul_bits in int32 lanes) and the sums run in a float32 block buffer. The
 # loops index slices of the block from 0: an index lo + i with a runtime lo carries Numba's
 # negative-index wraparound, which made LLVM load the elements one by one (2.2-2.6x slower).
+# A block with no inf / NaN in its inputs (the usual case) runs shorter terms that drop
+# the cases which cannot occur there (see _gelu_term_finite): 1.8x (forward) and 2.1x
+# (backward) faster at 1 thread on a (16, 64, 512) activation, same bits.
 GELU_BLOCK = 4096
 
 
@@ -1731,25 +1734,68 @@ def _check_gelu_slopes(slopes):
                              "magnitude <= 1")
 
 
+@register_jitable(forceinline=True)
+def _finite_bits(v):
+    """True when no int32 bit pattern in v is an inf or a NaN (a max reduction)."""
+    worst = np.int32(0)
+    for i in range(v.size):
+        worst = max(worst, np.int32(v[i] & np.int32(ABS_MASK)))
+    return worst < np.int32(INF)
+
+
+@register_jitable(forceinline=True)
+def _gelu_term_finite(xi, k, ed, sd):
+    """rows_bits.gelu_term_bits for a finite x (float32 ``xi``) and a power-of-two slope
+    change (``pow2_parts``): r = relu(x - k) is finite and not negative, so PAM(r, d) is
+    sign(d) 0 below the smallest normal and bits(r) + ed with d's sign otherwise (the
+    inf / NaN / sign cases of mul_pow2_bits cannot occur)."""
+    t = xi - k
+    r = t if t > np.float32(0.0) else np.float32(0.0)
+    mag = np.int32(bits.f32_to_bits(r) + ed)
+    return bits.bits_to_f32(sd if mag < np.int32(MIN_NORMAL) else np.int32(mag | sd))
+
+
+@register_jitable(forceinline=True)
+def _gelu_grad_term_finite(xi, gi, k, ed, sd):
+    """_gelu_grad_term for a finite x and a finite gradient bit pattern ``gi`` (no NaN
+    r, no inf / NaN g: mul_pow2_bits is a signed add with the flush to zero)."""
+    sign = np.int32((gi ^ sd) & np.int32(bits.SIGN))
+    mag = np.int32(np.int32(gi & np.int32(ABS_MASK)) + ed)
+    t = sign if mag < np.int32(MIN_NORMAL) else np.int32(mag | sign)
+    return bits.bits_to_f32(t if xi - k > np.float32(0.0) else np.int32(0))
+
+
 @njit(cache=True, nogil=True)
 def _gelu_forward_block(x, knots, slopes, out, lo, hi, acc):
     """out[lo:hi] of gelu_forward; ``acc``: float32 scratch of at least hi - lo elements
-    (the block's sums, one buffer per part rather than one allocation per block)."""
-    xs = x[lo:hi].view(np.float32)
+    (the block's sums, one buffer per part rather than one allocation per block). A
+    block without inf / NaN runs the shorter finite terms (same bits)."""
+    xb = x[lo:hi]
+    xs = xb.view(np.float32)
     kf = knots.view(np.float32)
     ys = out[lo:hi]
     m = hi - lo
+    finite = _finite_bits(xb)
     ed, sd = rows_bits.pow2_parts(slopes[0])
     k = kf[0]
-    for i in range(m):
-        r = rows_bits._relu_f32(xs[i] - k)
-        acc[i] = bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed, sd))
+    if finite:
+        for i in range(m):
+            acc[i] = _gelu_term_finite(xs[i], k, ed, sd)
+    else:
+        for i in range(m):
+            r = rows_bits._relu_f32(xs[i] - k)
+            acc[i] = bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed, sd))
     for j in range(1, knots.size):
         ed, sd = rows_bits.pow2_parts(slopes[j])
         k = kf[j]
-        for i in range(m):
-            r = rows_bits._relu_f32(xs[i] - k)
-            acc[i] += bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed, sd))
+        if finite:
+            for i in range(m):
+                acc[i] += _gelu_term_finite(xs[i], k, ed, sd)
+        else:
+            for i in range(m):
+                r = rows_bits._relu_f32(xs[i] - k)
+                acc[i] += bits.bits_to_f32(rows_bits.mul_pow2_bits(bits.f32_to_bits(r), ed,
+                                                                   sd))
     for i in range(m):
         ys[i] = bits.f32_to_bits(acc[i])
 
@@ -1765,23 +1811,33 @@ def _gelu_grad_term(xi, gi, k, ed, sd, exact):
 
 @njit(cache=True, nogil=True)
 def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi, acc):
-    """out[lo:hi] of gelu_backward; ``acc`` as for _gelu_forward_block."""
-    xs = x[lo:hi].view(np.float32)
+    """out[lo:hi] of gelu_backward; ``acc`` as for _gelu_forward_block (finite terms
+    when neither x nor grad holds an inf / NaN in the block; ``exact`` then plays no
+    part)."""
+    xb = x[lo:hi]
+    xs = xb.view(np.float32)
     gs = grad[lo:hi]
     kf = knots.view(np.float32)
     ys = out[lo:hi]
     m = hi - lo
     n = knots.size
-    ed, sd = rows_bits.pow2_parts(slopes[n - 1])
-    k = kf[n - 1]
-    for i in range(m):
-        acc[i] = bits.bits_to_f32(_gelu_grad_term(xs[i], gs[i], k, ed, sd, exact))
-    for jj in range(1, n):
+    finite = _finite_bits(xb) and _finite_bits(gs)
+    for jj in range(n):
         ed, sd = rows_bits.pow2_parts(slopes[n - 1 - jj])
         k = kf[n - 1 - jj]
-        for i in range(m):
-            acc[i] += bits.bits_to_f32(_gelu_grad_term(xs[i], gs[i], k, ed, sd,
-                                                       exact))
+        if finite and jj == 0:
+            for i in range(m):
+                acc[i] = _gelu_grad_term_finite(xs[i], gs[i], k, ed, sd)
+        elif finite:
+            for i in range(m):
+                acc[i] += _gelu_grad_term_finite(xs[i], gs[i], k, ed, sd)
+        elif jj == 0:
+            for i in range(m):
+                acc[i] = bits.bits_to_f32(_gelu_grad_term(xs[i], gs[i], k, ed, sd, exact))
+        else:
+            for i in range(m):
+                acc[i] += bits.bits_to_f32(_gelu_grad_term(xs[i], gs[i], k, ed, sd,
+                                                           exact))
     for i in range(m):
         ys[i] = bits.f32_to_bits(acc[i])
 
