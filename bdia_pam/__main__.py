@@ -1,7 +1,7 @@
-"""``python -m bdia_pam``: the ``bdia-pam`` command."""
+"""``python -m bdia_pam``: the ``bdia-pam`` command (:mod:`bdia_pam._entry`)."""
 import sys
 
-from .cli import main
+from ._entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from . import checkpoint as ckpt
 from .data import TASKS, DataError, load_task
@@ -346,7 +346,7 @@ def _open_out(out: str, resume_dir: str | None):
     return lock
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, warmup_workers=None) -> int:
     d = dist_from_env()
     try:
         mc, tc, data, resume, out = prepare_train(args, d)
@@ -359,17 +359,23 @@ def cmd_train(args) -> int:
         lock = _open_out(out, args.resume)
     try:
         if mc.arithmetic != "float" and tc.device == "cpu" and d.world == 1:
-            _warm_kernels()
+            _warm_kernels(warmup_workers)
+        elif warmup_workers is not None:     # started before the arguments were parsed
+            warmup_workers.kill()
         return _run_train(args, d, mc, tc, data, resume, out)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _warm_kernels() -> None:
+def _warm_kernels(workers=None) -> None:
     """Compile the CPU kernels in parallel on the first run after an install or an update
-    (pam.kernels.warmup; skipped at once on later runs, or with PAM_WARMUP=0)."""
+    (pam.kernels.warmup; skipped at once on later runs, or with PAM_WARMUP=0). ``workers``:
+    warm-up workers the ``bdia-pam`` command started before it loaded torch
+    (bdia_pam._entry), waited for instead of starting new ones."""
     if os.environ.get("PAM_WARMUP", "1") == "0":
+        if workers is not None:
+            workers.kill()
         return
     from pam.kernels import warmup
 
@@ -377,7 +383,7 @@ def _warm_kernels() -> None:
         print(f"compiling the PAM kernels for the first run ({n} processes; cached for later "
               f"runs)...", file=sys.stderr, flush=True)
     try:
-        res = warmup.warm(announce=announce, workload="bdia-pam train")
+        res = warmup.warm(announce=announce, workload="bdia-pam train", workers=workers)
     except RuntimeError as e:          # a worker failed: the kernels compile lazily instead
         print(f"kernel warm-up failed, compiling on first use instead: {e}", file=sys.stderr,
               flush=True)
@@ -480,11 +486,13 @@ def _evaluate(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, warmup_workers=None) -> int:
+    """The ``bdia-pam`` command on ``argv``; ``warmup_workers``: kernel warm-up workers
+    already started for it (bdia_pam._entry, the installed command's entry point)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            return cmd_train(args)
+            return cmd_train(args, warmup_workers)
         return cmd_evaluate(args)
     except (CLIError, DataError, ckpt.CheckpointError) as e:
         print(f"bdia-pam: error: {e}", file=sys.stderr)

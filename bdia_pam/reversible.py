@@ -33,7 +33,7 @@ multiply or divide is issued by the stack's own code (blocks run whatever they r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn

@@ -59,23 +59,35 @@ def test_recorder_sees_outermost_compilations_only():
     assert rec.entries == []
 
 
-def test_warm_fills_the_cache_then_skips(tmp_path):
-    """In a fresh cache: warm() compiles two kernels, one in its own process and one in a
-    worker; a new process then loads both from the cache (no compilation) and a second
-    warm() is skipped."""
+def _tiny_warm_run(tmp_path):
+    """run(mode) in a fresh process on a fresh cache, with a two-kernel manifest: "warm"
+    (warm() with 2 processes), "early" (the two workers started first, loaded by file path
+    as bdia-pam's launcher does, then handed to warm()), "call" (call both kernels: their
+    [cache hits, compilations])."""
     manifest = tmp_path / "manifest.json"
     i32 = ["array", "int32", 1, "C", False]
     manifest.write_text(json.dumps(dict(kernels=[
         dict(module="cpu", name=name, args=[i32, i32, "int64", i32], seconds=1.0,
              workloads=["test"]) for name in ("mul", "div")])))
+    pam_dir = os.path.join(ROOT, "pam")
     script = textwrap.dedent(f"""
-        import json, sys, types
-        pkg = types.ModuleType("pam"); pkg.__path__ = [{os.path.join(ROOT, "pam")!r}]
+        import importlib.util, json, sys, types
+        if sys.argv[1] == "early":      # the launcher's way: pam not imported yet
+            spec = importlib.util.spec_from_file_location(
+                "ww", {os.path.join(pam_dir, "kernels", "warm_worker.py")!r})
+            ww = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(ww)
+            workers = ww.spawn({pam_dir!r}, {str(manifest)!r}, "test", 2, range(2))
+            assert "pam" not in sys.modules and "numba" not in sys.modules
+        pkg = types.ModuleType("pam"); pkg.__path__ = [{pam_dir!r}]
         sys.modules["pam"] = pkg
         import numpy as np
         from pam.kernels import cpu, warmup
         if sys.argv[1] == "warm":
             print(json.dumps(warmup.warm(processes=2, manifest={str(manifest)!r})))
+        elif sys.argv[1] == "early":
+            print(json.dumps(warmup.warm(manifest={str(manifest)!r}, workload="test",
+                                         workers=workers)))
         else:
             a = np.arange(4, dtype=np.int32)
             stats = {{}}
@@ -91,11 +103,28 @@ def test_warm_fills_the_cache_then_skips(tmp_path):
         out = subprocess.run([sys.executable, "-c", script, mode], env=env, cwd=tmp_path,
                              capture_output=True, text=True, check=True)
         return json.loads(out.stdout.split("\n")[-2])
+    return run
 
+
+def test_warm_fills_the_cache_then_skips(tmp_path):
+    """In a fresh cache: warm() compiles two kernels, one in its own process and one in a
+    worker; a new process then loads both from the cache (no compilation) and a second
+    warm() is skipped."""
+    run = _tiny_warm_run(tmp_path)
     first = run("warm")
     assert not first["skipped"] and first["processes"] == 2 and first["kernels"] == 2
     assert run("call") == dict(mul=[1, 0], div=[1, 0])      # [cache hits, compilations]
     assert run("warm")["skipped"]
+
+
+def test_workers_started_before_pam_loads_fill_the_cache(tmp_path):
+    """The launcher's order: both workers start from the standard library alone, then
+    warm() only waits for them and writes the marker; the kernels load from the cache."""
+    run = _tiny_warm_run(tmp_path)
+    first = run("early")
+    assert not first["skipped"] and first["processes"] == 2 and first["kernels"] == 2
+    assert run("call") == dict(mul=[1, 0], div=[1, 0])
+    assert run("early")["skipped"]
 
 
 def test_train_goes_on_when_the_warm_up_fails(monkeypatch, capsys):
@@ -130,3 +159,47 @@ def test_partition_keeps_code_groups_together():
         == warmup.code_group({"module": "cpu_rows", "name": "_column_sums"})
     assert warmup.code_group({"module": "cpu", "name": "_mm_range"}) \
         != warmup.code_group({"module": "cpu", "name": "_softmax_forward_rows"})
+
+
+@pytest.mark.parametrize("argv,environ,wanted", [
+    (["train"], {}, True),
+    (["train", "--steps", "3", "--arithmetic", "pam_matmul"], {}, True),
+    (["train", "--arithmetic", "float"], {}, False),
+    (["train", "--arithmetic=float"], {}, False),
+    (["train", "--device", "cuda"], {}, False),
+    (["train", "--help"], {}, False),
+    (["evaluate", "run"], {}, False),
+    ([], {}, False),
+    (["train"], {"PAM_WARMUP": "0"}, False),
+    (["train"], {"WORLD_SIZE": "2"}, False),
+])
+def test_the_command_starts_workers_only_for_cpu_pam_training(argv, environ, wanted):
+    from bdia_pam import _entry
+    assert _entry.wants_warmup(argv, environ) is wanted
+
+
+def test_the_command_starts_its_workers_before_torch_loads(tmp_path):
+    """bdia_pam._entry starts one worker per core without importing torch or pam."""
+    code = ("import sys, bdia_pam._entry as e; w = e.start_warmup(['train']); "
+            "print(len(w.procs), 'torch' in sys.modules, 'pam' in sys.modules); w.kill()")
+    env = dict(os.environ, PAM_WARMUP="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("WORLD_SIZE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == [str(warmup.warm_worker.cores()), "False", "False"]
+
+
+def test_training_that_needs_no_kernels_stops_the_workers(tmp_path, monkeypatch):
+    """Workers started for a run that turns out to train in float are killed at once."""
+    from bdia_pam import cli
+
+    class Workers:
+        killed = 0
+
+        def kill(self):
+            Workers.killed += 1
+    monkeypatch.setenv("PAM_WARMUP", "1")
+    rc = cli.main(["train", "--arithmetic", "float", "--depth", "1", "--width", "16",
+                   "--heads", "2", "--batch-size", "8", "--no-progress", "--steps", "1",
+                   "--out", str(tmp_path / "run")], warmup_workers=Workers())
+    assert rc == 0 and Workers.killed == 1

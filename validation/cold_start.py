@@ -69,7 +69,7 @@ def _child(out_json, train_args):
 
     event.register("numba:compile", Listener())
     t_import = time.perf_counter()
-    from bdia_pam.cli import main
+    from bdia_pam._entry import main          # the installed command's entry point
     from pam.kernels import warmup
     import_s = time.perf_counter() - t_import
     with warmup.Recorder() as recorded, tempfile.TemporaryDirectory() as out:

@@ -22,22 +22,23 @@ every entry still names a kernel with that many arguments).
 
 A marker file in the kernels' cache folder, named after the definitions digest and the
 entries, records a finished warm-up, so later runs skip it (``warm`` returns at once).
-Workers import :mod:`pam.kernels` without torch or the rest of :mod:`pam`.
+Workers (:mod:`pam.kernels.warm_worker`) import :mod:`pam.kernels` without torch or the
+rest of :mod:`pam`; a launcher may start them before it loads torch and hand them to
+:func:`warm` (``bdia-pam``, see :mod:`bdia_pam._entry`).
 """
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 
 from numba.core import event, types
 
-from . import _cache, cpu, cpu_conv, cpu_rows, cpu_xent
+from . import _cache, cpu, cpu_conv, cpu_rows, cpu_xent, warm_worker
 
 MODULES = {"cpu": cpu, "cpu_conv": cpu_conv, "cpu_rows": cpu_rows, "cpu_xent": cpu_xent}
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_manifest.json")
-_PAM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCALARS = {t.name: t for t in (types.boolean, types.int8, types.int16, types.int32,
                                 types.int64, types.uint8, types.uint32, types.uint64,
@@ -198,62 +199,52 @@ def _marker(entries):
     return os.path.join(cpu.mul._cache._cache_path, f"pam-warm-{h.hexdigest()[:24]}")
 
 
-_WORKER = ("import json, sys, types\n"
-           "pkg = types.ModuleType('pam'); pkg.__path__ = [sys.argv[1]]\n"
-           "sys.modules['pam'] = pkg\n"
-           "from pam.kernels import warmup\n"
-           "warmup.compile_entries(json.loads(sys.stdin.read()))\n")
+def compile_part(manifest, workload, part, parts, force=False):
+    """Compile list ``part`` of :func:`partition`'s ``parts`` lists of the manifest's
+    entries for ``workload`` (what a worker does); nothing when the marker shows that this
+    warm-up already ran, unless ``force``. Returns the number of entries compiled."""
+    entries = load_manifest(manifest, workload)
+    if not force and os.path.exists(_marker(entries)):
+        return 0
+    return compile_entries(partition(entries, parts)[part])
 
 
-def _cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:                          # not on Linux
-        return os.cpu_count() or 1
-
-
-def warm(processes=None, manifest=MANIFEST, force=False, announce=None, workload=None):
+def warm(processes=None, manifest=MANIFEST, force=False, announce=None, workload=None,
+         workers=None):
     """Compile the manifest's kernels (those of ``workload`` when given, e.g.
     ``"bdia-pam train"``) into Numba's cache in ``processes`` parallel compilers (default:
     one per core available to this process): this process and ``processes - 1`` workers.
+    ``workers``: a :class:`pam.kernels.warm_worker.Workers` already compiling every part
+    of this manifest and workload (started by a launcher before it loaded torch): this
+    process then compiles nothing itself and waits for them.
 
     Returns {"skipped": bool, "seconds": wall time, "processes": n compilers, "kernels":
     number of entries}. Skipped (at once) when a marker shows this warm-up already ran for
-    these definitions, unless ``force``; ``announce(n)`` is called before the ``n``
-    compilers start (e.g. to tell the user). A worker that fails raises RuntimeError with its error output; the kernels
-    then still compile lazily on first call. An interrupt (Ctrl-C) kills the workers and
-    leaves no marker.
+    these definitions, unless ``force``; ``announce(n)`` is called before waiting for the
+    ``n`` compilers (e.g. to tell the user). A worker that fails raises RuntimeError with
+    its error output; the kernels then still compile lazily on first call. An interrupt
+    (Ctrl-C) kills the workers and leaves no marker; so does any error here.
     """
     t0 = time.perf_counter()
     entries = load_manifest(manifest, workload)
     marker = _marker(entries)
-    n = max(1, min(processes or _cores(), len(entries)))
-    if os.path.exists(marker) and not force:
-        return dict(skipped=True, seconds=time.perf_counter() - t0, processes=0,
-                    kernels=len(entries))
-    if announce is not None:
-        announce(n)
-    workers = []
-    errors = []
-    parts = partition(entries, n)
     try:
-        for part in parts[1:]:
-            proc = subprocess.Popen([sys.executable, "-c", _WORKER, _PAM_DIR],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-            workers.append(proc)
-            proc.stdin.write(json.dumps(part))
-            proc.stdin.close()
-        compile_entries(parts[0])
-        for proc in workers:
-            err = proc.stderr.read()
-            if proc.wait() != 0:
-                errors.append(err[-2000:])
+        if os.path.exists(marker) and not force:
+            return dict(skipped=True, seconds=time.perf_counter() - t0, processes=0,
+                        kernels=len(entries))
+        if workers is None:
+            n = max(1, min(processes or warm_worker.cores(), len(entries)))
+            own = partition(entries, n)[0]
+            workers = warm_worker.spawn(PAM_DIR, manifest, workload, n, range(1, n), force)
+        else:
+            n, own = workers.parts, []
+        if announce is not None:
+            announce(n)
+        compile_entries(own)
+        errors = workers.wait()
     finally:
-        for proc in workers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        if workers is not None:
+            workers.kill()
     if errors:
         raise RuntimeError("kernel warm-up worker failed:\n" + "\n".join(errors))
     os.makedirs(os.path.dirname(marker), exist_ok=True)
