@@ -6,13 +6,13 @@ On a fresh install the first ``bdia-pam train`` compiles the PAM CPU kernels
 seconds of one core, so the compiler processes start first, from here, with the standard
 library only (:mod:`pam.kernels.warm_worker` is loaded by file path, pam itself is not
 imported), and compile while the command loads; the training waits for them before its
-first step, and later runs find the warm-up's marker and skip it (each worker then exits
-within about half a second). The workers start for ``train`` unless its arguments say the
-kernels are not needed (``--arithmetic float``, ``--device cuda``, ``--help``), the
-environment sets ``PAM_WARMUP=0`` or the launch is distributed (``WORLD_SIZE`` > 1), as
-:func:`bdia_pam.cli.cmd_train` decides for the warm-up itself; a ``--resume`` whose
-checkpoint trains in float stops them unused. Ctrl-C, an error, or a run that does not
-wait for them kills them; an interrupted warm-up leaves no marker.
+first step. Later runs find the warm-up's marker and start no worker. The workers start
+for ``train`` unless its arguments say the kernels are not needed (``--arithmetic float``,
+``--device cuda``, ``--help``), the environment sets ``PAM_WARMUP=0`` or the launch is
+distributed (``WORLD_SIZE`` > 1), as :func:`bdia_pam.cli.cmd_train` decides for the
+warm-up itself; a ``--resume`` whose checkpoint trains in float stops them unused.
+Ctrl-C, an error, or a run that does not wait for them kills them; an interrupted warm-up
+leaves no marker.
 """
 import importlib.util
 import os
@@ -61,9 +61,11 @@ def start_warmup(argv):
     loader = importlib.util.spec_from_file_location("_pam_warm_worker", path)
     worker = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(worker)
+    manifest = os.path.join(pam_dir, "kernels", "warm_manifest.json")
+    if os.path.exists(worker.marker_path(pam_dir, manifest, WORKLOAD)):
+        return None                                      # the warm-up already ran
     parts = worker.cores()
-    return worker.spawn(pam_dir, os.path.join(pam_dir, "kernels", "warm_manifest.json"),
-                        WORKLOAD, parts, range(parts))
+    return worker.spawn(pam_dir, manifest, WORKLOAD, parts, range(parts))
 
 
 def main(argv=None):

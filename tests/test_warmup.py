@@ -178,15 +178,26 @@ def test_the_command_starts_workers_only_for_cpu_pam_training(argv, environ, wan
     assert _entry.wants_warmup(argv, environ) is wanted
 
 
-def test_the_command_starts_its_workers_before_torch_loads(tmp_path):
-    """bdia_pam._entry starts one worker per core without importing torch or pam."""
+def test_the_command_starts_its_workers_before_torch_loads(tmp_path, monkeypatch):
+    """bdia_pam._entry starts one worker per core without importing torch or pam; once
+    the warm-up's marker exists, it starts none."""
     code = ("import sys, bdia_pam._entry as e; w = e.start_warmup(['train']); "
-            "print(len(w.procs), 'torch' in sys.modules, 'pam' in sys.modules); w.kill()")
-    env = dict(os.environ, PAM_WARMUP="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+            "print(w and len(w.procs), 'torch' in sys.modules, 'pam' in sys.modules); "
+            "w and w.kill()")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    env = dict(os.environ, PAM_WARMUP="1")
     env.pop("WORLD_SIZE", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.split()
-    assert out == [str(warmup.warm_worker.cores()), "False", "False"]
+
+    def launch():
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120, check=True).stdout.split()
+    assert launch() == [str(warmup.warm_worker.cores()), "False", "False"]
+    marker = warmup.warm_worker.marker_path(warmup.PAM_DIR, warmup.MANIFEST, "bdia-pam train")
+    assert os.path.dirname(marker) == str(tmp_path / "cache")
+    assert marker != warmup.warm_worker.marker_path(warmup.PAM_DIR, warmup.MANIFEST)
+    os.makedirs(os.path.dirname(marker))
+    open(marker, "w").close()
+    assert launch() == ["None", "False", "False"]
 
 
 def test_training_that_needs_no_kernels_stops_the_workers(tmp_path, monkeypatch):

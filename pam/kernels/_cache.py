@@ -12,42 +12,24 @@ and adds the SHA-256 of every definition file to the source stamp, so a change t
 them recompiles every kernel on first use. :func:`install` puts it first in Numba's locator
 list; it applies only to functions defined in this package's kernel files.
 """
-import functools
-import hashlib
 import os
 
 from numba.core import caching
 
+from . import warm_worker
+
 _PAM = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The cached kernel files, and the files whose code they compile (the scalar definitions,
-# the vec8 intrinsics and each other's kernels: cpu_conv compiles helpers of cpu, cpu_xent
-# kernels of cpu_rows).
-_KERNELS = (("kernels", "cpu.py"), ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py"),
-            ("kernels", "cpu_xent.py"))
-DEFINITIONS = tuple(os.path.join(_PAM, *p) for p in (
-    ("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("xent_bits.py",),
-    ("kernels", "vec8.py")) + _KERNELS)
-KERNEL_FILES = frozenset(os.path.normcase(os.path.join(_PAM, *p)) for p in _KERNELS)
+# The cached kernel files, and the files whose code they compile (the list lives in the
+# torch- and Numba-free pam.kernels.warm_worker, which the warm-up marker needs too).
+DEFINITIONS = tuple(os.path.join(_PAM, *p) for p in warm_worker.DEFINITION_FILES)
+KERNEL_FILES = frozenset(os.path.normcase(os.path.join(_PAM, *p))
+                         for p in warm_worker.KERNEL_FILES)
 
 
 def definitions_digest():
-    """SHA-256 over the contents of :data:`DEFINITIONS`, re-read when a file's modification
-    time or size changes (a file edited while a process runs changes the stamp of the
-    kernels that process caches afterwards)."""
-    stats = []
-    for path in DEFINITIONS:
-        st = os.stat(path)
-        stats.append((path, st.st_mtime_ns, st.st_size))
-    return _digest(tuple(stats))
-
-
-@functools.lru_cache(maxsize=8)
-def _digest(stats):
-    h = hashlib.sha256()
-    for path, _, _ in stats:
-        with open(path, "rb") as fh:
-            h.update(hashlib.sha256(fh.read()).digest())
-    return h.hexdigest()
+    """SHA-256 over the contents of :data:`DEFINITIONS` (see
+    :func:`pam.kernels.warm_worker.definitions_digest`)."""
+    return warm_worker.definitions_digest(_PAM)
 
 
 class DefinitionsStampedLocator(caching._CacheLocator):

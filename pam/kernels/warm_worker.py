@@ -1,10 +1,11 @@
-"""The worker processes of the kernel warm-up (:mod:`pam.kernels.warmup`), without torch.
+"""The kernel warm-up's part without torch or Numba (:mod:`pam.kernels.warmup`): the
+definitions digest, the marker of a finished warm-up, and the worker processes.
 
 This module imports only the standard library, so a launcher that must not load torch yet
-can load it by file path and start the workers first: the ``bdia-pam`` command
-(:mod:`bdia_pam._entry`) starts them before it imports torch and pam, and the kernels
-compile while it loads. :func:`spawn` starts them; run as a script this file is one
-worker::
+can load it by file path, see whether the warm-up already ran (:func:`marker_path`) and
+start the workers first: the ``bdia-pam`` command (:mod:`bdia_pam._entry`) starts them
+before it imports torch and pam, and the kernels compile while it loads. :func:`spawn`
+starts them; run as a script this file is one worker::
 
     python warm_worker.py PAM_DIR MANIFEST WORKLOAD PART PARTS FORCE
 
@@ -13,10 +14,75 @@ does not run), then compiles part PART of the manifest's split into PARTS lists
 (:func:`pam.kernels.warmup.compile_part`; WORKLOAD "" means every entry, FORCE "1" ignores
 the marker of a finished warm-up). Its exit status is 0 on success, its error on stderr.
 """
+import functools
+import hashlib
+import json
 import os
 import subprocess
 import sys
 import types
+
+# The files whose code the cached CPU kernels compile (pam.kernels._cache stamps the
+# kernels with their digest): the scalar definitions, the vec8 intrinsics and the kernel
+# files themselves (cpu_conv compiles helpers of cpu, cpu_xent kernels of cpu_rows).
+KERNEL_FILES = (("kernels", "cpu.py"), ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py"),
+                ("kernels", "cpu_xent.py"))
+DEFINITION_FILES = (("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("xent_bits.py",),
+                    ("kernels", "vec8.py")) + KERNEL_FILES
+
+
+def definitions_digest(pam_dir):
+    """SHA-256 over the contents of the :data:`DEFINITION_FILES` of the pam package in
+    ``pam_dir``, re-read when a file's modification time or size changes (a file edited
+    while a process runs changes the stamp of the kernels that process caches afterwards)."""
+    stats = []
+    for parts in DEFINITION_FILES:
+        path = os.path.join(pam_dir, *parts)
+        st = os.stat(path)
+        stats.append((path, st.st_mtime_ns, st.st_size))
+    return _digest(tuple(stats))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(stats):
+    h = hashlib.sha256()
+    for path, _, _ in stats:
+        with open(path, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+def manifest_entries(manifest, workload=None):
+    """The entries of the warm-up manifest file; only those a ``workload`` compiled when it
+    is given."""
+    with open(manifest) as fh:
+        entries = json.load(fh)["kernels"]
+    if workload is None:
+        return entries
+    return [e for e in entries if workload in e.get("workloads", ())]
+
+
+def _marker_dir(pam_dir):
+    """Where warm-up markers live: ``NUMBA_CACHE_DIR`` when set (Numba caches the kernels
+    there), else pam's kernel folder's ``__pycache__`` when that folder is writable (where
+    Numba caches them then), else ``$XDG_CACHE_HOME/pam`` (default ``~/.cache/pam``)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    kernels = os.path.join(pam_dir, "kernels")
+    if os.access(kernels, os.W_OK):
+        return os.path.join(kernels, "__pycache__")
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "pam")
+
+
+def marker_path(pam_dir, manifest, workload=None):
+    """The marker file of a finished warm-up of ``manifest``'s entries for ``workload`` with
+    the pam package in ``pam_dir``: named after the definitions digest, those entries and
+    the Python version, so an edit to a definition or a new manifest runs it again."""
+    h = hashlib.sha256(definitions_digest(pam_dir).encode())
+    h.update(json.dumps(manifest_entries(manifest, workload), sort_keys=True).encode())
+    h.update(sys.version.encode())
+    return os.path.join(_marker_dir(pam_dir), f"pam-warm-{h.hexdigest()[:24]}")
 
 
 def cores():

@@ -20,21 +20,20 @@ Regenerate it after changing kernel signatures with
 ``python validation/cold_start.py --record-manifest`` (tests/test_warmup.py checks that
 every entry still names a kernel with that many arguments).
 
-A marker file in the kernels' cache folder, named after the definitions digest and the
-entries, records a finished warm-up, so later runs skip it (``warm`` returns at once).
+A marker file (:func:`pam.kernels.warm_worker.marker_path`: in ``NUMBA_CACHE_DIR`` or
+beside the kernels' cache), named after the definitions digest and the entries, records a
+finished warm-up, so later runs skip it (``warm`` returns at once).
 Workers (:mod:`pam.kernels.warm_worker`) import :mod:`pam.kernels` without torch or the
 rest of :mod:`pam`; a launcher may start them before it loads torch and hand them to
 :func:`warm` (``bdia-pam``, see :mod:`bdia_pam._entry`).
 """
-import hashlib
 import json
 import os
-import sys
 import time
 
 from numba.core import event, types
 
-from . import _cache, cpu, cpu_conv, cpu_rows, cpu_xent, warm_worker
+from . import cpu, cpu_conv, cpu_rows, cpu_xent, warm_worker
 
 MODULES = {"cpu": cpu, "cpu_conv": cpu_conv, "cpu_rows": cpu_rows, "cpu_xent": cpu_xent}
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_manifest.json")
@@ -126,11 +125,7 @@ def merge_entries(recordings):
 
 def load_manifest(path=MANIFEST, workload=None):
     """The manifest's entries; only those a ``workload`` compiled when it is given."""
-    with open(path) as fh:
-        entries = json.load(fh)["kernels"]
-    if workload is None:
-        return entries
-    return [e for e in entries if workload in e.get("workloads", ())]
+    return warm_worker.manifest_entries(path, workload)
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -192,21 +187,13 @@ def partition(entries, bins):
     return out
 
 
-def _marker(entries):
-    h = hashlib.sha256(_cache.definitions_digest().encode())
-    h.update(json.dumps(entries, sort_keys=True).encode())
-    h.update(sys.version.encode())
-    return os.path.join(cpu.mul._cache._cache_path, f"pam-warm-{h.hexdigest()[:24]}")
-
-
 def compile_part(manifest, workload, part, parts, force=False):
     """Compile list ``part`` of :func:`partition`'s ``parts`` lists of the manifest's
     entries for ``workload`` (what a worker does); nothing when the marker shows that this
     warm-up already ran, unless ``force``. Returns the number of entries compiled."""
-    entries = load_manifest(manifest, workload)
-    if not force and os.path.exists(_marker(entries)):
+    if not force and os.path.exists(warm_worker.marker_path(PAM_DIR, manifest, workload)):
         return 0
-    return compile_entries(partition(entries, parts)[part])
+    return compile_entries(partition(load_manifest(manifest, workload), parts)[part])
 
 
 def warm(processes=None, manifest=MANIFEST, force=False, announce=None, workload=None,
@@ -227,7 +214,7 @@ def warm(processes=None, manifest=MANIFEST, force=False, announce=None, workload
     """
     t0 = time.perf_counter()
     entries = load_manifest(manifest, workload)
-    marker = _marker(entries)
+    marker = warm_worker.marker_path(PAM_DIR, manifest, workload)
     try:
         if os.path.exists(marker) and not force:
             return dict(skipped=True, seconds=time.perf_counter() - t0, processes=0,
