@@ -70,7 +70,10 @@ def start_warmup(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    workers = start_warmup(argv)
+    try:
+        workers = start_warmup(argv)
+    except Exception:            # the warm-up is an optimization: cli's own path decides
+        workers = None
     try:
         from .cli import main as cli_main
         return cli_main(argv, warmup_workers=workers)
