@@ -22,11 +22,17 @@ raw ``pam.dispatch.launch`` of the 1-element ``mul`` kernel, and ``torch.mul`` f
 then ``pam.mul`` of 16 elements (no grad, and with an input that requires grad: through
 autograd) and ``pam.matmul`` of two 8x8 matrices (no grad).
 
-Both sides run under ``OMP_WAIT_POLICY=passive`` (as ``import pam`` sets it), which PAM's
-kernel threads need (pam.kernels.threads) and which slows torch's float step a little: a
-float-only user keeps OpenMP's default wait. So the float step is also timed in a child
-process under the default policy (float steps only, right after; ``--no-default-wait``
-skips it), and the table gives the PAM step against that baseline too.
+Threads. Each side runs in its best configuration, under OpenMP's default wait policy
+(this script does not set ``OMP_WAIT_POLICY``): the float step with ``--threads`` torch
+threads; the PAM step with ``--threads`` kernel threads (``numba.set_num_threads``, see
+pam.kernels.threads) and ``--pam-torch-threads`` torch threads (default 1) for its glue
+ops, so that torch's OpenMP threads, which spin-wait after each parallel op under the
+default policy, never compete with the kernel threads. (Under ``OMP_WAIT_POLICY=passive``,
+which ``import pam`` sets when it loads before torch, the PAM step is as fast with 2 torch
+threads, but torch's own ops wake their threads for every parallel op and the float step is
+slower: 50.7 instead of 32.5 ms for bdia_default, 96 instead of 89 ms for gpt_small;
+tables before 2026-11-25 compared with that slower float step. ``--passive`` reproduces
+that configuration.)
 
 The GPT models' PAM side is also run compiled (``pam.compile(model, backend="inductor",
 fullgraph=True)``: a copy with the same weights and its own optimizer, interleaved with the
@@ -49,8 +55,8 @@ import statistics
 import sys
 import time
 
-if not os.environ.get("BENCH_STEP_DEFAULT_WAIT"):   # set for the float-baseline child
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+if "--passive" in sys.argv[1:]:          # read by OpenMP when torch loads: set it first
+    os.environ["OMP_WAIT_POLICY"] = "passive"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -233,7 +239,9 @@ def _same_bits(a, b):
     return bool(torch.equal(a.view(torch.int32), b.view(torch.int32)))
 
 
-def bench_model(name, steps, warmup, compiled=True):
+def bench_model(name, steps, warmup, compiled=True, threads=2, pam_torch_threads=1):
+    """One model's row: float steps on ``threads`` torch threads, PAM (and compiled PAM)
+    steps on ``pam_torch_threads`` torch threads, interleaved."""
     label, make = MODELS[name]
     fside, pside = make()
     compiled = compiled and name in COMPILED
@@ -241,25 +249,29 @@ def bench_model(name, steps, warmup, compiled=True):
     if compiled:
         _, cmodel, closs, copt = _compiled_side(pside)
         cside = (cmodel, closs, copt)
+
+    def run(side, **kw):
+        torch.set_num_threads(threads if side is fside else pam_torch_threads)
+        return _timed_step(*side, **kw)
     first = {}
     for i in range(warmup):
-        _timed_step(*fside)
+        run(fside)
         pl, cl = [], []
-        _timed_step(*pside, last_loss=pl)
+        run(pside, last_loss=pl)
         if cside is not None:
             t0 = time.perf_counter()
-            _timed_step(*cside, last_loss=cl)
+            run(cside, last_loss=cl)
             if i == 0:
                 first = dict(compiled_first_step_s=time.perf_counter() - t0,
                              compiled_same_loss_bits=_same_bits(pl[0], cl[0]))
     ftimes, ptimes, ctimes = [], [], []
     for _ in range(steps):
-        ftimes.append(_timed_step(*fside))
-        ptimes.append(_timed_step(*pside))
+        ftimes.append(run(fside))
+        ptimes.append(run(pside))
         if cside is not None:
-            ctimes.append(_timed_step(*cside))
+            ctimes.append(run(cside))
     with LaunchCounter() as lc:
-        _timed_step(*pside)
+        run(pside)
     f = [statistics.median(t[i] for t in ftimes) for i in range(3)]
     p = [statistics.median(t[i] for t in ptimes) for i in range(3)]
     fstep = statistics.median(sum(t) for t in ftimes)
@@ -276,26 +288,6 @@ def bench_model(name, steps, warmup, compiled=True):
                 pam_fwd_s=p[0], pam_bwd_s=p[1], pam_opt_s=p[2],
                 fwd_ratio=p[0] / f[0], bwd_ratio=p[1] / f[1], opt_ratio=p[2] / f[2],
                 launches_per_step=lc.count)
-
-
-def bench_float(name, steps, warmup):
-    """The float side alone: median step time (s) of ``steps`` steps after ``warmup``."""
-    fside, _ = MODELS[name][1]()
-    for _ in range(warmup):
-        _timed_step(*fside)
-    return statistics.median(sum(_timed_step(*fside)) for _ in range(steps))
-
-
-def float_default_wait(names, steps, warmup, threads):
-    """{model: float step (s)} measured in a child process with OMP_WAIT_POLICY removed
-    from its environment (torch's OpenMP default wait)."""
-    import subprocess
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["BENCH_STEP_DEFAULT_WAIT"] = "1"
-    cmd = [sys.executable, os.path.abspath(__file__), "--float-only", "--models", *names,
-           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def _median_call(fn, n):
@@ -364,11 +356,6 @@ def print_table(rows, launch):
     print(f"launch overhead (1-element operands, median): pam.mul {launch['pam_mul_us']:.1f} us, "
           f"pam.mul(x, 3.0) {launch['pam_mul_scalar_us']:.1f} us, raw dispatch.launch "
           f"{launch['raw_launch_us']:.1f} us, torch.mul {launch['torch_mul_us']:.1f} us")
-    waits = [r for r in rows if "float_default_wait_step_s" in r]
-    if waits:
-        print("float step under OpenMP's default wait (own process, float only): " + ", ".join(
-            f"{r['model']} {_ms(r['float_default_wait_step_s']).strip()} ms (PAM / that "
-            f"{r['ratio_default_wait']:.2f}x)" for r in waits))
     if "pam_matmul8_us" in launch:
         print(f"small ops (median): pam.mul of 16 elements {launch['pam_mul16_us']:.1f} us "
               f"(no grad) / {launch['pam_mul16_grad_us']:.1f} us (input requires grad), "
@@ -383,9 +370,10 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the compiled PAM column (models: " + ", ".join(COMPILED) + ")")
-    ap.add_argument("--no-default-wait", action="store_true",
-                    help="skip the float baseline under OpenMP's default wait policy")
-    ap.add_argument("--float-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--pam-torch-threads", type=int, default=1,
+                    help="torch threads of the PAM steps (their glue ops) [1]")
+    ap.add_argument("--passive", action="store_true",
+                    help="run under OMP_WAIT_POLICY=passive (the earlier tables' setting)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "bench_step.json"))
     args = ap.parse_args(argv)
     if args.warmup < 1 and not args.no_compile:
@@ -394,25 +382,24 @@ def main(argv=None):
     import numba
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    if args.float_only:                       # the child of float_default_wait
-        print(json.dumps({name: bench_float(name, args.steps, args.warmup)
-                          for name in args.models}))
-        return None
+    pam_torch = args.threads if args.passive else args.pam_torch_threads
     t0 = time.perf_counter()
     rows = []
     for name in args.models:
-        rows.append(bench_model(name, args.steps, args.warmup, not args.no_compile))
+        rows.append(bench_model(name, args.steps, args.warmup, not args.no_compile,
+                                args.threads, pam_torch))
         print(f"  {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    if not args.no_default_wait:
-        base = float_default_wait(args.models, args.steps, args.warmup, args.threads)
-        for r in rows:
-            r["float_default_wait_step_s"] = base[r["model"]]
-            r["ratio_default_wait"] = r["pam_step_s"] / base[r["model"]]
+    torch.set_num_threads(pam_torch)
     launch = bench_launch()
+    print(f"OpenMP wait policy: {os.environ.get('OMP_WAIT_POLICY', 'default')}; float steps on "
+          f"{args.threads} torch threads; PAM steps on {args.threads} kernel threads and "
+          f"{pam_torch} torch thread(s)")
     print_table(rows, launch)
     print_compiled(rows)
     result = dict(rows=rows, launch=launch, steps=args.steps, warmup=args.warmup,
-                  threads=args.threads, wall_s=time.perf_counter() - t0,
+                  threads=args.threads, pam_torch_threads=pam_torch,
+                  omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
+                  wall_s=time.perf_counter() - t0,
                   machine=dict(platform=platform.platform(), processor=platform.processor(),
                                cpus=os.cpu_count(), torch=torch.__version__,
                                numba=numba.__version__,

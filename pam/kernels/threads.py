@@ -19,9 +19,13 @@ runs in the calling thread in one part: waking threads costs more than it saves 
 torch's OpenMP threads. With OpenMP's default wait policy, torch's worker threads keep
 spinning for milliseconds after each parallel torch op, on the cores these kernel threads
 need: a small GPT's training step (validation/bench_step.py's gpt_small, 2 cores) took
-532 ms instead of 282 ms. ``import pam`` sets ``OMP_WAIT_POLICY=passive`` when torch is
-not loaded yet; when torch was imported first, the policy is fixed already, and the first
-call that splits its work warns once (:class:`SpinWaitWarning`) naming the two fixes.
+532 ms instead of 261-282 ms. Two ways out: torch on one thread while PAM trains (its glue
+ops are small; no OpenMP thread is left to spin: 261 ms), or ``OMP_WAIT_POLICY=passive``
+(282 ms; it makes torch's own parallel ops wake their threads every time, so float code in
+the same process slows down: a small model's float step 50.7 instead of 32.5 ms).
+``import pam`` sets the passive policy when torch is not loaded yet; when torch was
+imported first, the first call that splits its work while torch runs more than one thread
+warns once (:class:`SpinWaitWarning`) naming the fixes.
 """
 import os
 import queue
@@ -64,8 +68,10 @@ def _warn_spin_wait():
         "pam's CPU kernels are splitting their work over threads, but torch was imported "
         "before pam without OMP_WAIT_POLICY=passive: after every parallel torch op, "
         "torch's OpenMP threads spin-wait for milliseconds on the cores pam's threads "
-        "need (a small GPT's training step ran 1.9x slower on 2 cores). Start Python with "
-        "OMP_WAIT_POLICY=passive in the environment, or import pam before torch. "
+        "need (a small GPT's training step ran 1.9x slower on 2 cores). Run torch on one "
+        "thread while training in PAM (torch.set_num_threads(1): pam's kernels have their "
+        "own threads, numba.set_num_threads), or start Python with OMP_WAIT_POLICY=passive "
+        "(or import pam before torch), which slows torch's own parallel ops a little. "
         "(Shown once.)", SpinWaitWarning, stacklevel=3)
 
 
