@@ -237,3 +237,21 @@ def test_divergence_is_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monke
     monkeypatch.undo()
     code, stdout, err = run(["evaluate", str(out), "--json"], capsys)
     assert code == 0 and json.loads(stdout)["step"] == 2
+
+
+@pytest.mark.parametrize("arithmetic,during", [("pam", 1), ("float", 2)])
+def test_pam_training_on_cpu_runs_torch_on_one_thread(arithmetic, during, tmp_path,
+                                                       monkeypatch):
+    """Fully PAM CPU training runs torch's glue on one thread (pam's kernels have their
+    own threads) and restores the count afterwards; float training keeps torch's."""
+    seen = []
+    monkeypatch.setattr(cli, "_run_train",
+                        lambda *a: (seen.append(torch.get_num_threads()), 0)[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["train", "--arithmetic", arithmetic, *TINY, "--steps", "1",
+                         "--out", str(tmp_path / "run")]) == 0
+        assert seen == [during] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
