@@ -22,7 +22,9 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
 
 The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
 one change from the composites of earlier versions (see :mod:`pam.rows_bits`);
-``pam.nn.functional`` calls these kernels through autograd Functions.
+``pam.nn.functional`` calls these kernels through autograd Functions. The softmax and
+layer-norm forwards also return their rows' statistics (``stats=True``), which the
+backwards take (``stats=``) instead of recomputing them; the autograd Functions save them.
 
 A list is updated by a single kernel: on CPU the kernel walks a table of the tensors'
 addresses and sizes and updates them in place (no copies); on CUDA the tensors are
