@@ -187,25 +187,28 @@ def _softmax(input, dim, offset, backward, safe):
     d = fused._dim(input, dim)
     off = D.offset_constant(offset)
     if not (torch.is_grad_enabled() and input.requires_grad):
-        return L.softmax_forward(input, d, off, bool(safe))
+        return L.softmax_forward(input, d, off, bool(safe))[0]
     return _SoftmaxRows.apply(input, d, off, bool(safe), backward == "exact")
 
 
 class _SoftmaxRows(torch.autograd.Function):
-    """softmax as one row kernel per pass (pam.fused)."""
+    """softmax as one row kernel per pass (pam.fused); the backward reads the rows'
+    statistics (m, s) the forward kernel wrote instead of recomputing them."""
 
     @staticmethod
     def forward(ctx, x, dim, off, safe, exact):
-        ctx.save_for_backward(x)
+        y, stats = L.softmax_forward(x, dim, off, safe)
+        ctx.save_for_backward(x, stats)
         ctx.args = (dim, off, safe, exact)
-        return L.softmax_forward(x, dim, off, safe)
+        return y
 
     @staticmethod
     @without_layers
     @once_differentiable
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return L.softmax_backward(grad.contiguous(), x, *ctx.args), None, None, None, None
+        x, stats = ctx.saved_tensors
+        return (L.softmax_backward(grad.contiguous(), x, stats, *ctx.args), None, None, None,
+                None)
 
 
 def _softmax_chain(input, dim, offset, backward, safe):
@@ -481,28 +484,30 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, offset
     off = D.offset_constant(offset)
     tensors = [t for t in (input, weight, bias) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return L.layer_norm_forward(input, weight, bias, n, nb, eps_b, off, flags)
+        return L.layer_norm_forward(input, weight, bias, n, nb, eps_b, off, flags)[0]
     if backward == "exact":
         flags |= LN_EXACT
     return _LayerNormRows.apply(input, weight, bias, n, nb, eps_b, off, flags)
 
 
 class _LayerNormRows(torch.autograd.Function):
-    """layer_norm as one row kernel per pass (pam.fused)."""
+    """layer_norm as one row kernel per pass (pam.fused); the backward reads the rows'
+    statistics the forward kernel wrote instead of recomputing them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, n, nb, eps_b, off, flags):
-        ctx.save_for_backward(x, weight)
-        ctx.args = (n, nb, eps_b, off, flags)
+        y, stats = L.layer_norm_forward(x, weight, bias, n, nb, eps_b, off, flags)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.args = (n, nb, off, flags)
         ctx.bias_shape = None if bias is None else bias.shape
-        return L.layer_norm_forward(x, weight, bias, n, nb, eps_b, off, flags)
+        return y
 
     @staticmethod
     @without_layers
     @once_differentiable
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        gx, gw, gb = L.layer_norm_backward(grad.contiguous(), x, weight, *ctx.args)
+        x, weight, stats = ctx.saved_tensors
+        gx, gw, gb = L.layer_norm_backward(grad.contiguous(), x, weight, stats, *ctx.args)
         gw = None if weight is None else gw.view(weight.shape)
         gb = None if ctx.bias_shape is None else gb.view(ctx.bias_shape)
         return gx, gw, gb, None, None, None, None, None

@@ -22,7 +22,9 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
 
 The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
 one change from the composites of earlier versions (see :mod:`pam.rows_bits`);
-``pam.nn.functional`` calls these kernels through autograd Functions.
+``pam.nn.functional`` calls these kernels through autograd Functions. The softmax and
+layer-norm forwards also return their rows' statistics (``stats=True``), which the
+backwards take (``stats=``) instead of recomputing them; the autograd Functions save them.
 
 A list is updated by a single kernel: on CPU the kernel walks a table of the tensors'
 addresses and sizes and updates them in place (no copies); on CUDA the tensors are
@@ -371,23 +373,35 @@ def _rows(x, dim):
     return xm, xm.view(torch.int32).view(-1), xm.shape[-1]
 
 
-def softmax_forward(x, dim=-1, offset=None, safe=False):
+def softmax_forward(x, dim=-1, offset=None, safe=False, stats=False):
     """PA softmax of float32 ``x`` along ``dim`` (no autograd), one launch.
 
     Per row (see :func:`pam.rows_bits.softmax_row_forward`): x' = PAM(x, log2 e; offset),
     m = floor(max x') (0 if not finite), e = pa_exp2(x' - m), s = sum e in increasing
     index order, result PAD(e, s). ``safe``: a row whose sum is 0 gives zeros, not NaN
-    (scaled_dot_product_attention's fully masked rows). Traceable: under
+    (scaled_dot_product_attention's fully masked rows). ``stats=True`` returns
+    (result, statistics): the rows' m and s (before the ``safe`` replacement) as a float32
+    tensor shaped like ``x`` with ``dim`` removed and a last dimension of 2, which
+    :func:`softmax_backward` takes to skip recomputing them. Traceable: under
     ``torch.compile`` it is the custom op ``torch.ops.pam.softmax_forward``.
     """
     D.check_float32(x, "x")
-    return softmax_rows_forward(x, dim, D.offset_constant(offset), safe)
+    y, st = softmax_rows_forward(x, dim, D.offset_constant(offset), safe)
+    return (y, st) if stats else y
+
+
+def _softmax_stats_shape(x, dim):
+    """The shape of the softmax row statistics of ``x`` along non-negative ``dim``."""
+    from .rows_bits import SOFTMAX_STATS
+    return (*x.shape[:dim], *x.shape[dim + 1:], SOFTMAX_STATS)
 
 
 def softmax_rows_forward(x, dim, off, safe):
-    """:func:`softmax_forward` with the offset given as its integer constant ``off``."""
+    """:func:`softmax_forward` with the offset given as its integer constant ``off``:
+    (result, row statistics)."""
     if x.dim() == 0:
-        return softmax_rows_forward(x.reshape(1), 0, off, safe).reshape(())
+        y, st = softmax_rows_forward(x.reshape(1), 0, off, safe)
+        return y.reshape(()), st
     return L.softmax_forward(x, _dim(x, dim), off, bool(safe))
 
 
@@ -396,47 +410,73 @@ def softmax_forward_kernel(x, dim, off, safe):
     in range, launching the kernel directly (the custom op's implementation)."""
     xm, xb, n = _rows(x, dim)
     out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
+    stats = torch.empty(_softmax_stats_shape(x, dim), dtype=torch.int32, device=x.device)
     if out.numel():
-        D.launch("softmax_forward", x.device, xb, out.view(-1), n, off, bool(safe))
-    return out.view(torch.float32).movedim(-1, dim)
+        D.launch("softmax_forward", x.device, xb, out.view(-1), stats.view(-1), n, off,
+                 bool(safe))
+    else:
+        stats.zero_()                     # empty rows: m = 0, s = 0
+    return out.view(torch.float32).movedim(-1, dim), stats.view(torch.float32)
 
 
-def softmax_backward(grad, x, dim=-1, offset=None, safe=False, backward="exact"):
+def softmax_backward(grad, x, dim=-1, offset=None, safe=False, backward="exact",
+                     stats=None):
     """Input gradient of :func:`softmax_forward` at ``x`` for output gradient ``grad``.
 
     The chain rule through the composite's pieces, per row (see
     :func:`pam.rows_bits.softmax_row_backward`): ``backward="exact"`` uses the exact
     power-of-two slopes, ``"approx"`` PAM/PAD as if exact (the paper's choice).
+    ``stats``: the row statistics ``softmax_forward(x, dim, offset, safe, stats=True)``
+    returned for this ``x`` (statistics of another input give a wrong gradient); None
+    computes them first (a forward launch).
     """
     D.check_float32(x, "x")
     D.check_float32(grad, "grad")
     if backward not in ("exact", "approx"):
         raise ValueError(f"backward must be 'exact' or 'approx', got {backward!r}")
-    return softmax_rows_backward(grad, x, dim, D.offset_constant(offset), safe,
-                                 backward == "exact")
+    off = D.offset_constant(offset)
+    if stats is None:
+        stats = softmax_rows_forward(x, dim, off, safe)[1]
+    return softmax_rows_backward(grad, x, stats, dim, off, safe, backward == "exact")
 
 
-def softmax_rows_backward(grad, x, dim, off, safe, exact):
-    """:func:`softmax_backward` with the integer offset constant ``off`` and ``exact`` a
-    bool."""
+def softmax_rows_backward(grad, x, stats, dim, off, safe, exact):
+    """:func:`softmax_backward` with the row statistics ``stats``, the integer offset
+    constant ``off`` and ``exact`` a bool."""
     if grad.shape != x.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} must equal x shape "
                          f"{tuple(x.shape)}")
     if x.dim() == 0:
-        return softmax_rows_backward(grad.reshape(1), x.reshape(1), 0, off, safe,
+        return softmax_rows_backward(grad.reshape(1), x.reshape(1), stats, 0, off, safe,
                                      exact).reshape(())
-    return L.softmax_backward(grad, x, _dim(x, dim), off, bool(safe), bool(exact))
+    dim = _dim(x, dim)
+    _check_stats(stats, _softmax_stats_shape(x, dim), x)
+    return L.softmax_backward(grad, x, stats, dim, off, bool(safe), bool(exact))
 
 
-def softmax_backward_kernel(grad, x, dim, off, safe, exact):
+def _check_stats(stats, shape, x):
+    """TypeError / ValueError naming ``stats`` unless it is a float32 tensor of ``shape``
+    on ``x``'s device."""
+    D.check_float32(stats, "stats")
+    if tuple(stats.shape) != tuple(shape):
+        raise ValueError(f"stats must have shape {tuple(shape)}, got {tuple(stats.shape)}")
+    if stats.device != x.device:
+        raise ValueError(f"stats is on {stats.device}, expected {x.device}")
+
+
+def _stats_bits(stats):
+    return stats.detach().contiguous().view(torch.int32).view(-1)
+
+
+def softmax_backward_kernel(grad, x, stats, dim, off, safe, exact):
     """:func:`softmax_rows_backward` of inputs with at least one dimension and ``dim`` in
     range, launching the kernel directly (the custom op's implementation)."""
     xm, xb, n = _rows(x, dim)
     _, gb, _ = _rows(grad, dim)
     out = torch.empty(xm.shape, dtype=torch.int32, device=x.device)
     if out.numel():
-        D.launch("softmax_backward", x.device, xb, gb, out.view(-1), n, off, bool(safe),
-                 bool(exact))
+        D.launch("softmax_backward", x.device, xb, gb, _stats_bits(stats), out.view(-1), n,
+                 off, bool(safe), bool(exact))
     return out.view(torch.float32).movedim(-1, dim)
 
 
@@ -539,7 +579,8 @@ def _ln_args(x, normalized_shape, weight, bias, eps):
     return n, L.f32_bits_scalar(float(n)), L.f32_bits_scalar(float(eps)), flags
 
 
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, offset=None):
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, offset=None,
+                       stats=False):
     """PA layer norm of float32 ``x`` over its trailing ``normalized_shape`` dimensions
     (no autograd), one launch.
 
@@ -548,13 +589,23 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, of
     xc = x - mu; var = PAD(sum PAM(xc, xc; offset), N); std = pa_exp2(PAM(pa_log2(var +
     eps), 0.5)); y = PAD(xc, std), PAM(y, weight; offset), + bias: the composite
     :func:`pam.nn.functional.layer_norm` of earlier versions with its row sums taken from
-    +0 in increasing index (the only change of definition). Traceable: the custom op
-    ``torch.ops.pam.layer_norm_forward``.
+    +0 in increasing index (the only change of definition). ``stats=True`` returns
+    (y, statistics): the rows' statistics of :func:`pam.rows_bits.layer_norm_row_stats`,
+    a float32 tensor (rows, 9), which :func:`layer_norm_backward` takes to skip recomputing
+    them. Traceable: the custom op ``torch.ops.pam.layer_norm_forward``.
     """
     D.check_float32(x, "x")
     n, nb, eps_b, flags = _ln_args(x, normalized_shape, weight, bias, eps)
-    return L.layer_norm_forward(x, weight, bias, n, nb, eps_b, D.offset_constant(offset),
-                                flags)
+    y, st = L.layer_norm_forward(x, weight, bias, n, nb, eps_b, D.offset_constant(offset),
+                                 flags)
+    return (y, st) if stats else y
+
+
+def _ln_stats_shape(x, n):
+    """The shape (rows, LN_STATS) of the layer-norm row statistics of ``x`` in rows of
+    ``n`` elements (no rows when n is 0)."""
+    from .rows_bits import LN_STATS
+    return (x.numel() // n if n else 0, LN_STATS)
 
 
 def _ln_operand(t, n, like):
@@ -566,36 +617,44 @@ def _ln_operand(t, n, like):
 
 def layer_norm_forward_kernel(x, weight, bias, n, nb, eps_b, off, flags):
     """:func:`layer_norm_forward` of checked arguments, launching the kernel directly
-    (the custom op's implementation)."""
+    (the custom op's implementation): (y, row statistics)."""
     xb = D.as_bits(x).reshape(-1)
     out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    stats = torch.empty(_ln_stats_shape(x, n), dtype=torch.int32, device=x.device)
     if out.numel():
         rows_launch("layer_norm_forward", x.device, xb, _ln_operand(weight, n, x),
-                    _ln_operand(bias, n, x), out.view(-1), n, nb, eps_b, off, flags)
-    return out.view(torch.float32)
+                    _ln_operand(bias, n, x), out.view(-1), stats.view(-1), n, nb, eps_b,
+                    off, flags)
+    return out.view(torch.float32), stats.view(torch.float32)
 
 
 def layer_norm_backward(grad, x, normalized_shape, weight=None, bias=None, eps=1e-5,
-                        offset=None, backward="exact"):
+                        offset=None, backward="exact", stats=None):
     """Gradients (x, weight or None, bias or None) of :func:`layer_norm_forward` for output
     gradient ``grad``.
 
     The chain rule through the composite's pieces in autograd's order, its row sums
     sequential (:func:`pam.rows_bits.layer_norm_row_backward`); the weight and bias
     gradients sum the rows' terms in increasing row index (float32 from +0).
-    ``backward``: "exact" or "approx".
+    ``backward``: "exact" or "approx". ``stats``: the row statistics
+    ``layer_norm_forward(..., stats=True)`` returned for this ``x`` (and eps, offset;
+    statistics of another input give wrong gradients); None computes them first (a
+    forward launch).
     """
     from . import rows_bits as RB
     _check_row_grad(grad, x, backward)
     n, nb, eps_b, flags = _ln_args(x, normalized_shape, weight, bias, eps)
+    off = D.offset_constant(offset)
+    if stats is None:
+        stats = L.layer_norm_forward(x, weight, bias, n, nb, eps_b, off, flags)[1]
+    _check_stats(stats, _ln_stats_shape(x, n), x)
     flags |= RB.LN_EXACT if backward == "exact" else 0
-    gx, gw, gb = L.layer_norm_backward(grad, x, weight, n, nb, eps_b,
-                                       D.offset_constant(offset), flags)
+    gx, gw, gb = L.layer_norm_backward(grad, x, weight, stats, n, nb, off, flags)
     return (gx, gw.view(weight.shape) if weight is not None else None,
             gb.view(bias.shape) if bias is not None else None)
 
 
-def layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags):
+def layer_norm_backward_kernel(grad, x, weight, stats, n, nb, off, flags):
     """:func:`layer_norm_backward` of checked arguments, launching the kernel directly
     (the custom op's implementation): (gx, gw, gb), gw / gb flat of length n, or empty
     when ``flags`` lacks LN_WEIGHT / LN_BIAS."""
@@ -605,10 +664,11 @@ def layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags):
     gb = torch.empty(n if flags & RB.LN_BIAS else 0, dtype=torch.int32, device=x.device)
     if out.numel():
         rows_launch("layer_norm_backward", x.device, D.as_bits(x).reshape(-1),
-                    _ln_operand(weight, n, x), D.as_bits(grad).reshape(-1), out.view(-1),
+                    _ln_operand(weight, n, x), D.as_bits(grad).reshape(-1),
+                    _stats_bits(stats), out.view(-1),
                     gw if gw.numel() else torch.zeros(1, dtype=torch.int32, device=x.device),
                     gb if gb.numel() else torch.zeros(1, dtype=torch.int32, device=x.device),
-                    n, nb, eps_b, off, flags)
+                    n, nb, off, flags)
     else:
         gw.zero_()
         gb.zero_()

@@ -402,7 +402,8 @@ def gelu_backward(grad, x, backward="exact"):
 
 
 @torch.library.custom_op("pam::softmax_forward", mutates_args=())
-def _softmax_forward_op(x: torch.Tensor, dim: int, off: int, safe: bool) -> torch.Tensor:
+def _softmax_forward_op(x: torch.Tensor, dim: int, off: int,
+                        safe: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import fused
     return fused.softmax_forward_kernel(x, dim, off, safe)
 
@@ -415,36 +416,38 @@ def _rows_like(x, dim):
 
 @_softmax_forward_op.register_fake
 def _(x, dim, off, safe):
-    return _rows_like(x, dim)
+    from . import fused
+    return _rows_like(x, dim), x.new_empty(fused._softmax_stats_shape(x, dim))
 
 
 @torch.library.custom_op("pam::softmax_backward", mutates_args=())
-def _softmax_backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, off: int, safe: bool,
-                         exact: bool) -> torch.Tensor:
+def _softmax_backward_op(grad: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, dim: int,
+                         off: int, safe: bool, exact: bool) -> torch.Tensor:
     from . import fused
-    return fused.softmax_backward_kernel(grad, x, dim, off, safe, exact)
+    return fused.softmax_backward_kernel(grad, x, stats, dim, off, safe, exact)
 
 
 @_softmax_backward_op.register_fake
-def _(grad, x, dim, off, safe, exact):
+def _(grad, x, stats, dim, off, safe, exact):
     return _rows_like(x, dim)
 
 
 def softmax_forward(x, dim, off, safe):
     """:func:`pam.fused.softmax_forward` along non-negative ``dim`` with the integer offset
-    constant ``off``, traceable."""
+    constant ``off``, traceable: (result, row statistics)."""
     if _direct(x):
         from . import fused
         return fused.softmax_forward_kernel(x, dim, off, safe)
     return _softmax_forward_op(x, dim, off, safe)
 
 
-def softmax_backward(grad, x, dim, off, safe, exact):
-    """:func:`pam.fused.softmax_backward` along non-negative ``dim``, traceable."""
-    if _direct(grad, x):
+def softmax_backward(grad, x, stats, dim, off, safe, exact):
+    """:func:`pam.fused.softmax_backward` along non-negative ``dim`` given the forward's
+    row statistics ``stats``, traceable."""
+    if _direct(grad, x, stats):
         from . import fused
-        return fused.softmax_backward_kernel(grad, x, dim, off, safe, exact)
-    return _softmax_backward_op(grad, x, dim, off, safe, exact)
+        return fused.softmax_backward_kernel(grad, x, stats, dim, off, safe, exact)
+    return _softmax_backward_op(grad, x, stats, dim, off, safe, exact)
 
 
 # --------------------------------------------------------------------------- fused optimizers
@@ -616,27 +619,29 @@ def log_softmax_backward(grad, x, dim, off, exact):
 @torch.library.custom_op("pam::layer_norm_forward", mutates_args=())
 def _layer_norm_forward_op(x: torch.Tensor, weight: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], n: int, nb: int, eps_b: int, off: int,
-                           flags: int) -> torch.Tensor:
+                           flags: int) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import fused
     return fused.layer_norm_forward_kernel(x, weight, bias, n, nb, eps_b, off, flags)
 
 
 @_layer_norm_forward_op.register_fake
 def _(x, weight, bias, n, nb, eps_b, off, flags):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    from . import fused
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(fused._ln_stats_shape(x, n)))
 
 
 @torch.library.custom_op("pam::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(grad: torch.Tensor, x: torch.Tensor,
-                            weight: Optional[torch.Tensor], n: int, nb: int, eps_b: int,
-                            off: int, flags: int) -> Tuple[torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
+                            weight: Optional[torch.Tensor], stats: torch.Tensor, n: int,
+                            nb: int, off: int, flags: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
     from . import fused
-    return fused.layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags)
+    return fused.layer_norm_backward_kernel(grad, x, weight, stats, n, nb, off, flags)
 
 
 @_layer_norm_backward_op.register_fake
-def _(grad, x, weight, n, nb, eps_b, off, flags):
+def _(grad, x, weight, stats, n, nb, off, flags):
     from . import rows_bits
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     gw = x.new_empty(n if flags & rows_bits.LN_WEIGHT else 0)
@@ -646,20 +651,21 @@ def _(grad, x, weight, n, nb, eps_b, off, flags):
 
 def layer_norm_forward(x, weight, bias, n, nb, eps_b, off, flags):
     """:func:`pam.fused.layer_norm_forward` of checked arguments (``nb``, ``eps_b``: bits
-    of float32(n) and float32(eps)), traceable."""
+    of float32(n) and float32(eps)), traceable: (y, row statistics)."""
     if _direct(x, *(t for t in (weight, bias) if t is not None)):
         from . import fused
         return fused.layer_norm_forward_kernel(x, weight, bias, n, nb, eps_b, off, flags)
     return _layer_norm_forward_op(x, weight, bias, n, nb, eps_b, off, flags)
 
 
-def layer_norm_backward(grad, x, weight, n, nb, eps_b, off, flags):
-    """:func:`pam.fused.layer_norm_backward` of checked arguments: (gx, gw, gb) with gw /
-    gb flat (empty without a weight / bias), traceable."""
-    if _direct(grad, x, *(t for t in (weight,) if t is not None)):
+def layer_norm_backward(grad, x, weight, stats, n, nb, off, flags):
+    """:func:`pam.fused.layer_norm_backward` of checked arguments given the forward's row
+    statistics ``stats``: (gx, gw, gb) with gw / gb flat (empty without a weight / bias),
+    traceable."""
+    if _direct(grad, x, stats, *(t for t in (weight,) if t is not None)):
         from . import fused
-        return fused.layer_norm_backward_kernel(grad, x, weight, n, nb, eps_b, off, flags)
-    return _layer_norm_backward_op(grad, x, weight, n, nb, eps_b, off, flags)
+        return fused.layer_norm_backward_kernel(grad, x, weight, stats, n, nb, off, flags)
+    return _layer_norm_backward_op(grad, x, weight, stats, n, nb, off, flags)
 
 
 # ------------------------------------------------------------------------- cross entropy

@@ -112,14 +112,20 @@ def test_softmax_kernels_match_cpu():
     x = x.view(np.int32)
     g = rng.standard_normal(x.size).astype(np.float32).view(np.int32)
     a, b = np.empty_like(x), np.empty_like(x)
+    sa, sb = np.empty(2 * 6, np.int32), np.empty(2 * 6, np.int32)    # (m, s) per row
     for off in (0, dispatch.offset_constant(1.0552)):
         for safe in (False, True):
-            K.softmax_forward(x, a, n, off, safe)
-            cpu.softmax_forward(x, b, n, off, safe)
+            K.softmax_forward(x, a, sa, n, off, safe)
+            cpu.softmax_forward(x, b, sb, n, off, safe)
             assert np.array_equal(a, b)
+            assert np.array_equal(sa, sb)
             for exact in (True, False):
-                K.softmax_backward(x, g, a, n, off, safe, exact)
-                cpu.softmax_backward(x, g, b, n, off, safe, exact)
+                K.softmax_backward(x, g, sa, a, n, off, safe, exact)
+                cpu.softmax_backward(x, g, sb, b, n, off, safe, exact)
                 assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="must be positive and divide"):
-        K.softmax_forward(x, a, 5, 0, False)
+        K.softmax_forward(x, a, sa, 5, 0, False)
+    with pytest.raises(ValueError, match="stats must have 2 entries per row"):
+        K.softmax_backward(x, g, sa[1:].copy(), a, n, 0, False, True)
+    with pytest.raises(ValueError, match="stats must have 2 entries per row"):
+        cpu.softmax_backward(x, g, sa[1:].copy(), a, n, 0, False, True)

@@ -135,9 +135,10 @@ def compile_fused_kernels(a, b, out):
     slopes = np.array([0.25, 0.5], np.float32).view(np.int32)
     cpu.gelu_forward(a, knots, slopes, out)
     cpu.gelu_backward(a, b, knots, slopes, True, out)
-    cpu.softmax_forward(a, out, 8, 0, True)
+    sm_stats = np.empty(2 * (a.size // 8), np.int32)      # the softmax rows' (m, s)
+    cpu.softmax_forward(a, out, sm_stats, 8, 0, True)
     for exact in (True, False):                         # one kernel per variant
-        cpu.softmax_backward(a, b, out, 8, 0, True, exact)
+        cpu.softmax_backward(a, b, sm_stats, out, 8, 0, True, exact)
     w8 = b[:8].copy()                                   # row kernels (pam.kernels.cpu_rows)
     for exact in (True, False):
         cpu_rows.log_softmax_forward(a, out, 8, 0)
@@ -145,12 +146,13 @@ def compile_fused_kernels(a, b, out):
     for n in (8, 6):                                    # N a power of two and not
         nb = int(np.float32(n).view(np.int32))
         x = a[:6 * n].copy()
+        stats = np.empty(9 * 6, np.int32)               # the rows' statistics
         for flags in range(8):                          # weight / bias / exact: every variant
-            cpu_rows.layer_norm_forward(x, w8[:n], w8[:n], np.empty_like(x), n, nb,
+            cpu_rows.layer_norm_forward(x, w8[:n], w8[:n], np.empty_like(x), stats, n, nb,
                                         0x3727C5AC, 0, flags)
-            cpu_rows.layer_norm_backward(x, w8[:n], b[:6 * n].copy(), np.empty_like(x),
-                                         np.empty(n, np.int32), np.empty(n, np.int32), n, nb,
-                                         0x3727C5AC, 0, flags)
+            cpu_rows.layer_norm_backward(x, w8[:n], b[:6 * n].copy(), stats,
+                                         np.empty_like(x), np.empty(n, np.int32),
+                                         np.empty(n, np.int32), n, nb, 0, flags)
     target = np.array([0, 7, -100, 3, 5, 1, 2, 6], np.int64)    # cross entropy, 8 rows of 8
     for reduction in (0, 1, 2):
         for flags in (0, 7):                            # weight / smoothing / exact

@@ -8,7 +8,7 @@ from numba import njit
 import pam
 from pam import fused
 from pam import ops as P
-from pam.functional import GELU_KNOTS, GELU_SLOPE_CHANGES
+from pam.functional import GELU_KNOTS, GELU_SLOPE_CHANGES, LOG2_E
 from pam import bits, rows_bits
 from pam.kernels import cpu
 
@@ -229,15 +229,17 @@ class FusedSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, offset, backward, safe):
-        ctx.save_for_backward(x)
+        y, stats = fused.softmax_forward(x, dim, offset, safe, stats=True)
+        ctx.save_for_backward(x, stats)
         ctx.args = (dim, offset, safe, backward)
-        return fused.softmax_forward(x, dim, offset, safe)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        x, stats = ctx.saved_tensors
         dim, offset, safe, backward = ctx.args
-        return fused.softmax_backward(grad, x, dim, offset, safe, backward), *[None] * 4
+        return (fused.softmax_backward(grad, x, dim, offset, safe, backward, stats=stats),
+                *[None] * 4)
 
 
 def _softmax_inputs():
@@ -270,6 +272,44 @@ def test_softmax_fused_equals_composite(sequential_reduce, backward, dim, offset
     same = ((xf.grad.view(torch.int32) == xc.grad.view(torch.int32))
             | (xf.grad.isnan() & xc.grad.isnan()))
     assert bool(same.all())
+
+
+@pytest.mark.parametrize("dim,offset,safe", [(-1, None, False), (1, 1.0552, True)])
+def test_softmax_stats_are_the_row_shift_and_sum(dim, offset, safe):
+    """The forward's row statistics: m = floor(max PAM(x, log2 e)) (0 if not finite) and
+    s = the sequential sum of pa_exp2(PAM(x, log2 e) - m), before the safe replacement; the
+    backward without them (computed by a forward launch) gives the same bits."""
+    x = _softmax_inputs()
+    y, stats = fused.softmax_forward(x, dim, offset, safe, stats=True)
+    assert _same(y, fused.softmax_forward(x, dim, offset, safe))
+    xm = x.movedim(dim, -1)
+    assert stats.dtype == torch.float32 and stats.shape == (*xm.shape[:-1], 2)
+    xl = P.mul(xm, LOG2_E, offset=offset)
+    m = xl.amax(dim=-1, keepdim=True)              # NaN in a row with a NaN product
+    m = torch.where(torch.isfinite(m), torch.floor(m), torch.zeros_like(m))
+    s = _seq_sum_last(P.exp2(xl - m))
+    assert _same(stats[..., :1], m)
+    got = stats[..., 1:]
+    assert bool(((got.view(torch.int32) == s.view(torch.int32)) | (got.isnan() & s.isnan()))
+                .all())
+    if dim == -1:                                   # the masked row, the NaN row
+        assert bool((s == 0).any() and s.isnan().any())
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    for backward in ("exact", "approx"):
+        with_stats = fused.softmax_backward(grad, x, dim, offset, safe, backward, stats=stats)
+        without = fused.softmax_backward(grad, x, dim, offset, safe, backward)
+        assert _same(with_stats, without)
+
+
+def test_softmax_backward_refuses_mismatched_stats():
+    x = torch.randn(4, 7)
+    _, stats = fused.softmax_forward(x, stats=True)
+    with pytest.raises(ValueError, match="stats must have shape"):
+        fused.softmax_backward(x, x, stats=stats[:3])
+    with pytest.raises(ValueError, match="stats must have shape"):
+        fused.softmax_backward(x, x, dim=0, stats=stats)
+    with pytest.raises(TypeError, match="stats"):
+        fused.softmax_backward(x, x, stats=stats.double())
 
 
 def test_softmax_one_launch_per_pass_and_edge_shapes(monkeypatch):

@@ -228,12 +228,13 @@ def test_cuda_rows_equal_cpu(n):
         outs = []
         for k in (cpu_rows, cuda_rows):
             y = np.empty_like(x)
-            k.layer_norm_forward(x, w, b, y, n, nb, eps_b, off, flags)
+            stats = np.empty(RB.LN_STATS * 3, np.int32)
+            k.layer_norm_forward(x, w, b, y, stats, n, nb, eps_b, off, flags)
             gx = np.empty_like(x)
             gw = np.zeros(n, np.int32)
             gb = np.zeros(n, np.int32)
-            k.layer_norm_backward(x, w, g, gx, gw, gb, n, nb, eps_b, off, flags)
-            outs.append((y, gx, gw, gb))
+            k.layer_norm_backward(x, w, g, stats, gx, gw, gb, n, nb, off, flags)
+            outs.append((y, stats, gx, gw, gb))
         for a, c in zip(*outs):
             np.testing.assert_array_equal(a, c)
 
@@ -288,8 +289,10 @@ def test_select_forms_equal_bits_functions():
                                     fused.OB.f32_bits(4.0), fused.OB.f32_bits(1e-5), 0, 3)),
     ("layer_norm_forward", lambda: (torch.randn(3, 4), None, None, 4,
                                     fused.OB.f32_bits(4.0), fused.OB.f32_bits(1e-5), 0, 0)),
-    ("layer_norm_backward", lambda: (torch.randn(3, 4), torch.randn(3, 4), torch.randn(4), 4,
-                                     fused.OB.f32_bits(4.0), fused.OB.f32_bits(1e-5), 0, 7)),
+    ("layer_norm_backward", lambda: (torch.randn(3, 4), torch.randn(3, 4), torch.randn(4),
+                                     fused.layer_norm_forward(torch.randn(3, 4), 4,
+                                                              stats=True)[1],
+                                     4, fused.OB.f32_bits(4.0), 0, 7)),
 ])
 def test_opcheck(op, args):
     """Schema (no mutation, no aliasing) and fake implementation agree with the kernels."""
@@ -317,6 +320,42 @@ def test_functional_rows_one_launch_per_pass(monkeypatch):
     calls.clear()
     pam.nn.functional.softmax(x, 0).sum().backward()
     assert calls == ["softmax_forward", "softmax_backward"]
+
+
+@pytest.mark.parametrize("n,affine", [(12, True), (8, False)])
+def test_layer_norm_stats_are_the_reference_statistics(n, affine):
+    """The forward's row statistics (pam.rows_bits.layer_norm_row_stats) hold the mean and
+    std of the reference chain, V = the sum of PAM(xc, xc) and ve = PAD(V, N) + eps; the
+    backward without them (computed by a forward launch) gives the same bits."""
+    x, w, b = _ln_inputs(n)
+    w, b = (w, b) if affine else (None, None)
+    y, stats = fused.layer_norm_forward(x, n, w, b, 1e-5, 1.0552, stats=True)
+    same_bits(y, fused.layer_norm_forward(x, n, w, b, 1e-5, 1.0552))
+    assert stats.dtype == torch.float32 and stats.shape == (x.shape[0], rows_bits.LN_STATS)
+    mu = P.div(seq_sum(x), float(n))
+    same_bits(stats[:, :2], torch.cat([seq_sum(x), mu], 1))
+    if n & (n - 1):
+        for r in range(MEAN_REFINEMENTS):
+            s = seq_sum(x - mu)
+            mu = mu + P.div(s, float(n))
+            same_bits(stats[:, 2 + 2 * r:4 + 2 * r], torch.cat([s, mu], 1))
+    else:
+        same_bits(stats[:, 2:6], torch.cat([torch.zeros_like(mu), mu] * 2, 1))
+    xc = x - mu
+    v = seq_sum(P.mul(xc, xc, offset=1.0552))
+    ve = P.div(v, float(n)) + 1e-5
+    same_bits(stats[:, 6:], torch.cat([v, ve, P.pow(ve, 0.5)], 1))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    for backward in ("exact", "approx"):
+        got = fused.layer_norm_backward(grad, x, n, w, b, 1e-5, 1.0552, backward, stats=stats)
+        again = fused.layer_norm_backward(grad, x, n, w, b, 1e-5, 1.0552, backward)
+        assert [t is None for t in got] == [t is None for t in again] == \
+            [False, not affine, not affine]
+        for a, c in zip(got, again):
+            if a is not None:
+                same_bits(a, c)
+    with pytest.raises(ValueError, match="stats must have shape"):
+        fused.layer_norm_backward(grad, x, n, w, b, stats=stats[1:])
 
 
 def test_layer_norm_multi_dim_shape_equals_flat(sequential_reduce):

@@ -7,7 +7,9 @@ elementwise PAM kernels and torch sums of earlier versions (``pam.functional``'s
 ``cross_entropy`` against ``_cross_entropy_chain`` on the log_softmax chain, and the
 attention softmax with ``safe`` rows) run interleaved
 (chain, fused, chain, ...) with ``backward="exact"``; the median time of forward +
-backward is reported, and the ratio chain / fused (> 1: the fused kernel is faster).
+backward is reported (for the fused ops also the forward and the backward alone; making
+the output gradient is not timed), and the ratio chain / fused (> 1: the fused kernel is
+faster).
 
 Second table: how far the fused definition (row sums from +0 in increasing index) is from
 the torch-order chain on random rows, as max |fused - chain| / max |chain| for the output
@@ -73,12 +75,16 @@ def cases():
 
 
 def _step(fn, inputs):
+    """(forward + backward, forward, backward) seconds of one step."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     t0 = time.perf_counter()
     y = fn(*leaves)
+    t1 = time.perf_counter()
     grad = torch.ones_like(y) if y.dim() == 0 else torch.full_like(y, 0.5)
+    t2 = time.perf_counter()
     y.backward(grad)
-    return time.perf_counter() - t0
+    t3 = time.perf_counter()
+    return (t1 - t0) + (t3 - t2), t1 - t0, t3 - t2
 
 
 def bench(reps):
@@ -91,8 +97,10 @@ def bench(reps):
         for _ in range(reps):
             tc.append(_step(chain, inputs))
             tf.append(_step(fusedf, inputs))
-        c, f = statistics.median(tc) * 1e3, statistics.median(tf) * 1e3
+        c, f, ff, fb = (statistics.median(t[i] for t in ts) * 1e3
+                        for ts, i in ((tc, 0), (tf, 0), (tf, 1), (tf, 2)))
         rows.append({"op": name, "chain_ms": round(c, 3), "fused_ms": round(f, 3),
+                     "fused_forward_ms": round(ff, 3), "fused_backward_ms": round(fb, 3),
                      "speedup": round(c / f, 2)})
     return rows
 
@@ -162,9 +170,10 @@ def main(argv=None):
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     rows = bench(args.reps)
     print(f"{'op (forward + backward, exact)':36s} {'chain ms':>9s} {'fused ms':>9s} "
-          f"{'chain/fused':>11s}")
+          f"{'(fwd':>7s} {'bwd)':>7s} {'chain/fused':>11s}")
     for r in rows:
-        print(f"{r['op']:36s} {r['chain_ms']:9.3f} {r['fused_ms']:9.3f} {r['speedup']:11.2f}")
+        print(f"{r['op']:36s} {r['chain_ms']:9.3f} {r['fused_ms']:9.3f} "
+              f"{r['fused_forward_ms']:7.3f} {r['fused_backward_ms']:7.3f} {r['speedup']:11.2f}")
     diffs = differences()
     print(f"\n{'fused vs torch-order chain':36s} {'backward':>8s} {'out':>9s}  grads (x, w, b)")
     for d in diffs:

@@ -1884,25 +1884,32 @@ def gelu_backward(x, grad, knots, slopes, exact, out):
 
 
 # Softmax rows: a serial kernel over the rows lo:hi, split between threads from
-# FUSED_PARALLEL_MIN elements (as the row kernels of pam.kernels.cpu_rows).
+# FUSED_PARALLEL_MIN elements (as the row kernels of pam.kernels.cpu_rows). The forward
+# writes each row's statistics (m, s: rows_bits.softmax_row_forward) to ``stats``, SM_STATS
+# per row; the backward reads them instead of recomputing them.
+SM_STATS = rows_bits.SOFTMAX_STATS
+
+
 @njit(**_SERIAL)
-def _softmax_forward_rows(x, out, n, off, safe, lo, hi):
+def _softmax_forward_rows(x, out, stats, n, off, safe, lo, hi):
     optim_bits.check_offset(off)
     for r in range(lo, hi):
-        rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
+        rows_bits.softmax_row_forward(x, out, r * n, n, off, safe, stats, SM_STATS * r)
 
 
 def _make_softmax_backward_rows(exact):
     """The softmax backward rows with ``exact`` fixed (a captured bool: the branch on it is
     pruned, so each variant compiles only its own row code; a run compiles the one it
     uses). Named ``_softmax_backward_rows_<exact|approx>`` (manifest, cache files)."""
-    def kernel(x, g, out, n, off, safe, lo, hi):
+    def kernel(x, g, stats, out, n, off, safe, lo, hi):
         optim_bits.check_offset(off)
         for r in range(lo, hi):
             if exact:
-                rows_bits.softmax_row_backward_exact(x, g, out, r * n, n, off, safe)
+                rows_bits.softmax_row_backward_exact(x, g, out, r * n, n, off, safe, stats,
+                                                     SM_STATS * r)
             else:
-                rows_bits.softmax_row_backward_approx(x, g, out, r * n, n, off, safe)
+                rows_bits.softmax_row_backward_approx(x, g, out, r * n, n, off, safe, stats,
+                                                      SM_STATS * r)
     return serial_kernel(f"_softmax_backward_rows_{'exact' if exact else 'approx'}", kernel)
 
 
@@ -1910,14 +1917,28 @@ _softmax_backward_rows_exact = _make_softmax_backward_rows(True)
 _softmax_backward_rows_approx = _make_softmax_backward_rows(False)
 
 
-def softmax_forward(x, out, n, off, safe):
-    """Rows of length ``n`` of flat int32 ``x`` -> PA softmax (pam.rows_bits)."""
-    threads.run(_softmax_forward_rows, x.size // n if n else 0, x.size, FUSED_PARALLEL_MIN,
-                x, out, n, off, bool(safe))
+def _check_softmax_stats(x, stats, n):
+    """The number of rows of length ``n`` in ``x``; ValueError unless ``stats`` holds
+    SM_STATS entries per row."""
+    rows = x.size // n if n else 0
+    if stats.size != SM_STATS * rows:
+        raise ValueError(f"stats must have {SM_STATS} entries per row ({SM_STATS * rows}), "
+                         f"got {stats.size}")
+    return rows
 
 
-def softmax_backward(x, g, out, n, off, safe, exact):
-    """Input gradient of softmax_forward for output gradient ``g`` (pam.rows_bits)."""
-    kernel = _softmax_backward_rows_exact if exact else _softmax_backward_rows_approx
-    threads.run(kernel, x.size // n if n else 0, x.size, FUSED_PARALLEL_MIN, x, g, out, n,
+def softmax_forward(x, out, stats, n, off, safe):
+    """Rows of length ``n`` of flat int32 ``x`` -> PA softmax (pam.rows_bits), and each
+    row's statistics (the bits of m and s) into ``stats`` (int32, SM_STATS per row)."""
+    rows = _check_softmax_stats(x, stats, n)
+    threads.run(_softmax_forward_rows, rows, x.size, FUSED_PARALLEL_MIN, x, out, stats, n,
                 off, bool(safe))
+
+
+def softmax_backward(x, g, stats, out, n, off, safe, exact):
+    """Input gradient of softmax_forward for output gradient ``g`` (pam.rows_bits), given
+    the ``stats`` softmax_forward wrote for ``x``."""
+    rows = _check_softmax_stats(x, stats, n)
+    kernel = _softmax_backward_rows_exact if exact else _softmax_backward_rows_approx
+    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN, x, g, stats, out, n, off,
+                bool(safe))

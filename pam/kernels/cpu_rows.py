@@ -9,8 +9,10 @@ the rows between threads with :func:`pam.kernels.threads.run` when the input has
 way: rows are independent and each is reduced sequentially). The flags (exact, weight,
 bias) choose one compiled kernel per variant in Python (``_<kernel>_rows_<variant>``), so a
 run compiles only the row code of the variants it uses (cold start, validation/README.md
-section 9c). The layer-norm weight and bias gradients are the column
-sums of per-row terms over rows in increasing row index (float32 from +0), after the rows.
+section 9c). The layer-norm forward writes each row's statistics (LN_STATS per row) to a
+``stats`` array that the backward reads instead of recomputing them. The layer-norm weight
+and bias gradients are the column sums of per-row terms over rows in increasing row index
+(float32 from +0), after the rows.
 ``off`` must be an offset constant of pam.dispatch.offset_constant (ValueError otherwise).
 """
 import numpy as np
@@ -21,6 +23,7 @@ from . import threads
 from .cpu import FUSED_PARALLEL_MIN, serial_kernel
 
 _SERIAL = dict(cache=True, nogil=True)
+LN_STATS = rows_bits.LN_STATS        # layer-norm row statistics per row
 
 __all__ = ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
            "layer_norm_backward"]
@@ -56,23 +59,22 @@ _log_softmax_backward_rows_approx = _make_log_softmax_backward_rows(False)
 
 
 def _make_layer_norm_forward_rows(has_w, has_b):
-    def kernel(x, w, b, out, n, nb, eps_b, off, lo, hi):
+    def kernel(x, w, b, out, stats, n, nb, eps_b, off, lo, hi):
         optim_bits.check_offset(off)
-        stats = np.empty(9, np.int32)               # the row statistics, row after row
         for r in range(lo, hi):
             if has_w:
                 if has_b:
                     rows_bits.layer_norm_row_forward_wb(x, w, b, out, r * n, n, nb, eps_b,
-                                                        off, stats, 0)
+                                                        off, stats, LN_STATS * r)
                 else:
                     rows_bits.layer_norm_row_forward_w(x, w, b, out, r * n, n, nb, eps_b,
-                                                       off, stats, 0)
+                                                       off, stats, LN_STATS * r)
             elif has_b:
                 rows_bits.layer_norm_row_forward_b(x, w, b, out, r * n, n, nb, eps_b, off,
-                                                   stats, 0)
+                                                   stats, LN_STATS * r)
             else:
                 rows_bits.layer_norm_row_forward_plain(x, w, b, out, r * n, n, nb, eps_b,
-                                                       off, stats, 0)
+                                                       off, stats, LN_STATS * r)
     suffix = ("w" if has_w else "") + ("b" if has_b else "")
     return serial_kernel(f"_layer_norm_forward_rows_{suffix or 'plain'}", kernel)
 
@@ -88,23 +90,22 @@ _LAYER_NORM_FORWARD = {(False, False): _layer_norm_forward_rows_plain,
 
 
 def _make_layer_norm_backward_rows(exact, has_w):
-    def kernel(x, w, g, out, terms, n, nb, eps_b, off, lo, hi):
+    def kernel(x, w, g, stats, out, terms, n, nb, off, lo, hi):
         optim_bits.check_offset(off)
-        stats = np.empty(9, np.int32)
         for r in range(lo, hi):
             if exact:
                 if has_w:
                     rows_bits.layer_norm_row_backward_exact_w(x, w, g, out, terms, r * n, n,
-                                                              nb, eps_b, off, stats, 0)
+                                                              nb, off, stats, LN_STATS * r)
                 else:
                     rows_bits.layer_norm_row_backward_exact(x, w, g, out, terms, r * n, n,
-                                                            nb, eps_b, off, stats, 0)
+                                                            nb, off, stats, LN_STATS * r)
             elif has_w:
                 rows_bits.layer_norm_row_backward_approx_w(x, w, g, out, terms, r * n, n, nb,
-                                                           eps_b, off, stats, 0)
+                                                           off, stats, LN_STATS * r)
             else:
                 rows_bits.layer_norm_row_backward_approx(x, w, g, out, terms, r * n, n, nb,
-                                                         eps_b, off, stats, 0)
+                                                         off, stats, LN_STATS * r)
     suffix = ("exact" if exact else "approx") + ("_w" if has_w else "")
     return serial_kernel(f"_layer_norm_backward_rows_{suffix}", kernel)
 
@@ -147,25 +148,39 @@ def log_softmax_backward(x, g, out, n, off, exact):
     threads.run(kernel, _rows(x, n), x.size, FUSED_PARALLEL_MIN, x, g, out, n, off)
 
 
-def layer_norm_forward(x, w, b, out, n, nb, eps_b, off, flags):
+def _check_stats(x, stats, n):
+    """The number of rows of length ``n`` in ``x``; ValueError unless ``stats`` holds
+    LN_STATS entries per row."""
+    rows = _rows(x, n)
+    if stats.size != LN_STATS * rows:
+        raise ValueError(f"stats must have {LN_STATS} entries per row "
+                         f"({LN_STATS * rows}), got {stats.size}")
+    return rows
+
+
+def layer_norm_forward(x, w, b, out, stats, n, nb, eps_b, off, flags):
     """Rows of length ``n`` -> PA layer norm (pam.rows_bits.layer_norm_row_forward);
     ``w``, ``b``: int32 bits of length ``n`` (read only with LN_WEIGHT / LN_BIAS in
-    ``flags``), ``nb`` the bits of float32(n), ``eps_b`` those of float32(eps)."""
+    ``flags``), ``nb`` the bits of float32(n), ``eps_b`` those of float32(eps). Each row's
+    statistics (layer_norm_row_stats) go to ``stats`` (int32, LN_STATS per row), for
+    layer_norm_backward."""
+    rows = _check_stats(x, stats, n)
     kernel = _LAYER_NORM_FORWARD[(flags & rows_bits.LN_WEIGHT) != 0,
                                  (flags & rows_bits.LN_BIAS) != 0]
-    threads.run(kernel, _rows(x, n), x.size, FUSED_PARALLEL_MIN, x, w, b, out, n, nb, eps_b,
+    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN, x, w, b, out, stats, n, nb, eps_b,
                 off)
 
 
-def layer_norm_backward(x, w, g, out, gw, gb, n, nb, eps_b, off, flags):
-    """Input gradient of layer_norm_forward for output gradient ``g`` into ``out``; with
-    LN_WEIGHT in ``flags`` the weight gradient into ``gw`` (length n), with LN_BIAS the
-    bias gradient (column sums of g) into ``gb`` (length n)."""
-    rows = _rows(x, n)
+def layer_norm_backward(x, w, g, stats, out, gw, gb, n, nb, off, flags):
+    """Input gradient of layer_norm_forward for output gradient ``g`` into ``out``, given
+    the ``stats`` layer_norm_forward wrote for ``x``; with LN_WEIGHT in ``flags`` the
+    weight gradient into ``gw`` (length n), with LN_BIAS the bias gradient (column sums of
+    g) into ``gb`` (length n)."""
+    rows = _check_stats(x, stats, n)
     has_w = (flags & rows_bits.LN_WEIGHT) != 0
     terms = np.empty(x.size if has_w else 1, np.int32)
     kernel = _LAYER_NORM_BACKWARD[(flags & rows_bits.LN_EXACT) != 0, has_w]
-    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN, x, w, g, out, terms, n, nb, eps_b,
+    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN, x, w, g, stats, out, terms, n, nb,
                 off)
     if has_w:
         _column_sums(terms, gw, n, rows)

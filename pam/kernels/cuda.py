@@ -1231,16 +1231,18 @@ def gelu_backward(x, grad, knots, slopes, exact, out):
                    (x, grad, knots, slopes), (bool(exact),), out)
 
 
-def _softmax_forward_kernel(x, n, off, safe, out):
+def _softmax_forward_kernel(x, n, off, safe, stats, out):
     rows = x.size // n
     for r in range(cuda.grid(1), rows, cuda.gridsize(1)):
-        rows_bits.softmax_row_forward(x, out, r * n, n, off, safe)
+        rows_bits.softmax_row_forward(x, out, r * n, n, off, safe, stats,
+                                      r * rows_bits.SOFTMAX_STATS)
 
 
-def _softmax_backward_kernel(x, g, n, off, safe, exact, out):
+def _softmax_backward_kernel(x, g, stats, n, off, safe, exact, out):
     rows = x.size // n
     for r in range(cuda.grid(1), rows, cuda.gridsize(1)):
-        rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact)
+        rows_bits.softmax_row_backward(x, g, out, r * n, n, off, safe, exact, stats,
+                                       r * rows_bits.SOFTMAX_STATS)
 
 
 def _check_rows(n, **arrays):
@@ -1255,22 +1257,38 @@ def _check_rows(n, **arrays):
     return size // n
 
 
-def softmax_forward(x, out, n, off, safe):
-    """Rows of length ``n`` -> PA softmax, one thread per row (see the CPU kernel)."""
+def _check_softmax_stats(stats, rows):
+    _check_array(stats, "stats", 1, np.int32)
+    per_row = rows_bits.SOFTMAX_STATS
+    if stats.shape[0] != rows * per_row:
+        raise ValueError(f"stats must have {per_row} entries per row ({rows * per_row}), "
+                         f"got {stats.shape[0]}")
+
+
+def softmax_forward(x, out, stats, n, off, safe):
+    """Rows of length ``n`` -> PA softmax and each row's statistics into ``stats``, one
+    thread per row (see the CPU kernel)."""
     rows = _check_rows(int(n), x=x, out=out)
+    _check_softmax_stats(stats, rows)
     if rows == 0:
         return out
-    return _launch("softmax_forward", _elementwise_grid(rows), ELEMENTWISE_THREADS, (x,),
-                   (int(n), int(off), bool(safe)), out)
+    from .cuda_rows import _run           # launches with two outputs (cuda_rows imports us)
+    kernel = _compiled("softmax_forward")
+    _run((x,), (stats, out), lambda d, o, s: kernel[
+        _elementwise_grid(rows), ELEMENTWISE_THREADS, s](d[0], int(n), int(off), bool(safe),
+                                                         o[0], o[1]))
+    return out
 
 
-def softmax_backward(x, g, out, n, off, safe, exact):
-    """Input gradient of softmax_forward, one thread per row (see the CPU kernel)."""
+def softmax_backward(x, g, stats, out, n, off, safe, exact):
+    """Input gradient of softmax_forward given its ``stats``, one thread per row (see the
+    CPU kernel)."""
     rows = _check_rows(int(n), x=x, g=g, out=out)
+    _check_softmax_stats(stats, rows)
     if rows == 0:
         return out
-    return _launch("softmax_backward", _elementwise_grid(rows), ELEMENTWISE_THREADS, (x, g),
-                   (int(n), int(off), bool(safe), bool(exact)), out)
+    return _launch("softmax_backward", _elementwise_grid(rows), ELEMENTWISE_THREADS,
+                   (x, g, stats), (int(n), int(off), bool(safe), bool(exact)), out)
 
 
 KERNEL_FUNCTIONS.update({"gelu_forward": _gelu_forward_kernel,
@@ -1289,8 +1307,8 @@ def _added_signatures():
     sigs.update({"adamw": (i1,) * 5 + (i64,) * 10, "sgd": (i1,) * 3 + (i64,) * 6,
                  "adamw_unbiased": (i1,) * 5 + (i64,) * 8,
                  "gelu_forward": (i1,) * 4, "gelu_backward": (i1,) * 4 + (nt.boolean, i1),
-                 "softmax_forward": (i1, i64, i64, nt.boolean, i1),
-                 "softmax_backward": (i1, i1, i64, i64, nt.boolean, nt.boolean, i1)})
+                 "softmax_forward": (i1, i64, i64, nt.boolean, i1, i1),
+                 "softmax_backward": (i1, i1, i1, i64, i64, nt.boolean, nt.boolean, i1)})
     return sigs
 
 

@@ -3,9 +3,10 @@ to :mod:`pam.kernels.cpu_rows`.
 
 Same names and arguments as the CPU kernels; every kernel runs the scalar row definitions
 of :mod:`pam.rows_bits` with one thread per row (grid-stride loop), so each row is reduced
-sequentially in the same order as on CPU. ``layer_norm_backward`` launches twice: the rows
-(input gradient and the per-row weight terms), then one thread per column for the weight
-and bias gradients (sums over rows in increasing row index). Arguments are torch CUDA
+sequentially in the same order as on CPU. ``layer_norm_forward`` writes each row's
+statistics to ``stats``, which ``layer_norm_backward`` reads; the backward launches twice:
+the rows (input gradient and the per-row weight terms), then one thread per column for the
+weight and bias gradients (sums over rows in increasing row index). Arguments are torch CUDA
 tensors (zero-copy, torch's current stream; scratch from torch's allocator) or NumPy
 arrays (copied to the device and back: what the tests use under NUMBA_ENABLE_CUDASIM=1).
 Kernels are compiled on first use; importing this module needs neither a GPU nor
@@ -23,6 +24,7 @@ __all__ = ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
 
 THREADS = 128
 MAX_BLOCKS = 8192
+LN_STATS = rows_bits.LN_STATS
 
 
 def _log_softmax_forward_kernel(x, n, off, out):
@@ -38,13 +40,13 @@ def _log_softmax_backward_kernel(x, g, n, off, exact, out):
 def _layer_norm_forward_kernel(x, w, b, n, nb, eps_b, off, flags, stats, out):
     for r in range(cuda.grid(1), x.size // n, cuda.gridsize(1)):
         rows_bits.layer_norm_row_forward(x, w, b, out, r * n, n, nb, eps_b, off, flags,
-                                         stats, r * 9)
+                                         stats, r * LN_STATS)
 
 
-def _layer_norm_backward_kernel(x, w, g, n, nb, eps_b, off, flags, stats, terms, out):
+def _layer_norm_backward_kernel(x, w, g, stats, n, nb, off, flags, terms, out):
     for r in range(cuda.grid(1), x.size // n, cuda.gridsize(1)):
-        rows_bits.layer_norm_row_backward(x, w, g, out, terms, r * n, n, nb, eps_b, off,
-                                          flags, stats, r * 9)
+        rows_bits.layer_norm_row_backward(x, w, g, out, terms, r * n, n, nb, off, flags,
+                                          stats, r * LN_STATS)
 
 
 def _column_sums_kernel(t, n, rows, out):
@@ -128,40 +130,49 @@ def log_softmax_backward(x, g, out, n, off, exact):
     return out
 
 
-def layer_norm_forward(x, w, b, out, n, nb, eps_b, off, flags):
-    """Rows of length ``n`` -> PA layer norm, one thread per row (see cpu_rows)."""
+def _check_stats(stats, rows, per_row):
+    """ValueError unless ``stats`` (int32, 1-D) holds ``per_row`` entries per row."""
+    _check_array(stats, "stats", 1, np.int32)
+    if stats.shape[0] != rows * per_row:
+        raise ValueError(f"stats must have {per_row} entries per row ({rows * per_row}), "
+                         f"got {stats.shape[0]}")
+
+
+def layer_norm_forward(x, w, b, out, stats, n, nb, eps_b, off, flags):
+    """Rows of length ``n`` -> PA layer norm and each row's statistics into ``stats``, one
+    thread per row (see cpu_rows)."""
     rows = _rows(int(n), off, x=x, out=out)
     _check_array(w, "w", 1, np.int32)
     _check_array(b, "b", 1, np.int32)
+    _check_stats(stats, rows, LN_STATS)
     if rows:
         k = _compiled("layer_norm_forward")
-        stats = _scratch(x, rows * 9)
         _run((x, w, b), (stats, out), lambda d, o, s: k[_grid(rows), THREADS, s](
             d[0], d[1], d[2], int(n), int(nb), int(eps_b), int(off), int(flags), o[0], o[1]))
     return out
 
 
-def layer_norm_backward(x, w, g, out, gw, gb, n, nb, eps_b, off, flags):
-    """Input, weight and bias gradients of layer_norm_forward (see cpu_rows): one thread
-    per row, then one per column for the weight / bias sums."""
+def layer_norm_backward(x, w, g, stats, out, gw, gb, n, nb, off, flags):
+    """Input, weight and bias gradients of layer_norm_forward given its ``stats`` (see
+    cpu_rows): one thread per row, then one per column for the weight / bias sums."""
     rows = _rows(int(n), off, x=x, g=g, out=out)
     for a, label in ((w, "w"), (gw, "gw"), (gb, "gb")):
         _check_array(a, label, 1, np.int32)
+    _check_stats(stats, rows, LN_STATS)
     if not rows:
         return out
     has_w = bool(flags & rows_bits.LN_WEIGHT)
     has_b = bool(flags & rows_bits.LN_BIAS)
-    stats = _scratch(x, rows * 9)
     terms = _scratch(x, rows * n if has_w else 1)
     k = _compiled("layer_norm_backward")
     sums = _compiled("column_sums")
 
     def body(d, o, s):
-        k[_grid(rows), THREADS, s](d[0], d[1], d[2], int(n), int(nb), int(eps_b), int(off),
-                                   int(flags), o[0], o[1], o[2])
+        k[_grid(rows), THREADS, s](d[0], d[1], d[2], d[3], int(n), int(nb), int(off),
+                                   int(flags), o[0], o[1])
         if has_w:
-            sums[_grid(n), THREADS, s](o[1], int(n), rows, o[3])
+            sums[_grid(n), THREADS, s](o[0], int(n), rows, o[2])
         if has_b:
-            sums[_grid(n), THREADS, s](d[2], int(n), rows, o[4])
-    _run((x, w, g), (stats, terms, out, gw, gb), body)
+            sums[_grid(n), THREADS, s](d[2], int(n), rows, o[3])
+    _run((x, w, g, stats), (terms, out, gw, gb), body)
     return out
