@@ -357,6 +357,50 @@ def test_grad_right_of_causal_probabilities():
         assert_same_bits(dr[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
 
 
+def _attention_operands(rng, batch, seq, head):
+    """The operands of causal attention's two matmuls: probs (batch, seq, seq) with a zero
+    upper triangle (softmax of masked scores), v, q (batch, seq, head), k^T as the transpose
+    of a C-contiguous k (as ``key.transpose(-2, -1)``), d(out) and d(scores) (causal
+    zeros) for the backward; probs and d(scores) also hold scattered -0.0."""
+    probs = _causal(rng, (batch, seq, seq), upper=True)
+    v = operand(rng, (batch, seq, head), "normal")
+    q = operand(rng, (batch, seq, head), "normal")
+    k = operand(rng, (batch, seq, head), "normal")
+    d_out = operand(rng, (batch, seq, head), "normal")
+    d_scores = _causal(rng, (batch, seq, seq), upper=True)
+    return probs, v, q, k, d_out, d_scores
+
+
+@pytest.mark.parametrize("seq, head", [(64, 32), (48, 24)])
+def test_attention_shapes_match_reference(seq, head):
+    """The attention-sized batched matmuls of a small GPT (many small matrices, causal
+    zeros in probs and in the scores' gradient, k^T read as the transpose of a contiguous
+    k), forward and both exact gradients, with each gradient written into a C-contiguous
+    output (as pam's autograd asks) and into the transpose of one: bit for bit the
+    per-batch references."""
+    rng = np.random.default_rng(seq + head)
+    batch = 3
+    probs, v, q, k, d_out, d_scores = _attention_operands(rng, batch, seq, head)
+    kt = k.view(np.int32).transpose(0, 2, 1)                # (batch, head, seq), a view
+    cases = [("probs @ v", probs.view(np.int32), v.view(np.int32), d_out),
+             ("q @ k^T", q.view(np.int32), kt, d_scores)]
+    for what, a, b, g in cases:
+        af, bf = a.view(np.float32), np.ascontiguousarray(b).view(np.float32)
+        out = np.full((batch, a.shape[1], b.shape[2]), np.nan, np.float32)
+        cpu.matmul(a, b, 0, out)
+        da = np.full(a.shape, np.nan, np.float32)
+        db = np.full(b.shape, np.nan, np.float32)
+        cpu.matmul_exact_grads(a, None, None, b, g.view(np.int32), 0, da, db)
+        db_t = np.full((batch, b.shape[2], b.shape[1]), np.nan, np.float32).transpose(0, 2, 1)
+        cpu.matmul_exact_grads(a, None, None, b, g.view(np.int32), 0, None, db_t)
+        for p in range(batch):
+            assert_same_bits(out[p], ref_matmul(af[p], bf[p]), f"{what} forward {p}")
+            assert_same_bits(da[p], ref_grad_left(af[p], bf[p], g[p]), f"{what} d left {p}")
+            expect = ref_grad_right(af[p], bf[p], g[p])
+            assert_same_bits(db[p], expect, f"{what} d right {p}")
+            assert_same_bits(db_t[p], expect, f"{what} d right, transposed output {p}")
+
+
 def test_grad_scratch_reused_across_sizes_and_threads():
     """The per-thread packing scratch (cpu._strip_work): a large call, then a smaller one
     that reuses the bigger buffer, then a masked one that needs more than it; and two
