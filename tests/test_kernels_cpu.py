@@ -430,6 +430,50 @@ def test_grad_scratch_reused_across_sizes_and_threads():
                 check(abg, got)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_plan_scans_equal_the_scalar_stats(threads):
+    """The chunked, 8-lane range scans of the matmul plans (cpu._scan) give cpu._stats's
+    (inf/NaN, zero/subnormal, min normal |bits|, max |bits|) for each operand: arrays of
+    several chunks plus a tail that is not a multiple of 8, with the extremes placed at a
+    chunk's last lane, in the scalar tail, or absent (no normal number, no zero), and
+    operands that are empty or transposed views."""
+    rng = np.random.default_rng(13)
+    size = 2 * cpu.SCAN_CHUNK + 13
+    base = lambda: (rng.standard_normal(size) + 3).astype(np.float32).view(np.int32)  # noqa: E731
+    cases = []
+    x = base()
+    x[cpu.SCAN_CHUNK - 1] = np.float32(1e-40).view(np.int32)          # subnormal, lane 7
+    x[size - 1] = np.float32(-np.inf).view(np.int32)                   # in the tail
+    cases.append(x)
+    x = base()
+    x[cpu.SCAN_CHUNK + 8] = np.float32(2.0 ** -126).view(np.int32)      # min normal
+    x[size - 3] = np.float32(-3e38).view(np.int32)
+    cases.append(x)
+    cases.append(np.zeros(size, np.int32))                                # no normal number
+    cases.append(np.full(size, np.float32(1e-39).view(np.int32), np.int32))
+    cases.append(np.full(size, np.float32(np.nan).view(np.int32), np.int32))
+    cases.append(rng.integers(-2 ** 31, 2 ** 31, size, dtype=np.int64).astype(np.int32))
+    cases.append(np.zeros(0, np.int32))
+    cases.append(base()[:6 * 50].reshape(1, 6, 50).transpose(0, 2, 1))  # not contiguous
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for i, x in enumerate(cases):
+            y = cases[(i + 1) % len(cases)]
+            z = cases[(i + 3) % len(cases)]
+            out, parts = cpu._scan(x, y, z)
+            for arr, (lo, hi) in zip((x, y, z), parts):
+                expect = cpu._stats(np.ascontiguousarray(arr))
+                assert tuple(cpu._scan_merge(out, lo, hi)) == tuple(expect), i
+            out, parts = cpu._scan(x, y)
+            assert parts[2][0] == parts[2][1] == len(out)
+            for arr, (lo, hi) in zip((x, y), parts):
+                assert tuple(cpu._scan_merge(out, lo, hi)) == \
+                    tuple(cpu._stats(np.ascontiguousarray(arr))), i
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_fast_path_at_range_boundaries():
     """Operands whose extreme products are exactly the smallest normal and just below inf.
 

@@ -739,18 +739,97 @@ def _matmul_general(a, b, off, lmul, out):
                 out[p, i0 + r, j0:j1] = acc[r, :w]
 
 
-# The public matmul kernels are Python functions: the O(inputs) range check is one small
-# compiled call, then the path is chosen here, so each path is a dispatcher of its own that
+# The public matmul kernels are Python functions: the O(inputs) range check is a compiled
+# scan (below), then the path is chosen here, so each path is a dispatcher of its own that
 # compiles on its first use (a run without inf/NaN never compiles the general paths; a PAM
 # run never compiles the L-Mul ones). Each dispatcher gets one signature: C-contiguous
 # int32 operands, a float32 result, int64 scalars, a bool mask flag.
+# The range scans of the matmul plans: the operands' flat elements in chunks of SCAN_CHUNK,
+# each chunk's partial extremes computed 8 lanes at a time (``_scan_range``), the chunks
+# split between threads from SCAN_PARALLEL_MIN elements, then merged per operand.
+SCAN_CHUNK = 1 << 14
+SCAN_PARALLEL_MIN = 1 << 16
+TWO32 = 1 << 32
+
+
 @njit(cache=True, nogil=True)
+def _scan_range(x0, x1, x2, n0, n1, out, lo, hi):
+    """Scan tasks lo <= task < hi over the flat C-contiguous int32 arrays x0, x1, x2 cut in
+    chunks of SCAN_CHUNK elements (tasks [0, n0) are x0's chunks, [n0, n0 + n1) x1's, the
+    rest x2's): out[task] = (max |bits|, min |bits|, min over normal |bits| of
+    |bits| - MIN_NORMAL as an unsigned 32-bit value, 2^32 - MIN_NORMAL or more when the
+    chunk has no normal number), |bits| = bits & ABS_MASK."""
+    absm = vec8.splat_i8(ABS_MASK)
+    shift = vec8.splat_i8(-MIN_NORMAL)
+    for task in range(lo, hi):
+        x = x0 if task < n0 else (x1 if task < n0 + n1 else x2)
+        c = task if task < n0 else (task - n0 if task < n0 + n1 else task - n0 - n1)
+        i0 = c * SCAN_CHUNK
+        i1 = min(i0 + SCAN_CHUNK, x.size)
+        v8 = i0 + (i1 - i0) // 8 * 8
+        top = vec8.splat_i8(0)
+        bottom = vec8.splat_i8(ABS_MASK)
+        low = vec8.splat_i8(-1)
+        for i in range(i0, v8, 8):
+            u = vec8.and_i8(vec8.load_i8(x, i), absm)
+            top = vec8.max_i8(top, u)
+            bottom = vec8.min_i8(bottom, u)
+            low = vec8.umin_i8(low, vec8.add_i8(u, shift))
+        t = vec8.hmax_i8(top)
+        b = vec8.hmin_i8(bottom)
+        w = vec8.humin_i8(low)
+        for i in range(v8, i1):
+            u = np.int64(vec8.get_i32(x, i)) & ABS_MASK
+            t = max(t, u)
+            b = min(b, u)
+            w = min(w, (u - MIN_NORMAL) % TWO32)
+        out[task, 0] = t
+        out[task, 1] = b
+        out[task, 2] = w
+
+
+@njit(cache=True, nogil=True)
+def _scan_merge(out, lo, hi):
+    """(has_inf_or_nan, has_zero_or_subnormal, min normal |bits|, max |bits|) of the
+    operand whose ``_scan_range`` chunks are out[lo:hi] (as ``_stats``; INF for the
+    minimum when there is none below INF, (False, False, INF, 0) for no chunk)."""
+    t = 0
+    b = INF
+    w = TWO32 - 1
+    for c in range(lo, hi):
+        t = max(t, out[c, 0])
+        b = min(b, out[c, 1])
+        w = min(w, out[c, 2])
+    return t >= INF, b < MIN_NORMAL, min(w + MIN_NORMAL, INF), t
+
+
+def _scan(x0, x1, x2=None):
+    """The chunk extremes of ``_scan_range`` for two or three int32 operands (any layout:
+    a non-contiguous one is scanned from a contiguous copy) and the task ranges of each in
+    them: (out, ((lo, hi) per operand))."""
+    flats = [np.ascontiguousarray(x).reshape(-1) for x in (x0, x1, x1 if x2 is None else x2)]
+    sizes = [flats[0].size, flats[1].size, 0 if x2 is None else flats[2].size]
+    counts = [-(-size // SCAN_CHUNK) for size in sizes]
+    out = np.empty((sum(counts), 3), np.int64)
+    threads.run(_scan_range, len(out), sum(sizes), SCAN_PARALLEL_MIN, *flats, counts[0],
+                counts[1], out)
+    edges = [0, counts[0], counts[0] + counts[1], len(out)]
+    return out, [(edges[i], edges[i + 1]) for i in range(3)]
+
+
+@njit(cache=True, nogil=True)
+def _matmul_decide(out, a0, a1, b0, b1, off, lmul):
+    """(fast, za, zb) of ``_matmul_plan`` from the operands' merged chunk scans."""
+    sa, za, lo_a, hi_a = _scan_merge(out, a0, a1)
+    sb, zb, lo_b, hi_b = _scan_merge(out, b0, b1)
+    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), za, zb
+
+
 def _matmul_plan(a, b, off, lmul):
     """(fast, za, zb): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
     applies, and whether a, b hold zeros or subnormals."""
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(b)
-    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), za, zb
+    out, ((a0, a1), (b0, b1), _) = _scan(a, b)
+    return _matmul_decide(out, a0, a1, b0, b1, off, lmul)
 
 
 def _matmul_run(a, b, off, lmul, out):
@@ -1344,18 +1423,24 @@ def _mm_range(a, xp, mp, masked, off, out, lo, hi):
 
 
 @njit(cache=True, nogil=True)
+def _grads_decide(out, a0, a1, b0, b1, g0, g1, off):
+    """The tuple of ``_grads_plan`` from the operands' merged chunk scans."""
+    sa, za, lo_a, hi_a = _scan_merge(out, a0, a1)
+    sb, zb, lo_b, hi_b = _scan_merge(out, b0, b1)
+    sg, zg, lo_g, hi_g = _scan_merge(out, g0, g1)
+    ok = not (sa or sb or sg)
+    return (ok and _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off),
+            ok and _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off), za, zb, zg)
+
+
 def _grads_plan(a, b, grad, off):
     """(fast_a, fast_b, za, zb, zg) for the exact matmul gradients: whether the int32
     fast path of the left / right gradient applies (no inf/NaN in a, b, grad, and
     ``_slope_fast_ok`` for grad's range and that of the operand whose exponents enter the
     slopes: b for the left gradient, a for the right one), and whether a, b, grad hold
     zeros/subnormals. a and b may be given transposed (the scans see the same values)."""
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(b)
-    sg, zg, lo_g, hi_g = _stats(grad)
-    ok = not (sa or sb or sg)
-    return (ok and _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off),
-            ok and _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off), za, zb, zg)
+    out, ((a0, a1), (b0, b1), (g0, g1)) = _scan(a, b, grad)
+    return _grads_decide(out, a0, a1, b0, b1, g0, g1, off)
 
 
 _WORK = threading.local()
