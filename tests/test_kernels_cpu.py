@@ -401,6 +401,32 @@ def test_attention_shapes_match_reference(seq, head):
             assert_same_bits(db_t[p], expect, f"{what} d right, transposed output {p}")
 
 
+def test_live_spans_of_zero_masks():
+    """cpu._live_span (the reduced span of a pair or quad of splatted rows) and
+    cpu._strip_span (of a packed strip) against a direct search, on masks with live
+    entries at group edges, in the scalar remainder, one live column, or none."""
+    rng = np.random.default_rng(17)
+    for trial in range(300):
+        n = int(rng.integers(1, 70))
+        W = n + (-n) % 8
+        count = int(rng.choice([2, 4]))
+        z = np.zeros((count + 1, W), np.int32)
+        live = rng.random((count + 1, n)) < rng.choice([0.0, 0.02, 0.2, 0.9])
+        z[:, :n][live] = rng.choice([-1, cpu.NOT_MANT], size=int(live.sum()))
+        cols = np.flatnonzero((z[1:1 + count, :n] < 0).any(axis=0))
+        expect = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (n, n)
+        assert tuple(cpu._live_span(z, 1, count, n)) == expect, (trial, z)
+        rows = n
+        mp = np.zeros((2, rows, 16), np.int32)
+        mp[1][rng.random((rows, 16)) < rng.choice([0.0, 0.01, 0.3])] = -1
+        live_rows = np.flatnonzero((mp[1] != 0).any(axis=1))
+        lo, hi = cpu._strip_span(mp, rows * 16, rows)
+        if live_rows.size:
+            assert (lo, hi) == (live_rows[0], live_rows[-1] + 1), trial
+        else:
+            assert lo == hi, trial
+
+
 def test_grad_scratch_reused_across_sizes_and_threads():
     """The per-thread packing scratch (cpu._strip_work): a large call, then a smaller one
     that reuses the bigger buffer, then a masked one that needs more than it; and two

@@ -1054,16 +1054,62 @@ def _pack_range(x, trans, xp, mp, masked, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _strip_span(M):
-    """(lo, hi): the rows of a packed strip's zero mask M (rows, 16) from the first to the
-    last one holding a normal lane ((0, 0) when none does)."""
+def _strip_span(mp, base, rows):
+    """(lo, hi): the rows of a packed strip's zero mask (``rows`` rows of 16 lanes at flat
+    index ``base`` of mp) from the first to the last one holding a normal lane (an empty
+    range when none does); a row's 16 lanes are tested two 8-lane loads at a time."""
     lo = 0
-    hi = M.shape[0]
-    while lo < hi and not M[lo].any():
+    while lo < rows and vec8.hmin_i8(vec8.min_i8(vec8.load_i8(mp, base + lo * 16),
+                                                 vec8.load_i8(mp, base + lo * 16 + 8))) == 0:
         lo += 1
-    while hi > lo and not M[hi - 1].any():
+    hi = rows
+    while hi > lo and vec8.hmin_i8(vec8.min_i8(vec8.load_i8(mp, base + hi * 16 - 16),
+                                               vec8.load_i8(mp, base + hi * 16 - 8))) == 0:
         hi -= 1
     return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _live_span(z, r, count, n):
+    """(lo, hi): the columns j < n from the first to one past the last at which one of the
+    rows z[r], ..., z[r + count - 1] holds a negative value (a live lane of a zero mask:
+    -1 or NOT_MANT; 0 elsewhere), (n, n) when none does. z: 2-D C int32 whose row width is
+    a multiple of 8 and whose columns from n on hold 0; tested 8 columns at a time."""
+    W = z.shape[1]
+    lo = 0
+    while lo + 8 <= W and _dead_group(z, r, count, lo):
+        lo += 8
+    lo = min(lo, n)
+    hi = W
+    while hi - 8 >= lo + 8 and _dead_group(z, r, count, hi - 8):
+        hi -= 8
+    hi = min(hi, n)
+    while lo < hi and _dead_column(z, r, count, lo):
+        lo += 1
+    while hi > lo and _dead_column(z, r, count, hi - 1):
+        hi -= 1
+    if lo == hi:
+        return n, n
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _dead_group(z, r, count, j):
+    """True when z[r + c, j:j + 8] >= 0 for every c < count (see ``_live_span``)."""
+    W = z.shape[1]
+    v = vec8.load_i8(z, r * W + j)
+    for c in range(1, count):
+        v = vec8.min_i8(v, vec8.load_i8(z, (r + c) * W + j))
+    return vec8.hmin_i8(v) >= 0
+
+
+@njit(cache=True, nogil=True)
+def _dead_column(z, r, count, j):
+    """True when z[r + c, j] >= 0 for every c < count (see ``_live_span``)."""
+    for c in range(count):
+        if z[r + c, j] < 0:
+            return False
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -1165,20 +1211,6 @@ def _scatter_rows(src, rows, cols, out, p, i0):
 
 
 @njit(cache=True, nogil=True)
-def _copy_rows(src, rows, cols, out, p, i0):
-    """out[p, i0 + r, c] = src[r, c] for r < rows, c < cols (float32; out C-contiguous
-    (batch, n, cols)); 8 lanes at a time, element by element past the last full 8."""
-    W = src.shape[1]
-    c8 = cols - cols % 8
-    for r in range(rows):
-        d = (p * out.shape[1] + i0 + r) * cols
-        for c in range(0, c8, 8):
-            vec8.store_f8(out, d + c, vec8.load_f8(src, r * W + c))
-        for c in range(c8, cols):
-            out[p, i0 + r, c] = src[r, c]
-
-
-@njit(cache=True, nogil=True)
 def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, out_trans,
                 lo, hi):
     """Tasks lo <= task < hi of the exact gradient in left form:
@@ -1195,8 +1227,10 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
 
     The micro-kernel (2 rows x 16 columns over the reduced span) is written out here
     rather than called: a call passing arrays costs a reference count update per array
-    (an atomic add) on entry and on exit, as much as a tile's work at red = 32. Each
-    tile is stored in a row block buffer, copied (or transposed) into ``out`` per block.
+    (an atomic add) on entry and on exit, as much as a tile's work at red = 32. A full
+    tile is stored straight into ``out`` (8-lane stores), a partial one through a scratch
+    tile; with ``out_trans`` the tiles fill a row block buffer that is then written
+    transposed (8 x 8 block transposes).
 
     Per tile: acc[u, l] = sum_j f32(((y[r + u, t0 + l] + X[j, l]) & n_u[j]) + g_u[j]),
     u = 0, 1, y the slope constants, X the packed strip, g_u = gs[r + u] a row of G's
@@ -1213,7 +1247,9 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
     gs = np.zeros((GRAD_ROW_BLOCK, R), np.int32)
     ns = np.zeros((GRAD_ROW_BLOCK, R), np.int32)
     spans = np.empty((GRAD_ROW_BLOCK // 2, 2), np.int64)
-    block = np.empty((GRAD_ROW_BLOCK, W), np.float32)
+    block = np.empty((GRAD_ROW_BLOCK, W if out_trans else 0), np.float32)
+    tile = np.empty(2 * STRIP_LANES, np.float32)
+    flat = out.reshape(-1)
     nm = vec8.splat_i8(NOT_MANT)
     for task in range(lo, hi):
         p = task // row_blocks
@@ -1228,19 +1264,13 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
         if mask_g:
             _fold_zero_mask(gs, ns, rows2, red)
         for r in range(0, rows2, 2):
-            j0 = 0
-            j1 = red
-            if mask_g:
-                while j0 < j1 and ns[r, j0] == 0 and ns[r + 1, j0] == 0:
-                    j0 += 1
-                while j1 > j0 and ns[r, j1 - 1] == 0 and ns[r + 1, j1 - 1] == 0:
-                    j1 -= 1
+            j0, j1 = _live_span(ns, r, 2, red) if mask_g else (0, red)
             spans[r // 2, 0] = j0
             spans[r // 2, 1] = j1
         for q in range(strips):
             t0 = q * STRIP_LANES
             base = (p * strips + q) * red * STRIP_LANES
-            s0, s1 = _strip_span(mp[p, q]) if mask_x else (0, red)
+            s0, s1 = _strip_span(mp, base, red) if mask_x else (0, red)
             for r in range(0, rows, 2):
                 j0 = max(s0, spans[r // 2, 0])
                 j1 = max(j0, min(s1, spans[r // 2, 1]))
@@ -1295,81 +1325,49 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
                         s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), nm), c0))
                         s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), nm), c1))
                         s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, x1), nm), c1))
-                vec8.store_f8(block, r * W + t0, s00)
-                vec8.store_f8(block, r * W + t0 + 8, s01)
-                vec8.store_f8(block, (r + 1) * W + t0, s10)
-                vec8.store_f8(block, (r + 1) * W + t0 + 8, s11)
+                if out_trans:            # whole rows of the block, padding lanes included
+                    vec8.store_f8(block, r * W + t0, s00)
+                    vec8.store_f8(block, r * W + t0 + 8, s01)
+                    vec8.store_f8(block, (r + 1) * W + t0, s10)
+                    vec8.store_f8(block, (r + 1) * W + t0 + 8, s11)
+                elif t0 + STRIP_LANES <= k and r + 1 < rows:     # a full tile: straight out
+                    d = (p * n + i0 + r) * k + t0
+                    vec8.store_f8(flat, d, s00)
+                    vec8.store_f8(flat, d + 8, s01)
+                    vec8.store_f8(flat, d + k, s10)
+                    vec8.store_f8(flat, d + k + 8, s11)
+                else:                    # the last row or columns: through a scratch tile
+                    vec8.store_f8(tile, 0, s00)
+                    vec8.store_f8(tile, 8, s01)
+                    vec8.store_f8(tile, 16, s10)
+                    vec8.store_f8(tile, 24, s11)
+                    for u in range(min(2, rows - r)):
+                        for l in range(min(STRIP_LANES, k - t0)):
+                            out[p, i0 + r + u, t0 + l] = tile[u * STRIP_LANES + l]
         if out_trans:
             _scatter_rows(block, rows, k, out, p, i0)
-        else:
-            _copy_rows(block, rows, k, out, p, i0)
 
 
 @njit(cache=True, nogil=True)
-def _mm_tile(tile, xp, mp, base, cs, h, r, t0, t1, masked):
-    """tile[u, l] = sum_t f32(X[t, l] + cs[r + u, t]), t0 <= t < t1 increasing, for
-    u = 0..3 (X: the packed strip of b starting at flat index ``base`` of xp, rows of 16;
-    cs[r + u]: the int32 constants |bits(a)| - ONE + off (+2^31 for negative a) of a row
-    of a). When ``masked`` each product is anded with the packed zero mask of X (in mp) and
-    h[r + u, t] (zero mask of a's row): a zero or subnormal factor gives +0. Arrays are
-    read by flat index (no views)."""
-    k = cs.shape[1]
-    s00 = vec8.zero_f8()
-    s01 = vec8.zero_f8()
-    s10 = vec8.zero_f8()
-    s11 = vec8.zero_f8()
-    s20 = vec8.zero_f8()
-    s21 = vec8.zero_f8()
-    s30 = vec8.zero_f8()
-    s31 = vec8.zero_f8()
-    if masked:
-        for t in range(t0, t1):
-            i = base + t * 16
-            x0 = vec8.load_i8(xp, i)
-            x1 = vec8.load_i8(xp, i + 8)
-            m0 = vec8.load_i8(mp, i)
-            m1 = vec8.load_i8(mp, i + 8)
-            a = vec8.splat_i8(vec8.get_i32(cs, r * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, r * k + t))
-            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, (r + 1) * k + t))
-            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, (r + 2) * k + t))
-            s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, (r + 3) * k + t))
-            s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-    else:
-        for t in range(t0, t1):
-            i = base + t * 16
-            x0 = vec8.load_i8(xp, i)
-            x1 = vec8.load_i8(xp, i + 8)
-            a = vec8.splat_i8(vec8.get_i32(cs, r * k + t))
-            s00 = vec8.fadd_bits(s00, vec8.add_i8(x0, a))
-            s01 = vec8.fadd_bits(s01, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * k + t))
-            s10 = vec8.fadd_bits(s10, vec8.add_i8(x0, a))
-            s11 = vec8.fadd_bits(s11, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * k + t))
-            s20 = vec8.fadd_bits(s20, vec8.add_i8(x0, a))
-            s21 = vec8.fadd_bits(s21, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * k + t))
-            s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, a))
-            s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, a))
-    vec8.store_f8(tile, 0, s00)
-    vec8.store_f8(tile, 8, s01)
-    vec8.store_f8(tile, 16, s10)
-    vec8.store_f8(tile, 24, s11)
-    vec8.store_f8(tile, 32, s20)
-    vec8.store_f8(tile, 40, s21)
-    vec8.store_f8(tile, 48, s30)
-    vec8.store_f8(tile, 56, s31)
+def _mm_consts(cs, h, rows, cols, off):
+    """In place, for r < rows, t < cols: cs[r, t] = bits(a) - ONE + off wrapped (|bits(a)|
+    - ONE + off, + 2^31 for negative a: adding it to |bits(b)| gives the signed PAM
+    product) and h[r, t] = -1 where a is normal, 0 where it is zero or subnormal, a being
+    the int32 pattern cs[r, t] on entry; 8 lanes at a time."""
+    W = cs.shape[1]
+    absm = vec8.splat_i8(ABS_MASK)
+    below = vec8.splat_i8(MIN_NORMAL - 1)
+    c = vec8.splat_i8(off - ONE)
+    c8 = cols - cols % 8
+    for r in range(rows):
+        for t in range(0, c8, 8):
+            v = vec8.load_i8(cs, r * W + t)
+            vec8.store_i8(h, r * W + t, vec8.gt_i8(vec8.and_i8(v, absm), below))
+            vec8.store_i8(cs, r * W + t, vec8.add_i8(v, c))
+        for t in range(c8, cols):
+            ia = np.int64(cs[r, t])
+            h[r, t] = -1 if _normal(cs[r, t]) else 0
+            cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
 
 
 @njit(cache=True, nogil=True)
@@ -1378,48 +1376,111 @@ def _mm_range(a, xp, mp, masked, off, out, lo, hi):
     PAM(a[p, i, t], b[p, t, j]), t increasing, with b given packed in xp / mp
     (``_pack_range``; masks when ``masked``: a or b holds zeros or subnormals). Task
     p * row_blocks + b computes output rows [MM_ROW_BLOCK b, MM_ROW_BLOCK (b + 1)) of
-    batch p."""
+    batch p.
+
+    Per tile (written out here, not called: see ``_grad_range``): acc[u, l] = sum_t
+    f32(X[t, l] + cs[r + u, t]), t0 <= t < t1 increasing, u = 0..3, X the packed strip of
+    b, cs[r + u] the constants of a row of a (``_mm_consts``); when ``masked`` each
+    product is anded with X's packed zero mask and h[r + u, t] (a's): a zero or subnormal
+    factor gives +0. A full tile is stored straight into ``out``, a partial one through a
+    scratch tile."""
     n, k = a.shape[1], a.shape[2]
     strips, m = xp.shape[1], out.shape[2]
     row_blocks = (n + MM_ROW_BLOCK - 1) // MM_ROW_BLOCK
-    cs = np.empty((MM_ROW_BLOCK, k), np.int32)
-    h = np.empty((MM_ROW_BLOCK, k), np.int32)
+    K = k + (-k) % 8
+    cs = np.zeros((MM_ROW_BLOCK, K), np.int32)
+    h = np.zeros((MM_ROW_BLOCK, K), np.int32)
     spans = np.empty((MM_ROW_BLOCK // MM_TILE_ROWS, 2), np.int64)
-    tile = np.empty((MM_TILE_ROWS, STRIP_LANES), np.float32)
+    tile = np.empty(MM_TILE_ROWS * STRIP_LANES, np.float32)
+    flat = out.reshape(-1)
     for task in range(lo, hi):
         p = task // row_blocks
         i0 = (task - p * row_blocks) * MM_ROW_BLOCK
         rows = min(i0 + MM_ROW_BLOCK, n) - i0
         rows4 = rows + (-rows) % MM_TILE_ROWS
-        for r in range(rows4):
-            src = a[p, i0 + min(r, rows - 1)]
-            for t in range(k):
-                ia = np.int64(src[t])
-                cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
-                h[r, t] = -1 if _normal(src[t]) else 0
+        _gather_rows(a, False, p, i0, rows, rows4, k, cs)
+        _mm_consts(cs, h, rows4, k, off)
         for r in range(0, rows4, MM_TILE_ROWS):
-            t0 = 0
-            t1 = k
-            if masked:
-                while t0 < t1 and (h[r, t0] | h[r + 1, t0] | h[r + 2, t0] | h[r + 3, t0]) == 0:
-                    t0 += 1
-                while t1 > t0 and (h[r, t1 - 1] | h[r + 1, t1 - 1] | h[r + 2, t1 - 1]
-                                   | h[r + 3, t1 - 1]) == 0:
-                    t1 -= 1
+            t0, t1 = _live_span(h, r, MM_TILE_ROWS, k) if masked else (0, k)
             spans[r // MM_TILE_ROWS, 0] = t0
             spans[r // MM_TILE_ROWS, 1] = t1
         for q in range(strips):
             j0 = q * STRIP_LANES
-            w = min(STRIP_LANES, m - j0)
             base = (p * strips + q) * k * STRIP_LANES
-            s0, s1 = _strip_span(mp[p, q]) if masked else (0, k)
+            s0, s1 = _strip_span(mp, base, k) if masked else (0, k)
             for r in range(0, rows, MM_TILE_ROWS):
                 t0 = max(s0, spans[r // MM_TILE_ROWS, 0])
                 t1 = max(t0, min(s1, spans[r // MM_TILE_ROWS, 1]))
-                _mm_tile(tile, xp, mp, base, cs, h, r, t0, t1, masked)
-                for u in range(min(MM_TILE_ROWS, rows - r)):
-                    for l in range(w):
-                        out[p, i0 + r + u, j0 + l] = tile[u, l]
+                s00 = vec8.zero_f8()
+                s01 = vec8.zero_f8()
+                s10 = vec8.zero_f8()
+                s11 = vec8.zero_f8()
+                s20 = vec8.zero_f8()
+                s21 = vec8.zero_f8()
+                s30 = vec8.zero_f8()
+                s31 = vec8.zero_f8()
+                if masked:
+                    for t in range(t0, t1):
+                        i = base + t * 16
+                        x0 = vec8.load_i8(xp, i)
+                        x1 = vec8.load_i8(xp, i + 8)
+                        m0 = vec8.load_i8(mp, i)
+                        m1 = vec8.load_i8(mp, i + 8)
+                        c = vec8.splat_i8(vec8.get_i32(cs, r * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, r * K + t))
+                        s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, (r + 1) * K + t))
+                        s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, (r + 2) * K + t))
+                        s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, (r + 3) * K + t))
+                        s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                else:
+                    for t in range(t0, t1):
+                        i = base + t * 16
+                        x0 = vec8.load_i8(xp, i)
+                        x1 = vec8.load_i8(xp, i + 8)
+                        c = vec8.splat_i8(vec8.get_i32(cs, r * K + t))
+                        s00 = vec8.fadd_bits(s00, vec8.add_i8(x0, c))
+                        s01 = vec8.fadd_bits(s01, vec8.add_i8(x1, c))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * K + t))
+                        s10 = vec8.fadd_bits(s10, vec8.add_i8(x0, c))
+                        s11 = vec8.fadd_bits(s11, vec8.add_i8(x1, c))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * K + t))
+                        s20 = vec8.fadd_bits(s20, vec8.add_i8(x0, c))
+                        s21 = vec8.fadd_bits(s21, vec8.add_i8(x1, c))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * K + t))
+                        s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, c))
+                        s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, c))
+                if j0 + STRIP_LANES <= m and r + MM_TILE_ROWS <= rows:   # full: straight out
+                    d = (p * n + i0 + r) * m + j0
+                    vec8.store_f8(flat, d, s00)
+                    vec8.store_f8(flat, d + 8, s01)
+                    vec8.store_f8(flat, d + m, s10)
+                    vec8.store_f8(flat, d + m + 8, s11)
+                    vec8.store_f8(flat, d + 2 * m, s20)
+                    vec8.store_f8(flat, d + 2 * m + 8, s21)
+                    vec8.store_f8(flat, d + 3 * m, s30)
+                    vec8.store_f8(flat, d + 3 * m + 8, s31)
+                else:                    # the last rows or columns: through a scratch tile
+                    vec8.store_f8(tile, 0, s00)
+                    vec8.store_f8(tile, 8, s01)
+                    vec8.store_f8(tile, 16, s10)
+                    vec8.store_f8(tile, 24, s11)
+                    vec8.store_f8(tile, 32, s20)
+                    vec8.store_f8(tile, 40, s21)
+                    vec8.store_f8(tile, 48, s30)
+                    vec8.store_f8(tile, 56, s31)
+                    for u in range(min(MM_TILE_ROWS, rows - r)):
+                        for l in range(min(STRIP_LANES, m - j0)):
+                            out[p, i0 + r + u, j0 + l] = tile[u * STRIP_LANES + l]
 
 
 @njit(cache=True, nogil=True)
