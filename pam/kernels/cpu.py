@@ -956,9 +956,13 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
 
 
 # Exact-backward and PAM-forward fast paths: register-blocked micro-kernels
-# (pam.kernels.vec8). One call computes a small tile of the output (2 rows x 16 columns for
+# (pam.kernels.vec8). Each computes a small tile of the output (2 rows x 16 columns for
 # the gradients, 4 x 16 for the forward) over the whole reduced range, its 8-lane
-# accumulators (and the tile's slope constants) held in ymm registers. The operand that
+# accumulators (and the tile's slope constants) held in ymm registers; the tile loops are
+# written out in the range kernels (a call passing arrays costs reference count updates
+# that match a short tile's work), and everything around them (constants, masks, spans,
+# packing, transposes, stores) runs 8 lanes at a time, which is what short reductions
+# (attention's head width 32, sequence 64) are bound by. The operand that
 # varies along the output columns is first packed into 16-column strips (``_pack_range``:
 # contiguous per reduced index, zero-padded past the last column) so the micro-kernel
 # streams it with unit stride; a strided walk down the unpacked operand (row stride 4 KiB
@@ -969,7 +973,9 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
 # Both exact gradients are one kernel (``_grad_range``): the right gradient, transposed,
 # has the left gradient's form (see ``matmul_exact_grads``). Every operand is read in the
 # layout the caller has (a matrix or its transpose, whichever is C-contiguous: a linear
-# layer's weight is the transpose of its right operand), so no transposed copy is made.
+# layer's weight is the transpose of its right operand; attention's k^T is the transpose
+# of k), and an output is written in the layout asked for, so no transposed copy is made:
+# transposed rows are gathered and written per row block with 8 x 8 block transposes.
 #
 # Zeros (the masked variants): a product with a zero or subnormal factor must add +0.
 # The factor that is splatted per reduced index (grad's entries for the gradients) is
