@@ -1252,6 +1252,8 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
     y = np.zeros((GRAD_ROW_BLOCK, W), np.int32)
     gs = np.zeros((GRAD_ROW_BLOCK, R), np.int32)
     ns = np.zeros((GRAD_ROW_BLOCK, R), np.int32)
+    if not mask_g:
+        ns[:] = NOT_MANT          # the masked-X loop reads n_u from ns either way
     spans = np.empty((GRAD_ROW_BLOCK // 2, 2), np.int64)
     block = np.empty((GRAD_ROW_BLOCK, W if out_trans else 0), np.float32)
     tile = np.empty(2 * STRIP_LANES, np.float32)
@@ -1295,8 +1297,8 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
                         x1 = vec8.load_i8(xp, i + 8)
                         m0 = vec8.load_i8(mp, i)
                         m1 = vec8.load_i8(mp, i + 8)
-                        k0 = vec8.splat_i8(vec8.get_i32(ns, r * R + j)) if mask_g else nm
-                        k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * R + j)) if mask_g else nm
+                        k0 = vec8.splat_i8(vec8.get_i32(ns, r * R + j))
+                        k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * R + j))
                         c0 = vec8.splat_i8(vec8.get_i32(gs, r * R + j))
                         c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * R + j))
                         s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.add_i8(
