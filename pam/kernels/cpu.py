@@ -1080,42 +1080,42 @@ def _live_span(z, r, count, n):
     """(lo, hi): the columns j < n from the first to one past the last at which one of the
     rows z[r], ..., z[r + count - 1] holds a negative value (a live lane of a zero mask:
     -1 or NOT_MANT; 0 elsewhere), (n, n) when none does. z: 2-D C int32 whose row width is
-    a multiple of 8 and whose columns from n on hold 0; tested 8 columns at a time."""
+    a multiple of 8 and whose columns from n on hold 0. The rows are folded by a lane-wise
+    minimum 8 columns at a time from either end, then the edge group is searched lane by
+    lane (one function, no helpers: each compiled function costs cold-start time)."""
     W = z.shape[1]
     lo = 0
-    while lo + 8 <= W and _dead_group(z, r, count, lo):
-        lo += 8
-    lo = min(lo, n)
     hi = W
-    while hi - 8 >= lo + 8 and _dead_group(z, r, count, hi - 8):
-        hi -= 8
+    for side in range(2):
+        while lo < hi:
+            j = lo if side == 0 else hi - 8
+            v = vec8.load_i8(z, r * W + j)
+            for c in range(1, count):
+                v = vec8.min_i8(v, vec8.load_i8(z, (r + c) * W + j))
+            if vec8.hmin_i8(v) < 0:
+                break
+            if side == 0:
+                lo += 8
+            else:
+                hi -= 8
+    # lo and hi now bound whole live groups (or meet): trim inside the edge groups.
     hi = min(hi, n)
-    while lo < hi and _dead_column(z, r, count, lo):
-        lo += 1
-    while hi > lo and _dead_column(z, r, count, hi - 1):
-        hi -= 1
+    lo = min(lo, hi)
+    for side in range(2):
+        while lo < hi:
+            j = lo if side == 0 else hi - 1
+            live = False
+            for c in range(count):
+                live = live or z[r + c, j] < 0
+            if live:
+                break
+            if side == 0:
+                lo += 1
+            else:
+                hi -= 1
     if lo == hi:
         return n, n
     return lo, hi
-
-
-@njit(cache=True, nogil=True)
-def _dead_group(z, r, count, j):
-    """True when z[r + c, j:j + 8] >= 0 for every c < count (see ``_live_span``)."""
-    W = z.shape[1]
-    v = vec8.load_i8(z, r * W + j)
-    for c in range(1, count):
-        v = vec8.min_i8(v, vec8.load_i8(z, (r + c) * W + j))
-    return vec8.hmin_i8(v) >= 0
-
-
-@njit(cache=True, nogil=True)
-def _dead_column(z, r, count, j):
-    """True when z[r + c, j] >= 0 for every c < count (see ``_live_span``)."""
-    for c in range(count):
-        if z[r + c, j] < 0:
-            return False
-    return True
 
 
 @njit(cache=True, nogil=True)
