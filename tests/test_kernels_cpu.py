@@ -357,6 +357,76 @@ def test_grad_right_of_causal_probabilities():
         assert_same_bits(dr[p], ref_grad_right(a[p], b[p], g[p]), f"grad_right batch {p}")
 
 
+def _attention_operands(rng, batch, seq, head):
+    """The operands of causal attention's two matmuls: probs (batch, seq, seq) with a zero
+    upper triangle (softmax of masked scores), v, q (batch, seq, head), k^T as the transpose
+    of a C-contiguous k (as ``key.transpose(-2, -1)``), d(out) and d(scores) (causal
+    zeros) for the backward; probs and d(scores) also hold scattered -0.0."""
+    probs = _causal(rng, (batch, seq, seq), upper=True)
+    v = operand(rng, (batch, seq, head), "normal")
+    q = operand(rng, (batch, seq, head), "normal")
+    k = operand(rng, (batch, seq, head), "normal")
+    d_out = operand(rng, (batch, seq, head), "normal")
+    d_scores = _causal(rng, (batch, seq, seq), upper=True)
+    return probs, v, q, k, d_out, d_scores
+
+
+@pytest.mark.parametrize("seq, head", [(64, 32), (48, 24)])
+def test_attention_shapes_match_reference(seq, head):
+    """The attention-sized batched matmuls of a small GPT (many small matrices, causal
+    zeros in probs and in the scores' gradient, k^T read as the transpose of a contiguous
+    k), forward and both exact gradients, with each gradient written into a C-contiguous
+    output (as pam's autograd asks) and into the transpose of one: bit for bit the
+    per-batch references."""
+    rng = np.random.default_rng(seq + head)
+    batch = 3
+    probs, v, q, k, d_out, d_scores = _attention_operands(rng, batch, seq, head)
+    kt = k.view(np.int32).transpose(0, 2, 1)                # (batch, head, seq), a view
+    cases = [("probs @ v", probs.view(np.int32), v.view(np.int32), d_out),
+             ("q @ k^T", q.view(np.int32), kt, d_scores)]
+    for what, a, b, g in cases:
+        af, bf = a.view(np.float32), np.ascontiguousarray(b).view(np.float32)
+        out = np.full((batch, a.shape[1], b.shape[2]), np.nan, np.float32)
+        cpu.matmul(a, b, 0, out)
+        da = np.full(a.shape, np.nan, np.float32)
+        db = np.full(b.shape, np.nan, np.float32)
+        cpu.matmul_exact_grads(a, None, None, b, g.view(np.int32), 0, da, db)
+        db_t = np.full((batch, b.shape[2], b.shape[1]), np.nan, np.float32).transpose(0, 2, 1)
+        cpu.matmul_exact_grads(a, None, None, b, g.view(np.int32), 0, None, db_t)
+        for p in range(batch):
+            assert_same_bits(out[p], ref_matmul(af[p], bf[p]), f"{what} forward {p}")
+            assert_same_bits(da[p], ref_grad_left(af[p], bf[p], g[p]), f"{what} d left {p}")
+            expect = ref_grad_right(af[p], bf[p], g[p])
+            assert_same_bits(db[p], expect, f"{what} d right {p}")
+            assert_same_bits(db_t[p], expect, f"{what} d right, transposed output {p}")
+
+
+def test_live_spans_of_zero_masks():
+    """cpu._live_span (the reduced span of a pair or quad of splatted rows) and
+    cpu._strip_span (of a packed strip) against a direct search, on masks with live
+    entries at group edges, in the scalar remainder, one live column, or none."""
+    rng = np.random.default_rng(17)
+    for trial in range(300):
+        n = int(rng.integers(1, 70))
+        W = n + (-n) % 8
+        count = int(rng.choice([2, 4]))
+        z = np.zeros((count + 1, W), np.int32)
+        live = rng.random((count + 1, n)) < rng.choice([0.0, 0.02, 0.2, 0.9])
+        z[:, :n][live] = rng.choice([-1, cpu.NOT_MANT], size=int(live.sum()))
+        cols = np.flatnonzero((z[1:1 + count, :n] < 0).any(axis=0))
+        expect = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (n, n)
+        assert tuple(cpu._live_span(z, 1, count, n)) == expect, (trial, z)
+        rows = n
+        mp = np.zeros((2, rows, 16), np.int32)
+        mp[1][rng.random((rows, 16)) < rng.choice([0.0, 0.01, 0.3])] = -1
+        live_rows = np.flatnonzero((mp[1] != 0).any(axis=1))
+        lo, hi = cpu._strip_span(mp, rows * 16, rows)
+        if live_rows.size:
+            assert (lo, hi) == (live_rows[0], live_rows[-1] + 1), trial
+        else:
+            assert lo == hi, trial
+
+
 def test_grad_scratch_reused_across_sizes_and_threads():
     """The per-thread packing scratch (cpu._strip_work): a large call, then a smaller one
     that reuses the bigger buffer, then a masked one that needs more than it; and two
@@ -384,6 +454,50 @@ def test_grad_scratch_reused_across_sizes_and_threads():
         for _ in range(3):
             for abg, got in zip(data, pool.map(run, data)):
                 check(abg, got)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_plan_scans_equal_the_scalar_stats(threads):
+    """The chunked, 8-lane range scans of the matmul plans (cpu._scan) give cpu._stats's
+    (inf/NaN, zero/subnormal, min normal |bits|, max |bits|) for each operand: arrays of
+    several chunks plus a tail that is not a multiple of 8, with the extremes placed at a
+    chunk's last lane, in the scalar tail, or absent (no normal number, no zero), and
+    operands that are empty or transposed views."""
+    rng = np.random.default_rng(13)
+    size = 2 * cpu.SCAN_CHUNK + 13
+    base = lambda: (rng.standard_normal(size) + 3).astype(np.float32).view(np.int32)  # noqa: E731
+    cases = []
+    x = base()
+    x[cpu.SCAN_CHUNK - 1] = np.float32(1e-40).view(np.int32)          # subnormal, lane 7
+    x[size - 1] = np.float32(-np.inf).view(np.int32)                   # in the tail
+    cases.append(x)
+    x = base()
+    x[cpu.SCAN_CHUNK + 8] = np.float32(2.0 ** -126).view(np.int32)      # min normal
+    x[size - 3] = np.float32(-3e38).view(np.int32)
+    cases.append(x)
+    cases.append(np.zeros(size, np.int32))                                # no normal number
+    cases.append(np.full(size, np.float32(1e-39).view(np.int32), np.int32))
+    cases.append(np.full(size, np.float32(np.nan).view(np.int32), np.int32))
+    cases.append(rng.integers(-2 ** 31, 2 ** 31, size, dtype=np.int64).astype(np.int32))
+    cases.append(np.zeros(0, np.int32))
+    cases.append(base()[:6 * 50].reshape(1, 6, 50).transpose(0, 2, 1))  # not contiguous
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for i, x in enumerate(cases):
+            y = cases[(i + 1) % len(cases)]
+            z = cases[(i + 3) % len(cases)]
+            out, parts = cpu._scan(x, y, z)
+            for arr, (lo, hi) in zip((x, y, z), parts):
+                expect = cpu._stats(np.ascontiguousarray(arr))
+                assert tuple(cpu._scan_merge(out, lo, hi)) == tuple(expect), i
+            out, parts = cpu._scan(x, y)
+            assert parts[2][0] == parts[2][1] == len(out)
+            for arr, (lo, hi) in zip((x, y), parts):
+                assert tuple(cpu._scan_merge(out, lo, hi)) == \
+                    tuple(cpu._stats(np.ascontiguousarray(arr))), i
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_fast_path_at_range_boundaries():

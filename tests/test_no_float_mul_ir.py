@@ -251,7 +251,7 @@ def test_every_kernel_is_found_and_compiled(compiled):
     entries = {prefix + name for prefix, module in KERNEL_MODULES.items()
                for name, obj in vars(module).items() if callable(obj)}
     assert public <= entries
-    assert {"_mm_range", "_pack_range", "_transpose_range", "_matmul_fast_lmul",
+    assert {"_mm_range", "_pack_range", "_matmul_fast_lmul",
             "_matmul_general", "_grad_range",
             "_grad_left_general", "_grad_right_general"} <= set(compiled)
     missing = sorted(name for name, sigs in compiled.items() if not sigs)

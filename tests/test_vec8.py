@@ -59,3 +59,57 @@ def test_fadd_rounds_to_nearest_even_per_lane():
     add(acc, v.view(np.int32), out)
     expect = np.array([1.0, 1.0 + 2.0 ** -22, 1.0, 1.0, 1.0, 2.0, 1.0, 0.0], np.float32)
     assert (out.view(np.int32) == expect.view(np.int32)).all()
+
+
+@njit(cache=True)
+def _compare_ops(x, y, out, red):
+    """out rows: x > y, min, max, unsigned min, and x stored back; red: the horizontal
+    signed min, signed max and unsigned min of x."""
+    u = vec8.load_i8(x, 0)
+    v = vec8.load_i8(y, 0)
+    vec8.store_i8(out, 0, vec8.gt_i8(u, v))
+    vec8.store_i8(out, 8, vec8.min_i8(u, v))
+    vec8.store_i8(out, 16, vec8.max_i8(u, v))
+    vec8.store_i8(out, 24, vec8.umin_i8(u, v))
+    vec8.store_i8(out, 32, u)
+    red[0] = vec8.hmin_i8(u)
+    red[1] = vec8.hmax_i8(u)
+    red[2] = vec8.humin_i8(u)
+
+
+def test_compare_min_max_match_numpy():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        x = rng.integers(-2 ** 31, 2 ** 31, 8, dtype=np.int64).astype(np.int32)
+        y = rng.integers(-2 ** 31, 2 ** 31, 8, dtype=np.int64).astype(np.int32)
+        y[:2] = x[:2]                                               # ties
+        x[2], y[2] = -1, 1                                          # sign matters
+        out = np.zeros(40, np.int32)
+        red = np.zeros(3, np.int64)
+        _compare_ops(x, y, out, red)
+        assert (out[:8] == np.where(x > y, -1, 0)).all()
+        assert (out[8:16] == np.minimum(x, y)).all()
+        assert (out[16:24] == np.maximum(x, y)).all()
+        assert (out[24:32] == np.minimum(x.view(np.uint32), y.view(np.uint32)).view(np.int32)).all()
+        assert (out[32:] == x).all()
+        assert red.tolist() == [x.min(), x.max(), int(x.view(np.uint32).min())]
+
+
+@njit(cache=True)
+def _transpose_block(src, i, si, dst, j, sj):
+    vec8.transpose8(src, i, si, dst, j, sj)
+
+
+def test_transpose8_moves_each_element():
+    """An 8 x 8 block at an odd offset and row stride, into int32 and into float32 (bit
+    patterns kept, NaN payloads included); everything outside the block untouched."""
+    rng = np.random.default_rng(2)
+    src = rng.integers(-2 ** 31, 2 ** 31, 200, dtype=np.int64).astype(np.int32)
+    for dtype in (np.int32, np.float32):
+        dst = np.full(150, 7, np.int32)
+        _transpose_block(src, 5, 19, dst.view(dtype), 3, 12)
+        expect = np.full(150, 7, np.int32)
+        for r in range(8):
+            for c in range(8):
+                expect[3 + c * 12 + r] = src[5 + r * 19 + c]
+        assert (dst == expect).all()

@@ -4,8 +4,12 @@ CPU: pam.matmul through torch (and a direct call of the Numba kernel) vs torch.m
 same number of threads (torch.set_num_threads = numba's thread count), in the same run;
 square sizes 256, 512, 1024 and a transformer-like shape 4096x256 @ 256x1024. At 256 also
 a naive broadcast implementation (an n x k x m int32 intermediate, like the public
-reference's CPU path) to show the speedup of the kernels over it. Every timing is the
-median of several repeats after a warm-up call (which also compiles).
+reference's CPU path) to show the speedup of the kernels over it. Then the two batched
+matmuls of causal attention in a small GPT (batch 16 x 4 heads, sequence 64, head width
+32): probs @ v (probs: causal softmax probabilities, zero above the diagonal) and
+q @ k^T (k^T the transposed view of a contiguous k, its output gradient zero above the
+diagonal), forward and both gradients. Every timing is the median of several repeats
+after a warm-up call (which also compiles).
 
 CUDA (separate section, only when torch.cuda.is_available() and pam.kernels.cuda imports):
 pam.matmul on CUDA tensors vs torch.matmul with TF32 disabled (true float32 cuBLAS).
@@ -36,6 +40,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "bench_matmul.js
 SHAPES = [("256^3", 256, 256, 256), ("512^3", 512, 512, 512), ("1024^3", 1024, 1024, 1024),
           ("4096x256@256x1024", 4096, 256, 1024)]
 QUICK_SHAPES = [SHAPES[0], SHAPES[3]]
+# Causal attention of a small GPT: (batch x heads, sequence, head width).
+ATTENTION = (64, 64, 32)
 
 
 def timed(fn, repeats, sync=None):
@@ -127,11 +133,50 @@ def bench_cpu(shapes, repeats):
     return rows
 
 
+def attention_operands(gen):
+    """{label: (a, b, grad)} for the two matmuls of causal attention (see the docstring)."""
+    bh, seq, head = ATTENTION
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    scores = torch.randn(bh, seq, seq, generator=gen).masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, -1)
+    v, q, k = (torch.randn(bh, seq, head, generator=gen) for _ in range(3))
+    d_out = torch.randn(bh, seq, head, generator=gen) * 1e-2
+    d_scores = torch.randn(bh, seq, seq, generator=gen) * 1e-2 * causal
+    return {f"attn probs@v {bh}x{seq}x{seq}@{seq}x{head}": (probs, v, d_out),
+            f"attn q@k^T {bh}x{seq}x{head}@{head}x{seq}": (q, k.transpose(1, 2), d_scores)}
+
+
+def bench_attention(repeats):
+    """The rows of ``bench_cpu`` for the attention matmuls (no naive column)."""
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for label, (a, b, g) in attention_operands(gen).items():
+        row = {"shape": label, "batch": a.shape[0], "n": a.shape[1], "k": a.shape[2],
+               "m": b.shape[2]}
+        a_bits, b_bits = a.view(torch.int32).numpy(), b.view(torch.int32).numpy()
+        out = np.empty((a.shape[0], a.shape[1], b.shape[2]), np.float32)
+        row["pam_kernel_fwd"] = timed(lambda: cpu.matmul(a_bits, b_bits, 0, out), repeats)
+        row["pam_fwd"] = timed(lambda: pam.matmul(a, b), repeats)
+        row["torch_fwd"] = timed(lambda: torch.matmul(a, b), repeats)
+        for mode in ("exact", "approx"):
+            ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+            c = pam.matmul(ar, br, backward=mode)
+            row[f"pam_bwd_{mode}"] = timed(
+                lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True), repeats)
+        ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+        c = torch.matmul(ar, br)
+        row["torch_bwd"] = timed(lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True),
+                                 repeats)
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
 def ratio(row, x, y, key="median_s"):
     return row[x][key] / row[y][key]
 
 
-HEADER = (f"{'shape':<19}{'kernel fwd':>11}{'pam fwd':>10}{'torch fwd':>11}{'ratio':>7}"
+HEADER = (f"{'shape':<36}{'kernel fwd':>11}{'pam fwd':>10}{'torch fwd':>11}{'ratio':>7}"
           f"{'exact bwd':>11}{'approx bwd':>11}{'torch bwd':>11}{'ratio ex/ap':>13}"
           f"{'naive fwd':>11}{'naive/pam':>10}   ratios by CPU time: fwd, exact/approx bwd")
 
@@ -140,7 +185,7 @@ def print_row(row):
     ms = lambda key: f"{row[key]['median_s'] * 1e3:9.2f}ms"  # noqa: E731
     naive = (f"{ms('naive_fwd'):>11}{ratio(row, 'naive_fwd', 'pam_fwd'):9.0f}x"
              if "naive_fwd" in row else "")
-    print(f"{row['shape']:<19}{ms('pam_kernel_fwd'):>11}{ms('pam_fwd'):>10}{ms('torch_fwd'):>11}"
+    print(f"{row['shape']:<36}{ms('pam_kernel_fwd'):>11}{ms('pam_fwd'):>10}{ms('torch_fwd'):>11}"
           f"{ratio(row, 'pam_fwd', 'torch_fwd'):6.1f}x{ms('pam_bwd_exact'):>11}"
           f"{ms('pam_bwd_approx'):>11}{ms('torch_bwd'):>11}"
           f"{ratio(row, 'pam_bwd_exact', 'torch_bwd'):6.1f}x/{ratio(row, 'pam_bwd_approx', 'torch_bwd'):4.1f}x"
@@ -201,6 +246,7 @@ def main():
     shapes = QUICK_SHAPES if args.quick else SHAPES
     info = machine_info()
     cpu_tables = {}
+    attention_tables = {}
     for threads in args.threads or [numba.config.NUMBA_NUM_THREADS]:
         numba.set_num_threads(threads)
         torch.set_num_threads(threads)
@@ -208,14 +254,18 @@ def main():
               f"numba {info['numba']}, torch {info['torch']}; median of {repeats}; times are wall")
         print(HEADER)
         cpu_tables[str(threads)] = bench_cpu(shapes, repeats)
+        attention_tables[str(threads)] = bench_attention(repeats * 4)
         print()
     result = {"machine": info, "repeats": repeats, "quick": args.quick,
               "cpu_by_threads": cpu_tables,
+              "attention_by_threads": attention_tables,
               "notes": "times in seconds (wall median and min, process CPU-time median, of repeats "
                        "after a warm-up call); "
                        "bwd = torch.autograd.grad for both operands given a fixed output "
                        "gradient; pam_kernel_fwd calls pam.kernels.cpu.matmul directly on int32 "
-                       "views; naive_fwd builds an n x k x m int32 intermediate"}
+                       "views; naive_fwd builds an n x k x m int32 intermediate; "
+                       "attention_by_threads: the batched matmuls of causal attention "
+                       "(probs @ v, q @ k^T), four times the repeats"}
     result["cuda"] = bench_cuda(shapes, repeats)
     result["machine"]["loadavg_at_end"] = loadavg()
     result["machine"]["numba_threading_layer"] = numba.threading_layer()

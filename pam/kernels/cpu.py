@@ -739,18 +739,97 @@ def _matmul_general(a, b, off, lmul, out):
                 out[p, i0 + r, j0:j1] = acc[r, :w]
 
 
-# The public matmul kernels are Python functions: the O(inputs) range check is one small
-# compiled call, then the path is chosen here, so each path is a dispatcher of its own that
+# The public matmul kernels are Python functions: the O(inputs) range check is a compiled
+# scan (below), then the path is chosen here, so each path is a dispatcher of its own that
 # compiles on its first use (a run without inf/NaN never compiles the general paths; a PAM
 # run never compiles the L-Mul ones). Each dispatcher gets one signature: C-contiguous
 # int32 operands, a float32 result, int64 scalars, a bool mask flag.
+# The range scans of the matmul plans: the operands' flat elements in chunks of SCAN_CHUNK,
+# each chunk's partial extremes computed 8 lanes at a time (``_scan_range``), the chunks
+# split between threads from SCAN_PARALLEL_MIN elements, then merged per operand.
+SCAN_CHUNK = 1 << 14
+SCAN_PARALLEL_MIN = 1 << 16
+TWO32 = 1 << 32
+
+
 @njit(cache=True, nogil=True)
+def _scan_range(x0, x1, x2, n0, n1, out, lo, hi):
+    """Scan tasks lo <= task < hi over the flat C-contiguous int32 arrays x0, x1, x2 cut in
+    chunks of SCAN_CHUNK elements (tasks [0, n0) are x0's chunks, [n0, n0 + n1) x1's, the
+    rest x2's): out[task] = (max |bits|, min |bits|, min over normal |bits| of
+    |bits| - MIN_NORMAL as an unsigned 32-bit value, 2^32 - MIN_NORMAL or more when the
+    chunk has no normal number), |bits| = bits & ABS_MASK."""
+    absm = vec8.splat_i8(ABS_MASK)
+    shift = vec8.splat_i8(-MIN_NORMAL)
+    for task in range(lo, hi):
+        x = x0 if task < n0 else (x1 if task < n0 + n1 else x2)
+        c = task if task < n0 else (task - n0 if task < n0 + n1 else task - n0 - n1)
+        i0 = c * SCAN_CHUNK
+        i1 = min(i0 + SCAN_CHUNK, x.size)
+        v8 = i0 + (i1 - i0) // 8 * 8
+        top = vec8.splat_i8(0)
+        bottom = vec8.splat_i8(ABS_MASK)
+        low = vec8.splat_i8(-1)
+        for i in range(i0, v8, 8):
+            u = vec8.and_i8(vec8.load_i8(x, i), absm)
+            top = vec8.max_i8(top, u)
+            bottom = vec8.min_i8(bottom, u)
+            low = vec8.umin_i8(low, vec8.add_i8(u, shift))
+        t = vec8.hmax_i8(top)
+        b = vec8.hmin_i8(bottom)
+        w = vec8.humin_i8(low)
+        for i in range(v8, i1):
+            u = np.int64(vec8.get_i32(x, i)) & ABS_MASK
+            t = max(t, u)
+            b = min(b, u)
+            w = min(w, (u - MIN_NORMAL) % TWO32)
+        out[task, 0] = t
+        out[task, 1] = b
+        out[task, 2] = w
+
+
+@njit(cache=True, nogil=True)
+def _scan_merge(out, lo, hi):
+    """(has_inf_or_nan, has_zero_or_subnormal, min normal |bits|, max |bits|) of the
+    operand whose ``_scan_range`` chunks are out[lo:hi] (as ``_stats``; INF for the
+    minimum when there is none below INF, (False, False, INF, 0) for no chunk)."""
+    t = 0
+    b = INF
+    w = TWO32 - 1
+    for c in range(lo, hi):
+        t = max(t, out[c, 0])
+        b = min(b, out[c, 1])
+        w = min(w, out[c, 2])
+    return t >= INF, b < MIN_NORMAL, min(w + MIN_NORMAL, INF), t
+
+
+def _scan(x0, x1, x2=None):
+    """The chunk extremes of ``_scan_range`` for two or three int32 operands (any layout:
+    a non-contiguous one is scanned from a contiguous copy) and the task ranges of each in
+    them: (out, ((lo, hi) per operand))."""
+    flats = [np.ascontiguousarray(x).reshape(-1) for x in (x0, x1, x1 if x2 is None else x2)]
+    sizes = [flats[0].size, flats[1].size, 0 if x2 is None else flats[2].size]
+    counts = [-(-size // SCAN_CHUNK) for size in sizes]
+    out = np.empty((sum(counts), 3), np.int64)
+    threads.run(_scan_range, len(out), sum(sizes), SCAN_PARALLEL_MIN, *flats, counts[0],
+                counts[1], out)
+    edges = [0, counts[0], counts[0] + counts[1], len(out)]
+    return out, [(edges[i], edges[i + 1]) for i in range(3)]
+
+
+@njit(cache=True, nogil=True)
+def _matmul_decide(out, a0, a1, b0, b1, off, lmul):
+    """(fast, za, zb) of ``_matmul_plan`` from the operands' merged chunk scans."""
+    sa, za, lo_a, hi_a = _scan_merge(out, a0, a1)
+    sb, zb, lo_b, hi_b = _scan_merge(out, b0, b1)
+    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), za, zb
+
+
 def _matmul_plan(a, b, off, lmul):
     """(fast, za, zb): whether the int32 fast path of a (L-Mul when ``lmul``) matmul of a, b
     applies, and whether a, b hold zeros or subnormals."""
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(b)
-    return not (sa or sb) and _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul), za, zb
+    out, ((a0, a1), (b0, b1), _) = _scan(a, b)
+    return _matmul_decide(out, a0, a1, b0, b1, off, lmul)
 
 
 def _matmul_run(a, b, off, lmul, out):
@@ -877,9 +956,13 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
 
 
 # Exact-backward and PAM-forward fast paths: register-blocked micro-kernels
-# (pam.kernels.vec8). One call computes a small tile of the output (2 rows x 16 columns for
+# (pam.kernels.vec8). Each computes a small tile of the output (2 rows x 16 columns for
 # the gradients, 4 x 16 for the forward) over the whole reduced range, its 8-lane
-# accumulators (and the tile's slope constants) held in ymm registers. The operand that
+# accumulators (and the tile's slope constants) held in ymm registers; the tile loops are
+# written out in the range kernels (a call passing arrays costs reference count updates
+# that match a short tile's work), and everything around them (constants, masks, spans,
+# packing, transposes, stores) runs 8 lanes at a time, which is what short reductions
+# (attention's head width 32, sequence 64) are bound by. The operand that
 # varies along the output columns is first packed into 16-column strips (``_pack_range``:
 # contiguous per reduced index, zero-padded past the last column) so the micro-kernel
 # streams it with unit stride; a strided walk down the unpacked operand (row stride 4 KiB
@@ -890,7 +973,9 @@ def _sr1(acc, bm, x0, m0, use_mask, c0, w):
 # Both exact gradients are one kernel (``_grad_range``): the right gradient, transposed,
 # has the left gradient's form (see ``matmul_exact_grads``). Every operand is read in the
 # layout the caller has (a matrix or its transpose, whichever is C-contiguous: a linear
-# layer's weight is the transpose of its right operand), so no transposed copy is made.
+# layer's weight is the transpose of its right operand; attention's k^T is the transpose
+# of k), and an output is written in the layout asked for, so no transposed copy is made:
+# transposed rows are gathered and written per row block with 8 x 8 block transposes.
 #
 # Zeros (the masked variants): a product with a zero or subnormal factor must add +0.
 # The factor that is splatted per reduced index (grad's entries for the gradients) is
@@ -920,180 +1005,260 @@ def _normal(v):
 
 
 @njit(cache=True, nogil=True)
-def _pack_row(xr, xp, mp, u, masked):
-    """Scatter the int32 row ``xr`` into the 16-column strips: xp[q, u, l] = xr[16q + l]
-    (0 past its end); when ``masked``, mp[q, u, l] = -1 where that element is normal, 0
-    where it is zero, subnormal or padding (the zero mask of the strips)."""
-    cols = xr.size
-    for q in range(xp.shape[0]):
-        d = xp[q, u]
-        c0 = q * STRIP_LANES
-        if c0 + STRIP_LANES <= cols:
-            for l in range(STRIP_LANES):
-                d[l] = xr[c0 + l]
-        else:
-            for l in range(STRIP_LANES):
-                d[l] = xr[c0 + l] if c0 + l < cols else 0
-        if masked:
-            e = mp[q, u]
-            for l in range(STRIP_LANES):
-                e[l] = -1 if _normal(d[l]) else 0
-
-
-@njit(cache=True, nogil=True)
 def _pack_range(x, trans, xp, mp, masked, lo, hi):
     """Packing tasks lo <= task < hi: the 16-column strips of X (batch, rows, cols) into xp
-    (batch, strips, rows, 16), zero past the last column, and when ``masked`` their zero
-    masks into mp (see ``_pack_row``). X is ``x`` itself, or when ``trans`` its transpose
-    (x is (batch, cols, rows) and is read down its columns). Task p * chunks + c packs rows
-    [PACK_ROWS c, PACK_ROWS (c + 1)) of batch p."""
-    rows = xp.shape[2]
+    (batch, strips, rows, 16), xp[p, q, u, l] = X[p, u, 16 q + l], zero past the last
+    column, and when ``masked`` their zero masks into mp (-1 where the element is normal,
+    0 where it is zero, subnormal or padding). X is ``x`` itself, or when ``trans`` its
+    transpose (x is (batch, cols, rows), C-contiguous either way): plain rows are copied 8
+    lanes at a time, transposed ones in 8 x 8 block transposes (vec8.transpose8), partial
+    blocks element by element. Task p * chunks + c packs rows [PACK_ROWS c,
+    PACK_ROWS (c + 1)) of batch p."""
+    strips, rows = xp.shape[1], xp.shape[2]
     cols = x.shape[1] if trans else x.shape[2]
     chunks = (rows + PACK_ROWS - 1) // PACK_ROWS
-    tail = cols % STRIP_LANES
+    full = cols // STRIP_LANES
+    absm = vec8.splat_i8(ABS_MASK)
+    below = vec8.splat_i8(MIN_NORMAL - 1)
     for task in range(lo, hi):
         p = task // chunks
         u0 = (task - p * chunks) * PACK_ROWS
         u1 = min(u0 + PACK_ROWS, rows)
         if not trans:
             for u in range(u0, u1):
-                _pack_row(x[p, u], xp[p], mp[p], u, masked)
-            continue
-        for c in range(cols):
-            src = x[p, c, u0:u1]
-            q = c // STRIP_LANES
-            d = xp[p, q, u0:u1, c - q * STRIP_LANES]
-            for u in range(u1 - u0):
-                d[u] = src[u]
-            if masked:
-                e = mp[p, q, u0:u1, c - q * STRIP_LANES]
-                for u in range(u1 - u0):
-                    e[u] = -1 if _normal(src[u]) else 0
-        if tail:
-            q = cols // STRIP_LANES
-            xp[p, q, u0:u1, tail:] = 0
-            if masked:
-                mp[p, q, u0:u1, tail:] = 0
+                s = (p * rows + u) * cols
+                for q in range(full):
+                    d = ((p * strips + q) * rows + u) * STRIP_LANES
+                    vec8.store_i8(xp, d, vec8.load_i8(x, s + q * STRIP_LANES))
+                    vec8.store_i8(xp, d + 8, vec8.load_i8(x, s + q * STRIP_LANES + 8))
+                for q in range(full, strips):
+                    for l in range(STRIP_LANES):
+                        c = q * STRIP_LANES + l
+                        xp[p, q, u, l] = vec8.get_i32(x, s + c) if c < cols else 0
+        else:
+            for q in range(strips):
+                for l0 in range(0, STRIP_LANES, 8):
+                    c0 = q * STRIP_LANES + l0
+                    u = u0
+                    if c0 + 8 <= cols:
+                        while u + 8 <= u1:
+                            vec8.transpose8(x, (p * cols + c0) * rows + u, rows, xp,
+                                            ((p * strips + q) * rows + u) * STRIP_LANES + l0,
+                                            STRIP_LANES)
+                            u += 8
+                    for uu in range(u, u1):
+                        for l in range(8):
+                            c = c0 + l
+                            xp[p, q, uu, l0 + l] = x[p, c, uu] if c < cols else 0
+        if masked:
+            for q in range(strips):
+                for u in range(u0, u1):
+                    d = ((p * strips + q) * rows + u) * STRIP_LANES
+                    for h in range(0, STRIP_LANES, 8):
+                        v = vec8.load_i8(xp, d + h)
+                        vec8.store_i8(mp, d + h, vec8.gt_i8(vec8.and_i8(v, absm), below))
 
 
 @njit(cache=True, nogil=True)
-def _transpose_range(x, out, lo, hi):
-    """Tasks lo <= task < hi of out[p] = x[p]^T (x: (batch, rows, cols), out: (batch, cols,
-    rows)): task p * blocks + c copies the 16 rows [16 c, 16 c + 16) of x[p], walking them
-    side by side so that each output row gets a full 64-byte line per step while the 16
-    input rows stream sequentially (a walk down x's columns, one 4 KiB-strided load at a
-    time, ran at memory latency)."""
-    rows, cols = x.shape[1], x.shape[2]
-    blocks = (rows + STRIP_LANES - 1) // STRIP_LANES
-    for task in range(lo, hi):
-        p = task // blocks
-        r0 = (task - p * blocks) * STRIP_LANES
-        r1 = min(r0 + STRIP_LANES, rows)
-        for c in range(cols):
-            for r in range(r0, r1):
-                out[p, c, r] = x[p, r, c]
-
-
-@njit(cache=True, nogil=True)
-def _strip_span(M):
-    """(lo, hi): the rows of a packed strip's zero mask M (rows, 16) from the first to the
-    last one holding a normal lane ((0, 0) when none does)."""
+def _strip_span(mp, base, rows):
+    """(lo, hi): the rows of a packed strip's zero mask (``rows`` rows of 16 lanes at flat
+    index ``base`` of mp) from the first to the last one holding a normal lane (an empty
+    range when none does); a row's 16 lanes are tested two 8-lane loads at a time."""
     lo = 0
-    hi = M.shape[0]
-    while lo < hi and not M[lo].any():
+    while lo < rows and vec8.hmin_i8(vec8.min_i8(vec8.load_i8(mp, base + lo * 16),
+                                                 vec8.load_i8(mp, base + lo * 16 + 8))) == 0:
         lo += 1
-    while hi > lo and not M[hi - 1].any():
+    hi = rows
+    while hi > lo and vec8.hmin_i8(vec8.min_i8(vec8.load_i8(mp, base + hi * 16 - 16),
+                                               vec8.load_i8(mp, base + hi * 16 - 8))) == 0:
         hi -= 1
     return lo, hi
 
 
 @njit(cache=True, nogil=True)
-def _sl_tile(tile, y, r, t0, xp, mp, base, gs, ns, j0, j1, mask_x, mask_g):
-    """tile[u, l] = sum_j f32(((y[r + u, t0 + l] + X[j, l]) & n_u[j]) + g_u[j]) for u = 0, 1,
-    j0 <= j < j1 increasing (exact-gradient products; y: slope constants, X: the packed
-    strip starting at flat index ``base`` of xp (rows of 16), g_u = gs[r + u]: the signed
-    bits of a row of grad). ``mask_g``: n_u = ns[r + u] holds NOT_MANT, or 0 where g_u[j]
-    is zero or subnormal (g_u[j] is then 0 too: the product is +0); otherwise NOT_MANT is
-    used. ``mask_x``: each product is also anded with the packed zero mask in mp. Arrays
-    are read by flat index (no views: a view costs a reference count update)."""
-    nm = vec8.splat_i8(NOT_MANT)
-    w = y.shape[1]
-    y00 = vec8.load_i8(y, r * w + t0)
-    y01 = vec8.load_i8(y, r * w + t0 + 8)
-    y10 = vec8.load_i8(y, (r + 1) * w + t0)
-    y11 = vec8.load_i8(y, (r + 1) * w + t0 + 8)
-    s00 = vec8.zero_f8()
-    s01 = vec8.zero_f8()
-    s10 = vec8.zero_f8()
-    s11 = vec8.zero_f8()
-    red = gs.shape[1]
-    if mask_x:
-        for j in range(j0, j1):
-            i = base + j * 16
-            x0 = vec8.load_i8(xp, i)
-            x1 = vec8.load_i8(xp, i + 8)
-            m0 = vec8.load_i8(mp, i)
-            m1 = vec8.load_i8(mp, i + 8)
-            k0 = vec8.splat_i8(vec8.get_i32(ns, r * red + j)) if mask_g else nm
-            k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * red + j)) if mask_g else nm
-            c0 = vec8.splat_i8(vec8.get_i32(gs, r * red + j))
-            c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * red + j))
-            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y00, x0), k0), c0), m0))
-            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y01, x1), k0), c0), m1))
-            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y10, x0), k1), c1), m0))
-            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.add_i8(
-                vec8.and_i8(vec8.add_i8(y11, x1), k1), c1), m1))
-    elif mask_g:
-        for j in range(j0, j1):
-            i = base + j * 16
-            x0 = vec8.load_i8(xp, i)
-            x1 = vec8.load_i8(xp, i + 8)
-            k0 = vec8.splat_i8(vec8.get_i32(ns, r * red + j))
-            k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * red + j))
-            c0 = vec8.splat_i8(vec8.get_i32(gs, r * red + j))
-            c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * red + j))
-            s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, x0), k0), c0))
-            s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), k0), c0))
-            s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), k1), c1))
-            s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, x1), k1), c1))
-    else:
-        for j in range(j0, j1):
-            i = base + j * 16
-            x0 = vec8.load_i8(xp, i)
-            x1 = vec8.load_i8(xp, i + 8)
-            c0 = vec8.splat_i8(vec8.get_i32(gs, r * red + j))
-            c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * red + j))
-            s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, x0), nm), c0))
-            s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), nm), c0))
-            s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), nm), c1))
-            s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, x1), nm), c1))
-    vec8.store_f8(tile, 0, s00)
-    vec8.store_f8(tile, 8, s01)
-    vec8.store_f8(tile, 16, s10)
-    vec8.store_f8(tile, 24, s11)
+def _live_span(z, r, count, n):
+    """(lo, hi): the columns j < n from the first to one past the last at which one of the
+    rows z[r], ..., z[r + count - 1] holds a negative value (a live lane of a zero mask:
+    -1 or NOT_MANT; 0 elsewhere), (n, n) when none does. z: 2-D C int32 whose row width is
+    a multiple of 8 and whose columns from n on hold 0. The rows are folded by a lane-wise
+    minimum 8 columns at a time from either end, then the edge group is searched lane by
+    lane (one function, no helpers: each compiled function costs cold-start time)."""
+    W = z.shape[1]
+    lo = 0
+    hi = W
+    for side in range(2):
+        while lo < hi:
+            j = lo if side == 0 else hi - 8
+            v = vec8.load_i8(z, r * W + j)
+            for c in range(1, count):
+                v = vec8.min_i8(v, vec8.load_i8(z, (r + c) * W + j))
+            if vec8.hmin_i8(v) < 0:
+                break
+            if side == 0:
+                lo += 8
+            else:
+                hi -= 8
+    # lo and hi now bound whole live groups (or meet): trim inside the edge groups.
+    hi = min(hi, n)
+    lo = min(lo, hi)
+    for side in range(2):
+        while lo < hi:
+            j = lo if side == 0 else hi - 1
+            live = False
+            for c in range(count):
+                live = live or z[r + c, j] < 0
+            if live:
+                break
+            if side == 0:
+                lo += 1
+            else:
+                hi -= 1
+    if lo == hi:
+        return n, n
+    return lo, hi
 
 
 @njit(cache=True, nogil=True)
-def _grad_range(y_src, g, xp, mp, mask_x, mask_g, off, out, lo, hi):
+def _gather_rows(x, trans, p, i0, rows, rows_to, cols, dst):
+    """dst[r, c] = X[p, i0 + min(r, rows - 1), c] for r < rows_to, c < cols (rows past the
+    last repeat it), X (batch, n, cols) being ``x`` or, when ``trans``, the transpose of
+    ``x`` (batch, cols, n). x: C-contiguous int32; dst: 2-D C int32, rows of at least
+    ``cols``. Plain rows are copied 8 lanes at a time, transposed ones in 8 x 8 blocks
+    (vec8.transpose8), the rest element by element."""
+    W = dst.shape[1]
+    if not trans:
+        n = x.shape[1]
+        for r in range(rows_to):
+            s = (p * n + i0 + min(r, rows - 1)) * cols
+            c8 = cols - cols % 8
+            for c in range(0, c8, 8):
+                vec8.store_i8(dst, r * W + c, vec8.load_i8(x, s + c))
+            for c in range(c8, cols):
+                dst[r, c] = vec8.get_i32(x, s + c)
+        return
+    n = x.shape[2]
+    r0 = 0
+    while r0 + 8 <= rows:
+        c0 = 0
+        while c0 + 8 <= cols:
+            vec8.transpose8(x, (p * cols + c0) * n + i0 + r0, n, dst, r0 * W + c0, W)
+            c0 += 8
+        for c in range(c0, cols):
+            for r in range(r0, r0 + 8):
+                dst[r, c] = vec8.get_i32(x, (p * cols + c) * n + i0 + r)
+        r0 += 8
+    for r in range(r0, rows_to):
+        i = i0 + min(r, rows - 1)
+        for c in range(cols):
+            dst[r, c] = vec8.get_i32(x, (p * cols + c) * n + i)
+
+
+@njit(cache=True, nogil=True)
+def _slope_consts(y, rows, cols, off):
+    """In place, y[r, t] = Mx + off - ONE for r < rows, t < cols, Mx the mantissa field of
+    the int32 pattern y[r, t] (0 for a zero or subnormal one); 8 lanes at a time."""
+    W = y.shape[1]
+    mant = vec8.splat_i8(MANT_MASK)
+    absm = vec8.splat_i8(ABS_MASK)
+    below = vec8.splat_i8(MIN_NORMAL - 1)
+    c = vec8.splat_i8(off - ONE)
+    c8 = cols - cols % 8
+    for r in range(rows):
+        for t in range(0, c8, 8):
+            v = vec8.load_i8(y, r * W + t)
+            live = vec8.gt_i8(vec8.and_i8(v, absm), below)
+            vec8.store_i8(y, r * W + t, vec8.add_i8(vec8.and_i8(vec8.and_i8(v, mant), live), c))
+        for t in range(c8, cols):
+            v = y[r, t]
+            y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
+
+
+@njit(cache=True, nogil=True)
+def _fold_zero_mask(gs, ns, rows, cols):
+    """In place, for r < rows, j < cols: ns[r, j] = NOT_MANT where gs[r, j] is a normal
+    number, else 0 and gs[r, j] = 0 (the folded zero mask of ``_sl_tile``'s mask_g)."""
+    W = gs.shape[1]
+    absm = vec8.splat_i8(ABS_MASK)
+    below = vec8.splat_i8(MIN_NORMAL - 1)
+    nm = vec8.splat_i8(NOT_MANT)
+    c8 = cols - cols % 8
+    for r in range(rows):
+        for j in range(0, c8, 8):
+            v = vec8.load_i8(gs, r * W + j)
+            live = vec8.gt_i8(vec8.and_i8(v, absm), below)
+            vec8.store_i8(gs, r * W + j, vec8.and_i8(v, live))
+            vec8.store_i8(ns, r * W + j, vec8.and_i8(nm, live))
+        for j in range(c8, cols):
+            live = _normal(gs[r, j])
+            ns[r, j] = NOT_MANT if live else 0
+            gs[r, j] = gs[r, j] if live else 0
+
+
+@njit(cache=True, nogil=True)
+def _scatter_rows(src, rows, cols, out, p, i0):
+    """out[p, c, i0 + r] = src[r, c] for r < rows, c < cols (a block of rows written into
+    the transpose of a (batch, n, cols) float32 array: out is (batch, cols, n), C order);
+    8 x 8 block transposes where full, element by element elsewhere."""
+    W = src.shape[1]
+    n = out.shape[2]
+    r0 = 0
+    while r0 + 8 <= rows:
+        c0 = 0
+        while c0 + 8 <= cols:
+            vec8.transpose8(src, r0 * W + c0, W, out, (p * cols + c0) * n + i0 + r0, n)
+            c0 += 8
+        for c in range(c0, cols):
+            for r in range(r0, r0 + 8):
+                out[p, c, i0 + r] = src[r, c]
+        r0 += 8
+    for r in range(r0, rows):
+        for c in range(cols):
+            out[p, c, i0 + r] = src[r, c]
+
+
+@njit(cache=True, nogil=True)
+def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, out_trans,
+                lo, hi):
     """Tasks lo <= task < hi of the exact gradient in left form:
     out[p, i, t] = sum_j PAM(G[p, i, j], slope(Y[p, i, t], X[p, j, t])), j increasing,
     slope the exact derivative of PAM w.r.t. its first operand (bits.mul_slope_bits).
-    Y (batch, n, k) is ``y_src`` and G (batch, n, red) is ``g``, read row by row (a
-    transposed operand is transposed once by ``_grad_tiles``); X (batch, red, k) is given
-    packed in xp / mp (``_pack_range``, masks when ``mask_x``: X holds zeros or subnormals);
-    ``mask_g``: G holds zeros or subnormals. Task p * row_blocks + b computes output rows
-    [GRAD_ROW_BLOCK b, GRAD_ROW_BLOCK (b + 1)) of batch p."""
+    Y (batch, n, k) is ``y_src`` or, when ``y_trans``, its transpose; G (batch, n, red) is
+    ``g`` or, when ``g_trans``, its transpose (both C-contiguous: a row block's rows are
+    gathered, with 8 x 8 block transposes for a transposed one, so no transposed copy is
+    made). X (batch, red, k) is given packed in xp / mp (``_pack_range``, masks when
+    ``mask_x``: X holds zeros or subnormals); ``mask_g``: G holds zeros or subnormals. The
+    result goes into ``out`` (batch, n, k), or when ``out_trans`` into ``out`` (batch, k,
+    n) as its transpose. Task p * row_blocks + b computes output rows [GRAD_ROW_BLOCK b,
+    GRAD_ROW_BLOCK (b + 1)) of batch p.
+
+    The micro-kernel (2 rows x 16 columns over the reduced span) is written out here
+    rather than called: a call passing arrays costs a reference count update per array
+    (an atomic add) on entry and on exit, as much as a tile's work at red = 32. A full
+    tile is stored straight into ``out`` (8-lane stores), a partial one through a scratch
+    tile; with ``out_trans`` the tiles fill a row block buffer that is then written
+    transposed (8 x 8 block transposes).
+
+    Per tile: acc[u, l] = sum_j f32(((y[r + u, t0 + l] + X[j, l]) & n_u[j]) + g_u[j]),
+    u = 0, 1, y the slope constants, X the packed strip, g_u = gs[r + u] a row of G's
+    signed bits; ``mask_g``: n_u = ns[r + u] holds NOT_MANT, or 0 where g_u[j] is zero or
+    subnormal (g_u[j] is then 0 too: the product is +0), else n_u = NOT_MANT; ``mask_x``:
+    each product is also anded with X's packed zero mask."""
     strips, red = xp.shape[1], xp.shape[2]
-    n, k = out.shape[1], out.shape[2]
+    n = out.shape[2] if out_trans else out.shape[1]
+    k = out.shape[1] if out_trans else out.shape[2]
     row_blocks = (n + GRAD_ROW_BLOCK - 1) // GRAD_ROW_BLOCK
-    y = np.zeros((GRAD_ROW_BLOCK, strips * STRIP_LANES), np.int32)
-    gs = np.empty((GRAD_ROW_BLOCK, red), np.int32)
-    ns = np.empty((GRAD_ROW_BLOCK, red), np.int32)
+    W = strips * STRIP_LANES
+    R = red + (-red) % 8
+    y = np.zeros((GRAD_ROW_BLOCK, W), np.int32)
+    gs = np.zeros((GRAD_ROW_BLOCK, R), np.int32)
+    ns = np.zeros((GRAD_ROW_BLOCK, R), np.int32)
+    if not mask_g:
+        ns[:] = NOT_MANT          # the masked-X loop reads n_u from ns either way
     spans = np.empty((GRAD_ROW_BLOCK // 2, 2), np.int64)
-    tile = np.empty((2, STRIP_LANES), np.float32)
+    block = np.empty((GRAD_ROW_BLOCK, W if out_trans else 0), np.float32)
+    tile = np.empty(2 * STRIP_LANES, np.float32)
+    flat = out.reshape(-1)
+    nm = vec8.splat_i8(NOT_MANT)
     for task in range(lo, hi):
         p = task // row_blocks
         i0 = (task - p * row_blocks) * GRAD_ROW_BLOCK
@@ -1101,107 +1266,116 @@ def _grad_range(y_src, g, xp, mp, mask_x, mask_g, off, out, lo, hi):
         rows2 = rows + rows % 2
         # Slope constants Mx + off - ONE (Mx: Y's mantissa field, 0 unless normal) and the
         # splatted rows of G; rows past the last repeat it.
-        for r in range(rows2):
-            for t in range(k):
-                v = y_src[p, i0 + min(r, rows - 1), t]
-                y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
-        for r in range(rows2):
-            for j in range(red):
-                gs[r, j] = g[p, i0 + min(r, rows - 1), j]
+        _gather_rows(y_src, y_trans, p, i0, rows, rows2, k, y)
+        _slope_consts(y, rows2, k, off)
+        _gather_rows(g, g_trans, p, i0, rows, rows2, red, gs)
+        if mask_g:
+            _fold_zero_mask(gs, ns, rows2, red)
         for r in range(0, rows2, 2):
-            j0 = 0
-            j1 = red
-            if mask_g:
-                for rr in range(r, r + 2):
-                    for j in range(red):
-                        live = _normal(gs[rr, j])
-                        ns[rr, j] = NOT_MANT if live else 0
-                        gs[rr, j] = gs[rr, j] if live else 0
-                while j0 < j1 and ns[r, j0] == 0 and ns[r + 1, j0] == 0:
-                    j0 += 1
-                while j1 > j0 and ns[r, j1 - 1] == 0 and ns[r + 1, j1 - 1] == 0:
-                    j1 -= 1
+            j0, j1 = _live_span(ns, r, 2, red) if mask_g else (0, red)
             spans[r // 2, 0] = j0
             spans[r // 2, 1] = j1
         for q in range(strips):
             t0 = q * STRIP_LANES
-            w = min(STRIP_LANES, k - t0)
             base = (p * strips + q) * red * STRIP_LANES
-            s0, s1 = _strip_span(mp[p, q]) if mask_x else (0, red)
+            s0, s1 = _strip_span(mp, base, red) if mask_x else (0, red)
             for r in range(0, rows, 2):
                 j0 = max(s0, spans[r // 2, 0])
                 j1 = max(j0, min(s1, spans[r // 2, 1]))
-                _sl_tile(tile, y, r, t0, xp, mp, base, gs, ns, j0, j1, mask_x, mask_g)
-                for u in range(min(2, rows - r)):
-                    for l in range(w):
-                        out[p, i0 + r + u, t0 + l] = tile[u, l]
+                y00 = vec8.load_i8(y, r * W + t0)
+                y01 = vec8.load_i8(y, r * W + t0 + 8)
+                y10 = vec8.load_i8(y, (r + 1) * W + t0)
+                y11 = vec8.load_i8(y, (r + 1) * W + t0 + 8)
+                s00 = vec8.zero_f8()
+                s01 = vec8.zero_f8()
+                s10 = vec8.zero_f8()
+                s11 = vec8.zero_f8()
+                if mask_x:
+                    for j in range(j0, j1):
+                        i = base + j * 16
+                        x0 = vec8.load_i8(xp, i)
+                        x1 = vec8.load_i8(xp, i + 8)
+                        m0 = vec8.load_i8(mp, i)
+                        m1 = vec8.load_i8(mp, i + 8)
+                        k0 = vec8.splat_i8(vec8.get_i32(ns, r * R + j))
+                        k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * R + j))
+                        c0 = vec8.splat_i8(vec8.get_i32(gs, r * R + j))
+                        c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * R + j))
+                        s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.add_i8(
+                            vec8.and_i8(vec8.add_i8(y00, x0), k0), c0), m0))
+                        s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.add_i8(
+                            vec8.and_i8(vec8.add_i8(y01, x1), k0), c0), m1))
+                        s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.add_i8(
+                            vec8.and_i8(vec8.add_i8(y10, x0), k1), c1), m0))
+                        s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.add_i8(
+                            vec8.and_i8(vec8.add_i8(y11, x1), k1), c1), m1))
+                elif mask_g:
+                    for j in range(j0, j1):
+                        i = base + j * 16
+                        x0 = vec8.load_i8(xp, i)
+                        x1 = vec8.load_i8(xp, i + 8)
+                        k0 = vec8.splat_i8(vec8.get_i32(ns, r * R + j))
+                        k1 = vec8.splat_i8(vec8.get_i32(ns, (r + 1) * R + j))
+                        c0 = vec8.splat_i8(vec8.get_i32(gs, r * R + j))
+                        c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * R + j))
+                        s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, x0), k0), c0))
+                        s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), k0), c0))
+                        s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), k1), c1))
+                        s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, x1), k1), c1))
+                else:
+                    for j in range(j0, j1):
+                        i = base + j * 16
+                        x0 = vec8.load_i8(xp, i)
+                        x1 = vec8.load_i8(xp, i + 8)
+                        c0 = vec8.splat_i8(vec8.get_i32(gs, r * R + j))
+                        c1 = vec8.splat_i8(vec8.get_i32(gs, (r + 1) * R + j))
+                        s00 = vec8.fadd_bits(s00, vec8.add_i8(vec8.and_i8(vec8.add_i8(y00, x0), nm), c0))
+                        s01 = vec8.fadd_bits(s01, vec8.add_i8(vec8.and_i8(vec8.add_i8(y01, x1), nm), c0))
+                        s10 = vec8.fadd_bits(s10, vec8.add_i8(vec8.and_i8(vec8.add_i8(y10, x0), nm), c1))
+                        s11 = vec8.fadd_bits(s11, vec8.add_i8(vec8.and_i8(vec8.add_i8(y11, x1), nm), c1))
+                if out_trans:            # whole rows of the block, padding lanes included
+                    vec8.store_f8(block, r * W + t0, s00)
+                    vec8.store_f8(block, r * W + t0 + 8, s01)
+                    vec8.store_f8(block, (r + 1) * W + t0, s10)
+                    vec8.store_f8(block, (r + 1) * W + t0 + 8, s11)
+                elif t0 + STRIP_LANES <= k and r + 1 < rows:     # a full tile: straight out
+                    d = (p * n + i0 + r) * k + t0
+                    vec8.store_f8(flat, d, s00)
+                    vec8.store_f8(flat, d + 8, s01)
+                    vec8.store_f8(flat, d + k, s10)
+                    vec8.store_f8(flat, d + k + 8, s11)
+                else:                    # the last row or columns: through a scratch tile
+                    vec8.store_f8(tile, 0, s00)
+                    vec8.store_f8(tile, 8, s01)
+                    vec8.store_f8(tile, 16, s10)
+                    vec8.store_f8(tile, 24, s11)
+                    for u in range(min(2, rows - r)):
+                        for l in range(min(STRIP_LANES, k - t0)):
+                            out[p, i0 + r + u, t0 + l] = tile[u * STRIP_LANES + l]
+        if out_trans:
+            _scatter_rows(block, rows, k, out, p, i0)
 
 
 @njit(cache=True, nogil=True)
-def _mm_tile(tile, xp, mp, base, cs, h, r, t0, t1, masked):
-    """tile[u, l] = sum_t f32(X[t, l] + cs[r + u, t]), t0 <= t < t1 increasing, for
-    u = 0..3 (X: the packed strip of b starting at flat index ``base`` of xp, rows of 16;
-    cs[r + u]: the int32 constants |bits(a)| - ONE + off (+2^31 for negative a) of a row
-    of a). When ``masked`` each product is anded with the packed zero mask of X (in mp) and
-    h[r + u, t] (zero mask of a's row): a zero or subnormal factor gives +0. Arrays are
-    read by flat index (no views)."""
-    k = cs.shape[1]
-    s00 = vec8.zero_f8()
-    s01 = vec8.zero_f8()
-    s10 = vec8.zero_f8()
-    s11 = vec8.zero_f8()
-    s20 = vec8.zero_f8()
-    s21 = vec8.zero_f8()
-    s30 = vec8.zero_f8()
-    s31 = vec8.zero_f8()
-    if masked:
-        for t in range(t0, t1):
-            i = base + t * 16
-            x0 = vec8.load_i8(xp, i)
-            x1 = vec8.load_i8(xp, i + 8)
-            m0 = vec8.load_i8(mp, i)
-            m1 = vec8.load_i8(mp, i + 8)
-            a = vec8.splat_i8(vec8.get_i32(cs, r * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, r * k + t))
-            s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, (r + 1) * k + t))
-            s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, (r + 2) * k + t))
-            s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * k + t))
-            z = vec8.splat_i8(vec8.get_i32(h, (r + 3) * k + t))
-            s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, a), m0), z))
-            s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, a), m1), z))
-    else:
-        for t in range(t0, t1):
-            i = base + t * 16
-            x0 = vec8.load_i8(xp, i)
-            x1 = vec8.load_i8(xp, i + 8)
-            a = vec8.splat_i8(vec8.get_i32(cs, r * k + t))
-            s00 = vec8.fadd_bits(s00, vec8.add_i8(x0, a))
-            s01 = vec8.fadd_bits(s01, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * k + t))
-            s10 = vec8.fadd_bits(s10, vec8.add_i8(x0, a))
-            s11 = vec8.fadd_bits(s11, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * k + t))
-            s20 = vec8.fadd_bits(s20, vec8.add_i8(x0, a))
-            s21 = vec8.fadd_bits(s21, vec8.add_i8(x1, a))
-            a = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * k + t))
-            s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, a))
-            s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, a))
-    vec8.store_f8(tile, 0, s00)
-    vec8.store_f8(tile, 8, s01)
-    vec8.store_f8(tile, 16, s10)
-    vec8.store_f8(tile, 24, s11)
-    vec8.store_f8(tile, 32, s20)
-    vec8.store_f8(tile, 40, s21)
-    vec8.store_f8(tile, 48, s30)
-    vec8.store_f8(tile, 56, s31)
+def _mm_consts(cs, h, rows, cols, off):
+    """In place, for r < rows, t < cols: cs[r, t] = bits(a) - ONE + off wrapped (|bits(a)|
+    - ONE + off, + 2^31 for negative a: adding it to |bits(b)| gives the signed PAM
+    product) and h[r, t] = -1 where a is normal, 0 where it is zero or subnormal, a being
+    the int32 pattern cs[r, t] on entry; 8 lanes at a time."""
+    W = cs.shape[1]
+    absm = vec8.splat_i8(ABS_MASK)
+    below = vec8.splat_i8(MIN_NORMAL - 1)
+    c = vec8.splat_i8(off - ONE)
+    c8 = cols - cols % 8
+    for r in range(rows):
+        for t in range(0, c8, 8):
+            v = vec8.load_i8(cs, r * W + t)
+            vec8.store_i8(h, r * W + t, vec8.gt_i8(vec8.and_i8(v, absm), below))
+            vec8.store_i8(cs, r * W + t, vec8.add_i8(v, c))
+        for t in range(c8, cols):
+            ia = np.int64(cs[r, t])
+            h[r, t] = -1 if _normal(cs[r, t]) else 0
+            cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
 
 
 @njit(cache=True, nogil=True)
@@ -1210,63 +1384,132 @@ def _mm_range(a, xp, mp, masked, off, out, lo, hi):
     PAM(a[p, i, t], b[p, t, j]), t increasing, with b given packed in xp / mp
     (``_pack_range``; masks when ``masked``: a or b holds zeros or subnormals). Task
     p * row_blocks + b computes output rows [MM_ROW_BLOCK b, MM_ROW_BLOCK (b + 1)) of
-    batch p."""
+    batch p.
+
+    Per tile (written out here, not called: see ``_grad_range``): acc[u, l] = sum_t
+    f32(X[t, l] + cs[r + u, t]), t0 <= t < t1 increasing, u = 0..3, X the packed strip of
+    b, cs[r + u] the constants of a row of a (``_mm_consts``); when ``masked`` each
+    product is anded with X's packed zero mask and h[r + u, t] (a's): a zero or subnormal
+    factor gives +0. A full tile is stored straight into ``out``, a partial one through a
+    scratch tile."""
     n, k = a.shape[1], a.shape[2]
     strips, m = xp.shape[1], out.shape[2]
     row_blocks = (n + MM_ROW_BLOCK - 1) // MM_ROW_BLOCK
-    cs = np.empty((MM_ROW_BLOCK, k), np.int32)
-    h = np.empty((MM_ROW_BLOCK, k), np.int32)
+    K = k + (-k) % 8
+    cs = np.zeros((MM_ROW_BLOCK, K), np.int32)
+    h = np.zeros((MM_ROW_BLOCK, K), np.int32)
     spans = np.empty((MM_ROW_BLOCK // MM_TILE_ROWS, 2), np.int64)
-    tile = np.empty((MM_TILE_ROWS, STRIP_LANES), np.float32)
+    tile = np.empty(MM_TILE_ROWS * STRIP_LANES, np.float32)
+    flat = out.reshape(-1)
     for task in range(lo, hi):
         p = task // row_blocks
         i0 = (task - p * row_blocks) * MM_ROW_BLOCK
         rows = min(i0 + MM_ROW_BLOCK, n) - i0
         rows4 = rows + (-rows) % MM_TILE_ROWS
-        for r in range(rows4):
-            src = a[p, i0 + min(r, rows - 1)]
-            for t in range(k):
-                ia = np.int64(src[t])
-                cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
-                h[r, t] = -1 if _normal(src[t]) else 0
+        _gather_rows(a, False, p, i0, rows, rows4, k, cs)
+        _mm_consts(cs, h, rows4, k, off)
         for r in range(0, rows4, MM_TILE_ROWS):
-            t0 = 0
-            t1 = k
-            if masked:
-                while t0 < t1 and (h[r, t0] | h[r + 1, t0] | h[r + 2, t0] | h[r + 3, t0]) == 0:
-                    t0 += 1
-                while t1 > t0 and (h[r, t1 - 1] | h[r + 1, t1 - 1] | h[r + 2, t1 - 1]
-                                   | h[r + 3, t1 - 1]) == 0:
-                    t1 -= 1
+            t0, t1 = _live_span(h, r, MM_TILE_ROWS, k) if masked else (0, k)
             spans[r // MM_TILE_ROWS, 0] = t0
             spans[r // MM_TILE_ROWS, 1] = t1
         for q in range(strips):
             j0 = q * STRIP_LANES
-            w = min(STRIP_LANES, m - j0)
             base = (p * strips + q) * k * STRIP_LANES
-            s0, s1 = _strip_span(mp[p, q]) if masked else (0, k)
+            s0, s1 = _strip_span(mp, base, k) if masked else (0, k)
             for r in range(0, rows, MM_TILE_ROWS):
                 t0 = max(s0, spans[r // MM_TILE_ROWS, 0])
                 t1 = max(t0, min(s1, spans[r // MM_TILE_ROWS, 1]))
-                _mm_tile(tile, xp, mp, base, cs, h, r, t0, t1, masked)
-                for u in range(min(MM_TILE_ROWS, rows - r)):
-                    for l in range(w):
-                        out[p, i0 + r + u, j0 + l] = tile[u, l]
+                s00 = vec8.zero_f8()
+                s01 = vec8.zero_f8()
+                s10 = vec8.zero_f8()
+                s11 = vec8.zero_f8()
+                s20 = vec8.zero_f8()
+                s21 = vec8.zero_f8()
+                s30 = vec8.zero_f8()
+                s31 = vec8.zero_f8()
+                if masked:
+                    for t in range(t0, t1):
+                        i = base + t * 16
+                        x0 = vec8.load_i8(xp, i)
+                        x1 = vec8.load_i8(xp, i + 8)
+                        m0 = vec8.load_i8(mp, i)
+                        m1 = vec8.load_i8(mp, i + 8)
+                        c = vec8.splat_i8(vec8.get_i32(cs, r * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, r * K + t))
+                        s00 = vec8.fadd_bits(s00, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s01 = vec8.fadd_bits(s01, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, (r + 1) * K + t))
+                        s10 = vec8.fadd_bits(s10, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s11 = vec8.fadd_bits(s11, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, (r + 2) * K + t))
+                        s20 = vec8.fadd_bits(s20, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s21 = vec8.fadd_bits(s21, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * K + t))
+                        z = vec8.splat_i8(vec8.get_i32(h, (r + 3) * K + t))
+                        s30 = vec8.fadd_bits(s30, vec8.and_i8(vec8.and_i8(vec8.add_i8(x0, c), m0), z))
+                        s31 = vec8.fadd_bits(s31, vec8.and_i8(vec8.and_i8(vec8.add_i8(x1, c), m1), z))
+                else:
+                    for t in range(t0, t1):
+                        i = base + t * 16
+                        x0 = vec8.load_i8(xp, i)
+                        x1 = vec8.load_i8(xp, i + 8)
+                        c = vec8.splat_i8(vec8.get_i32(cs, r * K + t))
+                        s00 = vec8.fadd_bits(s00, vec8.add_i8(x0, c))
+                        s01 = vec8.fadd_bits(s01, vec8.add_i8(x1, c))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 1) * K + t))
+                        s10 = vec8.fadd_bits(s10, vec8.add_i8(x0, c))
+                        s11 = vec8.fadd_bits(s11, vec8.add_i8(x1, c))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 2) * K + t))
+                        s20 = vec8.fadd_bits(s20, vec8.add_i8(x0, c))
+                        s21 = vec8.fadd_bits(s21, vec8.add_i8(x1, c))
+                        c = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * K + t))
+                        s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, c))
+                        s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, c))
+                if j0 + STRIP_LANES <= m and r + MM_TILE_ROWS <= rows:   # full: straight out
+                    d = (p * n + i0 + r) * m + j0
+                    vec8.store_f8(flat, d, s00)
+                    vec8.store_f8(flat, d + 8, s01)
+                    vec8.store_f8(flat, d + m, s10)
+                    vec8.store_f8(flat, d + m + 8, s11)
+                    vec8.store_f8(flat, d + 2 * m, s20)
+                    vec8.store_f8(flat, d + 2 * m + 8, s21)
+                    vec8.store_f8(flat, d + 3 * m, s30)
+                    vec8.store_f8(flat, d + 3 * m + 8, s31)
+                else:                    # the last rows or columns: through a scratch tile
+                    vec8.store_f8(tile, 0, s00)
+                    vec8.store_f8(tile, 8, s01)
+                    vec8.store_f8(tile, 16, s10)
+                    vec8.store_f8(tile, 24, s11)
+                    vec8.store_f8(tile, 32, s20)
+                    vec8.store_f8(tile, 40, s21)
+                    vec8.store_f8(tile, 48, s30)
+                    vec8.store_f8(tile, 56, s31)
+                    for u in range(min(MM_TILE_ROWS, rows - r)):
+                        for l in range(min(STRIP_LANES, m - j0)):
+                            out[p, i0 + r + u, j0 + l] = tile[u * STRIP_LANES + l]
 
 
 @njit(cache=True, nogil=True)
+def _grads_decide(out, a0, a1, b0, b1, g0, g1, off):
+    """The tuple of ``_grads_plan`` from the operands' merged chunk scans."""
+    sa, za, lo_a, hi_a = _scan_merge(out, a0, a1)
+    sb, zb, lo_b, hi_b = _scan_merge(out, b0, b1)
+    sg, zg, lo_g, hi_g = _scan_merge(out, g0, g1)
+    ok = not (sa or sb or sg)
+    return (ok and _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off),
+            ok and _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off), za, zb, zg)
+
+
 def _grads_plan(a, b, grad, off):
     """(fast_a, fast_b, za, zb, zg) for the exact matmul gradients: whether the int32
     fast path of the left / right gradient applies (no inf/NaN in a, b, grad, and
     ``_slope_fast_ok`` for grad's range and that of the operand whose exponents enter the
     slopes: b for the left gradient, a for the right one), and whether a, b, grad hold
     zeros/subnormals. a and b may be given transposed (the scans see the same values)."""
-    sa, za, lo_a, hi_a = _stats(a)
-    sb, zb, lo_b, hi_b = _stats(b)
-    sg, zg, lo_g, hi_g = _stats(grad)
-    ok = not (sa or sb or sg)
-    return (ok and _slope_fast_ok(lo_g, hi_g, lo_b, hi_b, off),
-            ok and _slope_fast_ok(lo_g, hi_g, lo_a, hi_a, off), za, zb, zg)
+    out, ((a0, a1), (b0, b1), (g0, g1)) = _scan(a, b, grad)
+    return _grads_decide(out, a0, a1, b0, b1, g0, g1, off)
 
 
 _WORK = threading.local()
@@ -1285,17 +1528,6 @@ def _strip_work(batch, rows, cols, masked):
         work = _WORK.strips = np.empty(max(2 * size, 1), np.int32)
     xp = work[:size].reshape(shape)
     return xp, (work[size:2 * size].reshape(shape) if masked else xp)
-
-
-def _scratch(name, shape, dtype):
-    """A per-thread scratch array of ``shape`` (contents undefined), kept and reused across
-    calls under ``name`` (grown when too small) for the reason given in ``_strip_work``."""
-    size = int(np.prod(shape))
-    buf = getattr(_WORK, name, None)
-    if buf is None or buf.size < size:
-        buf = np.empty(max(size, 1), dtype)
-        setattr(_WORK, name, buf)
-    return buf[:size].reshape(shape)
 
 
 def _pack(x, trans, rows, cols, masked):
@@ -1328,24 +1560,19 @@ def _plain(arr, trans):
     return np.ascontiguousarray(arr.transpose(0, 2, 1)) if trans else arr
 
 
-def _grad_tiles(y_src, y_trans, x_src, x_trans, g, g_trans, mask_x, mask_g, off, out):
-    """``_grad_range`` over all of ``out`` (batch, n, k): X (batch, red, k) packed from
-    ``x_src`` (transposed when ``x_trans``), then the row blocks split between threads."""
-    batch, n, k = out.shape
+def _grad_tiles(y_src, y_trans, x_src, x_trans, g, g_trans, mask_x, mask_g, off, out,
+               out_trans):
+    """``_grad_range`` over all of its output (batch, n, k): ``out``, or when
+    ``out_trans`` the transpose of ``out`` (batch, k, n). X (batch, red, k) is packed from
+    ``x_src`` (transposed when ``x_trans``), then the row blocks are split between
+    threads."""
+    batch = out.shape[0]
+    n, k = (out.shape[2], out.shape[1]) if out_trans else (out.shape[1], out.shape[2])
     red = x_src.shape[2] if x_trans else x_src.shape[1]
     xp, mp = _pack(x_src, x_trans, red, k, mask_x)
-    if y_trans:           # row blocks read Y's rows: transpose it once, blocked
-        yt = y_src
-        y_src = _scratch("y", (batch, n, k), np.int32)
-        threads.run(_transpose_range, batch * -(-k // STRIP_LANES), yt.size,
-                    MATMUL_PARALLEL_MIN, yt, y_src)
-    if g_trans:           # likewise G (its rows are copied per row block)
-        gt = g
-        g = _scratch("g", (batch, n, red), np.int32)
-        threads.run(_transpose_range, batch * -(-red // STRIP_LANES), gt.size,
-                    MATMUL_PARALLEL_MIN, gt, g)
     threads.run(_grad_range, batch * -(-n // GRAD_ROW_BLOCK), batch * n * k * red,
-                MATMUL_PARALLEL_MIN, y_src, g, xp, mp, mask_x, mask_g, off, out)
+                MATMUL_PARALLEL_MIN, y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off,
+                out, out_trans)
 
 
 def matmul_exact_grads(a, bt, at, b, grad, off, out_a, out_b):
@@ -1368,29 +1595,23 @@ def matmul_exact_grads(a, bt, at, b, grad, off, out_a, out_b):
     if want_a:
         o = out_a if out_a.flags.c_contiguous else np.empty(out_a.shape, np.float32)
         if fast_a:     # out_a[i, t] = sum_j f(a[i, t], bt[j, t], grad[i, j])
-            _grad_tiles(A, ta, B, not tb, grad, False, zb, zg, off, o)
+            _grad_tiles(A, ta, B, not tb, grad, False, zb, zg, off, o, False)
         else:
             _grad_left_general(_plain(A, ta), _plain(B, not tb), grad, off, o)
         if o is not out_a:
             out_a[...] = o
     if want_b:
         if fast_b:     # out_b^T[j, t] = sum_i f(bt[j, t], a[i, t], grad[i, j]): left form
-            o = out_b.transpose(0, 2, 1)
-            if o.flags.c_contiguous:
-                _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off, o)
+            if out_b.transpose(0, 2, 1).flags.c_contiguous:
+                _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off,
+                            out_b.transpose(0, 2, 1), False)
                 return
-            o = _scratch("out", o.shape, np.float32)
-            _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off, o)
-            if out_b.flags.c_contiguous:            # blocked transpose of the bit patterns
-                threads.run(_transpose_range, o.shape[0] * -(-o.shape[1] // STRIP_LANES),
-                            o.size, MATMUL_PARALLEL_MIN, o.view(np.int32),
-                            out_b.view(np.int32))
-                return
-            o = o.transpose(0, 2, 1)
+            o = out_b if out_b.flags.c_contiguous else np.empty(out_b.shape, np.float32)
+            _grad_tiles(B, not tb, A, ta, grad, True, za, zg, off, o, True)
         else:
             o = out_b if out_b.flags.c_contiguous else np.empty(out_b.shape, np.float32)
             _grad_right_general(_plain(A, not ta), _plain(B, tb), grad, off, o)
-        if not np.may_share_memory(o, out_b):          # computed into a scratch array
+        if o is not out_b:
             out_b[...] = o
 
 
