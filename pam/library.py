@@ -150,8 +150,8 @@ def _matmul_impl(a3, b3, off, kind="pam"):
         return out
     if k == 0:
         return out.zero_()
-    D.launch("matmul" + D.kernel_suffix(kind), a3.device, D.as_bits(a3), _operand_bits(b3),
-             off, out)
+    D.launch("matmul" + D.kernel_suffix(kind), a3.device, _operand_bits(a3),
+             _operand_bits(b3), off, out)
     return out
 
 

@@ -321,19 +321,33 @@ def test_grads_read_either_operand_layout(n, k, m, zeros, ta, tb):
     assert_same_bits(dr, dr_t, "grad_right into a C-contiguous output")
 
 
+@pytest.mark.parametrize("a_trans, b_trans", [(False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("zeros", ["none", "a", "b", "causal"])
 @pytest.mark.parametrize("n, k, m", LAYOUT_SHAPES + [(6, 40, 3)])
-def test_matmul_reads_b_transposed(n, k, m, zeros):
-    """The PAM forward reads b from the transpose of a C-contiguous array (linear: b =
-    weight.t()) as it reads a C-contiguous b: same bits as the reference, batch 2, odd
-    shapes, zeros (masked) and causal probabilities (a with a zero upper triangle: the
-    skipped spans of the 4-row tiles)."""
+def test_matmul_reads_either_layout(n, k, m, zeros, a_trans, b_trans):
+    """The PAM forward reads an operand from the transpose of a C-contiguous array (linear:
+    b = weight.t(); an approximate backward: a^T @ grad) as it reads a C-contiguous one:
+    same bits as the reference, batch 2, odd shapes, zeros (masked) and causal
+    probabilities (a with a zero upper triangle: the skipped spans of the 4-row tiles)."""
     rng = np.random.default_rng(n * 7 + k * 3 + m)
     a = (_causal(rng, (2, n, k), upper=True) if zeros == "causal" else
          operand(rng, (2, n, k), "zeros" if zeros == "a" else "normal"))
     b = operand(rng, (2, k, m), "zeros" if zeros == "b" else "normal")
     out = np.full((2, n, m), np.nan, np.float32)
-    cpu.matmul(a.view(np.int32), _layouts(b, True), 0, out)
+    cpu.matmul(_layouts(a, a_trans), _layouts(b, b_trans), 0, out)
+    for p in range(2):
+        assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
+
+
+@pytest.mark.parametrize("regime", ["edge", "wide"])
+def test_matmul_general_path_reads_a_transposed(regime):
+    """Operands outside the fast path (inf/NaN, over/underflow) given as transposed views
+    go to the general path with the same bits as the reference."""
+    rng = np.random.default_rng(11)
+    a = operand(rng, (2, 9, 13), regime)
+    b = operand(rng, (2, 13, 6), regime)
+    out = np.full((2, 9, 6), np.nan, np.float32)
+    cpu.matmul(_layouts(a, True), _layouts(b, True), 0, out)
     for p in range(2):
         assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
 

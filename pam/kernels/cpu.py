@@ -833,40 +833,41 @@ def _matmul_plan(a, b, off, lmul):
 
 
 def _matmul_run(a, b, off, lmul, out):
-    """The range check, then the fast or the general path (PAM or L-Mul products). b may
-    be any strided view: the PAM fast path reads b or its transpose, whichever is
-    C-contiguous (``_layout``); the other paths take a contiguous copy."""
+    """The range check, then the fast or the general path (PAM or L-Mul products). a and
+    b may be any strided views: the PAM fast path reads each operand or its transpose,
+    whichever is C-contiguous (``_layout``; an approximate backward's a^T @ grad reads a
+    in place); the other paths take contiguous copies."""
     if out.size == 0:
         return
     if a.shape[2] == 0:
         out[:] = 0.0
         return
-    a = np.ascontiguousarray(a)
+    A, ta = _layout(a, None)
     B, tb = _layout(b, None)
-    fast, za, zb = _matmul_plan(a, B, off, lmul)
+    fast, za, zb = _matmul_plan(A, B, off, lmul)
     if not fast:
-        _matmul_general(a, _plain(B, tb), off, lmul, out)
+        _matmul_general(_plain(A, ta), _plain(B, tb), off, lmul, out)
     elif not lmul:
         masked = za or zb
         batch, n, k = a.shape
         m = out.shape[2]
         xp, mp = _pack(B, tb, k, m, masked)
         threads.run(_mm_range, batch * -(-n // MM_ROW_BLOCK), batch * n * k * m,
-                    MATMUL_PARALLEL_MIN, a, xp, mp, masked, off, out)
+                    MATMUL_PARALLEL_MIN, A, ta, xp, mp, masked, off, out)
     elif zb:
         b = _plain(B, tb)
-        _matmul_fast_lmul_m(a, b, _zero_mask(b), off, out)
+        _matmul_fast_lmul_m(_plain(A, ta), b, _zero_mask(b), off, out)
     else:
         b = _plain(B, tb)
-        _matmul_fast_lmul(a, b, b, off, out)
+        _matmul_fast_lmul(_plain(A, ta), b, b, off, out)
 
 
 def matmul(a, b, off, out):
     """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing.
 
     a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32 C-contiguous
-    (a and b may have any strides: the fast path reads b's transpose in place when that is
-    the contiguous one). Bit-identical to accumulating bits.mul_bits products for every input
+    (a and b may have any strides: the fast path reads either one's transpose in place when
+    that is the contiguous one). Bit-identical to accumulating bits.mul_bits products for every input
     (zeros, subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
     k = 0 gives zeros.
     """
@@ -1379,9 +1380,10 @@ def _mm_consts(cs, h, rows, cols, off):
 
 
 @njit(cache=True, nogil=True)
-def _mm_range(a, xp, mp, masked, off, out, lo, hi):
+def _mm_range(a, a_trans, xp, mp, masked, off, out, lo, hi):
     """Tasks lo <= task < hi of the PAM forward fast path: out[p, i, j] = sum_t
-    PAM(a[p, i, t], b[p, t, j]), t increasing, with b given packed in xp / mp
+    PAM(A[p, i, t], b[p, t, j]), t increasing, A being ``a`` (batch, n, k) or, when
+    ``a_trans``, the transpose of ``a`` (batch, k, n), with b given packed in xp / mp
     (``_pack_range``; masks when ``masked``: a or b holds zeros or subnormals). Task
     p * row_blocks + b computes output rows [MM_ROW_BLOCK b, MM_ROW_BLOCK (b + 1)) of
     batch p.
@@ -1392,7 +1394,7 @@ def _mm_range(a, xp, mp, masked, off, out, lo, hi):
     product is anded with X's packed zero mask and h[r + u, t] (a's): a zero or subnormal
     factor gives +0. A full tile is stored straight into ``out``, a partial one through a
     scratch tile."""
-    n, k = a.shape[1], a.shape[2]
+    n, k = (a.shape[2], a.shape[1]) if a_trans else (a.shape[1], a.shape[2])
     strips, m = xp.shape[1], out.shape[2]
     row_blocks = (n + MM_ROW_BLOCK - 1) // MM_ROW_BLOCK
     K = k + (-k) % 8
@@ -1406,7 +1408,7 @@ def _mm_range(a, xp, mp, masked, off, out, lo, hi):
         i0 = (task - p * row_blocks) * MM_ROW_BLOCK
         rows = min(i0 + MM_ROW_BLOCK, n) - i0
         rows4 = rows + (-rows) % MM_TILE_ROWS
-        _gather_rows(a, False, p, i0, rows, rows4, k, cs)
+        _gather_rows(a, a_trans, p, i0, rows, rows4, k, cs)
         _mm_consts(cs, h, rows4, k, off)
         for r in range(0, rows4, MM_TILE_ROWS):
             t0, t1 = _live_span(h, r, MM_TILE_ROWS, k) if masked else (0, k)
