@@ -1,11 +1,13 @@
-"""CPU kernels (Numba, parallel, cached) over int32 bit-pattern arrays.
+"""CPU kernels (Numba, cached on disk) over int32 bit-pattern arrays.
 
 Every kernel takes C-contiguous int32 arrays holding float32 bit patterns and calls the
 scalar definitions of :mod:`pam.bits`, so the CPU and CUDA kernels compute the same bits.
 
 Reductions (matmul and its backward) accumulate in float32, one output element at a time,
 in increasing order of the reduced index: the result does not depend on the thread count.
-Parallelism is over output rows; vectorization is across output columns (an elementwise
+Parallelism is over output rows (most kernels are serial ``nogil`` range kernels split
+over threads by :mod:`pam.kernels.threads`; the L-Mul forward, the general inf/NaN matmul
+paths and the convolutions use ``parallel=True``); vectorization is across output columns (an elementwise
 ``acc[j] += p[j]``, which needs no reassociation). The PAM matmul and its exact gradients
 keep a small tile of such accumulators in registers over the whole reduced range
 (pam.kernels.vec8 eight-lane values) and stream the operand that varies along the output
