@@ -112,25 +112,33 @@ def bench_cpu(shapes, repeats):
         b = torch.randn(k, m, generator=gen)
         g = torch.randn(n, m, generator=gen)
         row = {"shape": label, "n": n, "k": k, "m": m}
-        a_bits, b_bits = a.view(torch.int32).numpy()[None], b.view(torch.int32).numpy()[None]
-        out = np.empty((1, n, m), np.float32)
-        row["pam_kernel_fwd"] = timed(lambda: cpu.matmul(a_bits, b_bits, 0, out), repeats)
-        row["pam_fwd"] = timed(lambda: pam.matmul(a, b), repeats)
-        row["torch_fwd"] = timed(lambda: torch.matmul(a, b), repeats)
-        for mode in ("exact", "approx"):
-            ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
-            c = pam.matmul(ar, br, backward=mode)
-            row[f"pam_bwd_{mode}"] = timed(
-                lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True), repeats)
-        ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
-        c = torch.matmul(ar, br)
-        row["torch_bwd"] = timed(lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True),
-                                 repeats)
+        time_pair(row, a, b, g, repeats)
         if n * k * m <= 256 ** 3:
             row["naive_fwd"] = timed(lambda: naive_broadcast_pam_matmul(a, b), max(2, repeats // 2))
         rows.append(row)
         print_row(row)
     return rows
+
+
+def time_pair(row, a, b, g, repeats):
+    """Time into ``row``: the kernel forward on int32 views of a and b (2-D operands as a
+    batch of one; a transposed view is read in place), pam's and torch's forward, and both
+    gradients for output gradient ``g`` (pam exact and approximate, torch)."""
+    a3, b3 = (t if t.dim() == 3 else t[None] for t in (a, b))
+    a_bits, b_bits = a3.view(torch.int32).numpy(), b3.view(torch.int32).numpy()
+    out = np.empty((a3.shape[0], a3.shape[1], b3.shape[2]), np.float32)
+    row["pam_kernel_fwd"] = timed(lambda: cpu.matmul(a_bits, b_bits, 0, out), repeats)
+    row["pam_fwd"] = timed(lambda: pam.matmul(a, b), repeats)
+    row["torch_fwd"] = timed(lambda: torch.matmul(a, b), repeats)
+    for mode in ("exact", "approx"):
+        ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+        c = pam.matmul(ar, br, backward=mode)
+        row[f"pam_bwd_{mode}"] = timed(
+            lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True), repeats)
+    ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    c = torch.matmul(ar, br)
+    row["torch_bwd"] = timed(lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True),
+                             repeats)
 
 
 def attention_operands(gen):
@@ -153,20 +161,7 @@ def bench_attention(repeats):
     for label, (a, b, g) in attention_operands(gen).items():
         row = {"shape": label, "batch": a.shape[0], "n": a.shape[1], "k": a.shape[2],
                "m": b.shape[2]}
-        a_bits, b_bits = a.view(torch.int32).numpy(), b.view(torch.int32).numpy()
-        out = np.empty((a.shape[0], a.shape[1], b.shape[2]), np.float32)
-        row["pam_kernel_fwd"] = timed(lambda: cpu.matmul(a_bits, b_bits, 0, out), repeats)
-        row["pam_fwd"] = timed(lambda: pam.matmul(a, b), repeats)
-        row["torch_fwd"] = timed(lambda: torch.matmul(a, b), repeats)
-        for mode in ("exact", "approx"):
-            ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
-            c = pam.matmul(ar, br, backward=mode)
-            row[f"pam_bwd_{mode}"] = timed(
-                lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True), repeats)
-        ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
-        c = torch.matmul(ar, br)
-        row["torch_bwd"] = timed(lambda: torch.autograd.grad(c, (ar, br), g, retain_graph=True),
-                                 repeats)
+        time_pair(row, a, b, g, repeats)
         rows.append(row)
         print_row(row)
     return rows
