@@ -19,6 +19,7 @@ import sys
 from dataclasses import replace
 
 from . import checkpoint as ckpt
+from ._entry import WORKLOAD as WARMUP_WORKLOAD
 from .data import TASKS, DataError, load_task
 from .model import ARITHMETICS, FRAC_BITS_RANGE, BDIAConfig, arithmetic_context
 from .quant import GridRangeError
@@ -363,10 +364,9 @@ def cmd_train(args, warmup_workers=None) -> int:
             _warm_kernels(warmup_workers)
         elif warmup_workers is not None:     # started before the arguments were parsed
             warmup_workers.kill()
-        if mc.arithmetic == "pam" and tc.device == "cpu":
-            with _one_torch_thread():
-                return _run_train(args, d, mc, tc, data, resume, out)
-        return _run_train(args, d, mc, tc, data, resume, out)
+        fully_pam_cpu = mc.arithmetic == "pam" and tc.device == "cpu"
+        with _one_torch_thread() if fully_pam_cpu else contextlib.nullcontext():
+            return _run_train(args, d, mc, tc, data, resume, out)
     finally:
         if lock is not None:
             lock.release()
@@ -403,7 +403,7 @@ def _warm_kernels(workers=None) -> None:
         print(f"compiling the PAM kernels for the first run ({n} processes; cached for later "
               f"runs)...", file=sys.stderr, flush=True)
     try:
-        res = warmup.warm(announce=announce, workload="bdia-pam train", workers=workers)
+        res = warmup.warm(announce=announce, workload=WARMUP_WORKLOAD, workers=workers)
     except RuntimeError as e:          # a worker failed: the kernels compile lazily instead
         print(f"kernel warm-up failed, compiling on first use instead: {e}", file=sys.stderr,
               flush=True)

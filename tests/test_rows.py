@@ -37,12 +37,9 @@ def _same(a, b):
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-@pytest.mark.parametrize("backward", ["exact", "approx"])
-def test_gelu_fused_equals_composite(backward):
-    x = _inputs()
-    g = torch.Generator().manual_seed(1)
-    grad = torch.randn(x.shape, generator=g) * 3
-    grad[:3] = torch.tensor([0.0, np.inf, np.nan])
+def _assert_gelu_equals_composite(x, grad, backward):
+    """pam.nn.functional.gelu's output and input gradient (for output gradient ``grad``)
+    have the bits of the composite's."""
     xf = x.clone().requires_grad_()
     xc = x.clone().requires_grad_()
     yf = pam.nn.functional.gelu(xf, backward=backward)
@@ -51,6 +48,15 @@ def test_gelu_fused_equals_composite(backward):
     yf.backward(grad)
     yc.backward(grad)
     assert _same(xf.grad, xc.grad)
+
+
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+def test_gelu_fused_equals_composite(backward):
+    x = _inputs()
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(x.shape, generator=g) * 3
+    grad[:3] = torch.tensor([0.0, np.inf, np.nan])
+    _assert_gelu_equals_composite(x, grad, backward)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -97,14 +103,7 @@ def test_gelu_finite_blocks_equal_composite(backward):
                              -float(F32.max)])
     grad[8:200] = grad[8:200] * 1e-37                       # products flush to zero
     x[-5] = np.nan                                          # the last block: general terms
-    xf = x.clone().requires_grad_()
-    xc = x.clone().requires_grad_()
-    yf = pam.nn.functional.gelu(xf, backward=backward)
-    yc = gelu_composite(xc, backward=backward)
-    assert _same(yf, yc)
-    yf.backward(grad)
-    yc.backward(grad)
-    assert _same(xf.grad, xc.grad)
+    _assert_gelu_equals_composite(x, grad, backward)
     first = slice(0, cpu.GELU_BLOCK)                       # a finite block, both inputs
     assert cpu._finite_bits(x[first].view(torch.int32).numpy())
     assert cpu._finite_bits(grad[first].view(torch.int32).numpy())
