@@ -17,7 +17,6 @@ Read top to bottom:
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -32,7 +31,6 @@ except ImportError:  # pragma: no cover
     _MIN_L, _MAX_L = 1, 20
 FRAC_BITS_RANGE = (_MIN_L, _MAX_L)  # activations live on the 2^-frac_bits grid
 BACKWARDS = ("exact", "approx")
-MASK_VALUE = -1.0e9  # causal mask logit: finite so the PAM softmax never sees -inf
 
 
 @dataclass
@@ -132,7 +130,13 @@ def arithmetic_context(name: str, backward: str = "exact"):
 
 # --------------------------------------------------------------------------- layers
 class Attention(nn.Module):
-    """Multi-head self-attention (batch first), optionally causal."""
+    """Multi-head self-attention (batch first), optionally causal.
+
+    The core is ``F.scaled_dot_product_attention`` with its default scale 1/sqrt(head_dim):
+    under ``pam.arithmetic()`` (both PAM arithmetics) the mode computes it with PAM's
+    definition (scale PAD(1, pa_sqrt(head_dim)), exact for head dims that are powers of 4;
+    PAM products; the PA softmax, with -inf for masked keys), as one fused kernel per pass
+    where pam has one."""
 
     def __init__(self, cfg: BDIAConfig, causal: bool):
         super().__init__()
@@ -147,12 +151,11 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, D)
-        att = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, H, T, T)
-        if self.causal:
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            att = att.masked_fill(mask, MASK_VALUE)
-        att = F.dropout(att.softmax(-1), self.dropout, self.training)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        # One call for the attention core: torch's fused kernel in float, PAM's attention
+        # (pam.nn.functional.scaled_dot_product_attention) under pam.arithmetic()
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=self.causal)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
