@@ -156,17 +156,22 @@ def current_location():
     return describe(where_now())
 
 
-def tag_outputs(out, location):
-    """Store ``location`` in the autograd nodes of the tensors in ``out`` (first one wins)."""
+def tag_outputs(out, location=None):
+    """Store ``location`` (default: :func:`where_now`, found only when some tensor of
+    ``out`` has an untagged autograd node: most calls return none) in the autograd nodes
+    of the tensors in ``out`` (first one wins). Returns the location used, or None."""
     if isinstance(out, torch.Tensor):
         fn = out.grad_fn
         if fn is not None:
             meta = fn.metadata
             if _KEY not in meta:
+                if location is None:
+                    location = where_now()
                 meta[_KEY] = location
     elif isinstance(out, (tuple, list)):
         for o in out:
-            tag_outputs(o, location)
+            location = tag_outputs(o, location)
+    return location
 
 
 class LocationMode(TorchFunctionMode):
@@ -175,7 +180,7 @@ class LocationMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if torch.is_grad_enabled():
-            tag_outputs(out, where_now())
+            tag_outputs(out)
         return out
 
     def __enter__(self):

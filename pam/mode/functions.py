@@ -354,7 +354,7 @@ class _FunctionLayer(TorchFunctionMode):
         if out is NotImplemented:
             out = func(*args, **kwargs)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            _loc.tag_outputs(out, _loc.where_now())    # compiled: the FX nodes' metadata
+            _loc.tag_outputs(out)    # compiled: the FX nodes' metadata
         return out
 
 
