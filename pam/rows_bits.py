@@ -615,18 +615,18 @@ def _layer_norm_row_backward_variant(exact, has_w):
     fixed, as :func:`_layer_norm_row_forward_variant` (LN_BIAS plays no part in the rows)."""
     pad_grad_num = _pad_grad_num_exact if exact else _pad_grad_num_approx
 
-    def layer_norm_row_backward_variant(x, w, g, out, gw, base, n, nb, off, stats, sb):
+    def layer_norm_row_backward_variant(x, w, g, out, gw, tmp, base, n, nb, off, stats, sb,
+                                        tb):
         mu = _f(stats[sb + 5])
         std = stats[sb + 8]
         # pass 1: the terms of g_std into out (and the weight terms)
         if exact and has_w:
             for j in range(n):
-                y = div0_bits(_b(_f(x[base + j]) - mu), std)
-                gw[base + j] = mul32_bits(g[base + j], mul_slope_sel(w[j], y, off), 0)
-            for j in range(n):
                 xc = _b(_f(x[base + j]) - mu)
                 y = div0_bits(xc, std)
+                gw[base + j] = mul32_bits(g[base + j], mul_slope_sel(w[j], y, off), 0)
                 gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
+                tmp[tb + j] = gy
                 out[base + j] = mul32_bits(gy, div_slope_den0_sel(xc, std), 0)
         elif exact:
             for j in range(n):
@@ -636,9 +636,8 @@ def _layer_norm_row_backward_variant(exact, has_w):
             for j in range(n):
                 y = div0_bits(_b(_f(x[base + j]) - mu), std)
                 gw[base + j] = mul32_bits(g[base + j], y, off)
-            for j in range(n):
-                y = div0_bits(_b(_f(x[base + j]) - mu), std)
                 gy = mul32_bits(g[base + j], w[j], off)
+                tmp[tb + j] = gy
                 out[base + j] = np.int32(div0_bits(mul32_bits(gy, y, 0), std) ^ _I_SIGN)
         else:
             for j in range(n):
@@ -662,9 +661,7 @@ def _layer_norm_row_backward_variant(exact, has_w):
         if exact and has_w:
             for j in range(n):
                 xc = _b(_f(x[base + j]) - mu)
-                y = div0_bits(xc, std)
-                gy = mul32_bits(g[base + j], mul_slope_sel(y, w[j], off), 0)
-                gxc1 = mul32_bits(gy, div_slope_num0_sel(xc, std), 0)
+                gxc1 = mul32_bits(tmp[tb + j], div_slope_num0_sel(xc, std), 0)
                 a = _f(mul32_bits(gv, mul_slope_sel(xc, xc, off), 0))
                 out[base + j] = _b((_f(gxc1) + a) + a)
         elif exact:
@@ -676,7 +673,7 @@ def _layer_norm_row_backward_variant(exact, has_w):
         elif has_w:
             for j in range(n):
                 xc = _b(_f(x[base + j]) - mu)
-                gxc1 = div0_bits(mul32_bits(g[base + j], w[j], off), std)
+                gxc1 = div0_bits(tmp[tb + j], std)
                 a = _f(mul32_bits(gv, xc, off))
                 out[base + j] = _b((_f(gxc1) + a) + a)
         else:
@@ -716,7 +713,7 @@ layer_norm_row_backward_exact_w = _layer_norm_row_backward_variant(True, True)
 
 
 @register_jitable
-def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, off, flags, stats, sb):
+def layer_norm_row_backward(x, w, g, out, gw, tmp, base, n, nb, off, flags, stats, sb, tb):
     """Input gradient of layer_norm_row_forward for output gradient ``g`` (one row) into
     ``out``, and the row's terms of the weight gradient into ``gw`` (when LN_WEIGHT; the
     caller sums them over rows), given the row statistics the forward wrote
@@ -732,14 +729,21 @@ def layer_norm_row_backward(x, w, g, out, gw, base, n, nb, off, flags, stats, sb
     -gxc_j; through the mean: g_S2 = PAD(S2, N)'s gradient of g_mu, g_mu1 = g_mu + sum of
     N copies of -g_S2, likewise g_S1, g_mu0 and g_S0; finally
     gx_j = ((gxc_j + g_S2) + g_S1) + g_S0 (N not a power of two) or gxc_j + g_S0.
-    Every sum float32 from +0 in increasing j; ``out`` holds scratch between the passes.
+    Every sum float32 from +0 in increasing j; ``out`` holds scratch between the passes,
+    and with LN_WEIGHT ``tmp[tb:tb + n]`` the gy_j of the first pass (each PA term is
+    computed once; the CPU kernels pass one row's scratch with tb = 0, the CUDA kernel
+    an array of the whole input with tb = base).
     """
     if (flags & LN_EXACT) != 0:
         if (flags & LN_WEIGHT) != 0:
-            layer_norm_row_backward_exact_w(x, w, g, out, gw, base, n, nb, off, stats, sb)
+            layer_norm_row_backward_exact_w(x, w, g, out, gw, tmp, base, n, nb, off, stats, sb,
+                                            tb)
         else:
-            layer_norm_row_backward_exact(x, w, g, out, gw, base, n, nb, off, stats, sb)
+            layer_norm_row_backward_exact(x, w, g, out, gw, tmp, base, n, nb, off, stats, sb,
+                                            tb)
     elif (flags & LN_WEIGHT) != 0:
-        layer_norm_row_backward_approx_w(x, w, g, out, gw, base, n, nb, off, stats, sb)
+        layer_norm_row_backward_approx_w(x, w, g, out, gw, tmp, base, n, nb, off, stats, sb,
+                                            tb)
     else:
-        layer_norm_row_backward_approx(x, w, g, out, gw, base, n, nb, off, stats, sb)
+        layer_norm_row_backward_approx(x, w, g, out, gw, tmp, base, n, nb, off, stats, sb,
+                                            tb)

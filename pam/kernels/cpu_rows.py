@@ -92,20 +92,21 @@ _LAYER_NORM_FORWARD = {(False, False): _layer_norm_forward_rows_plain,
 def _make_layer_norm_backward_rows(exact, has_w):
     def kernel(x, w, g, stats, out, terms, n, nb, off, lo, hi):
         optim_bits.check_offset(off)
+        tmp = np.empty(max(n, 1), np.int32)      # one row's scratch (y or its gradient)
         for r in range(lo, hi):
             if exact:
                 if has_w:
-                    rows_bits.layer_norm_row_backward_exact_w(x, w, g, out, terms, r * n, n,
-                                                              nb, off, stats, LN_STATS * r)
+                    rows_bits.layer_norm_row_backward_exact_w(x, w, g, out, terms, tmp, r * n, n,
+                                                              nb, off, stats, LN_STATS * r, 0)
                 else:
-                    rows_bits.layer_norm_row_backward_exact(x, w, g, out, terms, r * n, n,
-                                                            nb, off, stats, LN_STATS * r)
+                    rows_bits.layer_norm_row_backward_exact(x, w, g, out, terms, tmp, r * n, n,
+                                                            nb, off, stats, LN_STATS * r, 0)
             elif has_w:
-                rows_bits.layer_norm_row_backward_approx_w(x, w, g, out, terms, r * n, n, nb,
-                                                           off, stats, LN_STATS * r)
+                rows_bits.layer_norm_row_backward_approx_w(x, w, g, out, terms, tmp, r * n, n, nb,
+                                                           off, stats, LN_STATS * r, 0)
             else:
-                rows_bits.layer_norm_row_backward_approx(x, w, g, out, terms, r * n, n, nb,
-                                                         off, stats, LN_STATS * r)
+                rows_bits.layer_norm_row_backward_approx(x, w, g, out, terms, tmp, r * n, n, nb,
+                                                         off, stats, LN_STATS * r, 0)
     suffix = ("exact" if exact else "approx") + ("_w" if has_w else "")
     return serial_kernel(f"_layer_norm_backward_rows_{suffix}", kernel)
 

@@ -43,10 +43,10 @@ def _layer_norm_forward_kernel(x, w, b, n, nb, eps_b, off, flags, stats, out):
                                          stats, r * LN_STATS)
 
 
-def _layer_norm_backward_kernel(x, w, g, stats, n, nb, off, flags, terms, out):
+def _layer_norm_backward_kernel(x, w, g, stats, n, nb, off, flags, terms, tmp, out):
     for r in range(cuda.grid(1), x.size // n, cuda.gridsize(1)):
-        rows_bits.layer_norm_row_backward(x, w, g, out, terms, r * n, n, nb, off, flags,
-                                          stats, r * LN_STATS)
+        rows_bits.layer_norm_row_backward(x, w, g, out, terms, tmp, r * n, n, nb, off, flags,
+                                          stats, r * LN_STATS, r * n)
 
 
 def _column_sums_kernel(t, n, rows, out):
@@ -164,15 +164,16 @@ def layer_norm_backward(x, w, g, stats, out, gw, gb, n, nb, off, flags):
     has_w = bool(flags & rows_bits.LN_WEIGHT)
     has_b = bool(flags & rows_bits.LN_BIAS)
     terms = _scratch(x, rows * n if has_w else 1)
+    tmp = _scratch(x, rows * n if has_w else 1)      # the rows' output-gradient terms
     k = _compiled("layer_norm_backward")
     sums = _compiled("column_sums")
 
     def body(d, o, s):
         k[_grid(rows), THREADS, s](d[0], d[1], d[2], d[3], int(n), int(nb), int(off),
-                                   int(flags), o[0], o[1])
+                                   int(flags), o[0], o[1], o[2])
         if has_w:
-            sums[_grid(n), THREADS, s](o[0], int(n), rows, o[2])
+            sums[_grid(n), THREADS, s](o[0], int(n), rows, o[3])
         if has_b:
-            sums[_grid(n), THREADS, s](d[2], int(n), rows, o[3])
-    _run((x, w, g, stats), (terms, out, gw, gb), body)
+            sums[_grid(n), THREADS, s](d[2], int(n), rows, o[4])
+    _run((x, w, g, stats), (terms, tmp, out, gw, gb), body)
     return out
