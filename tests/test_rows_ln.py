@@ -385,3 +385,38 @@ def test_rows_close_to_torch_order_composites():
               pam.functional._softmax_chain(x * 1.5, -1, None, "exact", False))]
     for new, old in pairs:
         assert ((new - old).abs().max() / old.abs().max()).item() < 1e-6
+
+
+def test_layer_norm_split_between_threads_keeps_bits(monkeypatch):
+    """A layer norm above FUSED_PARALLEL_MIN / LN_*_WORK elements is split between
+    threads (each row whole, in one part): the same bits as one thread."""
+    import numba
+    from pam.kernels import cpu, cpu_rows, threads
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    rows, n = 300, 64          # 19200 elements: below FUSED_PARALLEL_MIN, above its 1/4
+    assert rows * n < cpu.FUSED_PARALLEL_MIN <= cpu_rows.LN_FORWARD_WORK * rows * n
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, n, generator=g)
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    go = torch.randn(rows, n, generator=g)
+    parts = []
+    real = threads.parts
+    monkeypatch.setattr(threads, "parts", lambda items, t: parts.append(t) or real(items, t))
+
+    def run():
+        y, stats = fused.layer_norm_forward(x, (n,), w, b, stats=True)
+        gx, gw, gb = fused.layer_norm_backward(go, x, (n,), w, b, stats=stats)
+        return [t.view(torch.int32) for t in (y, gx, gw, gb)]
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(2)
+        parts.clear()
+        two = run()
+    finally:
+        numba.set_num_threads(old)
+    assert len(parts) == 2                         # forward and backward both split
+    for a, c in zip(one, two):
+        assert torch.equal(a, c)

@@ -5,7 +5,8 @@ CUDA kernels of :mod:`pam.kernels.cuda_rows` compile) over rows of length ``n`` 
 int32 bit patterns, one row per iteration. The compiled part (``_<kernel>_rows``) is a
 serial ``nogil`` kernel over the rows ``lo:hi``; the public kernel of the same name splits
 the rows between threads with :func:`pam.kernels.threads.run` when the input has at least
-``cpu.FUSED_PARALLEL_MIN`` elements, else runs them in the calling thread (same bits either
+``cpu.FUSED_PARALLEL_MIN`` elements (a quarter / a twelfth of that for the layer norm's
+costlier rows), else runs them in the calling thread (same bits either
 way: rows are independent and each is reduced sequentially). The flags (exact, weight,
 bias) choose one compiled kernel per variant in Python (``_<kernel>_rows_<variant>``), so a
 run compiles only the row code of the variants it uses (cold start, validation/README.md
@@ -31,6 +32,14 @@ __all__ = ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",
 
 def _rows(x, n):
     return x.size // n if n else 0
+
+
+# Work of one element of the layer-norm kernels relative to the elementwise kernels that
+# FUSED_PARALLEL_MIN is set for (the forward ~4x, the backward ~12x per element on one
+# thread), so that a (640, 64) layer norm, 0.2 / 0.5 ms of work, is split between threads
+# too (0.25 -> 0.20 ms and 0.59 -> 0.38-0.48 ms on 2 threads; a (128, 64) one stays whole).
+LN_FORWARD_WORK = 4
+LN_BACKWARD_WORK = 12
 
 
 @njit(**_SERIAL)
@@ -168,8 +177,8 @@ def layer_norm_forward(x, w, b, out, stats, n, nb, eps_b, off, flags):
     rows = _check_stats(x, stats, n)
     kernel = _LAYER_NORM_FORWARD[(flags & rows_bits.LN_WEIGHT) != 0,
                                  (flags & rows_bits.LN_BIAS) != 0]
-    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN, x, w, b, out, stats, n, nb, eps_b,
-                off)
+    threads.run(kernel, rows, LN_FORWARD_WORK * x.size, FUSED_PARALLEL_MIN, x, w, b, out,
+                stats, n, nb, eps_b, off)
 
 
 def layer_norm_backward(x, w, g, stats, out, gw, gb, n, nb, off, flags):
@@ -181,8 +190,8 @@ def layer_norm_backward(x, w, g, stats, out, gw, gb, n, nb, off, flags):
     has_w = (flags & rows_bits.LN_WEIGHT) != 0
     terms = np.empty(x.size if has_w else 1, np.int32)
     kernel = _LAYER_NORM_BACKWARD[(flags & rows_bits.LN_EXACT) != 0, has_w]
-    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN, x, w, g, stats, out, terms, n, nb,
-                off)
+    threads.run(kernel, rows, LN_BACKWARD_WORK * x.size, FUSED_PARALLEL_MIN, x, w, g, stats,
+                out, terms, n, nb, off)
     if has_w:
         _column_sums(terms, gw, n, rows)
     if flags & rows_bits.LN_BIAS:
