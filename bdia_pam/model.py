@@ -129,6 +129,11 @@ def arithmetic_context(name: str, backward: str = "exact"):
 
 
 # --------------------------------------------------------------------------- layers
+def _dropout(x, p, training):
+    """F.dropout, skipped where it is the identity (p = 0 or eval: no op, no RNG draw)."""
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (batch first), optionally causal.
 
@@ -150,13 +155,13 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, D)
+        q, k, v = qkv.unbind(0)  # (B, H, T, D)
         # One call for the attention core: torch's fused kernel in float, PAM's attention
         # (pam.nn.functional.scaled_dot_product_attention) under pam.arithmetic()
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=self.causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return F.dropout(self.proj(y), self.dropout, self.training)
+        return _dropout(self.proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -170,7 +175,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.fc1(x)
         h = F.gelu(h) if self.activation == "gelu" else torch.relu(h)
-        return F.dropout(self.fc2(h), self.dropout, self.training)
+        return _dropout(self.fc2(h), self.dropout, self.training)
 
 
 class Block(nn.Module):

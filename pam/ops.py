@@ -374,28 +374,75 @@ class _Matmul(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         a3, b3 = ctx.saved_tensors
-        grad = grad.contiguous()
-        ga = gb = None
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.mode == "approx":
-            if need_a:
-                ga = L.matmul3(grad, _transpose(b3), ctx.off, ctx.kind)
-            if need_b:
-                gb = L.matmul3(_transpose(a3), grad, ctx.off, ctx.kind)
-            return ga, gb, None, None, None, None
-        if ctx.kind == "lmul":
-            # d/da lmul(a, b) = sign(b) 2^E(b): PAM products with a power of two are exact.
-            if need_a:
-                ga = L.matmul3(grad, _transpose(L.unary_map("pow2_part", b3)), 0, "pam")
-            if need_b:
-                gb = L.matmul3(_transpose(L.unary_map("pow2_part", a3)), grad, 0, "pam")
-            return ga, gb, None, None, None, None
-        if a3.shape[2] == 0 or grad.numel() == 0:
-            return (torch.zeros_like(a3) if need_a else None,
-                    torch.zeros_like(b3) if need_b else None, None, None, None, None)
-        ga, gb = L.matmul_exact_grads(a3, b3, grad, ctx.off, need_a, need_b,
-                                      grad_b_transposed=ctx.gb_t)
+        ga, gb = _matmul3_grads(a3, b3, grad, ctx.off, ctx.mode, ctx.kind,
+                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.gb_t)
         return ga, gb, None, None, None, None
+
+
+def _matmul3_grads(a3, b3, grad, off, mode, kind, need_a, need_b, gb_t=False):
+    """(dL/da3 or None, dL/db3 or None) of c = matmul3(a3, b3) for dL/dc = ``grad``:
+    ``mode`` "approx" (PAM used as the product), else the exact derivative (for L-Mul a
+    PAM product with the power-of-two part, exact); ``gb_t``: the exact dL/db3 may come as
+    the transpose of a contiguous tensor."""
+    grad = grad.contiguous()
+    ga = gb = None
+    if mode == "approx":
+        if need_a:
+            ga = L.matmul3(grad, _transpose(b3), off, kind)
+        if need_b:
+            gb = L.matmul3(_transpose(a3), grad, off, kind)
+        return ga, gb
+    if kind == "lmul":
+        # d/da lmul(a, b) = sign(b) 2^E(b): PAM products with a power of two are exact.
+        if need_a:
+            ga = L.matmul3(grad, _transpose(L.unary_map("pow2_part", b3)), 0, "pam")
+        if need_b:
+            gb = L.matmul3(_transpose(L.unary_map("pow2_part", a3)), grad, 0, "pam")
+        return ga, gb
+    if a3.shape[2] == 0 or grad.numel() == 0:
+        return (torch.zeros_like(a3) if need_a else None,
+                torch.zeros_like(b3) if need_b else None)
+    return L.matmul_exact_grads(a3, b3, grad, off, need_a, need_b, grad_b_transposed=gb_t)
+
+
+def _rows3(x):
+    """x (..., k) as (1, rows, k) (a view when x's layout allows)."""
+    return x.reshape(1, math.prod(x.shape[:-1]), x.shape[-1])
+
+
+class _Linear(torch.autograd.Function):
+    """y = x W^T (+ bias, a float add) for float32 operands, one autograd node: the
+    gradients of x, W and the bias come from one backward (the matmul's, and the bias's
+    ``grad.sum_to_size``, the bits autograd's broadcast add would give), without the
+    transpose, reshape and add nodes of the composite."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, off, mode, kind):
+        a3 = _rows3(x)
+        b3 = weight.t().unsqueeze(0)
+        y = L.matmul3(a3, b3, off, kind).reshape(*x.shape[:-1], weight.shape[0])
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(a3, b3)
+        ctx.off, ctx.mode, ctx.kind = off, mode, kind
+        ctx.x_shape = x.shape
+        ctx.bias_shape = None if bias is None else bias.shape
+        return y
+
+    @staticmethod
+    @_first_order
+    @once_differentiable
+    def backward(ctx, grad):
+        a3, b3 = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g3 = grad.reshape(1, a3.shape[1], b3.shape[2])
+        # (the transposed exact weight gradient is the weight's own layout: no copy)
+        ga, gb = _matmul3_grads(a3, b3, g3, ctx.off, ctx.mode, ctx.kind, need_x, need_w,
+                                gb_t=not torch.compiler.is_compiling())
+        gx = ga.reshape(ctx.x_shape) if need_x else None
+        gw = gb[0].t() if need_w else None
+        gbias = grad.sum_to_size(ctx.bias_shape) if need_b else None
+        return gx, gw, gbias, None, None, None
 
 
 def _matmul3(a3, b3, off, mode, kind, gb_t=False):
@@ -477,14 +524,21 @@ def linear(x, weight, bias=None, offset=None, backward="exact", family="pam",
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dimension must equal in_features={weight.shape[1]}, got "
                          f"x of shape {tuple(x.shape)}")
-    # (traced code uses the custom ops, which ignore the hint; Dynamo cannot read grad_fn)
-    y = _matmul(x, weight.t(), offset, backward, family, operands,
-                weight_grad=not torch.compiler.is_compiling() and weight.grad_fn is None)
     if bias is not None:
         bias = D.check_float32(bias, "bias")
         D.check_same_device(x=x, bias=bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got "
                              f"{tuple(bias.shape)}")
-        y = y + bias
-    return y
+    mult = _multiplier(family, operands, offset)
+    if mult.kind != "float" and mult.fmt.code == 0:     # float32 operands: one node
+        mode = _check_mode(backward)
+        if not _needs_grad(x, weight, *(() if bias is None else (bias,))):
+            y = L.matmul3(_rows3(x), weight.t().unsqueeze(0), mult.off,
+                          mult.kind).reshape(*x.shape[:-1], weight.shape[0])
+            return y if bias is None else y + bias
+        return _Linear.apply(x, _distinct(x, weight), bias, mult.off, mode, mult.kind)
+    # (traced code uses the custom ops, which ignore the hint; Dynamo cannot read grad_fn)
+    y = _matmul(x, weight.t(), offset, backward, family, operands,
+                weight_grad=not torch.compiler.is_compiling() and weight.grad_fn is None)
+    return y if bias is None else y + bias

@@ -312,6 +312,33 @@ def test_linear_matches_matmul_plus_bias():
     assert xg.grad.shape == x.shape and wg.grad.shape == w.shape
 
 
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+@pytest.mark.parametrize("family", ["pam", "pam_offset", "lmul"])
+@pytest.mark.parametrize("shape", [(3, 5, 33), (33,), (2, 0, 33)])
+def test_linear_is_one_node_with_the_composite_bits(backward, family, shape):
+    """pam.linear is one autograd node (x, weight and bias its direct inputs); its output
+    and the gradients of x, weight and bias have the bits of the composite
+    pam.matmul(x, weight.t()) + bias under autograd."""
+    g = torch.Generator().manual_seed(5)
+    x0, w0, b0 = torch.randn(*shape, generator=g), torch.randn(17, 33, generator=g), \
+        torch.randn(17, generator=g)
+    if x0.numel():
+        x0[..., :4] = 0.0                                  # zeros: the masked kernels
+    go = torch.randn(*shape[:-1], 17, generator=g)
+    outs = []
+    for fused in (True, False):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        if fused:
+            y = pam.linear(x, w, b, backward=backward, family=family)
+            assert {type(f).__name__ for f, _ in y.grad_fn.next_functions} == {"AccumulateGrad"}
+        else:
+            y = pam.matmul(x, w.t(), backward=backward, family=family) + b
+        y.backward(go)
+        outs.append((y.detach(), x.grad, w.grad, b.grad))
+    for got, want in zip(*outs):
+        assert got.shape == want.shape and bits_equal(got, want)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_errors_name_the_argument():
     x = torch.randn(3)
