@@ -1,0 +1,275 @@
+"""CPU kernels of the fused attention core (Numba, work split over threads).
+
+``attention_forward`` computes scale, QK^T, masks, the PA softmax and PV for every head
+(the flat leading batch index) in one launch, ``attention_backward`` dQ, dK and dV in one
+launch; the definitions are :mod:`pam.attn_bits` and :mod:`pam.rows_bits` (the lines the
+CUDA kernels of :mod:`pam.kernels.cuda_attn` compile). Both are serial ``nogil`` range
+kernels split over threads by :func:`pam.kernels.threads.run`: the forward's work items
+are (head, block of ROW_BLOCK query rows), the backward's are heads (dK and dV sum over
+every query row of their head). Every sum runs in increasing index from +0, so the bits
+do not depend on the split.
+
+Loop forms. Each sum's order is fixed, so the inner loops vectorize across independent
+sums: the scores of a query row are accumulated over e with j innermost on K^T (packed
+once per head per work item), the probability gradients of a row over c with j innermost
+on V^T (packed once per head), dQ / dK / dV rows over j or i with e or c innermost on
+rows of K, q, v and the output gradient (contiguous). Zero terms (attn_bits docstring) are
+skipped per (i, j): the forward's PV skips zero probabilities when the head's V is finite;
+the backward skips where-masked entries when the head is bounded.
+
+Arguments: flat int32 bit arrays q (P*L*E), k (P*S*E), v (P*S*Ev), the mask (MASK_BOOL:
+0 / 1, MASK_FLOAT: bits; (Pm, L, S) with ``mstride`` 0 for one mask shared by every head
+or L*S; a 1-element dummy for MASK_NONE) and the outputs. ``off`` must be an offset
+constant of pam.dispatch.offset_constant.
+"""
+import numpy as np
+from numba import njit
+
+from .. import attn_bits as AB
+from .. import optim_bits, rows_bits
+from . import threads
+from .cpu import FUSED_PARALLEL_MIN, serial_kernel
+
+_SERIAL = dict(cache=True, nogil=True)
+SM_STATS = rows_bits.SOFTMAX_STATS
+ROW_BLOCK = 32                     # query rows per forward work item
+
+__all__ = ["attention_forward", "attention_backward", "ROW_BLOCK"]
+
+_f = rows_bits._f
+_b = rows_bits._b
+
+
+@njit(**_SERIAL)
+def _attention_forward_range(q, k, v, mask, L, S, E, Ev, mstride, causal, mode, scb, off,
+                             out, scores, probs, stats, lo, hi):
+    optim_bits.check_offset(off)
+    nblk = (L + ROW_BLOCK - 1) // ROW_BLOCK
+    kt = np.empty(max(E * S, 1), np.int32)
+    qs = np.empty(max(E, 1), np.int32)
+    acc = np.empty(max(S, 1), np.float32)
+    oacc = np.empty(max(Ev, 1), np.float32)
+    cur = -1
+    vfin = False
+    evu = np.uint64(Ev)
+    for task in range(lo, hi):
+        p = task // nblk
+        i0 = (task - p * nblk) * ROW_BLOCK
+        i1 = min(i0 + ROW_BLOCK, L)
+        kb = p * S * E
+        vb = p * S * Ev
+        if p != cur:
+            cur = p
+            for j in range(S):
+                for e in range(E):
+                    kt[e * S + j] = k[kb + j * E + e]
+            vfin = AB.abs_max(v, vb, S * Ev, np.int32(0)) <= np.int32(0x7F7FFFFF)
+        for i in range(i0, i1):
+            qb = (p * L + i) * E
+            for e in range(E):
+                qs[e] = AB.scale_bits(q[qb + e], scb)
+            nj = min(i + 1, S) if causal else S
+            for j in range(nj):
+                acc[j] = np.float32(0.0)
+            nju = np.uint64(nj)
+            for e in range(E):
+                qe = qs[e]
+                eb = np.uint64(e * S)
+                for j in range(nju):
+                    acc[j] += _f(optim_bits.mul32_bits(qe, kt[eb + j], off))
+            rb = (p * L + i) * S
+            mb = p * mstride + i * S
+            for j in range(nj):
+                scores[rb + j] = _b(acc[j])
+            for j in range(nj, S):
+                scores[rb + j] = AB.NEG_INF_BITS
+            if mode == AB.MASK_BOOL:
+                for j in range(S):
+                    scores[rb + j] = optim_bits.sel(mask[mb + j] != 0, scores[rb + j],
+                                                    AB.NEG_INF_BITS)
+            elif mode == AB.MASK_FLOAT:
+                for j in range(S):
+                    scores[rb + j] = _b(_f(scores[rb + j]) + _f(mask[mb + j]))
+            rows_bits.softmax_row_forward(scores, probs, rb, S, off, True, stats,
+                                          SM_STATS * (p * L + i))
+            for c in range(Ev):
+                oacc[c] = np.float32(0.0)
+            for j in range(S):
+                pj = probs[rb + j]
+                if vfin and AB.is_zero_bits(pj):
+                    continue
+                vj = np.uint64(vb + j * Ev)
+                for c in range(evu):
+                    oacc[c] += _f(optim_bits.mul32_bits(pj, v[vj + c], off))
+            ob = (p * L + i) * Ev
+            for c in range(Ev):
+                out[ob + c] = _b(oacc[c])
+
+
+def _make_backward_range(exact):
+    """The backward range kernel with ``exact`` fixed (a captured bool, pruned by Numba:
+    each variant compiles only its own terms)."""
+    def kernel(q, k, v, go, mask, scores, probs, stats, L, S, E, Ev, mstride, causal, mode,
+               scb, off, dq, dk, dv, lo, hi):
+        optim_bits.check_offset(off)
+        qs = np.empty(max(L * E, 1), np.int32)
+        vt = np.empty(max(Ev * S, 1), np.int32)
+        gp = np.empty(max(L * S, 1), np.int32)
+        gs = np.empty(max(L * S, 1), np.int32)
+        acc = np.empty(max(S, E, Ev, 1), np.float32)
+        eu = np.uint64(E)
+        evu = np.uint64(Ev)
+        for p in range(lo, hi):
+            qb = p * L * E
+            kb = p * S * E
+            vb = p * S * Ev
+            gb = p * L * Ev
+            hb = p * L * S
+            big = np.int32(0)
+            for t in range(L * E):
+                x = AB.scale_bits(q[qb + t], scb)
+                qs[t] = x
+                a = np.int32(x & np.int32(0x7FFFFFFF))
+                big = a if a > big else big
+            big = AB.abs_max(k, kb, S * E, big)
+            big = AB.abs_max(v, vb, S * Ev, big)
+            big = AB.abs_max(go, gb, L * Ev, big)
+            skip = AB.bounded_bits(big) and mode != AB.MASK_FLOAT
+            for j in range(S):
+                for c in range(Ev):
+                    vt[c * S + j] = v[vb + j * Ev + c]
+            sc_h = scores[hb:hb + L * S]
+            pr_h = probs[hb:hb + L * S]
+            st_h = stats[p * L * SM_STATS:(p + 1) * L * SM_STATS]
+            # rows: probability gradients, softmax backward, where, dQ
+            for i in range(L):
+                rb = i * S
+                mb = p * mstride + i * S
+                nj = min(i + 1, S) if (causal and skip) else S
+                for j in range(nj):
+                    acc[j] = np.float32(0.0)
+                nju = np.uint64(nj)
+                rbu = np.uint64(rb)
+                for c in range(Ev):
+                    g = go[gb + i * Ev + c]
+                    cb = np.uint64(c * S)
+                    for j in range(nju):
+                        acc[j] += _f(AB.grad_term(g, pr_h[rbu + j], vt[cb + j], off, exact))
+                for j in range(nj):
+                    gp[rb + j] = _b(acc[j])
+                for j in range(nj, S):
+                    gp[rb + j] = 0
+                if skip and mode == AB.MASK_BOOL:
+                    for j in range(S):
+                        gp[rb + j] = AB.sel_zero(mask[mb + j] != 0, gp[rb + j])
+                if exact:
+                    rows_bits.softmax_row_backward_exact(sc_h, gp, gs, rb, S, off, True, st_h,
+                                                         SM_STATS * i)
+                else:
+                    rows_bits.softmax_row_backward_approx(sc_h, gp, gs, rb, S, off, True,
+                                                          st_h, SM_STATS * i)
+                if causal:
+                    for j in range(S):
+                        gs[rb + j] = AB.sel_zero(j <= i, gs[rb + j])
+                if mode == AB.MASK_BOOL:
+                    for j in range(S):
+                        gs[rb + j] = AB.sel_zero(mask[mb + j] != 0, gs[rb + j])
+                for e in range(E):
+                    acc[e] = np.float32(0.0)
+                for j in range(S):
+                    g = gs[rb + j]
+                    if skip and AB.is_zero_bits(g):
+                        continue
+                    kj = np.uint64(kb + j * E)
+                    qi = np.uint64(i * E)
+                    for e in range(eu):
+                        acc[e] += _f(AB.grad_term(g, qs[qi + e], k[kj + e], off, exact))
+                for e in range(E):
+                    t = qb + i * E + e
+                    dq[t] = AB.scale_grad_bits(_b(acc[e]), q[t], scb, exact)
+            # columns: dK, dV
+            for j in range(S):
+                i0 = j if (causal and skip) else 0
+                kj = kb + j * E
+                for e in range(E):
+                    acc[e] = np.float32(0.0)
+                for i in range(i0, L):
+                    g = gs[i * S + j]
+                    if skip and AB.is_zero_bits(g):
+                        continue
+                    qi = np.uint64(i * E)
+                    kju = np.uint64(kj)
+                    for e in range(eu):
+                        acc[e] += _f(AB.grad_term(g, k[kju + e], qs[qi + e], off, exact))
+                for e in range(E):
+                    dk[kj + e] = _b(acc[e])
+                vj = vb + j * Ev
+                for c in range(Ev):
+                    acc[c] = np.float32(0.0)
+                for i in range(i0, L):
+                    pij = pr_h[i * S + j]
+                    if skip and AB.is_zero_bits(pij):
+                        continue
+                    gi = np.uint64(gb + i * Ev)
+                    vju = np.uint64(vj)
+                    for c in range(evu):
+                        acc[c] += _f(AB.grad_term(go[gi + c], v[vju + c], pij, off, exact))
+                for c in range(Ev):
+                    dv[vj + c] = _b(acc[c])
+    return serial_kernel(f"_attention_backward_range_{'exact' if exact else 'approx'}",
+                         kernel)
+
+
+_attention_backward_range_exact = _make_backward_range(True)
+_attention_backward_range_approx = _make_backward_range(False)
+
+
+def _check(L, S, E, Ev, mstride, mode, mask, **arrays):
+    """Heads P of the flat arrays (ValueError naming the first inconsistent one)."""
+    sizes = {"q": L * E, "k": S * E, "v": S * Ev, "out": L * Ev, "go": L * Ev,
+             "dq": L * E, "dk": S * E, "dv": S * Ev, "scores": L * S, "probs": L * S,
+             "stats": L * SM_STATS}
+    P = None
+    for name, a in arrays.items():
+        per = sizes[name]
+        if per <= 0 or a.ndim != 1 or a.dtype != np.int32 or a.size % per:
+            raise ValueError(f"{name} must be a flat int32 array of whole heads of {per} "
+                             f"entries, got {a.dtype} {a.shape}")
+        if P is None:
+            P = a.size // per
+        elif a.size // per != P:
+            raise ValueError(f"{name} holds {a.size // per} heads, expected {P}")
+    if mode not in (AB.MASK_NONE, AB.MASK_BOOL, AB.MASK_FLOAT):
+        raise ValueError(f"mode must be MASK_NONE, MASK_BOOL or MASK_FLOAT, got {mode!r}")
+    if mode != AB.MASK_NONE:
+        need = (P - 1) * mstride + L * S
+        if mstride not in (0, L * S) or mask.ndim != 1 or mask.dtype != np.int32 \
+                or mask.size < need:
+            raise ValueError(f"mask must be a flat int32 array of one (L, S) mask or one "
+                             f"per head (mstride 0 or L * S), got {mask.dtype} {mask.shape} "
+                             f"with mstride {mstride}")
+    return P
+
+
+def attention_forward(q, k, v, mask, L, S, E, Ev, mstride, causal, mode, scb, off, out,
+                      scores, probs, stats):
+    """Fused attention forward for P heads (pam.attn_bits): ``out`` (P*L*Ev bits), the
+    masked scores and probabilities (P*L*S) and the softmax row statistics (P*L*2)."""
+    P = _check(L, S, E, Ev, mstride, mode, mask, q=q, k=k, v=v, out=out, scores=scores,
+               probs=probs, stats=stats)
+    items = P * ((L + ROW_BLOCK - 1) // ROW_BLOCK)
+    threads.run(_attention_forward_range, items, P * L * S * (E + Ev), FUSED_PARALLEL_MIN,
+                q, k, v, mask, L, S, E, Ev, mstride, bool(causal), int(mode), int(scb),
+                int(off), out, scores, probs, stats)
+
+
+def attention_backward(q, k, v, go, mask, scores, probs, stats, L, S, E, Ev, mstride, causal,
+                       mode, scb, off, exact, dq, dk, dv):
+    """Fused attention backward for P heads: dq, dk, dv (bits) from the output gradient
+    ``go`` and what attention_forward saved (scores, probs, stats) for these inputs."""
+    P = _check(L, S, E, Ev, mstride, mode, mask, q=q, k=k, v=v, go=go, scores=scores,
+               probs=probs, stats=stats, dq=dq, dk=dk, dv=dv)
+    kernel = _attention_backward_range_exact if exact else _attention_backward_range_approx
+    threads.run(kernel, P, P * L * S * (E + Ev), FUSED_PARALLEL_MIN, q, k, v, go, mask,
+                scores, probs, stats, L, S, E, Ev, mstride, bool(causal), int(mode), int(scb),
+                int(off), dq, dk, dv)
