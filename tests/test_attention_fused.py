@@ -200,3 +200,30 @@ def test_cuda_matches_cpu(mode, special):
             res[name] = res[name] + grads
     for a, b in zip(res["cpu"], res["cuda"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_same_bits(fused_on):
+    """torch.compile (aot_eager, fullgraph): the custom ops pam::attention_forward /
+    attention_backward trace as graph nodes, with eager's bits."""
+    q, k, v, go, g = _inputs(7, (2, 2), 5, 6, 4, 3)
+    m = torch.rand(5, 6, generator=g) > 0.3
+
+    def step(q, k, v):
+        return PF.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    res = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        torch._dynamo.reset()
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        out.backward(go)
+        res.append([t.detach().view(torch.int32) for t in (out, qq.grad, kk.grad, vv.grad)])
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(
+        lambda q, k, v: PF.scaled_dot_product_attention(q, k, v, attn_mask=m))(q, k, v)
+    ops = [str(n.target) for gr in explained.graphs for n in gr.graph.nodes
+           if n.op == "call_function"]
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert any("pam.attention_forward" in o for o in ops), ops
