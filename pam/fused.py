@@ -20,6 +20,13 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
   ignore_index, label smoothing, every reduction), its loss and its input gradient, one
   launch each on CPU (:mod:`pam.xent_bits`).
 
+* :func:`attention_forward_kernel`, :func:`attention_backward_kernel`: the attention core
+  of :func:`pam.nn.functional.scaled_dot_product_attention` (scale, QK^T, masks, PA
+  softmax, PV; no dropout, family "pam") for (P, L, E) heads, one launch per pass with the
+  composite's bits (:mod:`pam.attn_bits`); used by ``_attention`` when
+  ``pam.functional.FUSED_ATTENTION`` is set (off by default: slower than the composite on
+  CPU so far, validation/bench_attention.py).
+
 The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
 one change from the composites of earlier versions (see :mod:`pam.rows_bits`);
 ``pam.nn.functional`` calls these kernels through autograd Functions. The softmax and
