@@ -67,7 +67,7 @@ def test_bits_match_composite(backward, mask):
 
 @pytest.mark.parametrize("L,S,E,Ev", [(1, 1, 1, 1), (4, 9, 5, 2), (9, 4, 3, 7),
                                       (33, 33, 16, 16)])
-@pytest.mark.parametrize("offset,scale", [(None, None), (1.0552, 0.3)])
+@pytest.mark.parametrize("offset,scale", [(None, None), (1.0552, 0.3), (0.9, 1.7)])
 def test_shapes_offset_scale(L, S, E, Ev, offset, scale):
     q, k, v, go, _ = _inputs(L * 7 + S, (2,), L, S, E, Ev)
     for causal in (False, True):
@@ -82,8 +82,11 @@ def test_edge_values(case):
     if case == "zeros":
         q[0, 1] = 0.0
         k[1, 2] = -0.0
+        k[0, 3, 1] = 1e-40                             # subnormal: a zero to PAM
         v[0, :3] = 0.0
+        v[1, 2, 2] = -1e-41
         go[1, 4] = -0.0
+        go[0, 2, 1] = 2e-39
     elif case == "inf_q":
         q[0, 2, 1] = INF
         k[1, 0, 3] = -INF
