@@ -13,9 +13,15 @@ Loop forms. Each sum's order is fixed, so the inner loops vectorize across indep
 sums: the scores of a query row are accumulated over e with j innermost on K^T (packed
 once per head per work item), the probability gradients of a row over c with j innermost
 on V^T (packed once per head), dQ / dK / dV rows over j or i with e or c innermost on
-rows of K, q, v and the output gradient (contiguous). Zero terms (attn_bits docstring) are
-skipped per (i, j): the forward's PV skips zero probabilities when the head's V is finite;
-the backward skips where-masked entries when the head is bounded.
+rows of K, q, v and the output gradient (contiguous). Each sum takes the fast form of
+pam.kernels.cpu's matmul paths when the ranges of its operands (per head, or per row)
+guarantee normal products and slopes (:func:`_fast_products`, :func:`_fast_slope_terms`):
+a PAM product is bits(b) plus a signed constant of a, an exact gradient term
+((M(a) + off + bits(b)) & NOT_MANT) + bits(g) - ONE, zeros masked to +0; otherwise the
+select forms of :mod:`pam.attn_bits`. Zero terms (attn_bits docstring) are skipped per
+(i, j): products with a zero splatted factor on the fast forms, zero probabilities in
+the forward's PV when the head's V is finite, where-masked entries in the backward when
+the head is bounded. Bool masks and the causal mask bound the score columns computed.
 
 Arguments: flat int32 bit arrays q (P*L*E), k (P*S*E), v (P*S*Ev), the mask (MASK_BOOL:
 0 / 1, MASK_FLOAT: bits; (Pm, L, S) with ``mstride`` 0 for one mask shared by every head
