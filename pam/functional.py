@@ -658,15 +658,119 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset, backward,
                need_weights, family="pam"):
-    """SDPA returning (output, attention weights after dropout or None)."""
+    """SDPA returning (output, attention weights after dropout or None).
+
+    The fused attention core (:func:`_attention_fused`: one kernel launch per pass, the
+    composite's bits) when FUSED_ATTENTION is set and :func:`_fused_attention_covers` the
+    call, else the composite :func:`_attention_composite`."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(t, name)
     E = query.shape[-1]
-    L, S = query.shape[-2], key.shape[-2]
     if key.shape[-1] != E:
         raise ValueError(f"query and key must share the last dimension, got {E} and "
                          f"{key.shape[-1]}")
+    if backward not in P.BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
     sc = attention_scale(E) if scale is None else float(scale)
+    if _fused_attention_covers(query, key, value, attn_mask, dropout_p, need_weights, family):
+        return _attention_fused(query, key, value, attn_mask, is_causal, sc, offset,
+                                backward), None
+    return _attention_composite(query, key, value, attn_mask, dropout_p, is_causal, sc,
+                                offset, backward, need_weights, family)
+
+
+# Whether _attention uses the fused attention core where it covers the call. Off by
+# default: on 2 CPU threads the fused kernels are still slower than the composite, whose
+# matmuls run the register-blocked vec8 micro-kernels (validation/bench_attention.py,
+# validation/README.md); set True to use them (same bits).
+FUSED_ATTENTION = False
+
+
+def _fused_attention_covers(query, key, value, attn_mask, dropout_p, need_weights, family):
+    """True when the fused attention core computes this call with the composite's bits:
+    family "pam", no dropout, no weights returned, query / key / value of one batch shape
+    (at least 2-D, no empty dimension) on one CPU or CUDA device, and a mask that is None,
+    bool, or float32 without a gradient to compute, broadcasting to the scores' shape
+    (..., L, S) without growing it. Anything else (and FUSED_ATTENTION False) goes to
+    the composite, which also raises the errors of invalid calls."""
+    if not FUSED_ATTENTION or need_weights or dropout_p > 0.0 or family != "pam":
+        return False
+    nd = query.dim()
+    if nd < 2 or key.dim() != nd or value.dim() != nd:
+        return False
+    batch = query.shape[:-2]
+    if key.shape[:-2] != batch or value.shape[:-2] != batch:
+        return False
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return False
+    dev = query.device
+    if key.device != dev or value.device != dev or not (query.is_cpu or query.is_cuda):
+        return False
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.device != dev:
+            return False
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != torch.float32:
+            return False
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            return False
+        shape = (*batch, query.shape[-2], key.shape[-2])
+        try:
+            if tuple(torch.broadcast_shapes(attn_mask.shape, shape)) != shape:
+                return False
+        except RuntimeError:
+            return False
+    return True
+
+
+def _attention_fused(query, key, value, attn_mask, is_causal, sc, offset, backward):
+    """The attention output of a call :func:`_fused_attention_covers`: the heads as
+    (P, L, E) / (P, S, E) / (P, S, Ev) through :class:`_AttentionCore`."""
+    nq, E = query.shape[-2:]
+    S, Ev = value.shape[-2:]
+    batch = query.shape[:-2]
+    q3 = query.reshape(-1, nq, E)
+    k3 = key.reshape(-1, S, E)
+    v3 = value.reshape(-1, S, Ev)
+    mask, mode = fused.attention_args(q3, k3, attn_mask, batch)
+    scb = L.f32_bits_scalar(sc)
+    off = D.offset_constant(offset)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                    or value.requires_grad):
+        out = _AttentionCore.apply(q3, k3, v3, mask, bool(is_causal), mode, scb, off,
+                                   backward == "exact")
+    else:
+        out = L.attention_forward(q3, k3, v3, mask, bool(is_causal), mode, scb, off)[0]
+    return out.reshape(*batch, nq, Ev)
+
+
+class _AttentionCore(torch.autograd.Function):
+    """Scale, QK^T, masks, softmax and PV as one kernel launch per pass (pam.fused's
+    attention core); the backward reads the masked scores, probabilities and softmax row
+    statistics the forward kernel wrote."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, mode, scb, off, exact):
+        out, scores, probs, stats = L.attention_forward(q, k, v, mask, causal, mode, scb,
+                                                        off)
+        ctx.save_for_backward(q, k, v, mask, scores, probs, stats)
+        ctx.args = (causal, mode, scb, off, exact)
+        return out
+
+    @staticmethod
+    @without_layers
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, mask, scores, probs, stats = ctx.saved_tensors
+        dq, dk, dv = L.attention_backward(grad.contiguous(), q, k, v, mask, scores, probs,
+                                          stats, *ctx.args)
+        return (dq, dk, dv) + (None,) * 6
+
+
+def _attention_composite(query, key, value, attn_mask, dropout_p, is_causal, sc, offset,
+                         backward, need_weights, family="pam"):
+    """SDPA as the chain of PAM ops (scale, matmul, masks, fused softmax, dropout, matmul):
+    the definition the fused attention core restates; every call it does not cover."""
+    L, S = query.shape[-2], key.shape[-2]
     q = P.mul(query, sc, backward=backward)
     scores = P.matmul(q, key.transpose(-2, -1), offset=offset, backward=backward,
                       family=family)

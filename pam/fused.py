@@ -20,6 +20,13 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
   ignore_index, label smoothing, every reduction), its loss and its input gradient, one
   launch each on CPU (:mod:`pam.xent_bits`).
 
+* :func:`attention_forward_kernel`, :func:`attention_backward_kernel`: the attention core
+  of :func:`pam.nn.functional.scaled_dot_product_attention` (scale, QK^T, masks, PA
+  softmax, PV; no dropout, family "pam") for (P, L, E) heads, one launch per pass with the
+  composite's bits (:mod:`pam.attn_bits`); used by ``_attention`` when
+  ``pam.functional.FUSED_ATTENTION`` is set (off by default: slower than the composite on
+  CPU so far, validation/bench_attention.py).
+
 The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
 one change from the composites of earlier versions (see :mod:`pam.rows_bits`);
 ``pam.nn.functional`` calls these kernels through autograd Functions. The softmax and
@@ -800,3 +807,76 @@ def cross_entropy_backward_kernel(grad, x, target, weight, ignore, a_b, s_b, off
     D.launch_in("xent", "cross_entropy_backward", x.device, xb, wb, tg, n, ignore, a_b, s_b,
                 off, flags, red, gb, out.view(torch.int32).view(-1))
     return out
+
+
+# --------------------------------------------------------------------------- attention core
+def attention_args(q, k, attn_mask, batch):
+    """(mask3, mode) of the fused attention core for heads q (P, L, E), k (P, S, E) and
+    the composite's ``attn_mask`` broadcasting to ``batch + (L, S)`` (``batch`` the heads'
+    batch shape, P its product): ``mode`` an attn_bits MASK_* code and ``mask3`` an int32 tensor
+    (1, L, S) for one mask shared by every head or (P, L, S), bool masks as 0 / 1 and
+    float masks as their bits; a 1-element dummy without a mask. The caller has checked
+    that the mask broadcasts to the scores' shape without growing it."""
+    from .attn_bits import MASK_BOOL, MASK_FLOAT, MASK_NONE
+    P, L = q.shape[0], q.shape[1]
+    S = k.shape[1]
+    if attn_mask is None:
+        return torch.zeros(1, dtype=torch.int32, device=q.device), MASK_NONE
+    mode = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
+    m = attn_mask.detach()
+    while m.dim() > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.dim() <= 2:
+        m = m.expand(L, S).reshape(1, L, S)
+    else:
+        m = m.expand(*batch, L, S).reshape(P, L, S)
+    m = m.to(torch.int32) if mode == MASK_BOOL else m.contiguous().view(torch.int32)
+    return m.contiguous(), mode
+
+
+def _attn_bits(t):
+    return t.detach().contiguous().view(torch.int32).view(-1)
+
+
+def attention_forward_kernel(q, k, v, mask, causal, mode, scb, off):
+    """The fused attention forward of float32 heads q (P, L, E), k (P, S, E), v (P, S, Ev)
+    (no autograd; ``mask``, ``mode`` from :func:`attention_args`, ``scb`` the bits of the
+    scale, ``off`` the offset constant): (out (P, L, Ev), masked scores (P, L, S),
+    probabilities (P, L, S), softmax row statistics (P, L, 2)), one launch
+    (pam.kernels.cpu_attn / cuda_attn, definitions in :mod:`pam.attn_bits`)."""
+    P, L, E = q.shape
+    S, Ev = k.shape[1], v.shape[2]
+    dev = q.device
+    out = torch.empty((P, L, Ev), dtype=torch.int32, device=dev)
+    scores = torch.empty((P, L, S), dtype=torch.int32, device=dev)
+    probs = torch.empty((P, L, S), dtype=torch.int32, device=dev)
+    stats = torch.empty((P, L, 2), dtype=torch.int32, device=dev)
+    mstride = 0 if mask.dim() < 3 or mask.shape[0] == 1 else L * S
+    D.launch_in("attn", "attention_forward", dev, _attn_bits(q), _attn_bits(k),
+                _attn_bits(v), mask.view(-1), L, S, E, Ev, mstride, bool(causal), int(mode),
+                int(scb), int(off), out.view(-1), scores.view(-1), probs.view(-1),
+                stats.view(-1))
+    f = torch.float32
+    return out.view(f), scores.view(f), probs.view(f), stats.view(f)
+
+
+def attention_backward_kernel(grad, q, k, v, mask, scores, probs, stats, causal, mode, scb,
+                              off, exact):
+    """Gradients (dq, dk, dv) of :func:`attention_forward_kernel` at q, k, v for output
+    gradient ``grad`` (P, L, Ev), given the scores, probabilities and statistics it
+    returned for these inputs, one launch; ``exact``: the exact (True) or approximate
+    backward of every piece."""
+    P, L, E = q.shape
+    S, Ev = k.shape[1], v.shape[2]
+    dev = q.device
+    dq = torch.empty((P, L, E), dtype=torch.int32, device=dev)
+    dk = torch.empty((P, S, E), dtype=torch.int32, device=dev)
+    dv = torch.empty((P, S, Ev), dtype=torch.int32, device=dev)
+    mstride = 0 if mask.dim() < 3 or mask.shape[0] == 1 else L * S
+    D.launch_in("attn", "attention_backward", dev, _attn_bits(q), _attn_bits(k),
+                _attn_bits(v), _attn_bits(grad), mask.view(-1), _attn_bits(scores),
+                _attn_bits(probs), _attn_bits(stats), L, S, E, Ev, mstride, bool(causal),
+                int(mode), int(scb), int(off), bool(exact), dq.view(-1), dk.view(-1),
+                dv.view(-1))
+    f = torch.float32
+    return dq.view(f), dk.view(f), dv.view(f)

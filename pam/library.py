@@ -726,3 +726,61 @@ def cross_entropy_backward(grad, x, target, weight, ignore, a_b, s_b, off, flags
                                                    s_b, off, flags, red)
     return _cross_entropy_backward_op(grad, x, target, _placeholder_weight(weight, x),
                                       weight is not None, ignore, a_b, s_b, off, flags, red)
+
+
+# ------------------------------------------------------------------------- attention core
+__all__ += ["attention_forward", "attention_backward"]
+
+
+@torch.library.custom_op("pam::attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor, causal: bool, mode: int, scb: int,
+                          off: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    from . import fused
+    return fused.attention_forward_kernel(q, k, v, mask, causal, mode, scb, off)
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, mask, causal, mode, scb, off):
+    P, L = q.shape[0], q.shape[1]
+    S, Ev = k.shape[1], v.shape[2]
+    return (q.new_empty((P, L, Ev)), q.new_empty((P, L, S)), q.new_empty((P, L, S)),
+            q.new_empty((P, L, 2)))
+
+
+@torch.library.custom_op("pam::attention_backward", mutates_args=())
+def _attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
+                           probs: torch.Tensor, stats: torch.Tensor, causal: bool, mode: int,
+                           scb: int, off: int,
+                           exact: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import fused
+    return fused.attention_backward_kernel(grad, q, k, v, mask, scores, probs, stats, causal,
+                                           mode, scb, off, exact)
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, mask, scores, probs, stats, causal, mode, scb, off, exact):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def attention_forward(q, k, v, mask, causal, mode, scb, off):
+    """:func:`pam.fused.attention_forward_kernel` (heads (P, L, E), (P, S, E), (P, S, Ev);
+    mask and mode of :func:`pam.fused.attention_args`), traceable:
+    (out, scores, probabilities, row statistics)."""
+    if _direct(q, k, v, mask):
+        from . import fused
+        return fused.attention_forward_kernel(q, k, v, mask, causal, mode, scb, off)
+    return _attention_forward_op(q, k, v, mask, causal, mode, scb, off)
+
+
+def attention_backward(grad, q, k, v, mask, scores, probs, stats, causal, mode, scb, off,
+                       exact):
+    """:func:`pam.fused.attention_backward_kernel`, traceable: (dq, dk, dv)."""
+    if _direct(grad, q, k, v, mask, scores, probs, stats):
+        from . import fused
+        return fused.attention_backward_kernel(grad, q, k, v, mask, scores, probs, stats,
+                                               causal, mode, scb, off, exact)
+    return _attention_backward_op(grad, q, k, v, mask, scores, probs, stats, causal, mode,
+                                  scb, off, exact)

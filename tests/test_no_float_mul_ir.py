@@ -1,7 +1,8 @@
 """No float multiply or divide in the compiled CPU kernels (checked on the LLVM IR).
 
 Every Numba dispatcher defined in pam.kernels.cpu, pam.kernels.cpu_conv,
-pam.kernels.cpu_rows and pam.kernels.cpu_xent (named ``cpu_conv.<name>``...) is found
+pam.kernels.cpu_rows, pam.kernels.cpu_xent and pam.kernels.cpu_attn (named
+``cpu_conv.<name>``...) is found
 automatically (so a new kernel is covered as soon as it exists), compiled for its int32
 bit-pattern signatures by running the public kernels on small inputs that take every path
 (int32 fast paths with and without zero masks, general paths with inf/NaN), and the IR of
@@ -28,10 +29,10 @@ import pytest
 from numba import njit, prange
 from numba.core.dispatcher import Dispatcher
 
-from pam.kernels import cpu, cpu_conv, cpu_rows, cpu_xent
+from pam.kernels import cpu, cpu_attn, cpu_conv, cpu_rows, cpu_xent
 
 KERNEL_MODULES = {"": cpu, "cpu_conv.": cpu_conv, "cpu_rows.": cpu_rows,
-                  "cpu_xent.": cpu_xent}
+                  "cpu_xent.": cpu_xent, "cpu_attn.": cpu_attn}
 
 FORBIDDEN = re.compile(r"=\s*(?:fmul|fdiv)\b|call\b[^\n]*@llvm\.(?:fma|fmuladd)\.")
 
@@ -163,6 +164,27 @@ def compile_fused_kernels(a, b, out):
                                             0, flags, reduction, loss, out)
 
 
+def compile_attention_kernels(rng):
+    """The fused attention core (pam.kernels.cpu_attn): forward and both backward variants
+    for every mask mode, on a bounded head (zero skipping) and one with inf / NaN."""
+    P, L, S, E, Ev = 2, 3, 4, 3, 2
+    mask = np.array([1, 0, 1, 1] * L, np.int32)
+    for kind in ("zeros", "special"):
+        q, k, v = (_operands(rng, (P * n * d,), kind) for n, d in ((L, E), (S, E), (S, Ev)))
+        go = _operands(rng, (P * L * Ev,), kind)
+        for mode, m in ((0, mask[:1]), (1, mask), (2, _operands(rng, (L * S,), kind))):
+            out = np.empty(P * L * Ev, np.int32)
+            scores, probs = np.empty(P * L * S, np.int32), np.empty(P * L * S, np.int32)
+            stats = np.empty(P * L * 2, np.int32)
+            cpu_attn.attention_forward(q, k, v, m, L, S, E, Ev, 0, True, mode, 0x3F000000, 0,
+                                       out, scores, probs, stats)
+            for exact in (True, False):
+                cpu_attn.attention_backward(q, k, v, go, m, scores, probs, stats, L, S, E, Ev,
+                                            0, True, mode, 0x3F000000, 0, exact,
+                                            np.empty_like(q), np.empty_like(k),
+                                            np.empty_like(v))
+
+
 def compile_all_kernels():
     """Run every public kernel on int32 operands so that each dispatcher gets compiled.
 
@@ -177,6 +199,7 @@ def compile_all_kernels():
     compile_matmul_kernels(rng)
     compile_conv_kernels(rng, lmul=True)
     compile_fused_kernels(a, b, out)
+    compile_attention_kernels(rng)
     compile_elementwise_kernels(a, b, out)
 
 
@@ -245,7 +268,8 @@ def test_every_kernel_is_found_and_compiled(compiled):
               "cpu_conv.conv_grad_input_lmul", "cpu_conv.conv_grad_weight_lmul",
               "cpu_rows.log_softmax_forward", "cpu_rows.log_softmax_backward",
               "cpu_rows.layer_norm_forward", "cpu_rows.layer_norm_backward",
-              "cpu_xent.cross_entropy_forward", "cpu_xent.cross_entropy_backward"}
+              "cpu_xent.cross_entropy_forward", "cpu_xent.cross_entropy_backward",
+              "cpu_attn.attention_forward", "cpu_attn.attention_backward"}
     # public kernels are dispatchers or, where the path is chosen in Python (matmul and its
     # gradients), plain functions over dispatchers that are all in ``compiled``
     entries = {prefix + name for prefix, module in KERNEL_MODULES.items()

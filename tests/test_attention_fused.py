@@ -1,0 +1,232 @@
+"""The fused attention core (pam.fused / pam.kernels.cpu_attn, cuda_attn) against the
+composite pam.functional._attention_composite, bit for bit: outputs and the three input
+gradients (exact and approx), every mask kind, L != S, head dims that are not powers of 4,
+fully masked rows, signed zeros, inf / NaN and large values (which turn the kernels' zero
+skipping off); the routing rules; CUDA (simulator) == CPU on small shapes."""
+import numpy as np
+import pytest
+import torch
+
+from pam import dispatch as D
+from pam import functional as PF
+from pam.kernels import cpu_attn
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.fixture
+def fused_on(monkeypatch):
+    monkeypatch.setattr(PF, "FUSED_ATTENTION", True)
+
+
+def _run(fused, q, k, v, go, **kw):
+    """(out, dq, dk, dv) bits of SDPA through the fused core or the composite."""
+    saved, PF.FUSED_ATTENTION = PF.FUSED_ATTENTION, fused
+    try:
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out = PF.scaled_dot_product_attention(qq, kk, vv, **kw)
+        out.backward(go)
+    finally:
+        PF.FUSED_ATTENTION = saved
+    return [t.detach().view(torch.int32) for t in (out, qq.grad, kk.grad, vv.grad)]
+
+
+def _same(q, k, v, go, **kw):
+    got, want = _run(True, q, k, v, go, **kw), _run(False, q, k, v, go, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.equal(a, b), (name, (a != b).sum().item())
+
+
+def _inputs(seed, batch, L, S, E, Ev, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, L, E, generator=g) * spread
+    k = torch.randn(*batch, S, E, generator=g) * spread
+    v = torch.randn(*batch, S, Ev, generator=g)
+    go = torch.randn(*batch, L, Ev, generator=g)
+    return q, k, v, go, g
+
+
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "float", "bool_causal",
+                                  "float_causal", "bool_per_head"])
+def test_bits_match_composite(backward, mask):
+    batch, L, S, E, Ev = (2, 3), 5, 7, 6, 3
+    q, k, v, go, g = _inputs(1, batch, L, S, E, Ev, spread=2.0)
+    kw = dict(backward=backward, is_causal=mask.endswith("causal"))
+    if mask.startswith("bool"):
+        shape = (*batch, L, S) if mask == "bool_per_head" else (L, S)
+        m = torch.rand(*shape, generator=g) > 0.35
+        m[..., 1, :] = False                           # a fully masked row: zeros
+        kw["attn_mask"] = m
+    elif mask.startswith("float"):
+        m = torch.randn(batch[0], 1, L, S, generator=g)
+        m[..., 2, 4] = -INF
+        kw["attn_mask"] = m
+    _same(q, k, v, go, **kw)
+
+
+@pytest.mark.parametrize("L,S,E,Ev", [(1, 1, 1, 1), (4, 9, 5, 2), (9, 4, 3, 7),
+                                      (33, 33, 16, 16)])
+@pytest.mark.parametrize("offset,scale", [(None, None), (1.0552, 0.3), (0.9, 1.7)])
+def test_shapes_offset_scale(L, S, E, Ev, offset, scale):
+    q, k, v, go, _ = _inputs(L * 7 + S, (2,), L, S, E, Ev)
+    for causal in (False, True):
+        _same(q, k, v, go, is_causal=causal, offset=offset, scale=scale)
+
+
+@pytest.mark.parametrize("case", ["zeros", "inf_q", "nan_v", "inf_go", "large", "neg_zero"])
+def test_edge_values(case):
+    """Edge values, including those that turn zero skipping off (module attn_bits)."""
+    q, k, v, go, g = _inputs(3, (2,), 6, 6, 5, 4)
+    m = torch.rand(6, 6, generator=g) > 0.3
+    if case == "zeros":
+        q[0, 1] = 0.0
+        k[1, 2] = -0.0
+        k[0, 3, 1] = 1e-40                             # subnormal: a zero to PAM
+        v[0, :3] = 0.0
+        v[1, 2, 2] = -1e-41
+        go[1, 4] = -0.0
+        go[0, 2, 1] = 2e-39
+    elif case == "inf_q":
+        q[0, 2, 1] = INF
+        k[1, 0, 3] = -INF
+    elif case == "nan_v":
+        v[1, 3, 2] = NAN
+        v[0, 5, 0] = INF
+    elif case == "inf_go":
+        go[0, 1, 1] = INF
+        go[1, 4, 0] = NAN
+    elif case == "large":
+        q = q * 1e20
+        v[0] = v[0] * 3e37
+    else:
+        q, k, v, go = (torch.where(t == t, -torch.zeros_like(t), t) for t in (q, k, v, go))
+    for backward in ("exact", "approx"):
+        _same(q, k, v, go, is_causal=True, backward=backward)
+        _same(q, k, v, go, attn_mask=m, backward=backward)
+
+
+def test_non_contiguous_and_3d_inputs():
+    q, k, v, go, _ = _inputs(4, (3,), 5, 6, 4, 4)
+    _same(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, go, is_causal=True)
+    _same(q[0], k[0], v[0], go[0])                      # 2-D: one head
+
+
+def test_one_launch_per_pass(fused_on):
+    q, k, v, go, _ = _inputs(5, (2, 2), 4, 4, 3, 3)
+    q.requires_grad_(True)
+    with D.recording_launches() as forward:
+        out = PF.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with D.recording_launches() as backward:
+        out.backward(go)
+    assert forward == ["attention_forward"]
+    assert backward == ["attention_backward"]
+
+
+@pytest.mark.parametrize("call", ["dropout", "lmul", "need_weights", "broadcast_key",
+                                  "float_mask_grad", "mask_grows", "off_switch"])
+def test_routing_to_composite(call, fused_on, monkeypatch):
+    """Calls the fused core does not cover run the composite (no attention launch)."""
+    q, k, v, go, _ = _inputs(6, (2, 2), 4, 4, 3, 3)
+    kw, need_weights = {}, False
+    if call == "dropout":
+        kw["dropout_p"] = 0.5
+    elif call == "lmul":
+        kw["family"] = "lmul"
+    elif call == "need_weights":
+        need_weights = True
+    elif call == "broadcast_key":
+        k, v = k[:1], v[:1]
+    elif call == "float_mask_grad":
+        kw["attn_mask"] = torch.zeros(4, 4, requires_grad=True)
+    elif call == "mask_grows":
+        kw["attn_mask"] = torch.ones(3, 2, 2, 4, 4, dtype=torch.bool)
+    else:
+        monkeypatch.setattr(PF, "FUSED_ATTENTION", False)
+    with D.recording_launches() as names:
+        PF._attention(q, k, v, kw.get("attn_mask"), kw.get("dropout_p", 0.0), False, None,
+                      None, "exact", need_weights, kw.get("family", "pam"))
+    assert names and "attention_forward" not in names
+
+
+def test_default_routes_to_composite():
+    """Off by default (slower than the composite on CPU, validation/bench_attention.py)."""
+    assert PF.FUSED_ATTENTION is False
+
+
+def test_kernel_argument_errors():
+    a = np.zeros(12, np.int32)
+    with pytest.raises(ValueError, match="whole heads"):
+        cpu_attn.attention_forward(a, a, a, a[:1], 2, 2, 3, 3, 0, False, 0, 0x3F800000, 0,
+                                   a[:7], a[:8], a[:8], a[:8])
+    with pytest.raises(ValueError, match="mstride"):
+        cpu_attn.attention_forward(a, a, a, a[:1], 2, 2, 3, 3, 0, False, 1, 0x3F800000, 0,
+                                   a, a[:8], a[:8], a[:8])
+    with pytest.raises(ValueError, match="mode"):
+        cpu_attn.attention_forward(a, a, a, a[:1], 2, 2, 3, 3, 0, False, 5, 0x3F800000, 0,
+                                   a, a[:8], a[:8], a[:8])
+
+
+# --------------------------------------------------------------------------- CUDA
+def _kernel_case(seed, mode, special):
+    rng = np.random.default_rng(seed)
+    P, L, S, E, Ev = 2, 3, 4, 3, 2
+    q, k, v, go = ((rng.standard_normal(n) * 2).astype(np.float32)
+                   for n in (P * L * E, P * S * E, P * S * Ev, P * L * Ev))
+    if special:
+        q[1], v[3], go[2], k[0] = INF, NAN, -0.0, 0.0
+    mask = {0: np.zeros(1, np.int32), 1: np.array([1, 0, 1, 0] * 3, np.int32),
+            2: rng.standard_normal(L * S).astype(np.float32).view(np.int32)}[mode]
+    if mode == 1:
+        mask[4:8] = 0                                  # a fully masked row
+    return (P, L, S, E, Ev), [x.view(np.int32) for x in (q, k, v, go)], mask
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("special", [False, True])
+def test_cuda_matches_cpu(mode, special):
+    pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
+    from numba import cuda
+    if not cuda.is_available():
+        pytest.skip("no CUDA GPU and the CUDA simulator is off")
+    from pam.kernels import cuda_attn
+    (P, L, S, E, Ev), (q, k, v, go), mask = _kernel_case(mode, mode, special)
+    res = {}
+    for name, mod in (("cpu", cpu_attn), ("cuda", cuda_attn)):
+        fw = [np.zeros(n, np.int32) for n in (P * L * Ev, P * L * S, P * L * S, P * L * 2)]
+        mod.attention_forward(q, k, v, mask, L, S, E, Ev, 0, True, mode, 0x3F000000, 0, *fw)
+        res[name] = fw
+        for exact in (True, False):
+            grads = [np.zeros_like(x) for x in (q, k, v)]
+            mod.attention_backward(q, k, v, go, mask, *fw[1:], L, S, E, Ev, 0, True, mode,
+                                   0x3F000000, 0, exact, *grads)
+            res[name] = res[name] + grads
+    for a, b in zip(res["cpu"], res["cuda"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_same_bits(fused_on):
+    """torch.compile (aot_eager, fullgraph): the custom ops pam::attention_forward /
+    attention_backward trace as graph nodes, with eager's bits."""
+    q, k, v, go, g = _inputs(7, (2, 2), 5, 6, 4, 3)
+    m = torch.rand(5, 6, generator=g) > 0.3
+
+    def step(q, k, v):
+        return PF.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    res = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        torch._dynamo.reset()
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        out.backward(go)
+        res.append([t.detach().view(torch.int32) for t in (out, qq.grad, kk.grad, vv.grad)])
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(
+        lambda q, k, v: PF.scaled_dot_product_attention(q, k, v, attn_mask=m))(q, k, v)
+    ops = [str(n.target) for gr in explained.graphs for n in gr.graph.nodes
+           if n.op == "call_function"]
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert any("pam.attention_forward" in o for o in ops), ops
