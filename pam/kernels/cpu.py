@@ -1090,7 +1090,9 @@ def _live_span(z, r, count, n):
     -1 or NOT_MANT; 0 elsewhere), (n, n) when none does. z: 2-D C int32 whose row width is
     a multiple of 8 and whose columns from n on hold 0. The rows are folded by a lane-wise
     minimum 8 columns at a time from either end, then the edge group is searched lane by
-    lane (one function, no helpers: each compiled function costs cold-start time)."""
+    lane (one function, no helpers: each compiled function costs cold-start time). The
+    kernels pass ``count`` as ``np.int64(...)``: a constant would be typed as a literal and
+    compile one signature per value."""
     W = z.shape[1]
     lo = 0
     hi = W
