@@ -1,6 +1,6 @@
 """Scalar definitions of the fused attention core (pam.functional's SDPA), on bit patterns.
 
-Like :mod:`pam.rows_bits`, every function is ``register_jitable`` and compiled into both
+Like :mod:`pam.rows_bits`, every function is ``pam.bits.jitable`` and compiled into both
 the CPU (:mod:`pam.kernels.cpu_attn`) and the CUDA (:mod:`pam.kernels.cuda_attn`) kernels.
 Together with the softmax row definitions of :mod:`pam.rows_bits` they restate the
 composite ``pam.nn.functional._attention`` (no dropout, family "pam") operation by
@@ -33,9 +33,9 @@ kernels skip them (causal attention: about half the work); heads with larger, in
 NaN values, and float masks, take every term, as the composite does.
 """
 import numpy as np
-from numba.extending import register_jitable
 
 from . import bits
+from .bits import jitable
 from .optim_bits import _I_ABS, mul32_bits, sel
 from .rows_bits import mul_slope_sel
 
@@ -46,13 +46,13 @@ BOUND_BITS = 0x4F800000          # bits of 2^32: heads with every |operand| belo
 NEG_INF_BITS = np.int32(-8388608)    # 0xFF800000, float32 -inf
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def scale_bits(x, scb):
     """q = PAM(x, scale; no offset), ``scb`` the scale's bits (pam.ops.mul's forward)."""
     return mul32_bits(x, scb, 0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def scale_grad_bits(g, x, scb, exact):
     """Gradient of PAM(x, scale) w.r.t. x for output gradient g: PAM(g, slope(x, scale))
     (``exact``) or PAM(g, scale) (pam.ops.mul's backward)."""
@@ -61,7 +61,7 @@ def scale_grad_bits(g, x, scb, exact):
     return mul32_bits(g, scb, 0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def grad_term(g, a, b, off, exact):
     """One term of a PAM matmul's gradient w.r.t. the operand ``a`` of the product
     PAM(a, b; off), for output gradient ``g``: PAM(g, slope(a, b; off)) (``exact``: the
@@ -72,7 +72,7 @@ def grad_term(g, a, b, off, exact):
     return mul32_bits(g, b, off)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def where_masked(i, j, causal, mode, mask, mbase):
     """True where the composite replaces score (i, j) by -inf with ``torch.where``: the
     causal mask (j > i) or a False entry of a bool mask (``mask[mbase + j]`` == 0)."""
@@ -81,7 +81,7 @@ def where_masked(i, j, causal, mode, mask, mbase):
     return mode == MASK_BOOL and mask[mbase + j] == 0
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def masked_score_bits(sb, i, j, causal, mode, mask, mbase):
     """The composite's masking of one raw score (bits ``sb``): -inf where
     :func:`where_masked`, then plus the float mask entry when ``mode`` is MASK_FLOAT."""
@@ -93,7 +93,7 @@ def masked_score_bits(sb, i, j, causal, mode, mask, mbase):
     return r
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def abs_max(x, base, n, m):
     """max(m, max_j |bits| of x[base + j]) over n entries (NaN patterns are the largest)."""
     for j in range(n):
@@ -102,20 +102,20 @@ def abs_max(x, base, n, m):
     return m
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def bounded_bits(m):
     """True when ``m`` (an :func:`abs_max` of a head's operands) is below 2^32: then the
     masked terms are zeros times finite numbers and may be skipped (module docstring)."""
     return m < np.int32(BOUND_BITS)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def is_zero_bits(x):
     """True for +0 and -0 (bit patterns)."""
     return np.int32(x & _I_ABS) == np.int32(0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def sel_zero(keep, x):
     """x where ``keep``, else +0 (int32 select)."""
     return sel(keep, np.int32(x), np.int32(0))

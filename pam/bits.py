@@ -1,9 +1,10 @@
 """Scalar semantics of piecewise-affine float32 arithmetic, on bit patterns.
 
 This module is the single source of truth. Every function is a plain Python function
-registered with ``numba.extending.register_jitable``, so the same lines compile into the
-CPU kernels (``numba.njit``) and the CUDA kernels (``numba.cuda.jit``, also under the CUDA
-simulator). CPU and CUDA results are bit-identical because they run the same definitions.
+registered with :func:`jitable` (``numba.extending.register_jitable``), so the same lines
+compile into the CPU kernels (``numba.njit``) and the CUDA kernels (``numba.cuda.jit``, also
+under the CUDA simulator). CPU and CUDA results are bit-identical because they run the
+same definitions.
 
 Conventions
 -----------
@@ -22,6 +23,24 @@ import math
 import numpy as np
 from numba.extending import register_jitable
 
+
+def jitable(fn=None, **options):
+    """``numba.extending.register_jitable(**options)`` without a C entry point: the
+    decorator of every scalar and row definition (here, in :mod:`pam.optim_bits`,
+    :mod:`pam.rows_bits`, :mod:`pam.xent_bits`) and of the CPU kernels' inner helpers.
+
+    A definition compiles into the kernels that call it (CPU and CUDA) and runs as plain
+    Python when called from Python. Numba would also build a C-callable wrapper for every
+    compiled signature of every such function (``no_cfunc_wrapper`` False) and optimize
+    and emit machine code for it, though only first-class function values use one: on a
+    cold start that was about a tenth of the compile CPU (validation/README.md section
+    9c). The CUDA target compiles device functions without host wrappers and ignores the
+    option. ``@jitable`` or ``@jitable(forceinline=True)`` (any register_jitable option)."""
+    options.setdefault("no_cfunc_wrapper", True)
+    if fn is None:
+        return register_jitable(**options)
+    return register_jitable(**options)(fn)
+
 ONE = 0x3F800000          # bits of 1.0f
 MANT_MASK = 0x007FFFFF
 EXP_MASK = 0x7F800000
@@ -32,13 +51,13 @@ QNAN = 0x7FC00000
 SIGN = -2147483648        # the sign bit as a (negative) int64 value inside the int32 range
 
 
-@register_jitable(inline="always")
+@jitable(inline="always")
 def f32_to_bits(x):
     """Bit pattern of float32 ``x`` as an int64 value in the int32 range."""
     return np.int64(np.float32(x).view(np.int32))
 
 
-@register_jitable(inline="always")
+@jitable(inline="always")
 def bits_to_f32(i):
     """The float32 whose bit pattern is ``i`` (an integer in the int32 range)."""
     return np.int32(i).view(np.float32)
@@ -48,13 +67,13 @@ def bits_to_f32(i):
 # IR-level): numba-cuda 0.30 fails to compile IR-inlined functions that branch (mul_bits:
 # TypingError "xor(omitted...)"; div_bits: AssertionError in postproc). CPU code and speed
 # are unchanged (the matmul inner loop still inlines and vectorizes).
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _sign_of_product(ia, ib):
     """SIGN if exactly one of the two patterns has its sign bit set, else 0."""
     return SIGN if (ia ^ ib) < 0 else 0
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _finish(mag, sign):
     """Flush below-normal magnitudes to zero, saturate to infinity, attach the sign."""
     if mag < MIN_NORMAL:
@@ -64,13 +83,13 @@ def _finish(mag, sign):
     return np.int64(mag | sign)
 
 
-@register_jitable
+@jitable
 def offset_bits(offset):
     """The integer constant that folds a PAM offset (a positive normal float32)."""
     return f32_to_bits(offset) - ONE
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def mul_bits(ia, ib, off):
     """PAM(a, b; offset): bits(|c|) = bits(|a|) + bits(|b|) - 0x3F800000 + off.
 
@@ -92,7 +111,7 @@ def mul_bits(ia, ib, off):
     return np.int64(QNAN) if nan else np.int64(mag | sign)
 
 
-@register_jitable
+@jitable
 def div_bits(ia, ib, off):
     """PAD(a, b; offset): bits(|c|) = bits(|a|) - bits(|b|) + 0x3F800000 - off.
 
@@ -122,7 +141,7 @@ def div_bits(ia, ib, off):
     return _finish(ua - ub + ONE - off, sign)
 
 
-@register_jitable
+@jitable
 def _power_of_two_bits(mag_pattern, sign):
     """Sign-carrying power of two whose exponent field is that of ``mag_pattern``.
 
@@ -136,7 +155,7 @@ def _power_of_two_bits(mag_pattern, sign):
     return np.int64((mag_pattern & EXP_MASK) | sign)
 
 
-@register_jitable
+@jitable
 def mul_slope_bits(ia, ib, off):
     """Exact derivative of PAM(a, b; offset) with respect to ``a``.
 
@@ -161,7 +180,7 @@ def mul_slope_bits(ia, ib, off):
     return _power_of_two_bits(ma + ub + off, sign)
 
 
-@register_jitable
+@jitable
 def div_slope_num_bits(ia, ib, off):
     """Exact derivative of PAD(a, b; offset) with respect to the numerator ``a``.
 
@@ -184,7 +203,7 @@ def div_slope_num_bits(ia, ib, off):
     return _power_of_two_bits(ma + ONE - ub + ONE - off, sign)
 
 
-@register_jitable
+@jitable
 def div_slope_den_bits(ia, ib, off):
     """Exact derivative of PAD(a, b; offset) with respect to the denominator ``b``.
 
@@ -212,7 +231,7 @@ def div_slope_den_bits(ia, ib, off):
     return _power_of_two_bits(field << 23, sign)
 
 
-@register_jitable
+@jitable
 def log2_bits(ix):
     """pa_log2(x) = E + M read from the bit pattern: float32 of (bits(x) - 0x3F800000) / 2^23.
 
@@ -237,7 +256,7 @@ def log2_bits(ix):
     return rounded - (23 << 23)
 
 
-@register_jitable
+@jitable
 def exp2_bits(iy):
     """pa_exp2(y) = 2^floor(y) * fl32(1 + (y - floor(y))).
 
@@ -264,7 +283,7 @@ def exp2_bits(iy):
     return r
 
 
-@register_jitable
+@jitable
 def exp2_slope_bits(iy):
     """Exact derivative of pa_exp2 at y: 2^floor(y) (0 where the result flushes to 0)."""
     iy = np.int64(iy)
@@ -287,7 +306,7 @@ def exp2_slope_bits(iy):
     return field << 23
 
 
-@register_jitable
+@jitable
 def log2_slope_bits(ix):
     """Exact derivative of pa_log2 at x > 0: 2^-E(x) (the rounding of E + M ignored).
 
@@ -309,7 +328,7 @@ def log2_slope_bits(ix):
     return field << 23
 
 
-@register_jitable
+@jitable
 def mul_f32(a, b, off):
     """PAM on float32 values (convenience for kernels that hold floats)."""
     return bits_to_f32(mul_bits(f32_to_bits(a), f32_to_bits(b), off))
@@ -322,7 +341,7 @@ TWO23 = 1 << 23            # the hidden bit of a float32 significand
 SIGN_EXP_MASK = SIGN | EXP_MASK
 
 
-@register_jitable
+@jitable
 def lmul_constant(mant_bits):
     """c = 2^(23 - l) for L-Mul on operands with ``mant_bits`` mantissa bits.
 
@@ -338,7 +357,7 @@ def lmul_constant(mant_bits):
     return np.int64(1) << (23 - l)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def lmul_bits(ia, ib, c):
     """L-Mul(a, b): (1 + Ma + Mb + 2^-l) 2^(Ea + Eb) on bit patterns, c = 2^(23 - l).
 
@@ -370,7 +389,7 @@ def lmul_bits(ia, ib, c):
     return np.int64(QNAN) if nan else np.int64(mag | sign)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def pow2_part_bits(ix):
     """sign(x) 2^E(x): the sign and exponent fields of x, mantissa cleared.
 
@@ -390,7 +409,7 @@ FORMAT_MANT_BITS = (23, 7, 10, 3, 2)
 N_FORMATS = len(FORMAT_NAMES)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def format_params(fmt):
     """(mantissa bits, float32 exponent field of the smallest normal, largest finite
     float32 pattern, pattern that overflow and infinity give) of operand format ``fmt``
@@ -407,7 +426,7 @@ def format_params(fmt):
     return 23, 1, 0x7F7FFFFF, INF                  # float32
 
 
-@register_jitable
+@jitable
 def quantize_bits(ix, fmt, flush):
     """Round float32 ``ix`` to operand format ``fmt``: the float32 holding the result exactly.
 
@@ -425,7 +444,7 @@ def quantize_bits(ix, fmt, flush):
     return quantize_core_bits(ix, mbits, emin_field, max_pat, over_pat, flush)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def quantize_core_bits(ix, mbits, emin_field, max_pat, over_pat, flush):
     """``quantize_bits`` with the format's parameters (``format_params``) given: kernels
     look them up once per call, and the select-only body vectorizes."""

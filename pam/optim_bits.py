@@ -4,7 +4,7 @@ The per-element chain is written branch-free in int32 lanes (``sel``, ``mul32_bi
 ``div0_bits``, ``log2_sel_bits``, ``exp2_sel_bits``, ``half_bits``: each the bits of the
 :mod:`pam.bits` function it names), so the CPU loops vectorize.
 
-Like :mod:`pam.bits`, every function is ``register_jitable``: the CPU kernels
+Like :mod:`pam.bits`, every function is ``jitable`` (:func:`pam.bits.jitable`): the CPU kernels
 (:mod:`pam.kernels.cpu`) and the CUDA kernels (:mod:`pam.kernels.cuda`) compile these same
 lines, so they agree bit for bit. They restate, element by element, the sequence of PAM
 ops that :class:`pam.optim.AdamW` and :class:`pam.optim.SGD` used to issue as separate
@@ -15,9 +15,9 @@ corrections, step size, decay factor) are computed once on the host, see
 :func:`adamw_scalars`.
 """
 import numpy as np
-from numba.extending import register_jitable
 
 from . import bits
+from .bits import jitable
 
 # flags of adamw_update
 ADAMW_MAXIMIZE = 1
@@ -34,19 +34,19 @@ SGD_NESTEROV = 32
 HALF = 0x3F000000      # bits of 0.5f
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def add_bits(ia, ib):
     """float32 a + b (round to nearest even) on bit patterns."""
     return bits.f32_to_bits(bits.bits_to_f32(ia) + bits.bits_to_f32(ib))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def sub_bits(ia, ib):
     """float32 a - b (round to nearest even) on bit patterns."""
     return bits.f32_to_bits(bits.bits_to_f32(ia) - bits.bits_to_f32(ib))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def neg_bits(ia):
     """-a: the sign bit flipped (also for zeros and NaN, as torch's neg)."""
     return np.int64(np.int32(np.int64(ia) ^ bits.SIGN))
@@ -66,7 +66,7 @@ _I_MIN = np.int32(bits.MIN_NORMAL)
 _I_ZERO = np.int32(0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def sel(c, a, b):
     """a if c else b (int32), as bit masks: data flow, never a branch (a Python
     conditional expression is a branch in Numba IR, which LLVM does not always turn
@@ -79,7 +79,7 @@ OFF_MIN = bits.MIN_NORMAL - bits.ONE       # offset constants of normal float32 
 OFF_MAX = 0x7F7FFFFF - bits.ONE
 
 
-@register_jitable
+@jitable
 def check_offset(off):
     """Raise unless ``off`` is an offset constant mul32_bits handles (a normal float32
     offset, as pam.dispatch.offset_constant returns)."""
@@ -88,7 +88,7 @@ def check_offset(off):
                          "(pam.dispatch.offset_constant)")
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def mul32_bits(ia, ib, off):
     """bits.mul_bits(ia, ib, off) (PAM) with selects, in int32, for the offsets of
     pam.dispatch.offset_constant (off + 0x3F800000 the bits of a normal float32): the
@@ -112,7 +112,7 @@ def mul32_bits(ia, ib, off):
     return sel(nan, _I_QNAN, np.int32(mag | sign))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def div0_bits(ia, ib):
     """bits.div_bits(ia, ib, 0) (PAD without offset) with selects, in int32."""
     ia = np.int32(ia)
@@ -134,7 +134,7 @@ def div0_bits(ia, ib):
     return sel(nan, _I_QNAN, np.int32(mag | sign))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def log2_sel_bits(ix):
     """bits.log2_bits(ix) (pa_log2) with selects, in int32."""
     ix = np.int32(ix)
@@ -148,7 +148,7 @@ def log2_sel_bits(ix):
     return sel(ux > _I_INF, _I_QNAN, r)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def exp2_floor_sel(iy):
     """(y, yc, n) for pa_exp2's argument bits ``iy``: y, yc = y where -200 <= y < 128 (else
     0), n = floor(yc) by truncation and a correction (exact in that range), with selects."""
@@ -160,7 +160,7 @@ def exp2_floor_sel(iy):
     return y, yc, np.int32(t - np.int32(np.float32(t) > yc))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def exp2_sel_bits(iy):
     """bits.exp2_bits(iy) (pa_exp2) with selects, in int32: floor by truncation and a
     correction (exact for |y| <= 200)."""
@@ -175,7 +175,7 @@ def exp2_sel_bits(iy):
     return sel(np.int32(iy & _I_ABS) > _I_INF, _I_QNAN, r)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def half_bits(ia):
     """bits.mul_bits(ia, HALF, 0): PAM by 0.5, exact, in int32 (rows_bits.mul_pow2_bits)."""
     ia = np.int32(ia)
@@ -186,13 +186,13 @@ def half_bits(ia):
     return sel(ua > _I_INF, _I_QNAN, np.int32(mag | sign))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def sqrt_bits(ix):
     """pa_sqrt(x) = pa_exp2(PAM(pa_log2(x), 0.5)), as :func:`pam.sqrt`."""
     return exp2_sel_bits(half_bits(log2_sel_bits(ix)))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def max_bits(ia, ib):
     """torch.maximum(a, b) on bit patterns: NaN if either is NaN (a's NaN first)."""
     ia = np.int32(ia)
@@ -202,7 +202,7 @@ def max_bits(ia, ib):
     return sel((fa == fa) & ((fb != fb) | (fb > fa)), ib, ia)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def adamw_update(ip, ig, im, iv, imx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
                  off, flags):
     """One AdamW element update; returns the new bits of (p, m, v, max_v).
@@ -230,7 +230,7 @@ def adamw_update(ip, ig, im, iv, imx, decay, b1, omb1, b2, omb2, step_size, sbc2
     return sub_bits(ip, upd), m, v, mx
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def sgd_update(ip, ig, ibuf, lr, wd, mom, omd, off, flags):
     """One SGD element update; returns the new bits of (p, momentum buffer).
 
@@ -300,7 +300,7 @@ _FIX = 64                                   # fractional bits of the host fixed-
 SQRT2_MANT = 0x3504F3                       # mantissa field of float32(sqrt(2))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def adamw_update_unbiased(ip, ig, im, iv, imx, decay, c1, c2, k_step, eps_s, off, sq_off,
                           flags):
     """One element of the unbiased AdamW variant; returns the new bits of (p, m, v, max_v).

@@ -1,6 +1,6 @@
 """Scalar definitions of the fused composite ops (pam.functional), on bit patterns.
 
-Like :mod:`pam.bits`, every function is ``register_jitable`` and compiled into both the CPU
+Like :mod:`pam.bits`, every function is ``jitable`` (:func:`pam.bits.jitable`) and compiled into both the CPU
 (:mod:`pam.kernels.cpu`, :mod:`pam.kernels.cpu_rows`) and the CUDA (:mod:`pam.kernels.cuda`,
 :mod:`pam.kernels.cuda_rows`) kernels. Each restates, for one element or one row, the chain
 of PAM ops and float32 additions that the composite definition issued as separate kernels,
@@ -41,14 +41,14 @@ select at run time (the same lines on both targets).
 import math
 
 import numpy as np
-from numba.extending import register_jitable
 
 from . import bits
+from .bits import jitable
 from .optim_bits import (_I_ABS, _I_INF, _I_MIN, _I_QNAN, _I_SIGN, _I_ZERO, div0_bits,
                          exp2_floor_sel, exp2_sel_bits, mul32_bits, sel)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _relu_f32(t):
     """torch.relu on a float32 that is never -0: NaN stays NaN, t <= 0 gives +0."""
     if t != t or t > np.float32(0.0):
@@ -56,14 +56,14 @@ def _relu_f32(t):
     return np.float32(0.0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def gelu_term_bits(ix, kb, db):
     """PAM(relu(x - k), d) for one knot k and slope change d (bit patterns)."""
     r = _relu_f32(bits.bits_to_f32(ix) - bits.bits_to_f32(kb))
     return bits.mul_bits(bits.f32_to_bits(r), db, 0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def gelu_grad_term_bits(ix, ig, kb, db, exact):
     """One knot's contribution to the GELU input gradient: PAM(g, s) where
     relu(x - k) > 0 (or is NaN), else +0; s the exact slope of PAM(r, d) w.r.t. r
@@ -78,27 +78,27 @@ def gelu_grad_term_bits(ix, ig, kb, db, exact):
     return np.int64(0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def add_f32_bits(ia, ib):
     """float32 a + b on bit patterns."""
     return bits.f32_to_bits(bits.bits_to_f32(ia) + bits.bits_to_f32(ib))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def pow2_parts(db):
     """(ed, sd) for a power of two d = +-2^e with |d| <= 1 (bits ``db``, mantissa 0):
     ed = bits(|d|) - bits(1.0) <= 0 and sd its sign bit; the arguments of mul_pow2_bits."""
     return np.int32((db & bits.ABS_MASK) - bits.ONE), np.int32(db & bits.SIGN)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def is_pow2_at_most_one(db):
     """True when bits ``db`` are a normal power of two of magnitude at most 1."""
     u = db & bits.ABS_MASK
     return (u & bits.MANT_MASK) == 0 and bits.MIN_NORMAL <= u <= bits.ONE
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def mul_pow2_bits(ia, ed, sd):
     """PAM(a, d; 0) for d = +-2^e, |d| <= 1, given as pow2_parts(bits(d)): the same bits as
     ``bits.mul_bits(ia, bits(d), 0)`` (a NaN gives the canonical QNAN, zeros and
@@ -114,7 +114,7 @@ def mul_pow2_bits(ia, ed, sd):
     return np.int32(bits.QNAN) if ua > np.int32(bits.INF) else np.int32(mag | sign)
 
 
-@register_jitable
+@jitable
 def gelu_forward_bits(ix, knots, slopes):
     """Piecewise-affine GELU: y = sum_j PAM(relu(x - k_j), d_j), j ascending, float32 sums.
 
@@ -127,7 +127,7 @@ def gelu_forward_bits(ix, knots, slopes):
     return y
 
 
-@register_jitable
+@jitable
 def gelu_backward_bits(ix, ig, knots, slopes, exact):
     """Input gradient of gelu_forward_bits as autograd computes the composite: the
     gelu_grad_term_bits of every knot, summed in float32 from the last knot to the first
@@ -146,7 +146,7 @@ LN_2_BITS = 0x3F317218         # float32(ln 2)
 SOFTMAX_STATS = 2              # row statistics per row (m, s: softmax_row_forward)
 
 
-@register_jitable
+@jitable
 def _floor_f32(m):
     """torch.floor on a finite float32 (values of magnitude >= 2^23 are integers)."""
     if m >= np.float32(8388608.0) or m <= np.float32(-8388608.0):
@@ -154,7 +154,7 @@ def _floor_f32(m):
     return np.float32(math.floor(m))         # math.floor: numba-cuda has no np.floor ufunc
 
 
-@register_jitable
+@jitable
 def softmax_row_shift(x, base, n, off):
     """floor(max_j PAM(x_j, log2 e; off)) over the row, 0 when that max is not finite or a
     product is NaN (the first of equal maxima, so a zero max keeps the sign of the first
@@ -186,7 +186,7 @@ def softmax_row_shift(x, base, n, off):
     return _floor_f32(m)
 
 
-@register_jitable
+@jitable
 def _softmax_row_exp(x, out, base, n, off, m):
     """out[j] = e_j = pa_exp2(PAM(x_j, log2 e; off) - m); returns s = e_0 + e_1 + ...
     (float32 from +0, increasing j)."""
@@ -195,12 +195,12 @@ def _softmax_row_exp(x, out, base, n, off, m):
     return _seq_sum(out, base, n, False)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _softmax_e(xj, off, m):
     return exp2_sel_bits(_b(_f(mul32_bits(xj, LOG2_E_BITS, off)) - m))
 
 
-@register_jitable
+@jitable
 def softmax_row_forward(x, out, base, n, off, safe, stats, st):
     """One row of the PA softmax: PAD(e_j, s) with e_j = pa_exp2(PAM(x_j, log2 e) - m),
     s = e_0 + e_1 + ... (float32, increasing j); ``safe``: a zero sum counts as 1.
@@ -222,7 +222,7 @@ def softmax_row_forward(x, out, base, n, off, safe, stats, st):
         out[base + j] = div0_bits(_softmax_e(x[base + j], off, m), sb)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def exp2_slope_given_bits(iy, e):
     """bits.exp2_slope_bits(iy) when ``e`` = bits.exp2_bits(iy) is already known (the same
     cases in the same order, without recomputing pa_exp2)."""
@@ -246,7 +246,7 @@ def _variant(name, fn):
     """``fn`` registered as a jitable definition named ``name``: a flag variant generated by
     one of the ``_<definition>_variant`` factories below, named for Numba's reports."""
     fn.__name__ = fn.__qualname__ = name
-    return register_jitable(fn)
+    return jitable(fn)
 
 
 def _softmax_row_backward_variant(exact):
@@ -293,7 +293,7 @@ softmax_row_backward_exact = _softmax_row_backward_variant(True)
 softmax_row_backward_approx = _softmax_row_backward_variant(False)
 
 
-@register_jitable
+@jitable
 def softmax_row_backward(x, g, out, base, n, off, safe, exact, stats, st):
     """Input gradient of softmax_row_forward for output gradient ``g`` (one row), given
     the row statistics the forward wrote (m, s in stats[st], stats[st + 1]).
@@ -320,17 +320,17 @@ def softmax_row_backward(x, g, out, base, n, off, safe, exact, stats, st):
 _I_EXP = np.int32(bits.EXP_MASK)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _f(i):
     return bits.bits_to_f32(i)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _b(v):
     return np.int32(bits.f32_to_bits(v))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _pow2_sel(p, sign):
     """bits._power_of_two_bits(p, sign) for an int64 pattern ``p``, with selects."""
     r = np.int32(np.int32(p & bits.EXP_MASK) | sign)
@@ -338,7 +338,7 @@ def _pow2_sel(p, sign):
     return sel(p < bits.MIN_NORMAL, sign, r)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def mul_slope_sel(ia, ib, off):
     """bits.mul_slope_bits(ia, ib, off) with selects."""
     ia = np.int32(ia)
@@ -353,7 +353,7 @@ def mul_slope_sel(ia, ib, off):
     return sel((ua > _I_INF) | (ub > _I_INF), _I_QNAN, r)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def div_slope_num0_sel(ia, ib):
     """bits.div_slope_num_bits(ia, ib, 0) with selects."""
     ia = np.int32(ia)
@@ -368,7 +368,7 @@ def div_slope_num0_sel(ia, ib):
     return sel((ua > _I_INF) | (ub > _I_INF), _I_QNAN, r)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def div_slope_den0_sel(ia, ib):
     """bits.div_slope_den_bits(ia, ib, 0) with selects."""
     ia = np.int32(ia)
@@ -386,7 +386,7 @@ def div_slope_den0_sel(ia, ib):
     return sel((ua > _I_INF) | (ub > _I_INF) | (ub < _I_MIN), _I_QNAN, r)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def exp2_slope_sel(iy, e):
     """bits.exp2_slope_bits(iy) with selects, given e = bits.exp2_bits(iy)."""
     iy = np.int32(iy)
@@ -399,7 +399,7 @@ def exp2_slope_sel(iy, e):
     return sel(np.int32(iy & _I_ABS) > _I_INF, _I_QNAN, r)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _seq_sum(a, base, n, neg):
     """a[base] + a[base + 1] + ... as float32 from +0 in increasing index (of -a_j when
     ``neg``)."""
@@ -414,7 +414,7 @@ def _seq_sum(a, base, n, neg):
 
 
 # --------------------------------------------------------------------------- log_softmax rows
-@register_jitable
+@jitable
 def log_softmax_row_sum(x, out, base, n, off):
     """First pass of a log_softmax row: m = softmax_row_shift, z_j = PAM(x_j, log2 e; off)
     - m; returns (m, s) with s = pa_exp2(z_0) + pa_exp2(z_1) + ... (float32 from +0,
@@ -426,7 +426,7 @@ def log_softmax_row_sum(x, out, base, n, off):
     return m, _seq_sum(out, base, n, False)
 
 
-@register_jitable
+@jitable
 def log_softmax_row_forward(x, out, base, n, off):
     """One row of the PA log-softmax: PAD(z_j - pa_log2(s), log2 e) with z and s of
     log_softmax_row_sum (the composite pam.nn.functional.log_softmax of earlier versions
@@ -482,7 +482,7 @@ log_softmax_row_backward_exact = _log_softmax_row_backward_variant(True)
 log_softmax_row_backward_approx = _log_softmax_row_backward_variant(False)
 
 
-@register_jitable
+@jitable
 def log_softmax_row_backward(x, g, out, base, n, off, exact):
     """Input gradient of log_softmax_row_forward for output gradient ``g`` (one row): the
     chain rule through the composite's pieces, as autograd runs it.
@@ -507,7 +507,7 @@ LN_EXACT = 4                   # backward: exact slopes (else the approximate ru
 LN_STATS = 9                   # row statistics per row (layer_norm_row_stats)
 
 
-@register_jitable
+@jitable
 def layer_norm_row_stats(x, out, base, n, nb, eps_b, off, stats, sb):
     """Row statistics of the PA layer norm as float32 bit patterns in stats[sb:sb + 9]:
     S0 = sum x_j, mu0 = PAD(S0, N); when N is not a power of two two refinements
@@ -578,7 +578,7 @@ layer_norm_row_forward_b = _layer_norm_row_forward_variant(False, True)
 layer_norm_row_forward_wb = _layer_norm_row_forward_variant(True, True)
 
 
-@register_jitable
+@jitable
 def layer_norm_row_forward(x, w, b, out, base, n, nb, eps_b, off, flags, stats, sb):
     """One row of the PA layer norm (pam.nn.functional.layer_norm of earlier versions with
     its row sums taken from +0 in increasing index): y_j = PAD(x_j - mu2, std), then
@@ -598,13 +598,13 @@ def layer_norm_row_forward(x, w, b, out, base, n, nb, eps_b, off, flags, stats, 
         layer_norm_row_forward_plain(x, w, b, out, base, n, nb, eps_b, off, stats, sb)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _pad_grad_num_exact(g, a, d):
     """Gradient of PAD(a, d) w.r.t. a for incoming g: PAM(g, exact slope)."""
     return bits.mul_bits(g, bits.div_slope_num_bits(a, d, 0), 0)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _pad_grad_num_approx(g, a, d):
     """Gradient of PAD(a, d) w.r.t. a for incoming g, approximate rule: PAD(g, d)."""
     return bits.div_bits(g, d, 0)
@@ -712,7 +712,7 @@ layer_norm_row_backward_exact = _layer_norm_row_backward_variant(True, False)
 layer_norm_row_backward_exact_w = _layer_norm_row_backward_variant(True, True)
 
 
-@register_jitable
+@jitable
 def layer_norm_row_backward(x, w, g, out, gw, tmp, base, n, nb, off, flags, stats, sb, tb):
     """Input gradient of layer_norm_row_forward for output gradient ``g`` (one row) into
     ``out``, and the row's terms of the weight gradient into ``gw`` (when LN_WEIGHT; the

@@ -31,9 +31,9 @@ On CPU the log_softmax rows are the compiled row functions of
 :mod:`pam.kernels.cpu_rows`, so that their (large) code compiles once for both.
 """
 import numpy as np
-from numba.extending import register_jitable
 
 from . import bits
+from .bits import jitable
 from .rows_bits import _b, _f
 
 __all__ = ["CE_WEIGHT", "CE_SMOOTH", "CE_EXACT", "REDUCE_NONE", "REDUCE_SUM", "REDUCE_MEAN",
@@ -50,24 +50,24 @@ _ZERO = np.int32(0)
 _ONE = np.int32(bits.ONE)
 
 
-@register_jitable
+@jitable
 def _neg(i):
     """-x on bit patterns (the sign bit flipped, NaN payloads kept)."""
     return np.int32(np.int64(i) ^ bits.SIGN)
 
 
-@register_jitable
+@jitable
 def _add(i, j):
     """float32 x + y on bit patterns."""
     return _b(_f(i) + _f(j))
 
 
-@register_jitable
+@jitable
 def _pam(i, j, off):
     return np.int32(bits.mul_bits(i, j, off))
 
 
-@register_jitable
+@jitable
 def _target(target, r, n, ignore):
     """(class index, ignored) of row r; an index outside [0, n) that is not ignore_index
     raises ValueError (the Python entry points check first; CUDA kernels rely on that)."""
@@ -79,7 +79,7 @@ def _target(target, r, n, ignore):
     return t, False
 
 
-@register_jitable
+@jitable
 def ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags):
     """Row r: nll[r], sm[r] (with CE_SMOOTH, else +0) and wt[r] of the definition above,
     from the row's log-probabilities ``lp[r n : (r + 1) n]`` (the kernels compute them
@@ -105,7 +105,7 @@ def ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags):
     sm[r] = s
 
 
-@register_jitable
+@jitable
 def _seq(a, rows):
     acc = np.float32(0.0)
     for r in range(rows):
@@ -113,7 +113,7 @@ def _seq(a, rows):
     return _b(acc)
 
 
-@register_jitable
+@jitable
 def _reduced(target, nll, sm, wt, rows, ignore, reduction, flags):
     """(loss, smooth, total, smooth total, denom) of the reduction over rows (the last
     three are 0 for "none", the first two then unused)."""
@@ -135,12 +135,12 @@ def _reduced(target, nll, sm, wt, rows, ignore, reduction, flags):
     return _ZERO, _ZERO, _ZERO, _ZERO, _ZERO
 
 
-@register_jitable
+@jitable
 def _smoothed(loss, smooth, a_b, s_b):
     return _add(_pam(loss, a_b, 0), _pam(smooth, s_b, 0))
 
 
-@register_jitable
+@jitable
 def ce_finish(target, nll, sm, wt, rows, ignore, reduction, flags, a_b, s_b, out):
     """The loss from the rows' nll/sm/wt (sequential over rows): out[r] per row for
     "none", out[0] otherwise."""
@@ -153,7 +153,7 @@ def ce_finish(target, nll, sm, wt, rows, ignore, reduction, flags, a_b, s_b, out
     out[0] = _smoothed(loss, smooth, a_b, s_b) if smoothing else loss
 
 
-@register_jitable
+@jitable
 def _through_pam(g, v, k_b, exact):
     """Gradient w.r.t. v of PAM(v, k; 0) for upstream gradient g."""
     if exact:
@@ -161,7 +161,7 @@ def _through_pam(g, v, k_b, exact):
     return _pam(g, k_b, 0)
 
 
-@register_jitable
+@jitable
 def _through_pad(g, v, d, exact):
     """Gradient w.r.t. v of PAD(v, d; 0) for upstream gradient g."""
     if exact:
@@ -169,7 +169,7 @@ def _through_pad(g, v, d, exact):
     return np.int32(bits.div_bits(g, d, 0))
 
 
-@register_jitable
+@jitable
 def ce_grad_scalars(target, nll, sm, wt, rows, ignore, reduction, flags, a_b, s_b, g, dn,
                     ds):
     """The gradients w.r.t. nll_r (dn) and smooth_r (ds) for the loss gradient ``g``
@@ -198,7 +198,7 @@ def ce_grad_scalars(target, nll, sm, wt, rows, ignore, reduction, flags, a_b, s_
     ds[0] = dsm
 
 
-@register_jitable
+@jitable
 def ce_row_grad(w, target, lp, dl, r, n, ignore, dn, ds, flags, off):
     """Row r of the gradient w.r.t. the row's log-probabilities into ``dl``, given the
     row's gradients ``dn`` w.r.t. nll_r and ``ds`` w.r.t. smooth_r (bits, from
@@ -225,7 +225,7 @@ def ce_row_grad(w, target, lp, dl, r, n, ignore, dn, ds, flags, off):
         dl[base + c] = v
 
 
-@register_jitable
+@jitable
 def ce_needs_log_probs(flags):
     """Whether :func:`ce_row_grad` reads ``lp`` (exact slopes with class weights)."""
     return (flags & CE_EXACT) != 0 and (flags & CE_WEIGHT) != 0

@@ -16,8 +16,9 @@ prints a table (wall time of each run, compile total, the top dispatchers by exc
 time with their number of compilations ``n`` and of distinct argument types ``sigs``) and
 writes validation/results/cold_start.json. ``--kernel-times`` instead compiles each entry of
 the warm-up manifest (pam/kernels/warm_manifest.json) in one fresh process on an empty
-cache, in manifest order, and prints the process CPU time of each compilation (the first
-one also pays Numba's start-up and the typing of the shared scalar helpers); it writes
+cache, in manifest order, in the environment of a warm-up worker, and prints the process
+CPU time of each compilation (the first one also pays Numba's start-up and the typing of
+the shared scalar helpers); it writes
 validation/results/cold_start_kernels.json.
 
 What compiles: every CPU kernel is lazy (compiled on its first call) and ``cache=True``,
@@ -131,8 +132,9 @@ def kernel_times(out):
     """Print and write the per-entry compile CPU times of :func:`_kernel_times_child`."""
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
+    from pam.kernels import warm_worker
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache,
+        env = dict(warm_worker.worker_environ(), NUMBA_CACHE_DIR=cache,
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         subprocess.run([sys.executable, __file__, "--child-kernels", path], env=env,
                        check=True)

@@ -32,12 +32,17 @@ import threading
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
-from numba.extending import register_jitable
 
 from .. import bits, optim_bits, rows_bits
+from ..bits import jitable
 from . import threads, vec8
 
-_JIT = dict(parallel=True, cache=True, nogil=True)
+# Kernels (called from Python, cached on disk) get no C entry point (``no_cfunc_wrapper``:
+# only first-class function values use one; Numba would build, optimize and emit it for
+# every compiled signature, cold-start time). The helpers that only kernels call are
+# ``bits.jitable`` definitions: compiled into their callers, with no entry point of their
+# own; the few that tests or the CUDA module call from Python stay kernels.
+_JIT = dict(parallel=True, cache=True, nogil=True, no_cfunc_wrapper=True)
 
 # Columns handled per pass of the matmul kernels: a tile of acc rows stays in L1.
 COL_TILE = 1024
@@ -62,7 +67,7 @@ TWO31 = 2147483648           # 2^31: adding it modulo 2^32 flips the sign bit
 # (100k elements: 33 us parallel vs 15 us serial; 4M: 2.1 ms vs 0.6 ms), and serial
 # kernels compile several times faster (cold start). ``<op>_bs`` takes its second operand
 # as a 1-element array (a scalar broadcast without a copy), ``<op>_as`` its first.
-_SERIAL = dict(cache=True, nogil=True)
+_SERIAL = dict(cache=True, nogil=True, no_cfunc_wrapper=True)
 
 
 def serial_kernel(name, fn):
@@ -174,7 +179,7 @@ def div_slope_den_as(s, b, off, out):
         out[i] = bits.div_slope_den_bits(sa, b[i], off)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _check_lmul_constant(c):
     if c < 0 or c >= bits.TWO23:
         raise ValueError("L-Mul constant c must be in [0, 2^23) (see bits.lmul_constant)")
@@ -259,7 +264,7 @@ def log2_slope(x, out):
 # each output element in float32 in increasing order of the reduced index.
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _stats(x):
     """(has_inf_or_nan, has_zero_or_subnormal, min normal |bits|, max |bits|) of int32 ``x``.
 
@@ -277,7 +282,7 @@ def _stats(x):
     return hi >= INF, zmin < MIN_NORMAL, lo, hi
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _zero_mask(x):
     """int32 array shaped like ``x``: 0 where x is zero or subnormal, -1 (all ones) elsewhere."""
     mask = np.empty(x.shape, np.int32)
@@ -288,19 +293,19 @@ def _zero_mask(x):
     return mask
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _floor_exp(x):
     """x with its 23 low (mantissa) bits cleared."""
     return x & NOT_MANT
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off):
     """True when PAM of any two normal operands with these |bits| ranges is normal."""
     return lo_a + lo_b - ONE + off >= MIN_NORMAL and hi_a + hi_b - ONE + off < INF
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul):
     """``_mul_fast_ok`` for PAM; for L-Mul (off = c) a product of normals lies between
     2^(Ea + Eb) (exponent field Ea + Eb - 127) and the PAM sum with off = c, so the
@@ -311,7 +316,7 @@ def _fast_ok(lo_a, hi_a, lo_b, hi_b, off, lmul):
     return _mul_fast_ok(lo_a, hi_a, lo_b, hi_b, off)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _slope_fast_ok(lo_g, hi_g, lo_y, hi_y, off):
     """True when, for normal g, y and any x, PAM(g, slope(x, y)) is normal and the slope too.
 
@@ -324,7 +329,7 @@ def _slope_fast_ok(lo_g, hi_g, lo_y, hi_y, off):
             and hi_g + _floor_exp(s_hi) - ONE < INF)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _signed_const(u, negative):
     """int32 constant u (+ 2^31 when ``negative``), wrapped: adding it flips the sign bit."""
     return np.int32(u + TWO31 if negative else u)
@@ -333,7 +338,7 @@ def _signed_const(u, negative):
 # Inner loops: acc[j] += f32(p_0[j]) + ... in sequence (four rounded additions, increasing
 # reduced index), vectorized across j. The int32(...) truncation makes the additions wrap in
 # 32 bits and lets LLVM use 8-lane vpaddd.
-@njit(cache=True, nogil=True)
+@jitable
 def _add4(acc, x0, x1, x2, x3, c0, c1, c2, c3, w):
     for j in range(w):
         s = acc[j]
@@ -344,7 +349,7 @@ def _add4(acc, x0, x1, x2, x3, c0, c1, c2, c3, w):
         acc[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _add4x2(acc0, acc1, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, w):
     for j in range(w):
         y0 = x0[j]
@@ -365,7 +370,7 @@ def _add4x2(acc0, acc1, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, w):
         acc1[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _add4x2m(acc0, acc1, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, d0, d1, d2, d3, w):
     for j in range(w):
         y0 = x0[j]
@@ -390,7 +395,7 @@ def _add4x2m(acc0, acc1, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, d0, d1,
         acc1[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _add4m(acc, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
     for j in range(w):
         s = acc[j]
@@ -401,7 +406,7 @@ def _add4m(acc, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
         acc[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _add1(acc, x0, m0, use_mask, c0, w):
     if use_mask:
         for j in range(w):
@@ -414,7 +419,7 @@ def _add1(acc, x0, m0, use_mask, c0, w):
 def _make_mm_fast_block(use_mask):
     """``_mm_fast_block`` (zero mask M of B applied when ``use_mask``) with ``use_mask`` a
     compile-time constant: the masked and unmasked inner loops compile separately."""
-    @njit(cache=True, nogil=True)
+    @njit(**_SERIAL)
     def _mm_fast_block(acc, B, M, cs, nz, nz4, k, j0, w):
         """acc[r, :w] = sum_t PAM(a[r, t], B[t, j0:j0+w]) for the rows r of one row block.
 
@@ -481,7 +486,7 @@ _mm_fast_block_m = _make_mm_fast_block(True)
 # and the mantissa t becomes rne(t / 2), i.e. the sum drops by t - rne(t / 2) =
 # (t >> 1) + (1 if t % 4 == 1 else 0) (checked for every t < 2^24 in the tests).
 # Branch-free integer ops, vectorized across j like the PAM loops.
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _lprod(y, c, e):
     # int32 truncations at each step let LLVM keep 8 lanes of 32 bits (vpaddd, vpmaxsd).
     t = max(np.int32((y & MANT_MASK) + e), np.int32(0))
@@ -489,7 +494,7 @@ def _lprod(y, c, e):
     return np.int32(np.int32(y + c) - d)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _ladd4x2(acc0, acc1, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, e0, e1, e2, e3,
              f0, f1, f2, f3, w):
     for j in range(w):
@@ -511,7 +516,7 @@ def _ladd4x2(acc0, acc1, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, e0, e1,
         acc1[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _ladd4x2m(acc0, acc1, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, d0, d1, d2, d3,
               e0, e1, e2, e3, f0, f1, f2, f3, w):
     for j in range(w):
@@ -537,7 +542,7 @@ def _ladd4x2m(acc0, acc1, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, d0, d1
         acc1[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _ladd4(acc, x0, x1, x2, x3, c0, c1, c2, c3, e0, e1, e2, e3, w):
     for j in range(w):
         s = acc[j]
@@ -548,7 +553,7 @@ def _ladd4(acc, x0, x1, x2, x3, c0, c1, c2, c3, e0, e1, e2, e3, w):
         acc[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _ladd4m(acc, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, e0, e1, e2, e3, w):
     for j in range(w):
         s = acc[j]
@@ -559,7 +564,7 @@ def _ladd4m(acc, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, e0, e1, e2, e3,
         acc[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _ladd1(acc, x0, m0, use_mask, c0, e0, w):
     if use_mask:
         for j in range(w):
@@ -572,7 +577,7 @@ def _ladd1(acc, x0, m0, use_mask, c0, e0, w):
 def _make_lmm_fast_block(use_mask):
     """``_lmm_fast_block`` with ``use_mask`` a compile-time constant (see
     _make_mm_fast_block)."""
-    @njit(cache=True, nogil=True)
+    @njit(**_SERIAL)
     def _lmm_fast_block(acc, B, M, cs, es, nz, nz4, k, j0, w):
         """acc[r, :w] = sum_t L-Mul(a[r, t], B[t, j0:j0+w]) for the rows of one row block.
 
@@ -641,14 +646,14 @@ _lmm_fast_block = _make_lmm_fast_block(False)
 _lmm_fast_block_m = _make_lmm_fast_block(True)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _lmul_row_consts(arow, c, es):
     """es[t] = Ma + c - 2^23 of the L-Mul fast path for the left-operand row ``arow``."""
     for t in range(arow.size):
         es[t] = np.int32((np.int64(arow[t]) & MANT_MASK) + c - bits.TWO23)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _mm_row_consts(arows, off):
     """(cs, nz, nz4) of the fast paths for the left-operand rows ``arows`` (rows, k):
     cs[r, t] = |bits(a)| - ONE + off (+2^31 for negative a), nz[r, t] = a is normal,
@@ -754,7 +759,7 @@ SCAN_PARALLEL_MIN = 1 << 16
 TWO32 = 1 << 32
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _scan_range(x0, x1, x2, n0, n1, out, lo, hi):
     """Scan tasks lo <= task < hi over the flat C-contiguous int32 arrays x0, x1, x2 cut in
     chunks of SCAN_CHUNK elements (tasks [0, n0) are x0's chunks, [n0, n0 + n1) x1's, the
@@ -790,7 +795,7 @@ def _scan_range(x0, x1, x2, n0, n1, out, lo, hi):
         out[task, 2] = w
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _scan_merge(out, lo, hi):
     """(has_inf_or_nan, has_zero_or_subnormal, min normal |bits|, max |bits|) of the
     operand whose ``_scan_range`` chunks are out[lo:hi] (as ``_stats``; INF for the
@@ -819,7 +824,7 @@ def _scan(x0, x1, x2=None):
     return out, [(edges[i], edges[i + 1]) for i in range(3)]
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _matmul_decide(out, a0, a1, b0, b1, off, lmul):
     """(fast, za, zb) of ``_matmul_plan`` from the operands' merged chunk scans."""
     sa, za, lo_a, hi_a = _scan_merge(out, a0, a1)
@@ -894,7 +899,7 @@ def matmul_lmul(a, b, c, out):
 # bits(y) and bits(g) carry their sign bits (adding 2^31 modulo 2^32 is an xor of signs).
 # The accumulator-row loops _sl* / _sr* below serve the convolution gradients
 # (pam.kernels.cpu_conv); the matmul gradients use the register-blocked tiles further down.
-@njit(cache=True, nogil=True)
+@jitable
 def _sl4(acc, am, x0, x1, x2, x3, g0, g1, g2, g3, w):
     for t in range(w):
         y = am[t]
@@ -906,7 +911,7 @@ def _sl4(acc, am, x0, x1, x2, x3, g0, g1, g2, g3, w):
         acc[t] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _sl4m(acc, am, x0, x1, x2, x3, m0, m1, m2, m3, g0, g1, g2, g3, w):
     for t in range(w):
         y = am[t]
@@ -918,7 +923,7 @@ def _sl4m(acc, am, x0, x1, x2, x3, m0, m1, m2, m3, g0, g1, g2, g3, w):
         acc[t] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _sl1(acc, am, x0, m0, use_mask, g0, w):
     if use_mask:
         for t in range(w):
@@ -928,7 +933,7 @@ def _sl1(acc, am, x0, m0, use_mask, g0, w):
             acc[t] += bits.bits_to_f32(np.int32(((am[t] + x0[t]) & NOT_MANT) + g0))
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _mantissa_const(x, off, out):
     """out[t] = Mx + off - ONE, Mx the mantissa field of x[t] (0 for zero/subnormal x)."""
     for t in range(x.size):
@@ -936,7 +941,7 @@ def _mantissa_const(x, off, out):
         out[t] = np.int32((ux & MANT_MASK if ux >= MIN_NORMAL else 0) + off - ONE)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _sr4m(acc, bm, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
     for j in range(w):
         y = bm[j]
@@ -948,7 +953,7 @@ def _sr4m(acc, bm, x0, x1, x2, x3, m0, m1, m2, m3, c0, c1, c2, c3, w):
         acc[j] = s
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _sr1(acc, bm, x0, m0, use_mask, c0, w):
     if use_mask:
         for j in range(w):
@@ -1001,13 +1006,13 @@ MM_TILE_ROWS = 4
 MM_ROW_BLOCK = 16
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _normal(v):
     """True when the int32 bit pattern v is a normal number (not zero or subnormal)."""
     return (v & ABS_MASK) >= MIN_NORMAL
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _pack_range(x, trans, xp, mp, masked, lo, hi):
     """Packing tasks lo <= task < hi: the 16-column strips of X (batch, rows, cols) into xp
     (batch, strips, rows, 16), xp[p, q, u, l] = X[p, u, 16 q + l], zero past the last
@@ -1062,7 +1067,7 @@ def _pack_range(x, trans, xp, mp, masked, lo, hi):
                         vec8.store_i8(mp, d + h, vec8.gt_i8(vec8.and_i8(v, absm), below))
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _strip_span(mp, base, rows):
     """(lo, hi): the rows of a packed strip's zero mask (``rows`` rows of 16 lanes at flat
     index ``base`` of mp) from the first to the last one holding a normal lane (an empty
@@ -1078,14 +1083,16 @@ def _strip_span(mp, base, rows):
     return lo, hi
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _live_span(z, r, count, n):
     """(lo, hi): the columns j < n from the first to one past the last at which one of the
     rows z[r], ..., z[r + count - 1] holds a negative value (a live lane of a zero mask:
     -1 or NOT_MANT; 0 elsewhere), (n, n) when none does. z: 2-D C int32 whose row width is
     a multiple of 8 and whose columns from n on hold 0. The rows are folded by a lane-wise
     minimum 8 columns at a time from either end, then the edge group is searched lane by
-    lane (one function, no helpers: each compiled function costs cold-start time)."""
+    lane (one function, no helpers: each compiled function costs cold-start time). The
+    kernels pass ``count`` as ``np.int64(...)``: a constant would be typed as a literal and
+    compile one signature per value."""
     W = z.shape[1]
     lo = 0
     hi = W
@@ -1121,7 +1128,7 @@ def _live_span(z, r, count, n):
     return lo, hi
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _gather_rows(x, trans, p, i0, rows, rows_to, cols, dst):
     """dst[r, c] = X[p, i0 + min(r, rows - 1), c] for r < rows_to, c < cols (rows past the
     last repeat it), X (batch, n, cols) being ``x`` or, when ``trans``, the transpose of
@@ -1156,7 +1163,7 @@ def _gather_rows(x, trans, p, i0, rows, rows_to, cols, dst):
             dst[r, c] = vec8.get_i32(x, (p * cols + c) * n + i)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _slope_consts(y, rows, cols, off):
     """In place, y[r, t] = Mx + off - ONE for r < rows, t < cols, Mx the mantissa field of
     the int32 pattern y[r, t] (0 for a zero or subnormal one); 8 lanes at a time."""
@@ -1176,7 +1183,7 @@ def _slope_consts(y, rows, cols, off):
             y[r, t] = np.int32((v & MANT_MASK if _normal(v) else 0) + off - ONE)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _fold_zero_mask(gs, ns, rows, cols):
     """In place, for r < rows, j < cols: ns[r, j] = NOT_MANT where gs[r, j] is a normal
     number, else 0 and gs[r, j] = 0 (the folded zero mask of ``_sl_tile``'s mask_g)."""
@@ -1197,7 +1204,7 @@ def _fold_zero_mask(gs, ns, rows, cols):
             gs[r, j] = gs[r, j] if live else 0
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _scatter_rows(src, rows, cols, out, p, i0):
     """out[p, c, i0 + r] = src[r, c] for r < rows, c < cols (a block of rows written into
     the transpose of a (batch, n, cols) float32 array: out is (batch, cols, n), C order);
@@ -1219,7 +1226,7 @@ def _scatter_rows(src, rows, cols, out, p, i0):
             out[p, c, i0 + r] = src[r, c]
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, out_trans,
                 lo, hi):
     """Tasks lo <= task < hi of the exact gradient in left form:
@@ -1275,7 +1282,7 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
         if mask_g:
             _fold_zero_mask(gs, ns, rows2, red)
         for r in range(0, rows2, 2):
-            j0, j1 = _live_span(ns, r, 2, red) if mask_g else (0, red)
+            j0, j1 = _live_span(ns, r, np.int64(2), red) if mask_g else (0, red)
             spans[r // 2, 0] = j0
             spans[r // 2, 1] = j1
         for q in range(strips):
@@ -1359,7 +1366,7 @@ def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, ou
             _scatter_rows(block, rows, k, out, p, i0)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _mm_consts(cs, h, rows, cols, off):
     """In place, for r < rows, t < cols: cs[r, t] = bits(a) - ONE + off wrapped (|bits(a)|
     - ONE + off, + 2^31 for negative a: adding it to |bits(b)| gives the signed PAM
@@ -1381,7 +1388,7 @@ def _mm_consts(cs, h, rows, cols, off):
             cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _mm_range(a, a_trans, xp, mp, masked, off, out, lo, hi):
     """Tasks lo <= task < hi of the PAM forward fast path: out[p, i, j] = sum_t
     PAM(A[p, i, t], b[p, t, j]), t increasing, A being ``a`` (batch, n, k) or, when
@@ -1413,7 +1420,7 @@ def _mm_range(a, a_trans, xp, mp, masked, off, out, lo, hi):
         _gather_rows(a, a_trans, p, i0, rows, rows4, k, cs)
         _mm_consts(cs, h, rows4, k, off)
         for r in range(0, rows4, MM_TILE_ROWS):
-            t0, t1 = _live_span(h, r, MM_TILE_ROWS, k) if masked else (0, k)
+            t0, t1 = _live_span(h, r, np.int64(MM_TILE_ROWS), k) if masked else (0, k)
             spans[r // MM_TILE_ROWS, 0] = t0
             spans[r // MM_TILE_ROWS, 1] = t1
         for q in range(strips):
@@ -1495,7 +1502,7 @@ def _mm_range(a, a_trans, xp, mp, masked, off, out, lo, hi):
                             out[p, i0 + r + u, j0 + l] = tile[u * STRIP_LANES + l]
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _grads_decide(out, a0, a1, b0, b1, g0, g1, off):
     """The tuple of ``_grads_plan`` from the operands' merged chunk scans."""
     sa, za, lo_a, hi_a = _scan_merge(out, a0, a1)
@@ -1717,13 +1724,13 @@ def _int32_pointer(typingctx, address):
     return sig, codegen
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _array_at(address, n):
     """The int32 array of ``n`` elements at ``address`` (memory owned by the caller)."""
     return carray(_int32_pointer(address), (n,))
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def _chunk_table(sizes, chunk):
     """(tensor, lo, hi) rows splitting every size into pieces of at most ``chunk``."""
     count = 0
@@ -1951,7 +1958,7 @@ def adamw_unbiased_table(addresses, sizes, decay, c1, c2, k_step, eps_s, off, sq
 GELU_BLOCK = 4096
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _check_gelu_slopes(slopes):
     for j in range(slopes.size):
         if not rows_bits.is_pow2_at_most_one(slopes[j]):
@@ -1959,7 +1966,7 @@ def _check_gelu_slopes(slopes):
                              "magnitude <= 1")
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _finite_bits(v):
     """True when no int32 bit pattern in v is an inf or a NaN (a max reduction)."""
     worst = np.int32(0)
@@ -1968,7 +1975,7 @@ def _finite_bits(v):
     return worst < np.int32(INF)
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _gelu_term_finite(xi, k, ed, sd):
     """rows_bits.gelu_term_bits for a finite x (float32 ``xi``) and a power-of-two slope
     change (``pow2_parts``): r = relu(x - k) is finite and not negative, so PAM(r, d) is
@@ -1980,7 +1987,7 @@ def _gelu_term_finite(xi, k, ed, sd):
     return bits.bits_to_f32(sd if mag < np.int32(MIN_NORMAL) else np.int32(mag | sd))
 
 
-@register_jitable(forceinline=True)
+@jitable(forceinline=True)
 def _gelu_grad_term_finite(xi, gi, k, ed, sd):
     """_gelu_grad_term for a finite x and a finite gradient bit pattern ``gi`` (no NaN
     r, no inf / NaN g: mul_pow2_bits is a signed add with the flush to zero)."""
@@ -1990,7 +1997,7 @@ def _gelu_grad_term_finite(xi, gi, k, ed, sd):
     return bits.bits_to_f32(t if xi - k > np.float32(0.0) else np.int32(0))
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _gelu_forward_block(x, knots, slopes, out, lo, hi, acc):
     """out[lo:hi] of gelu_forward; ``acc``: float32 scratch of at least hi - lo elements
     (the block's sums, one buffer per part rather than one allocation per block). A
@@ -2025,7 +2032,7 @@ def _gelu_forward_block(x, knots, slopes, out, lo, hi, acc):
         ys[i] = bits.f32_to_bits(acc[i])
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _gelu_grad_term(xi, gi, k, ed, sd, exact):
     """rows_bits.gelu_grad_term_bits for a power-of-two slope change (see the block)."""
     r = xi - k
@@ -2034,7 +2041,7 @@ def _gelu_grad_term(xi, gi, k, ed, sd, exact):
     return t if (r != r or r > np.float32(0.0)) else np.int32(0)
 
 
-@njit(cache=True, nogil=True)
+@jitable
 def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi, acc):
     """out[lo:hi] of gelu_backward; ``acc`` as for _gelu_forward_block (finite terms
     when neither x nor grad holds an inf / NaN in the block; ``exact`` then plays no

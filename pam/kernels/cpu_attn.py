@@ -34,9 +34,9 @@ from numba import njit
 from .. import attn_bits as AB
 from .. import bits, optim_bits, rows_bits
 from . import threads
-from .cpu import FUSED_PARALLEL_MIN, serial_kernel
+from ..bits import jitable
+from .cpu import _SERIAL, FUSED_PARALLEL_MIN, serial_kernel
 
-_SERIAL = dict(cache=True, nogil=True)
 SM_STATS = rows_bits.SOFTMAX_STATS
 ROW_BLOCK = 32                     # query rows per forward work item
 
@@ -46,7 +46,7 @@ _f = rows_bits._f
 _b = rows_bits._b
 
 
-@njit(**_SERIAL)
+@jitable
 def _normal_range(x, base, n, mk):
     """(lo, hi, finite) of the |bits| of the normal numbers among x[base:base + n] (lo
     > hi when there is none) and whether all are finite; mk[t] = -1 where x[base + t] is
@@ -66,7 +66,7 @@ def _normal_range(x, base, n, mk):
     return lo, hi, top < bits.INF
 
 
-@njit(**_SERIAL)
+@jitable
 def _fast_products(lo_a, hi_a, lo_b, hi_b, off):
     """True when PAM(a, b; off) of any two normal operands in these |bits| ranges is a
     normal number: then its bits are bits(b) + the signed constant of a (one int32 add);
@@ -77,7 +77,7 @@ def _fast_products(lo_a, hi_a, lo_b, hi_b, off):
         hi_a + hi_b - bits.ONE + off < bits.INF
 
 
-@njit(**_SERIAL)
+@jitable
 def _signed_const(ua, negative, off):
     """int32 |bits(a)| - ONE + off, plus 2^31 (wrapped) for a negative a: PAM(a, b; off)
     = bits(b) + this for a normal b when the product is normal (_fast_products)."""
@@ -85,7 +85,7 @@ def _signed_const(ua, negative, off):
     return np.int32(c + 2147483648 if negative else c)
 
 
-@njit(**_SERIAL)
+@jitable
 def _row_extent(i, S, causal, mode, mask, mb):
     """1 + the last column of query row i that no ``torch.where`` mask replaces by -inf
     (causal: j <= i; bool mask: True entries), 0 when there is none: the scores past it
@@ -106,7 +106,6 @@ def _attention_forward_range(q, k, v, mask, L, S, E, Ev, mstride, causal, mode, 
     mk = np.empty(max(E * S, 1), np.int32)
     mv = np.empty(max(S * Ev, 1), np.int32)
     qs = np.empty(max(E, 1), np.int32)
-    cq = np.empty(max(E, 1), np.int32)
     acc = np.empty(max(S, 1), np.float32)
     oacc = np.empty(max(Ev, 1), np.float32)
     none = np.empty(0, np.int32)
@@ -196,7 +195,7 @@ def _attention_forward_range(q, k, v, mask, L, S, E, Ev, mstride, causal, mode, 
                 out[ob + c] = _b(oacc[c])
 
 
-@njit(**_SERIAL)
+@jitable
 def _mant_off(x, base, n, y, off):
     """y[t] = M(x[base + t]) + off, M the mantissa bits of a normal number, 0 for zeros
     and subnormals: the exact slope of PAM(a, b; off) w.r.t. a has the exponent field of
@@ -206,7 +205,7 @@ def _mant_off(x, base, n, y, off):
         y[t] = np.int32((u & bits.MANT_MASK if u >= bits.MIN_NORMAL else 0) + off)
 
 
-@njit(**_SERIAL)
+@jitable
 def _fast_slope_terms(lo_b, hi_b, lo_g, hi_g, off):
     """True when every exact gradient term PAM(g, slope(a, b; off)) with finite a, normal b
     and normal g in these |bits| ranges has a normal slope and a normal result: then its

@@ -21,9 +21,8 @@ from numba import njit
 
 from .. import optim_bits, rows_bits
 from . import threads
-from .cpu import FUSED_PARALLEL_MIN, serial_kernel
+from .cpu import _SERIAL, FUSED_PARALLEL_MIN, serial_kernel
 
-_SERIAL = dict(cache=True, nogil=True)
 LN_STATS = rows_bits.LN_STATS        # layer-norm row statistics per row
 
 __all__ = ["log_softmax_forward", "log_softmax_backward", "layer_norm_forward",

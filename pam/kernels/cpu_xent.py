@@ -18,11 +18,9 @@ from numba import njit
 from .. import optim_bits
 from .. import xent_bits as XB
 from . import threads
-from .cpu import FUSED_PARALLEL_MIN, serial_kernel
+from .cpu import _SERIAL, FUSED_PARALLEL_MIN, serial_kernel
 from .cpu_rows import (_log_softmax_backward_rows_approx, _log_softmax_backward_rows_exact,
                        _log_softmax_forward_rows)
-
-_SERIAL = dict(cache=True, nogil=True)
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
