@@ -40,9 +40,13 @@ others); reported: its step time against the eager PAM and the float step, the f
 compiled step (compilation included) and whether that step's loss has the eager bits.
 
     python validation/bench_step.py [--steps 4] [--warmup 2] [--threads 2] [--models ...]
-                                    [--no-compile]
+                                    [--no-compile] [--cpu-time]
 
-prints a table and writes validation/results/bench_step.json.
+prints a table and writes validation/results/bench_step.json. ``--cpu-time`` runs both
+sides on one thread and times each phase by the process's CPU time: the work of a step,
+which a busy shared machine changes far less than the 2-thread wall time (whose float
+side, OpenMP threads spinning, suffers most when the host is loaded); it writes
+validation/results/bench_step_cpu.json.
 """
 import argparse
 import contextlib
@@ -206,18 +210,23 @@ class LaunchCounter:
         self._rec.__exit__(*exc)
 
 
+# The clock of the step phases: wall time, or with --cpu-time the process's CPU time
+# (on one thread: the work of a step, which other jobs on a shared machine barely move).
+CLOCK = time.perf_counter
+
+
 def _timed_step(model, loss_fn, opt, context=contextlib.nullcontext, last_loss=None):
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     with context():
         loss = loss_fn(model)
-    t1 = time.perf_counter()
+    t1 = CLOCK()
     with context():
         loss.backward()
-    t2 = time.perf_counter()
+    t2 = CLOCK()
     with context():
         opt.step()
         opt.zero_grad(set_to_none=True)
-    t3 = time.perf_counter()
+    t3 = CLOCK()
     if last_loss is not None:
         last_loss[:] = [loss.detach()]
     return t1 - t0, t2 - t1, t3 - t2
@@ -374,8 +383,19 @@ def main(argv=None):
                     help="torch threads of the PAM steps (their glue ops) [1]")
     ap.add_argument("--passive", action="store_true",
                     help="run under OMP_WAIT_POLICY=passive (the earlier tables' setting)")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_step.json"))
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread everywhere, steps timed by the process's CPU time: the "
+                         "work per step, steady on a shared machine (writes "
+                         "results/bench_step_cpu.json unless --out is given)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
+        args.threads = args.pam_torch_threads = 1
+    if args.out is None:
+        args.out = os.path.join(RESULTS, "bench_step_cpu.json" if args.cpu_time
+                                else "bench_step.json")
     if args.warmup < 1 and not args.no_compile:
         ap.error("--warmup must be at least 1 (the first compiled step compiles); or "
                  "pass --no-compile")
@@ -393,11 +413,13 @@ def main(argv=None):
     launch = bench_launch()
     print(f"OpenMP wait policy: {os.environ.get('OMP_WAIT_POLICY', 'default')}; float steps on "
           f"{args.threads} torch threads; PAM steps on {args.threads} kernel threads and "
-          f"{pam_torch} torch thread(s)")
+          f"{pam_torch} torch thread(s); "
+          + ("process CPU time per step" if args.cpu_time else "wall time per step"))
     print_table(rows, launch)
     print_compiled(rows)
     result = dict(rows=rows, launch=launch, steps=args.steps, warmup=args.warmup,
                   threads=args.threads, pam_torch_threads=pam_torch,
+                  clock="process CPU time" if args.cpu_time else "wall time",
                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
                   wall_s=time.perf_counter() - t0,
                   machine=dict(platform=platform.platform(), processor=platform.processor(),
