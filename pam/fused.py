@@ -838,20 +838,26 @@ def _attn_bits(t):
     return t.detach().contiguous().view(torch.int32).view(-1)
 
 
+def _attn_dims(q, k, v, mask):
+    """(heads P, query rows L, head dim E, key rows S, value dim Ev, the mask's stride
+    between heads: 0 for one (L, S) mask shared by every head, else L * S)."""
+    P, L, E = q.shape
+    S, Ev = k.shape[1], v.shape[2]
+    return P, L, E, S, Ev, (0 if mask.dim() < 3 or mask.shape[0] == 1 else L * S)
+
+
 def attention_forward_kernel(q, k, v, mask, causal, mode, scb, off):
     """The fused attention forward of float32 heads q (P, L, E), k (P, S, E), v (P, S, Ev)
     (no autograd; ``mask``, ``mode`` from :func:`attention_args`, ``scb`` the bits of the
     scale, ``off`` the offset constant): (out (P, L, Ev), masked scores (P, L, S),
     probabilities (P, L, S), softmax row statistics (P, L, 2)), one launch
     (pam.kernels.cpu_attn / cuda_attn, definitions in :mod:`pam.attn_bits`)."""
-    P, L, E = q.shape
-    S, Ev = k.shape[1], v.shape[2]
+    P, L, E, S, Ev, mstride = _attn_dims(q, k, v, mask)
     dev = q.device
     out = torch.empty((P, L, Ev), dtype=torch.int32, device=dev)
     scores = torch.empty((P, L, S), dtype=torch.int32, device=dev)
     probs = torch.empty((P, L, S), dtype=torch.int32, device=dev)
     stats = torch.empty((P, L, 2), dtype=torch.int32, device=dev)
-    mstride = 0 if mask.dim() < 3 or mask.shape[0] == 1 else L * S
     D.launch_in("attn", "attention_forward", dev, _attn_bits(q), _attn_bits(k),
                 _attn_bits(v), mask.view(-1), L, S, E, Ev, mstride, bool(causal), int(mode),
                 int(scb), int(off), out.view(-1), scores.view(-1), probs.view(-1),
@@ -866,13 +872,11 @@ def attention_backward_kernel(grad, q, k, v, mask, scores, probs, stats, causal,
     gradient ``grad`` (P, L, Ev), given the scores, probabilities and statistics it
     returned for these inputs, one launch; ``exact``: the exact (True) or approximate
     backward of every piece."""
-    P, L, E = q.shape
-    S, Ev = k.shape[1], v.shape[2]
+    P, L, E, S, Ev, mstride = _attn_dims(q, k, v, mask)
     dev = q.device
     dq = torch.empty((P, L, E), dtype=torch.int32, device=dev)
     dk = torch.empty((P, S, E), dtype=torch.int32, device=dev)
     dv = torch.empty((P, S, Ev), dtype=torch.int32, device=dev)
-    mstride = 0 if mask.dim() < 3 or mask.shape[0] == 1 else L * S
     D.launch_in("attn", "attention_backward", dev, _attn_bits(q), _attn_bits(k),
                 _attn_bits(v), _attn_bits(grad), mask.view(-1), _attn_bits(scores),
                 _attn_bits(probs), _attn_bits(stats), L, S, E, Ev, mstride, bool(causal),

@@ -410,6 +410,14 @@ def _rows3(x):
     return x.reshape(1, math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def _linear_forward(x, weight, bias, off, kind):
+    """(x W^T (+ bias), and the matmul's operands (1, rows, k), (1, k, out) as views)."""
+    a3 = _rows3(x)
+    b3 = weight.t().unsqueeze(0)
+    y = L.matmul3(a3, b3, off, kind).reshape(*x.shape[:-1], weight.shape[0])
+    return (y if bias is None else y + bias), a3, b3
+
+
 class _Linear(torch.autograd.Function):
     """y = x W^T (+ bias, a float add) for float32 operands, one autograd node: the
     gradients of x, W and the bias come from one backward (the matmul's, and the bias's
@@ -418,11 +426,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, off, mode, kind):
-        a3 = _rows3(x)
-        b3 = weight.t().unsqueeze(0)
-        y = L.matmul3(a3, b3, off, kind).reshape(*x.shape[:-1], weight.shape[0])
-        if bias is not None:
-            y = y + bias
+        y, a3, b3 = _linear_forward(x, weight, bias, off, kind)
         ctx.save_for_backward(a3, b3)
         ctx.off, ctx.mode, ctx.kind = off, mode, kind
         ctx.x_shape = x.shape
@@ -534,9 +538,7 @@ def linear(x, weight, bias=None, offset=None, backward="exact", family="pam",
     if mult.kind != "float" and mult.fmt.code == 0:     # float32 operands: one node
         mode = _check_mode(backward)
         if not _needs_grad(x, weight, *(() if bias is None else (bias,))):
-            y = L.matmul3(_rows3(x), weight.t().unsqueeze(0), mult.off,
-                          mult.kind).reshape(*x.shape[:-1], weight.shape[0])
-            return y if bias is None else y + bias
+            return _linear_forward(x, weight, bias, mult.off, mult.kind)[0]
         return _Linear.apply(x, _distinct(x, weight), bias, mult.off, mode, mult.kind)
     # (traced code uses the custom ops, which ignore the hint; Dynamo cannot read grad_fn)
     y = _matmul(x, weight.t(), offset, backward, family, operands,
