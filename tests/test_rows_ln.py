@@ -401,8 +401,9 @@ def test_layer_norm_split_between_threads_keeps_bits(monkeypatch):
     w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
     go = torch.randn(rows, n, generator=g)
     parts = []
-    real = threads.parts
-    monkeypatch.setattr(threads, "parts", lambda items, t: parts.append(t) or real(items, t))
+    real = threads.chunk_count
+    monkeypatch.setattr(threads, "chunk_count",
+                        lambda items, t: parts.append(t) or real(items, t))
 
     def run():
         y, stats = fused.layer_norm_forward(x, (n,), w, b, stats=True)

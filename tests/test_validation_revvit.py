@@ -46,7 +46,12 @@ def test_reversible_backward_matches_stored_autograd(revvit):
     assert torch.equal(loss_rev, loss_ref)  # the forward is the same computation, bit for bit
     assert set(g_rev) == set(g_ref)
     for n in g_ref:  # the inversion y - F(x) rounds: equal up to float rounding, not bitwise
-        torch.testing.assert_close(g_rev[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+        # Rounding errors scale with the gradient's magnitude, not each element's (sums
+        # that cancel leave small elements with the error of large terms), and their size
+        # depends on the CPU's float kernels: bound them relative to the tensor's scale.
+        scale = g_ref[n].abs().max().item()
+        torch.testing.assert_close(g_rev[n], g_ref[n], rtol=1e-4, atol=1e-5 * scale + 1e-12,
+                                   msg=n)
     assert any(g.abs().sum() > 0 for n, g in g_rev.items() if n.startswith("stack.blocks.0."))
 
 

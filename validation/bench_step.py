@@ -32,7 +32,9 @@ which ``import pam`` sets when it loads before torch, the PAM step is as fast wi
 threads, but torch's own ops wake their threads for every parallel op and the float step is
 slower: 50.7 instead of 32.5 ms for bdia_default, 96 instead of 89 ms for gpt_small;
 tables before 2026-11-25 compared with that slower float step. ``--passive`` reproduces
-that configuration.)
+that configuration.) pam's worker threads spin for a while after each kernel, waiting for
+the next; before each float step ``pam.kernels.threads.park()`` stops them, so the float
+step has both cores.
 
 The GPT models' PAM side is also run compiled (``pam.compile(model, backend="inductor",
 fullgraph=True)``: a copy with the same weights and its own optimizer, interleaved with the
@@ -68,6 +70,7 @@ from torch import nn  # noqa: E402
 
 import pam  # noqa: E402
 import pam.dispatch  # noqa: E402
+import pam.kernels.threads  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -260,6 +263,8 @@ def bench_model(name, steps, warmup, compiled=True, threads=2, pam_torch_threads
         cside = (cmodel, closs, copt)
 
     def run(side, **kw):
+        if side is fside:
+            pam.kernels.threads.park()     # pam's workers stop spinning: both cores free
         torch.set_num_threads(threads if side is fside else pam_torch_threads)
         return _timed_step(*side, **kw)
     first = {}

@@ -70,15 +70,6 @@ TWO31 = 2147483648           # 2^31: adding it modulo 2^32 flips the sign bit
 _SERIAL = dict(cache=True, nogil=True, no_cfunc_wrapper=True)
 
 
-def serial_kernel(name, fn):
-    """``fn`` compiled as a serial nogil cached kernel named ``name``: the variants that a
-    factory generates (flags captured as Python bools, so Numba prunes the branches on them
-    and each variant compiles only its own code) get their own names, in the warm-up
-    manifest and in Numba's cache files (which are named after the function)."""
-    fn.__name__ = fn.__qualname__ = name
-    return njit(**_SERIAL)(fn)
-
-
 @njit(**_SERIAL)
 def mul(a, b, off, out):
     for i in range(a.size):
@@ -759,7 +750,7 @@ SCAN_PARALLEL_MIN = 1 << 16
 TWO32 = 1 << 32
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _scan_range(x0, x1, x2, n0, n1, out, lo, hi):
     """Scan tasks lo <= task < hi over the flat C-contiguous int32 arrays x0, x1, x2 cut in
     chunks of SCAN_CHUNK elements (tasks [0, n0) are x0's chunks, [n0, n0 + n1) x1's, the
@@ -1012,7 +1003,7 @@ def _normal(v):
     return (v & ABS_MASK) >= MIN_NORMAL
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _pack_range(x, trans, xp, mp, masked, lo, hi):
     """Packing tasks lo <= task < hi: the 16-column strips of X (batch, rows, cols) into xp
     (batch, strips, rows, 16), xp[p, q, u, l] = X[p, u, 16 q + l], zero past the last
@@ -1226,7 +1217,7 @@ def _scatter_rows(src, rows, cols, out, p, i0):
             out[p, c, i0 + r] = src[r, c]
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _grad_range(y_src, y_trans, g, g_trans, xp, mp, mask_x, mask_g, off, out, out_trans,
                 lo, hi):
     """Tasks lo <= task < hi of the exact gradient in left form:
@@ -1388,7 +1379,7 @@ def _mm_consts(cs, h, rows, cols, off):
             cs[r, t] = _signed_const((ia & ABS_MASK) - ONE + off, ia < 0)
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _mm_range(a, a_trans, xp, mp, masked, off, out, lo, hi):
     """Tasks lo <= task < hi of the PAM forward fast path: out[p, i, j] = sum_t
     PAM(A[p, i, t], b[p, t, j]), t increasing, A being ``a`` (batch, n, k) or, when
@@ -1747,10 +1738,10 @@ def _chunk_table(sizes, chunk):
     return table
 
 
-def _make_adamw_range(amsgrad):
+def _make_adamw_range_body(amsgrad):
     """The :func:`adamw` update of the elements ``lo:hi``, with or without amsgrad (fixed:
     one kernel per choice, ``_adamw_range`` and ``_adamw_range_amsgrad``)."""
-    def kernel(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags,
+    def body(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags,
                lo, hi):
         optim_bits.check_offset(off)
         p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
@@ -1773,11 +1764,16 @@ def _make_adamw_range(amsgrad):
                 p[i] = np_
                 m[i] = nm
                 v[i] = nv
-    return serial_kernel("_adamw_range_amsgrad" if amsgrad else "_adamw_range", kernel)
+    body.__name__ = body.__qualname__ = \
+        "_adamw_range_amsgrad_body" if amsgrad else "_adamw_range_body"
+    return jitable(body)
 
 
-_adamw_range = _make_adamw_range(False)
-_adamw_range_amsgrad = _make_adamw_range(True)
+_adamw_range_body = _make_adamw_range_body(False)
+_adamw_range_amsgrad_body = _make_adamw_range_body(True)
+_adamw_range = threads.splittable(_adamw_range_body, name="_adamw_range")
+_adamw_range_amsgrad = threads.splittable(_adamw_range_amsgrad_body,
+                                          name="_adamw_range_amsgrad")
 
 
 def adamw(p, g, m, v, mx, decay, b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags):
@@ -1807,14 +1803,14 @@ def _make_adamw_table_rows(amsgrad):
             m = _array_at(addresses[2, t], n)
             v = _array_at(addresses[3, t], n)
             if amsgrad:
-                _adamw_range_amsgrad(p, g, m, v, _array_at(addresses[4, t], n), decay, b1,
-                                     omb1, b2, omb2, step_size, sbc2, eps, off, flags,
-                                     table[r, 1], table[r, 2])
+                _adamw_range_amsgrad_body(p, g, m, v, _array_at(addresses[4, t], n), decay,
+                                          b1, omb1, b2, omb2, step_size, sbc2, eps, off, flags,
+                                          table[r, 1], table[r, 2])
             else:
-                _adamw_range(p, g, m, v, p, decay, b1, omb1, b2, omb2, step_size, sbc2, eps,
-                             off, flags, table[r, 1], table[r, 2])
-    return serial_kernel("_adamw_table_rows_amsgrad" if amsgrad else "_adamw_table_rows",
-                         kernel)
+                _adamw_range_body(p, g, m, v, p, decay, b1, omb1, b2, omb2, step_size, sbc2,
+                                  eps, off, flags, table[r, 1], table[r, 2])
+    return threads.splittable(
+        kernel, name="_adamw_table_rows_amsgrad" if amsgrad else "_adamw_table_rows")
 
 
 _adamw_table_rows = _make_adamw_table_rows(False)
@@ -1844,8 +1840,8 @@ def adamw_table(addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, ep
                off, flags)
 
 
-@njit(**_SERIAL)
-def _sgd_range(p, g, buf, lr, wd, mom, omd, off, flags, lo, hi):
+@jitable
+def _sgd_range_body(p, g, buf, lr, wd, mom, omd, off, flags, lo, hi):
     """The :func:`sgd` update of the elements ``lo:hi``."""
     optim_bits.check_offset(off)
     p, g = p[lo:hi], g[lo:hi]
@@ -1862,6 +1858,9 @@ def _sgd_range(p, g, buf, lr, wd, mom, omd, off, flags, lo, hi):
             p[i] = np_
 
 
+_sgd_range = threads.splittable(_sgd_range_body, name="_sgd_range")
+
+
 def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
     """In place over flat int32 arrays: p (and buf with momentum) <- one SGD step.
 
@@ -1872,7 +1871,7 @@ def sgd(p, g, buf, lr, wd, mom, omd, off, flags):
                 off, flags)
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _sgd_table_rows(addresses, sizes, table, lr, wd, mom, omd, off, flags, lo, hi):
     optim_bits.check_offset(off)
     for r in range(lo, hi):
@@ -1880,8 +1879,8 @@ def _sgd_table_rows(addresses, sizes, table, lr, wd, mom, omd, off, flags, lo, h
         n = sizes[t]
         p = _array_at(addresses[0, t], n)
         buf = _array_at(addresses[2, t], n) if (flags & optim_bits.SGD_MOMENTUM) != 0 else p
-        _sgd_range(p, _array_at(addresses[1, t], n), buf, lr, wd, mom, omd, off, flags,
-                   table[r, 1], table[r, 2])
+        _sgd_range_body(p, _array_at(addresses[1, t], n), buf, lr, wd, mom, omd, off, flags,
+                        table[r, 1], table[r, 2])
 
 
 def sgd_table(addresses, sizes, lr, wd, mom, omd, off, flags):
@@ -1890,8 +1889,8 @@ def sgd_table(addresses, sizes, lr, wd, mom, omd, off, flags):
     _table_run(_sgd_table_rows, addresses, sizes, lr, wd, mom, omd, off, flags)
 
 
-@njit(**_SERIAL)
-def _adamw_unbiased_range(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags,
+@jitable
+def _adamw_unbiased_range_body(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags,
                           lo, hi):
     """The :func:`adamw_unbiased` update of the elements ``lo:hi``."""
     optim_bits.check_offset(off)
@@ -1917,13 +1916,17 @@ def _adamw_unbiased_range(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_
             v[i] = nv
 
 
+_adamw_unbiased_range = threads.splittable(_adamw_unbiased_range_body,
+                                           name="_adamw_unbiased_range")
+
+
 def adamw_unbiased(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
     """In place: one step of the unbiased AdamW variant (pam.optim_bits.adamw_update_unbiased)."""
     threads.run(_adamw_unbiased_range, p.size, p.size, FUSED_PARALLEL_MIN, p, g, m, v, mx,
                 decay, c1, c2, k_step, eps_s, off, sq_off, flags)
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _adamw_unbiased_table_rows(addresses, sizes, table, decay, c1, c2, k_step, eps_s, off,
                                sq_off, flags, lo, hi):
     optim_bits.check_offset(off)
@@ -1933,9 +1936,10 @@ def _adamw_unbiased_table_rows(addresses, sizes, table, decay, c1, c2, k_step, e
         n = sizes[t]
         p = _array_at(addresses[0, t], n)
         mx = _array_at(addresses[4, t], n) if (flags & optim_bits.ADAMW_AMSGRAD) != 0 else p
-        _adamw_unbiased_range(p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
-                              _array_at(addresses[3, t], n), mx, decay, c1, c2, k_step, eps_s,
-                              off, sq_off, flags, table[r, 1], table[r, 2])
+        _adamw_unbiased_range_body(
+            p, _array_at(addresses[1, t], n), _array_at(addresses[2, t], n),
+            _array_at(addresses[3, t], n), mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags,
+            table[r, 1], table[r, 2])
 
 
 def adamw_unbiased_table(addresses, sizes, decay, c1, c2, k_step, eps_s, off, sq_off, flags):
@@ -2074,7 +2078,7 @@ def _gelu_backward_block(x, grad, knots, slopes, exact, out, lo, hi, acc):
         ys[i] = bits.f32_to_bits(acc[i])
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _gelu_forward_blocks(x, knots, slopes, out, lo, hi):
     """:func:`gelu_forward` of the blocks ``lo:hi`` (GELU_BLOCK elements each)."""
     _check_gelu_slopes(slopes)
@@ -2085,7 +2089,7 @@ def _gelu_forward_blocks(x, knots, slopes, out, lo, hi):
                             min(n, (b + 1) * GELU_BLOCK), acc)
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _gelu_backward_blocks(x, grad, knots, slopes, exact, out, lo, hi):
     """:func:`gelu_backward` of the blocks ``lo:hi``."""
     _check_gelu_slopes(slopes)
@@ -2122,7 +2126,7 @@ def gelu_backward(x, grad, knots, slopes, exact, out):
 SM_STATS = rows_bits.SOFTMAX_STATS
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _softmax_forward_rows(x, out, stats, n, off, safe, lo, hi):
     optim_bits.check_offset(off)
     for r in range(lo, hi):
@@ -2142,7 +2146,8 @@ def _make_softmax_backward_rows(exact):
             else:
                 rows_bits.softmax_row_backward_approx(x, g, out, r * n, n, off, safe, stats,
                                                       SM_STATS * r)
-    return serial_kernel(f"_softmax_backward_rows_{'exact' if exact else 'approx'}", kernel)
+    return threads.splittable(kernel,
+                              name=f"_softmax_backward_rows_{'exact' if exact else 'approx'}")
 
 
 _softmax_backward_rows_exact = _make_softmax_backward_rows(True)

@@ -29,13 +29,12 @@ or L*S; a 1-element dummy for MASK_NONE) and the outputs. ``off`` must be an off
 constant of pam.dispatch.offset_constant.
 """
 import numpy as np
-from numba import njit
 
 from .. import attn_bits as AB
 from .. import bits, optim_bits, rows_bits
 from . import threads
 from ..bits import jitable
-from .cpu import _SERIAL, FUSED_PARALLEL_MIN, serial_kernel
+from .cpu import FUSED_PARALLEL_MIN
 
 SM_STATS = rows_bits.SOFTMAX_STATS
 ROW_BLOCK = 32                     # query rows per forward work item
@@ -97,7 +96,7 @@ def _row_extent(i, S, causal, mode, mask, mb):
     return nj
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _attention_forward_range(q, k, v, mask, L, S, E, Ev, mstride, causal, mode, scb, off,
                              out, scores, probs, stats, lo, hi):
     optim_bits.check_offset(off)
@@ -433,8 +432,8 @@ def _make_backward_range(exact):
                                                       exact))
                 for c in range(Ev):
                     dv[vj + c] = _b(acc[c])
-    return serial_kernel(f"_attention_backward_range_{'exact' if exact else 'approx'}",
-                         kernel)
+    return threads.splittable(
+        kernel, name=f"_attention_backward_range_{'exact' if exact else 'approx'}")
 
 
 _attention_backward_range_exact = _make_backward_range(True)

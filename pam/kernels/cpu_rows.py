@@ -21,7 +21,8 @@ from numba import njit
 
 from .. import optim_bits, rows_bits
 from . import threads
-from .cpu import _SERIAL, FUSED_PARALLEL_MIN, serial_kernel
+from ..bits import jitable
+from .cpu import _SERIAL, FUSED_PARALLEL_MIN
 
 LN_STATS = rows_bits.LN_STATS        # layer-norm row statistics per row
 
@@ -41,29 +42,39 @@ LN_FORWARD_WORK = 4
 LN_BACKWARD_WORK = 12
 
 
-@njit(**_SERIAL)
-def _log_softmax_forward_rows(x, out, n, off, lo, hi):
+@jitable
+def _log_softmax_forward_rows_body(x, out, n, off, lo, hi):
     optim_bits.check_offset(off)
     for r in range(lo, hi):
         rows_bits.log_softmax_row_forward(x, out, r * n, n, off)
 
 
+_log_softmax_forward_rows = threads.splittable(_log_softmax_forward_rows_body,
+                                               name="_log_softmax_forward_rows")
+
+
 # One kernel per flag variant: each captures its flags as Python bools, so Numba prunes the
 # branches on them and compiles only the row code of that variant (the row definitions'
 # pam.rows_bits.*_<variant> functions); a run compiles the variants it uses.
-def _make_log_softmax_backward_rows(exact):
-    def kernel(x, g, out, n, off, lo, hi):
+def _make_log_softmax_backward_rows_body(exact):
+    def body(x, g, out, n, off, lo, hi):
         optim_bits.check_offset(off)
         for r in range(lo, hi):
             if exact:
                 rows_bits.log_softmax_row_backward_exact(x, g, out, r * n, n, off)
             else:
                 rows_bits.log_softmax_row_backward_approx(x, g, out, r * n, n, off)
-    return serial_kernel(f"_log_softmax_backward_rows_{'exact' if exact else 'approx'}", kernel)
+    body.__name__ = body.__qualname__ = \
+        f"_log_softmax_backward_rows_{'exact' if exact else 'approx'}_body"
+    return jitable(body)
 
 
-_log_softmax_backward_rows_exact = _make_log_softmax_backward_rows(True)
-_log_softmax_backward_rows_approx = _make_log_softmax_backward_rows(False)
+_log_softmax_backward_rows_exact_body = _make_log_softmax_backward_rows_body(True)
+_log_softmax_backward_rows_approx_body = _make_log_softmax_backward_rows_body(False)
+_log_softmax_backward_rows_exact = threads.splittable(
+    _log_softmax_backward_rows_exact_body, name="_log_softmax_backward_rows_exact")
+_log_softmax_backward_rows_approx = threads.splittable(
+    _log_softmax_backward_rows_approx_body, name="_log_softmax_backward_rows_approx")
 
 
 def _make_layer_norm_forward_rows(has_w, has_b):
@@ -84,7 +95,7 @@ def _make_layer_norm_forward_rows(has_w, has_b):
                 rows_bits.layer_norm_row_forward_plain(x, w, b, out, r * n, n, nb, eps_b,
                                                        off, stats, LN_STATS * r)
     suffix = ("w" if has_w else "") + ("b" if has_b else "")
-    return serial_kernel(f"_layer_norm_forward_rows_{suffix or 'plain'}", kernel)
+    return threads.splittable(kernel, name=f"_layer_norm_forward_rows_{suffix or 'plain'}")
 
 
 _layer_norm_forward_rows_plain = _make_layer_norm_forward_rows(False, False)
@@ -116,7 +127,7 @@ def _make_layer_norm_backward_rows(exact, has_w):
                 rows_bits.layer_norm_row_backward_approx(x, w, g, out, terms, tmp, r * n, n, nb,
                                                          off, stats, LN_STATS * r, 0)
     suffix = ("exact" if exact else "approx") + ("_w" if has_w else "")
-    return serial_kernel(f"_layer_norm_backward_rows_{suffix}", kernel)
+    return threads.splittable(kernel, name=f"_layer_norm_backward_rows_{suffix}")
 
 
 _layer_norm_backward_rows_approx = _make_layer_norm_backward_rows(False, False)

@@ -18,19 +18,19 @@ from numba import njit
 from .. import optim_bits
 from .. import xent_bits as XB
 from . import threads
-from .cpu import _SERIAL, FUSED_PARALLEL_MIN, serial_kernel
-from .cpu_rows import (_log_softmax_backward_rows_approx, _log_softmax_backward_rows_exact,
-                       _log_softmax_forward_rows)
+from .cpu import _SERIAL, FUSED_PARALLEL_MIN
+from .cpu_rows import (_log_softmax_backward_rows_approx_body,
+                       _log_softmax_backward_rows_exact_body, _log_softmax_forward_rows_body)
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
 
-@njit(**_SERIAL)
+@threads.splittable
 def _forward_rows(x, w, target, n, ignore, off, flags, lp, nll, sm, wt, lo, hi):
     optim_bits.check_offset(off)
     for r in range(lo, hi):
         if target[r] != ignore:
-            _log_softmax_forward_rows(x, lp, n, off, r, r + 1)
+            _log_softmax_forward_rows_body(x, lp, n, off, r, r + 1)
         XB.ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
 
 
@@ -53,10 +53,10 @@ def _make_backward_rows(exact):
             k = r if reduction == XB.REDUCE_NONE else 0
             XB.ce_row_grad(w, target, lp, dl, r, n, ignore, dn[k], ds[k], flags, off)
             if exact:
-                _log_softmax_backward_rows_exact(x, dl, out, n, off, r, r + 1)
+                _log_softmax_backward_rows_exact_body(x, dl, out, n, off, r, r + 1)
             else:
-                _log_softmax_backward_rows_approx(x, dl, out, n, off, r, r + 1)
-    return serial_kernel(f"_backward_rows_{'exact' if exact else 'approx'}", kernel)
+                _log_softmax_backward_rows_approx_body(x, dl, out, n, off, r, r + 1)
+    return threads.splittable(kernel, name=f"_backward_rows_{'exact' if exact else 'approx'}")
 
 
 _backward_rows_exact = _make_backward_rows(True)

@@ -26,9 +26,11 @@ import types
 # kernels with their digest): the scalar definitions, the vec8 intrinsics and the kernel
 # files themselves (cpu_conv compiles helpers of cpu, cpu_xent kernels of cpu_rows).
 KERNEL_FILES = (("kernels", "cpu.py"), ("kernels", "cpu_conv.py"), ("kernels", "cpu_rows.py"),
-                ("kernels", "cpu_xent.py"))
+                ("kernels", "cpu_xent.py"), ("kernels", "cpu_attn.py"),
+                ("kernels", "threads.py"))
 DEFINITION_FILES = (("bits.py",), ("optim_bits.py",), ("rows_bits.py",), ("xent_bits.py",),
-                    ("kernels", "vec8.py")) + KERNEL_FILES
+                    ("attn_bits.py",), ("kernels", "vec8.py"),
+                    ("kernels", "atomics.py")) + KERNEL_FILES
 
 
 def definitions_digest(pam_dir):

@@ -46,10 +46,14 @@ _SCALARS = {t.name: t for t in (types.boolean, types.int8, types.int16, types.in
 
 # ----------------------------------------------------------------------------- types
 def encode_type(t):
-    """A JSON value for a Numba argument type: a scalar's name, or ``["array", dtype, ndim,
-    layout, readonly]``. Other types raise ValueError naming them."""
+    """A JSON value for a Numba argument type: a scalar's name, ``["array", dtype, ndim,
+    layout, readonly]``, or ``["tuple", [items]]`` (the arguments a
+    :func:`pam.kernels.threads.splittable` kernel passes on to its body). Other types
+    raise ValueError naming them."""
     if isinstance(t, types.Array) and t.dtype.name in _SCALARS and t.aligned:
         return ["array", t.dtype.name, t.ndim, t.layout, not t.mutable]
+    if isinstance(t, types.BaseTuple) and not isinstance(t, types.BaseNamedTuple):
+        return ["tuple", [encode_type(item) for item in t.types]]
     if getattr(t, "name", None) in _SCALARS and _SCALARS[t.name] == t:
         return t.name
     raise ValueError(f"kernel argument type {t!r} has no warm-up encoding")
@@ -59,6 +63,8 @@ def decode_type(value):
     """The Numba type :func:`encode_type` encoded."""
     if isinstance(value, str):
         return _SCALARS[value]
+    if value[0] == "tuple":
+        return types.Tuple([decode_type(item) for item in value[1]])
     kind, dtype, ndim, layout, readonly = value
     if kind != "array":
         raise ValueError(f"unknown encoded type {value!r}")
