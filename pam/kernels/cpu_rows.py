@@ -22,7 +22,7 @@ from numba import njit
 from .. import optim_bits, rows_bits
 from . import threads
 from ..bits import jitable
-from .cpu import _SERIAL, FUSED_PARALLEL_MIN
+from .cpu import _SERIAL, FUSED_PARALLEL_MIN, row_work
 
 LN_STATS = rows_bits.LN_STATS        # layer-norm row statistics per row
 
@@ -157,7 +157,8 @@ def _column_sums(t, out, n, rows):
 def log_softmax_forward(x, out, n, off):
     """Rows of length ``n`` of flat int32 ``x`` -> PA log-softmax
     (pam.rows_bits.log_softmax_row_forward)."""
-    threads.run(_log_softmax_forward_rows, _rows(x, n), x.size, FUSED_PARALLEL_MIN,
+    rows = _rows(x, n)
+    threads.run(_log_softmax_forward_rows, rows, row_work(x.size, rows), FUSED_PARALLEL_MIN,
                 x, out, n, off)
 
 
@@ -165,7 +166,8 @@ def log_softmax_backward(x, g, out, n, off, exact):
     """Input gradient of log_softmax_forward for output gradient ``g``
     (pam.rows_bits.log_softmax_row_backward)."""
     kernel = _log_softmax_backward_rows_exact if exact else _log_softmax_backward_rows_approx
-    threads.run(kernel, _rows(x, n), x.size, FUSED_PARALLEL_MIN, x, g, out, n, off)
+    rows = _rows(x, n)
+    threads.run(kernel, rows, row_work(x.size, rows), FUSED_PARALLEL_MIN, x, g, out, n, off)
 
 
 def _check_stats(x, stats, n):

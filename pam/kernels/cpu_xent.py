@@ -18,7 +18,7 @@ from numba import njit
 from .. import optim_bits
 from .. import xent_bits as XB
 from . import threads
-from .cpu import _SERIAL, FUSED_PARALLEL_MIN
+from .cpu import _SERIAL, FUSED_PARALLEL_MIN, row_work
 from .cpu_rows import (_log_softmax_backward_rows_approx_body,
                        _log_softmax_backward_rows_exact_body, _log_softmax_forward_rows_body)
 
@@ -67,7 +67,7 @@ def _rows_forward(x, w, target, n, ignore, off, flags):
     rows = target.size
     lp = np.empty(x.size, np.int32)
     nll, sm, wt = (np.empty(rows, np.int32) for _ in range(3))
-    threads.run(_forward_rows, rows, x.size, FUSED_PARALLEL_MIN,
+    threads.run(_forward_rows, rows, row_work(x.size, rows), FUSED_PARALLEL_MIN,
                 x, w, target, n, ignore, off, flags, lp, nll, sm, wt)
     return lp, nll, sm, wt
 
@@ -87,6 +87,6 @@ def cross_entropy_backward(x, w, target, n, ignore, a_b, s_b, off, flags, reduct
     dn, ds = np.empty(rows, np.int32), np.empty(rows, np.int32)
     _grad_scalars(target, nll, sm, wt, ignore, reduction, flags, a_b, s_b, g, dn, ds)
     kernel = _backward_rows_exact if flags & XB.CE_EXACT else _backward_rows_approx
-    threads.run(kernel, rows, x.size, FUSED_PARALLEL_MIN,
+    threads.run(kernel, rows, row_work(x.size, rows), FUSED_PARALLEL_MIN,
                 x, w, target, n, ignore, off, flags, reduction, lp, dn, ds,
                 np.empty(x.size, np.int32), out)
