@@ -1776,9 +1776,7 @@ def _make_adamw_range_body(amsgrad):
                 p[i] = np_
                 m[i] = nm
                 v[i] = nv
-    body.__name__ = body.__qualname__ = \
-        "_adamw_range_amsgrad_body" if amsgrad else "_adamw_range_body"
-    return jitable(body)
+    return body
 
 
 _adamw_range_body = _make_adamw_range_body(False)
@@ -1852,7 +1850,6 @@ def adamw_table(addresses, sizes, decay, b1, omb1, b2, omb2, step_size, sbc2, ep
                off, flags)
 
 
-@jitable
 def _sgd_range_body(p, g, buf, lr, wd, mom, omd, off, flags, lo, hi):
     """The :func:`sgd` update of the elements ``lo:hi``."""
     optim_bits.check_offset(off)
@@ -1901,9 +1898,8 @@ def sgd_table(addresses, sizes, lr, wd, mom, omd, off, flags):
     _table_run(_sgd_table_rows, addresses, sizes, lr, wd, mom, omd, off, flags)
 
 
-@jitable
-def _adamw_unbiased_range_body(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off, flags,
-                          lo, hi):
+def _adamw_unbiased_range_body(p, g, m, v, mx, decay, c1, c2, k_step, eps_s, off, sq_off,
+                               flags, lo, hi):
     """The :func:`adamw_unbiased` update of the elements ``lo:hi``."""
     optim_bits.check_offset(off)
     optim_bits.check_offset(sq_off)

@@ -21,7 +21,6 @@ from numba import njit
 
 from .. import optim_bits, rows_bits
 from . import threads
-from ..bits import jitable
 from .cpu import _SERIAL, FUSED_PARALLEL_MIN, row_work
 
 LN_STATS = rows_bits.LN_STATS        # layer-norm row statistics per row
@@ -42,7 +41,6 @@ LN_FORWARD_WORK = 4
 LN_BACKWARD_WORK = 12
 
 
-@jitable
 def _log_softmax_forward_rows_body(x, out, n, off, lo, hi):
     optim_bits.check_offset(off)
     for r in range(lo, hi):
@@ -64,9 +62,7 @@ def _make_log_softmax_backward_rows_body(exact):
                 rows_bits.log_softmax_row_backward_exact(x, g, out, r * n, n, off)
             else:
                 rows_bits.log_softmax_row_backward_approx(x, g, out, r * n, n, off)
-    body.__name__ = body.__qualname__ = \
-        f"_log_softmax_backward_rows_{'exact' if exact else 'approx'}_body"
-    return jitable(body)
+    return body
 
 
 _log_softmax_backward_rows_exact_body = _make_log_softmax_backward_rows_body(True)

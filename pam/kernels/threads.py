@@ -174,7 +174,8 @@ def splittable(fn=None, *, name=None):
     The kernel, named ``name`` (default ``fn.__name__``: factories give each variant its
     own name, which names its cache files and warm-up manifest entry), is a serial nogil
     cached Numba function ``kernel(work, ctl, me, *args)`` that runs ``fn`` over the chunks
-    of the job ``work`` it claims. The body is also bound in its module as
+    of the job ``work`` it claims. ``fn`` is registered with ``jitable`` (other kernels may
+    call it directly, e.g. per chunk of a tensor table) and bound in its module as
     ``<name>_body``: Numba keys the cached kernel on the pickled body, which must name it
     (a stable reference) rather than copy it."""
     if fn is None:
