@@ -636,7 +636,16 @@ def attention_scale(head_dim):
     Computed in pure Python on the bit patterns (the bits of ``pam.div(1, pam.sqrt(d))`` on
     tensors), so it is a constant under ``torch.compile`` (a symbolic head_dim of a
     dynamic-shape trace is specialized to its value)."""
-    return L.pad_scalar(1.0, L.pa_sqrt_scalar(float(L.static_int(head_dim))))
+    d = float(L.static_int(head_dim))
+    if torch.compiler.is_compiling():
+        return L.pad_scalar(1.0, L.pa_sqrt_scalar(d))
+    sc = _SCALES.get(d)
+    if sc is None:                          # (~15 us of Python bit arithmetic per call)
+        sc = _SCALES[d] = L.pad_scalar(1.0, L.pa_sqrt_scalar(d))
+    return sc
+
+
+_SCALES = {}        # attention_scale per head dim, eager calls
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -660,9 +669,11 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset
                need_weights, family="pam"):
     """SDPA returning (output, attention weights after dropout or None).
 
-    The fused attention core (:func:`_attention_fused`: one kernel launch per pass, the
-    composite's bits) when FUSED_ATTENTION is set and :func:`_fused_attention_covers` the
-    call, else the composite :func:`_attention_composite`."""
+    Where :func:`_core_covers` the call: the fused attention core when FUSED_ATTENTION is
+    set and the family is "pam" (:func:`_attention_fused`: one kernel launch per pass),
+    else the composite's kernels as one autograd node (:func:`_attention_node`) unless
+    two of query / key / value are the same tensor; every other call runs the composite
+    :func:`_attention_composite`. All three give the composite's bits."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(t, name)
     E = query.shape[-1]
@@ -672,28 +683,35 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, offset
     if backward not in P.BACKWARD_MODES:
         raise ValueError(f"backward must be one of {P.BACKWARD_MODES}, got {backward!r}")
     sc = attention_scale(E) if scale is None else float(scale)
-    if _fused_attention_covers(query, key, value, attn_mask, dropout_p, need_weights, family):
-        return _attention_fused(query, key, value, attn_mask, is_causal, sc, offset,
-                                backward), None
+    if _core_covers(query, key, value, attn_mask, dropout_p, need_weights):
+        if FUSED_ATTENTION and family == "pam":
+            return _attention_fused(query, key, value, attn_mask, is_causal, sc, offset,
+                                    backward), None
+        mult = P._multiplier(family, "float32", offset)
+        if mult.kind != "float" and (query is not key and key is not value
+                                     and query is not value):
+            return _attention_node(query, key, value, attn_mask, is_causal, sc, offset,
+                                   backward, mult), None
     return _attention_composite(query, key, value, attn_mask, dropout_p, is_causal, sc,
                                 offset, backward, need_weights, family)
 
 
-# Whether _attention uses the fused attention core where it covers the call. Off by
+# Whether _attention uses the fused attention core where _core_covers the call. Off by
 # default: on 2 CPU threads the fused kernels are still slower than the composite, whose
 # matmuls run the register-blocked vec8 micro-kernels (validation/bench_attention.py,
 # validation/README.md); set True to use them (same bits).
 FUSED_ATTENTION = False
 
 
-def _fused_attention_covers(query, key, value, attn_mask, dropout_p, need_weights, family):
-    """True when the fused attention core computes this call with the composite's bits:
-    family "pam", no dropout, no weights returned, query / key / value of one batch shape
-    (at least 2-D, no empty dimension) on one CPU or CUDA device, and a mask that is None,
-    bool, or float32 without a gradient to compute, broadcasting to the scores' shape
-    (..., L, S) without growing it. Anything else (and FUSED_ATTENTION False) goes to
-    the composite, which also raises the errors of invalid calls."""
-    if not FUSED_ATTENTION or need_weights or dropout_p > 0.0 or family != "pam":
+def _core_covers(query, key, value, attn_mask, dropout_p, need_weights):
+    """True when the attention core can run as one unit (the fused kernels, or the
+    composite's kernels as one autograd node) with the composite's bits: no dropout, no
+    weights returned, query / key / value of one batch shape (at least 2-D, no empty
+    dimension) on one CPU or CUDA device, and a mask that is None, bool, or float32
+    without a gradient to compute, broadcasting to the scores' shape (..., L, S) without
+    growing it. Anything else goes to the composite, which also raises the errors of
+    invalid calls."""
+    if need_weights or dropout_p > 0.0:
         return False
     nd = query.dim()
     if nd < 2 or key.dim() != nd or value.dim() != nd:
@@ -723,7 +741,7 @@ def _fused_attention_covers(query, key, value, attn_mask, dropout_p, need_weight
 
 
 def _attention_fused(query, key, value, attn_mask, is_causal, sc, offset, backward):
-    """The attention output of a call :func:`_fused_attention_covers`: the heads as
+    """The attention output of a call :func:`_core_covers`: the heads as
     (P, L, E) / (P, S, E) / (P, S, Ev) through :class:`_AttentionCore`."""
     nq, E = query.shape[-2:]
     S, Ev = value.shape[-2:]
@@ -788,6 +806,102 @@ def _attention_composite(query, key, value, attn_mask, dropout_p, is_causal, sc,
         attn = dropout(attn, dropout_p, training=True, backward=backward)
     out = P.matmul(attn, value, offset=offset, backward=backward, family=family)
     return out, (attn if need_weights else None)
+
+
+def _causal_keep(Lq, S, device):
+    """The composite's causal mask: (Lq, S) bool, True on and below the diagonal."""
+    return torch.ones(Lq, S, dtype=torch.bool, device=device).tril()
+
+
+def _node_forward(query, key, value, attn_mask, is_causal, sct, off, sm_off, kind):
+    """The composite's forward with its kernels called directly: (out, q3, kt3, masked
+    scores, softmax statistics, attention weights (P, L, S), value (P, S, Ev))."""
+    batch = query.shape[:-2]
+    Lq, E = query.shape[-2:]
+    S, Ev = value.shape[-2:]
+    q3 = L.binary_map("mul", query, sct, 0).reshape(-1, Lq, E)      # P.mul(query, sc)
+    kt3 = key.reshape(-1, S, E).transpose(1, 2)
+    scores = L.matmul3(q3, kt3, off, kind).view(*batch, Lq, S)
+    ninf = torch.full((), float("-inf"), dtype=torch.float32, device=query.device)
+    if is_causal:
+        scores = torch.where(_causal_keep(Lq, S, query.device), scores, ninf)
+    if attn_mask is not None:
+        scores = (torch.where(attn_mask, scores, ninf) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    attn, stats = L.softmax_forward(scores, scores.dim() - 1, sm_off, True)
+    attn3 = attn.view(-1, Lq, S)
+    v3 = value.reshape(-1, S, Ev)
+    out = L.matmul3(attn3, v3, off, kind).view(*batch, Lq, Ev)
+    return out, q3, kt3, scores, stats, attn3, v3
+
+
+def _attention_node(query, key, value, attn_mask, is_causal, sc, offset, backward, mult):
+    """The composite attention (:func:`_attention_composite`) of a call
+    :func:`_core_covers`, its kernels called directly and its backward one autograd node
+    (:class:`_AttentionNode`) instead of a chain of a dozen ops and five nodes: the same
+    kernels on the same operands, so the same bits. ``mult``: the matmuls' multiplier
+    (pam.families; the scale product is PAM without offset, the softmax takes
+    ``offset`` as the composite's do). One difference: where gradients of query, key and
+    value meet in one sum (distinct views of one tensor, whose gradients autograd adds),
+    the sum's order is this node's (query, key, value) rather than the order in which
+    the composite's nodes ran; the same tensor passed twice goes to the composite."""
+    sct = D.as_operand(sc, "scale", query)
+    args = (attn_mask, bool(is_causal), sct, mult.off, D.offset_constant(offset), mult.kind)
+    if P._needs_grad(query, key, value):
+        return _AttentionNode.apply(query, key, value, *args, backward == "exact")
+    return _node_forward(query, key, value, *args)[0]
+
+
+class _AttentionNode(torch.autograd.Function):
+    """The composite attention as one node: its backward runs the composite's node
+    backwards in their order (PV matmul, softmax, masks, QK^T matmul, the scale's
+    product) on the tensors the forward saved."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, is_causal, sct, off, sm_off, kind,
+                exact):
+        out, q3, kt3, scores, stats, attn3, v3 = _node_forward(
+            query, key, value, attn_mask, is_causal, sct, off, sm_off, kind)
+        keep = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
+        ctx.save_for_backward(query, sct, q3, kt3, scores, stats, attn3, v3, keep)
+        ctx.args = (is_causal, off, sm_off, kind, exact)
+        ctx.shapes = (key.shape, value.shape)
+        return out
+
+    @staticmethod
+    @P._first_order
+    @once_differentiable
+    def backward(ctx, grad):
+        query, sct, q3, kt3, scores, stats, attn3, v3, keep = ctx.saved_tensors
+        is_causal, off, sm_off, kind, exact = ctx.args
+        key_shape, value_shape = ctx.shapes
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        mode = "exact" if exact else "approx"
+        need_w = need_q or need_k
+        gw, gv = P._matmul3_grads(attn3, v3, grad.reshape(v3.shape[0], -1, v3.shape[2]),
+                                  off, mode, kind, need_w, need_v)
+        dq = dk = None
+        if need_w:
+            gs = L.softmax_backward(gw.view(scores.shape), scores, stats, scores.dim() - 1,
+                                    sm_off, True, exact)
+            zero = torch.zeros((), dtype=torch.float32, device=gs.device)
+            if keep is not None:                       # torch.where's gradient: 0 masked
+                gs = torch.where(keep, gs, zero)
+            if is_causal:
+                gs = torch.where(_causal_keep(*gs.shape[-2:], gs.device), gs, zero)
+            gq3, gkt3 = P._matmul3_grads(q3, kt3, gs.reshape(q3.shape[0], q3.shape[1], -1),
+                                         off, mode, kind, need_q, need_k)
+            if need_k:
+                # the composite's layout too (a transposed view of a contiguous (.., E, S)):
+                # torch's reductions of it downstream (a bias's sum_to_size) sum in an
+                # order that depends on the layout
+                dk = gkt3.view(*key_shape[:-2], *gkt3.shape[1:]).transpose(-2, -1)
+            if need_q:
+                gq = gq3.view(query.shape)
+                dq = L.binary_map("mul", gq, (L.binary_map("mul_slope", query, sct, 0)
+                                              if exact else sct), 0)
+        dv = gv.reshape(value_shape) if need_v else None
+        return (dq, dk, dv) + (None,) * 7
 
 
 # ----------------------------------------------------------------------------- sigmoid family

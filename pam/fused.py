@@ -25,7 +25,9 @@ an op-level dispatch mode routing ``torch.optim``'s ``_foreach_`` / single-tenso
   softmax, PV; no dropout, family "pam") for (P, L, E) heads, one launch per pass with the
   composite's bits (:mod:`pam.attn_bits`); used by ``_attention`` when
   ``pam.functional.FUSED_ATTENTION`` is set (off by default: slower than the composite on
-  CPU so far, validation/bench_attention.py).
+  CPU so far, validation/bench_attention.py). Otherwise the calls these kernels cover
+  run the composite's own kernels as one autograd node (``pam.functional._attention_node``:
+  five launches forward, the composite's bits).
 
 The row ops take their rows' sums sequentially (float32 from +0, increasing index), the
 one change from the composites of earlier versions (see :mod:`pam.rows_bits`);

@@ -1,7 +1,9 @@
-"""The fused attention core (pam.fused / pam.kernels.cpu_attn, cuda_attn) against the
-composite pam.functional._attention_composite, bit for bit: outputs and the three input
-gradients (exact and approx), every mask kind, L != S, head dims that are not powers of 4,
-fully masked rows, signed zeros, inf / NaN and large values (which turn the kernels' zero
+"""The two ways of running the attention core as a unit -- the fused kernels
+(pam.fused / pam.kernels.cpu_attn, cuda_attn) and the composite's kernels as one autograd
+node (pam.functional._attention_node) -- against the composite
+pam.functional._attention_composite, bit for bit: outputs and the three input gradients
+(exact and approx), every mask kind, L != S, head dims that are not powers of 4, fully
+masked rows, signed zeros, inf / NaN and large values (which turn the fused kernels' zero
 skipping off); the routing rules; CUDA (simulator) == CPU on small shapes."""
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from pam import functional as PF
 from pam.kernels import cpu_attn
 
 NAN, INF = float("nan"), float("inf")
+PATHS = ["fused", "node"]
 
 
 @pytest.fixture
@@ -19,22 +22,42 @@ def fused_on(monkeypatch):
     monkeypatch.setattr(PF, "FUSED_ATTENTION", True)
 
 
-def _run(fused, q, k, v, go, **kw):
-    """(out, dq, dk, dv) bits of SDPA through the fused core or the composite."""
-    saved, PF.FUSED_ATTENTION = PF.FUSED_ATTENTION, fused
+def _composite(q, k, v, attn_mask=None, is_causal=False, scale=None, offset=None,
+               backward="exact", family="pam"):
+    sc = PF.attention_scale(q.shape[-1]) if scale is None else float(scale)
+    return PF._attention_composite(q, k, v, attn_mask, 0.0, is_causal, sc, offset,
+                                   backward, False, family)[0]
+
+
+def _run(path, q, k, v, go, grads=(True, True, True), **kw):
+    """(out, dq, dk, dv) bits of SDPA through ``path``: "fused", "node" (the routing of
+    scaled_dot_product_attention with FUSED_ATTENTION on / off) or "composite"; ``grads``:
+    which of q, k, v require grad (a zero tensor stands for a gradient not asked)."""
+    saved, PF.FUSED_ATTENTION = PF.FUSED_ATTENTION, path == "fused"
     try:
-        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-        out = PF.scaled_dot_product_attention(qq, kk, vv, **kw)
+        qq, kk, vv = (t.detach().clone().requires_grad_(r) for t, r in zip((q, k, v), grads))
+        if path == "composite":
+            out = _composite(qq, kk, vv, **kw)
+        else:
+            out = PF.scaled_dot_product_attention(qq, kk, vv, **kw)
+            fn = out.grad_fn
+            while type(fn).__name__.startswith(("View", "Reshape")):
+                fn = fn.next_functions[0][0]
+            node = type(fn).__name__
+            assert node.startswith("_AttentionCore" if path == "fused" else
+                                   "_AttentionNode"), node
         out.backward(go)
     finally:
         PF.FUSED_ATTENTION = saved
-    return [t.detach().view(torch.int32) for t in (out, qq.grad, kk.grad, vv.grad)]
+    return [(torch.zeros(()) if t is None else t).detach().view(torch.int32)
+            for t in (out, qq.grad, kk.grad, vv.grad)]
 
 
-def _same(q, k, v, go, **kw):
-    got, want = _run(True, q, k, v, go, **kw), _run(False, q, k, v, go, **kw)
+def _same(q, k, v, go, path="fused", grads=(True, True, True), **kw):
+    got = _run(path, q, k, v, go, grads, **kw)
+    want = _run("composite", q, k, v, go, grads, **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert torch.equal(a, b), (name, (a != b).sum().item())
+        assert torch.equal(a, b), (path, name, (a != b).sum().item())
 
 
 def _inputs(seed, batch, L, S, E, Ev, spread=1.0):
@@ -46,10 +69,11 @@ def _inputs(seed, batch, L, S, E, Ev, spread=1.0):
     return q, k, v, go, g
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backward", ["exact", "approx"])
 @pytest.mark.parametrize("mask", ["none", "causal", "bool", "float", "bool_causal",
                                   "float_causal", "bool_per_head"])
-def test_bits_match_composite(backward, mask):
+def test_bits_match_composite(backward, mask, path):
     batch, L, S, E, Ev = (2, 3), 5, 7, 6, 3
     q, k, v, go, g = _inputs(1, batch, L, S, E, Ev, spread=2.0)
     kw = dict(backward=backward, is_causal=mask.endswith("causal"))
@@ -62,20 +86,22 @@ def test_bits_match_composite(backward, mask):
         m = torch.randn(batch[0], 1, L, S, generator=g)
         m[..., 2, 4] = -INF
         kw["attn_mask"] = m
-    _same(q, k, v, go, **kw)
+    _same(q, k, v, go, path, **kw)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("L,S,E,Ev", [(1, 1, 1, 1), (4, 9, 5, 2), (9, 4, 3, 7),
                                       (33, 33, 16, 16)])
 @pytest.mark.parametrize("offset,scale", [(None, None), (1.0552, 0.3), (0.9, 1.7)])
-def test_shapes_offset_scale(L, S, E, Ev, offset, scale):
+def test_shapes_offset_scale(L, S, E, Ev, offset, scale, path):
     q, k, v, go, _ = _inputs(L * 7 + S, (2,), L, S, E, Ev)
     for causal in (False, True):
-        _same(q, k, v, go, is_causal=causal, offset=offset, scale=scale)
+        _same(q, k, v, go, path, is_causal=causal, offset=offset, scale=scale)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["zeros", "inf_q", "nan_v", "inf_go", "large", "neg_zero"])
-def test_edge_values(case):
+def test_edge_values(case, path):
     """Edge values, including those that turn zero skipping off (module attn_bits)."""
     q, k, v, go, g = _inputs(3, (2,), 6, 6, 5, 4)
     m = torch.rand(6, 6, generator=g) > 0.3
@@ -102,14 +128,84 @@ def test_edge_values(case):
     else:
         q, k, v, go = (torch.where(t == t, -torch.zeros_like(t), t) for t in (q, k, v, go))
     for backward in ("exact", "approx"):
-        _same(q, k, v, go, is_causal=True, backward=backward)
-        _same(q, k, v, go, attn_mask=m, backward=backward)
+        _same(q, k, v, go, path, is_causal=True, backward=backward)
+        _same(q, k, v, go, path, attn_mask=m, backward=backward)
 
 
-def test_non_contiguous_and_3d_inputs():
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_and_3d_inputs(path):
     q, k, v, go, _ = _inputs(4, (3,), 5, 6, 4, 4)
-    _same(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, go, is_causal=True)
-    _same(q[0], k[0], v[0], go[0])                      # 2-D: one head
+    _same(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, go, path, is_causal=True)
+    _same(q[0], k[0], v[0], go[0], path)                # 2-D: one head
+
+
+@pytest.mark.parametrize("grads", [(False, False, True), (True, False, False),
+                                   (False, True, True)])
+def test_node_partial_gradients(grads):
+    """The node computes only the gradients asked for, with the composite's bits."""
+    q, k, v, go, _ = _inputs(7, (2,), 4, 5, 3, 2)
+    _same(q, k, v, go, "node", grads, is_causal=True)
+
+
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+def test_node_lmul_family(backward):
+    q, k, v, go, _ = _inputs(8, (2, 2), 4, 4, 5, 3)
+    _same(q, k, v, go, "node", is_causal=True, family="lmul", backward=backward)
+
+
+def test_node_forward_without_grad():
+    q, k, v, _, _ = _inputs(9, (2,), 4, 6, 4, 3)
+    with torch.no_grad():
+        got = PF.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want = _composite(q, k, v, is_causal=True)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_node_not_for_a_tensor_passed_twice():
+    """Self-attention on one tensor passed as query and key goes to the composite (whose
+    autograd sums the two gradients in its own order)."""
+    q, _, v, _, _ = _inputs(10, (2,), 4, 4, 3, 3)
+    q.requires_grad_(True)
+    out = PF.scaled_dot_product_attention(q, q, v)
+    assert not type(out.grad_fn).__name__.startswith("_AttentionNode")
+
+
+def test_node_gradient_layouts_match_the_composite():
+    """The node hands autograd gradients in the composite's memory layouts: torch's
+    reductions downstream (e.g. a projection bias's gradient, a sum over rows) sum in an
+    order that depends on the layout."""
+    q, k, v, go, _ = _inputs(12, (2, 3), 4, 5, 6, 3)
+    strides = {}
+    for path in ("node", "composite"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        seen = strides[path] = []
+        inner = [t + 0.0 for t in leaves]
+        for t in inner:
+            t.register_hook(lambda g: seen.append((tuple(g.shape), g.stride())))
+        out = (PF.scaled_dot_product_attention(*inner, is_causal=True) if path == "node"
+               else _composite(*inner, is_causal=True))
+        out.backward(go)
+    assert len(strides["node"]) == 3
+    assert sorted(strides["node"]) == sorted(strides["composite"])
+
+
+def test_node_launches():
+    """One autograd node, launching the composite's kernels, as many times each."""
+    q, k, v, go, _ = _inputs(11, (2, 2), 4, 4, 3, 3)
+    launches = {}
+    for path in ("node", "composite"):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        with D.recording_launches() as forward:
+            out = (PF.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+                   if path == "node" else _composite(qq, kk, vv, is_causal=True))
+        with D.recording_launches() as backward:
+            out.backward(go)
+        launches[path] = (sorted(forward), sorted(backward))
+        if path == "node":
+            assert type(out.grad_fn).__name__ == "_AttentionNodeBackward"
+            assert [f.variable for f, _ in out.grad_fn.next_functions[:3]] == [qq, kk, vv]
+    assert launches["node"] == launches["composite"]
+    assert launches["node"][0].count("matmul") == 2
 
 
 def test_one_launch_per_pass(fused_on):
