@@ -245,8 +245,9 @@ def test_routing_to_composite(call, fused_on, monkeypatch):
     assert names and "attention_forward" not in names
 
 
-def test_default_routes_to_composite():
-    """Off by default (slower than the composite on CPU, validation/bench_attention.py)."""
+def test_fused_core_off_by_default():
+    """The fused core is off by default (slower than the composite's kernels on CPU,
+    validation/bench_attention.py); the calls it covers then run as one node."""
     assert PF.FUSED_ATTENTION is False
 
 
