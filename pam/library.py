@@ -142,17 +142,22 @@ def _operand_bits(x):
     return D.as_bits(x)
 
 
-def _matmul_impl(a3, b3, off, kind="pam"):
+def _matmul_impl(a3, b3, off, kind="pam", bias=None):
     P, n, k = a3.shape
     m = b3.shape[2]
     out = torch.empty((P, n, m), dtype=torch.float32, device=a3.device)
     if out.numel() == 0:
         return out
     if k == 0:
-        return out.zero_()
-    D.launch("matmul" + D.kernel_suffix(kind), a3.device, _operand_bits(a3),
-             _operand_bits(b3), off, out)
-    return out
+        out.zero_()
+    elif bias is not None and a3.device.type == "cpu":    # added in the kernel's epilogue
+        D.launch("matmul" + D.kernel_suffix(kind), a3.device, _operand_bits(a3),
+                 _operand_bits(b3), off, out, bias.detach())
+        return out
+    else:
+        D.launch("matmul" + D.kernel_suffix(kind), a3.device, _operand_bits(a3),
+                 _operand_bits(b3), off, out)
+    return out if bias is None else out.add_(bias.detach())
 
 
 @torch.library.custom_op("pam::matmul", mutates_args=())
@@ -166,14 +171,17 @@ def _(a3, b3, off, kind="pam"):
     return a3.new_empty((a3.shape[0], a3.shape[1], b3.shape[2]))
 
 
-def matmul3(a3, b3, off, kind="pam"):
+def matmul3(a3, b3, off, kind="pam", bias=None):
     """(P, n, k) @ (P, k, m) float32 -> new (P, n, m) matmul, no autograd. ``kind``: the
     product family, "pam" (``off``: the offset constant) or "lmul" (``off``: the L-Mul
-    constant c of :func:`pam.bits.lmul_constant`)."""
+    constant c of :func:`pam.bits.lmul_constant`). ``bias``: None, or float32 (m,) added
+    to every sum (float32 adds, the sum first: the bits of ``matmul3(...) + bias``; eager
+    on CPU in the matmul kernel's epilogue, which saves a pass over the output)."""
     D.kernel_suffix(kind)
-    if _direct(a3, b3):
-        return _matmul_impl(a3, b3, off, kind)
-    return _matmul_op(a3, b3, off, kind)
+    if _direct(a3, b3) and (bias is None or _direct(bias)):
+        return _matmul_impl(a3, b3, off, kind, bias)
+    out = _matmul_op(a3, b3, off, kind)
+    return out if bias is None else out + bias
 
 
 def _grads_impl(a3, b3, grad, off, need_a, need_b, gb_t=False):

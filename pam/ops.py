@@ -414,8 +414,8 @@ def _linear_forward(x, weight, bias, off, kind):
     """(x W^T (+ bias), and the matmul's operands (1, rows, k), (1, k, out) as views)."""
     a3 = _rows3(x)
     b3 = weight.t().unsqueeze(0)
-    y = L.matmul3(a3, b3, off, kind).reshape(*x.shape[:-1], weight.shape[0])
-    return (y if bias is None else y + bias), a3, b3
+    y = L.matmul3(a3, b3, off, kind, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return y, a3, b3
 
 
 class _Linear(torch.autograd.Function):

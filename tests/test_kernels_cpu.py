@@ -267,6 +267,35 @@ def test_matmul_micro_kernel_blocks(n, k, m, zeros):
         assert_same_bits(out[p], ref_matmul(a[p], b[p]), f"matmul batch {p}")
 
 
+@pytest.mark.parametrize("regime", ["normal", "zeros", "edge"])
+@pytest.mark.parametrize("n, k, m", [(1, 1, 1), (5, 17, 3), (19, 33, 40), (6, 3, 40),
+                                     (4, 0, 5)])
+def test_matmul_bias_epilogue(n, k, m, regime):
+    """matmul(..., bias) == the reference matmul, then + bias (float32, the sum first: a
+    linear layer's y + bias): in the fast path's epilogue (masked or not, partial tiles),
+    after the general path (edge values), for L-Mul, and k = 0 (the bias alone); a bias
+    with signed zeros, infinities and NaN; a bias of the wrong length is refused."""
+    rng = np.random.default_rng(n * 131 + k * 17 + m)
+    a = operand(rng, (2, n, k), regime)
+    b = operand(rng, (2, k, m), "zeros" if regime == "zeros" else "normal")
+    bias = operand(rng, (m,), "normal")
+    bias[::3] = -0.0
+    if m > 3:
+        bias[1], bias[2], bias[-1] = np.inf, np.nan, -np.inf
+    out = np.full((2, n, m), np.nan, np.float32)
+    cpu.matmul(a.view(np.int32), b.view(np.int32), 0, out, bias)
+    for p in range(2):
+        want = (ref_matmul(a[p], b[p]) + bias).astype(np.float32)
+        assert_same_bits(out[p], want, f"matmul + bias, batch {p}")
+    c = int(bits.lmul_constant(3))
+    plain, fused = (np.full((2, n, m), np.nan, np.float32) for _ in range(2))
+    cpu.matmul_lmul(a.view(np.int32), b.view(np.int32), c, plain)
+    cpu.matmul_lmul(a.view(np.int32), b.view(np.int32), c, fused, bias)
+    assert_same_bits(fused, (plain + bias).astype(np.float32), "L-Mul + bias")
+    with pytest.raises(ValueError, match="bias must have"):
+        cpu.matmul(a.view(np.int32), b.view(np.int32), 0, out, np.zeros(m + 1, np.float32))
+
+
 def _layouts(x, trans):
     """int32 view of the 3-D float32 ``x`` in C order (trans False) or as the transposed
     view of a C-contiguous transpose (trans True): same values, the other layout."""

@@ -830,58 +830,84 @@ def _matmul_plan(a, b, off, lmul):
     return _matmul_decide(out, a0, a1, b0, b1, off, lmul)
 
 
-def _matmul_run(a, b, off, lmul, out):
-    """The range check, then the fast or the general path (PAM or L-Mul products). a and
-    b may be any strided views: the PAM fast path reads each operand or its transpose,
-    whichever is C-contiguous (``_layout``; an approximate backward's a^T @ grad reads a
-    in place); the other paths take contiguous copies."""
+_NO_BIAS = np.zeros(1, np.int32)       # the bias argument of a matmul without one (unread)
+
+
+def _add_bias(out, bias):
+    """out += bias along the last dimension (float32 adds, out first), when given."""
+    if bias is not None:
+        np.add(out, bias, out=out)
+
+
+def _matmul_run(a, b, off, lmul, out, bias=None):
+    """The range check, then the fast or the general path (PAM or L-Mul products), then
+    + ``bias`` (in the PAM fast path's epilogue, after the others). a and b may be any
+    strided views: the PAM fast path reads each operand or its transpose, whichever is
+    C-contiguous (``_layout``; an approximate backward's a^T @ grad reads a in place);
+    the other paths take contiguous copies."""
     if out.size == 0:
         return
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, np.float32).reshape(-1)
+        if bias.size != out.shape[2]:
+            raise ValueError(f"bias must have {out.shape[2]} elements, got {bias.size}")
     if a.shape[2] == 0:
         out[:] = 0.0
+        _add_bias(out, bias)
         return
     A, ta = _layout(a, None)
     B, tb = _layout(b, None)
     fast, za, zb = _matmul_plan(A, B, off, lmul)
     if not fast:
         _matmul_general(_plain(A, ta), _plain(B, tb), off, lmul, out)
+        _add_bias(out, bias)
     elif not lmul:
         masked = za or zb
         batch, n, k = a.shape
         m = out.shape[2]
         xp, mp = _pack(B, tb, k, m, masked)
+        if bias is None:
+            strip_bias = _NO_BIAS
+        else:
+            strip_bias = np.zeros(xp.shape[1] * STRIP_LANES, np.int32)
+            strip_bias[:m] = bias.view(np.int32)
         threads.run(_mm_range, batch * -(-n // MM_ROW_BLOCK), batch * n * k * m,
-                    MATMUL_PARALLEL_MIN, A, ta, xp, mp, masked, off, out)
-    elif zb:
-        b = _plain(B, tb)
-        _matmul_fast_lmul_m(_plain(A, ta), b, _zero_mask(b), off, out)
+                    MATMUL_PARALLEL_MIN, A, ta, xp, mp, masked, off, strip_bias,
+                    bias is not None, out)
     else:
         b = _plain(B, tb)
-        _matmul_fast_lmul(_plain(A, ta), b, b, off, out)
+        if zb:
+            _matmul_fast_lmul_m(_plain(A, ta), b, _zero_mask(b), off, out)
+        else:
+            _matmul_fast_lmul(_plain(A, ta), b, b, off, out)
+        _add_bias(out, bias)
 
 
-def matmul(a, b, off, out):
-    """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing.
+def matmul(a, b, off, out, bias=None):
+    """out[p, i, j] = sum_t PAM(a[p, i, t], b[p, t, j]), float32, t increasing (+ bias[j]).
 
     a: (batch, n, k) int32, b: (batch, k, m) int32, out: (batch, n, m) float32 C-contiguous
     (a and b may have any strides: the fast path reads either one's transpose in place when
     that is the contiguous one). Bit-identical to accumulating bits.mul_bits products for every input
     (zeros, subnormals, inf, NaN); an int32 fast path is taken when the operands allow it.
-    k = 0 gives zeros.
+    k = 0 gives zeros. ``bias``: None, or float32 of m elements added to each sum
+    (a float32 add, the sum first: a linear layer's ``y + bias``, in the fast path's
+    epilogue while the tile is in registers; ValueError for another length).
     """
-    _matmul_run(a, b, off, False, out)
+    _matmul_run(a, b, off, False, out, bias)
 
 
-def matmul_lmul(a, b, c, out):
+def matmul_lmul(a, b, c, out, bias=None):
     """out[p, i, j] = sum_t L-Mul(a[p, i, t], b[p, t, j]; c), float32, t increasing.
 
     As ``matmul`` with bits.lmul_bits products (c = bits.lmul_constant(m), 0 <= c < 2^23,
     else ValueError): bit-identical to accumulating them for every input; one range check,
     then a vectorized int32 fast path (PAM's add plus a branch-free carry correction) when
     no special value, overflow or underflow can occur, the general path otherwise.
+    ``bias`` as for ``matmul``.
     """
     _check_lmul_constant(c)
-    _matmul_run(a, b, c, True, out)
+    _matmul_run(a, b, c, True, out, bias)
 
 
 # Exact backward. slope(x, y) = sign(y) 2^(E(y) + carry) has the exponent field of
@@ -1380,11 +1406,13 @@ def _mm_consts(cs, h, rows, cols, off):
 
 
 @threads.splittable
-def _mm_range(a, a_trans, xp, mp, masked, off, out, lo, hi):
+def _mm_range(a, a_trans, xp, mp, masked, off, bias, has_bias, out, lo, hi):
     """Tasks lo <= task < hi of the PAM forward fast path: out[p, i, j] = sum_t
     PAM(A[p, i, t], b[p, t, j]), t increasing, A being ``a`` (batch, n, k) or, when
     ``a_trans``, the transpose of ``a`` (batch, k, n), with b given packed in xp / mp
-    (``_pack_range``; masks when ``masked``: a or b holds zeros or subnormals). Task
+    (``_pack_range``; masks when ``masked``: a or b holds zeros or subnormals); with
+    ``has_bias`` then + bias[j] (a float32 add, the sum first: a linear layer's y + bias),
+    ``bias`` holding the bits of the bias padded with zeros to whole strips. Task
     p * row_blocks + b computes output rows [MM_ROW_BLOCK b, MM_ROW_BLOCK (b + 1)) of
     batch p.
 
@@ -1469,6 +1497,17 @@ def _mm_range(a, a_trans, xp, mp, masked, off, out, lo, hi):
                         c = vec8.splat_i8(vec8.get_i32(cs, (r + 3) * K + t))
                         s30 = vec8.fadd_bits(s30, vec8.add_i8(x0, c))
                         s31 = vec8.fadd_bits(s31, vec8.add_i8(x1, c))
+                if has_bias:
+                    b0 = vec8.load_i8(bias, j0)
+                    b1 = vec8.load_i8(bias, j0 + 8)
+                    s00 = vec8.fadd_bits(s00, b0)
+                    s01 = vec8.fadd_bits(s01, b1)
+                    s10 = vec8.fadd_bits(s10, b0)
+                    s11 = vec8.fadd_bits(s11, b1)
+                    s20 = vec8.fadd_bits(s20, b0)
+                    s21 = vec8.fadd_bits(s21, b1)
+                    s30 = vec8.fadd_bits(s30, b0)
+                    s31 = vec8.fadd_bits(s31, b1)
                 if j0 + STRIP_LANES <= m and r + MM_TILE_ROWS <= rows:   # full: straight out
                     d = (p * n + i0 + r) * m + j0
                     vec8.store_f8(flat, d, s00)
