@@ -822,12 +822,13 @@ def _node_forward(query, key, value, attn_mask, is_causal, sct, off, sm_off, kin
     q3 = L.binary_map("mul", query, sct, 0).reshape(-1, Lq, E)      # P.mul(query, sc)
     kt3 = key.reshape(-1, S, E).transpose(1, 2)
     scores = L.matmul3(q3, kt3, off, kind).view(*batch, Lq, S)
-    ninf = torch.full((), float("-inf"), dtype=torch.float32, device=query.device)
-    if is_causal:
-        scores = torch.where(_causal_keep(Lq, S, query.device), scores, ninf)
-    if attn_mask is not None:
-        scores = (torch.where(attn_mask, scores, ninf) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask)
+    if is_causal or attn_mask is not None:
+        ninf = torch.full((), float("-inf"), dtype=torch.float32, device=query.device)
+        if is_causal:
+            scores = torch.where(_causal_keep(Lq, S, query.device), scores, ninf)
+        if attn_mask is not None:
+            scores = (torch.where(attn_mask, scores, ninf) if attn_mask.dtype == torch.bool
+                      else scores + attn_mask)
     attn, stats = L.softmax_forward(scores, scores.dim() - 1, sm_off, True)
     attn3 = attn.view(-1, Lq, S)
     v3 = value.reshape(-1, S, Ev)
@@ -884,11 +885,12 @@ class _AttentionNode(torch.autograd.Function):
         if need_w:
             gs = L.softmax_backward(gw.view(scores.shape), scores, stats, scores.dim() - 1,
                                     sm_off, True, exact)
-            zero = torch.zeros((), dtype=torch.float32, device=gs.device)
-            if keep is not None:                       # torch.where's gradient: 0 masked
-                gs = torch.where(keep, gs, zero)
-            if is_causal:
-                gs = torch.where(_causal_keep(*gs.shape[-2:], gs.device), gs, zero)
+            if keep is not None or is_causal:           # torch.where's gradient: 0 masked
+                zero = torch.zeros((), dtype=torch.float32, device=gs.device)
+                if keep is not None:
+                    gs = torch.where(keep, gs, zero)
+                if is_causal:
+                    gs = torch.where(_causal_keep(*gs.shape[-2:], gs.device), gs, zero)
             gq3, gkt3 = P._matmul3_grads(q3, kt3, gs.reshape(q3.shape[0], q3.shape[1], -1),
                                          off, mode, kind, need_q, need_k)
             if need_k:

@@ -150,13 +150,12 @@ def _matmul_impl(a3, b3, off, kind="pam", bias=None):
         return out
     if k == 0:
         out.zero_()
-    elif bias is not None and a3.device.type == "cpu":    # added in the kernel's epilogue
-        D.launch("matmul" + D.kernel_suffix(kind), a3.device, _operand_bits(a3),
-                 _operand_bits(b3), off, out, bias.detach())
-        return out
     else:
+        in_kernel = bias is not None and a3.device.type == "cpu"   # the kernel's epilogue
         D.launch("matmul" + D.kernel_suffix(kind), a3.device, _operand_bits(a3),
-                 _operand_bits(b3), off, out)
+                 _operand_bits(b3), off, out, *((bias.detach(),) if in_kernel else ()))
+        if in_kernel:
+            return out
     return out if bias is None else out.add_(bias.detach())
 
 
