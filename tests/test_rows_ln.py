@@ -199,16 +199,21 @@ def _cuda_rows():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf, simulated
-@pytest.mark.parametrize("n", [5, 4])
+@pytest.mark.parametrize("n", [5, 4, 12])
 def test_cuda_rows_equal_cpu(n):
     """The CUDA row kernels (one thread per row) against the CPU ones on small rows, on
-    bit patterns (NumPy arrays: under NUMBA_ENABLE_CUDASIM=1 the simulator runs them)."""
+    bit patterns (NumPy arrays: under NUMBA_ENABLE_CUDASIM=1 the simulator runs them).
+    Six rows: the CPU layer-norm kernels take rows four at a time
+    (rows_bits.layer_norm_rows4_*) and the rest one by one, CUDA one row per thread; row 3
+    (in the group of four) holds edge patterns (zeros, subnormals, inf, NaN, extremes)."""
     from pam.kernels import cpu_rows
     from pam import rows_bits as RB
     cuda_rows = _cuda_rows()
     x, w, b = _ln_inputs(n)
-    x = x[:3].numpy().view(np.int32).reshape(-1)
+    rows = x.shape[0]
+    x = x.numpy().view(np.int32).reshape(-1).copy()
     x[2] = np.float32(np.inf).view(np.int32)
+    x[3 * n:4 * n] = _edge_bits()[::37][:n]
     w = w.numpy().view(np.int32).copy()
     b = b.numpy().view(np.int32).copy()
     g = torch.randn(x.size, generator=torch.Generator().manual_seed(3)).numpy().view(np.int32)
@@ -228,7 +233,7 @@ def test_cuda_rows_equal_cpu(n):
         outs = []
         for k in (cpu_rows, cuda_rows):
             y = np.empty_like(x)
-            stats = np.empty(RB.LN_STATS * 3, np.int32)
+            stats = np.empty(RB.LN_STATS * rows, np.int32)
             k.layer_norm_forward(x, w, b, y, stats, n, nb, eps_b, off, flags)
             gx = np.empty_like(x)
             gw = np.zeros(n, np.int32)
