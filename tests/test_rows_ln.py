@@ -203,9 +203,8 @@ def _cuda_rows():
 def test_cuda_rows_equal_cpu(n):
     """The CUDA row kernels (one thread per row) against the CPU ones on small rows, on
     bit patterns (NumPy arrays: under NUMBA_ENABLE_CUDASIM=1 the simulator runs them).
-    Six rows: the CPU layer-norm kernels take rows four at a time
-    (rows_bits.layer_norm_rows4_*) and the rest one by one, CUDA one row per thread; row 3
-    (in the group of four) holds edge patterns (zeros, subnormals, inf, NaN, extremes)."""
+    Six rows, row 3 of edge patterns (zeros, subnormals, inf, NaN, extremes); n = 12 also
+    takes the layer norm's mean refinements."""
     from pam.kernels import cpu_rows
     from pam import rows_bits as RB
     cuda_rows = _cuda_rows()

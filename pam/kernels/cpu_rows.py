@@ -2,8 +2,7 @@
 
 Each kernel runs the scalar row definitions of :mod:`pam.rows_bits` (the same lines the
 CUDA kernels of :mod:`pam.kernels.cuda_rows` compile) over rows of length ``n`` of flat
-int32 bit patterns, one row per iteration (the layer norm four rows per iteration, the
-steps of the four interleaved: rows_bits.layer_norm_rows4_*). The compiled part (``_<kernel>_rows``) is a
+int32 bit patterns, one row per iteration. The compiled part (``_<kernel>_rows``) is a
 serial ``nogil`` kernel over the rows ``lo:hi``; the public kernel of the same name splits
 the rows between threads with :func:`pam.kernels.threads.run` when the input has at least
 ``cpu.FUSED_PARALLEL_MIN`` elements (a quarter / a twelfth of that for the layer norm's
@@ -35,9 +34,9 @@ def _rows(x, n):
 
 
 # Work of one element of the layer-norm kernels relative to the elementwise kernels that
-# FUSED_PARALLEL_MIN is set for (set when the forward was ~4x, the backward ~12x per element
-# on one thread), so that a (640, 64) layer norm is split between threads too (rows four at
-# a time, 2026-11-25: forward 63 -> 41 us on 2 threads; a (128, 64) one stays whole).
+# FUSED_PARALLEL_MIN is set for (the forward ~4x, the backward ~12x per element on one
+# thread), so that a (640, 64) layer norm, 0.2 / 0.5 ms of work, is split between threads
+# too (0.25 -> 0.20 ms and 0.59 -> 0.38-0.48 ms on 2 threads; a (128, 64) one stays whole).
 LN_FORWARD_WORK = 4
 LN_BACKWARD_WORK = 12
 
@@ -75,22 +74,24 @@ _log_softmax_backward_rows_approx = threads.splittable(
 
 
 def _make_layer_norm_forward_rows(has_w, has_b):
-    suffix = ("w" if has_w else "") + ("b" if has_b else "") or "plain"
-    rows4 = getattr(rows_bits, f"layer_norm_rows4_forward_{suffix}")
-    row = getattr(rows_bits, f"layer_norm_row_forward_{suffix}")
-
     def kernel(x, w, b, out, stats, n, nb, eps_b, off, lo, hi):
         optim_bits.check_offset(off)
-        r = lo
-        while r + 4 <= hi:        # four rows at a time (rows_bits.ROW_GROUP), then one
-            rows4(x[r * n:(r + 4) * n], w, b, out[r * n:(r + 4) * n], n, nb, eps_b, off,
-                  stats[LN_STATS * r:LN_STATS * (r + 4)])
-            r += 4
-        while r < hi:
-            row(x[r * n:(r + 1) * n], w, b, out[r * n:(r + 1) * n], 0, n, nb, eps_b, off,
-                stats[LN_STATS * r:LN_STATS * (r + 1)], 0)
-            r += 1
-    return threads.splittable(kernel, name=f"_layer_norm_forward_rows_{suffix}")
+        for r in range(lo, hi):
+            if has_w:
+                if has_b:
+                    rows_bits.layer_norm_row_forward_wb(x, w, b, out, r * n, n, nb, eps_b,
+                                                        off, stats, LN_STATS * r)
+                else:
+                    rows_bits.layer_norm_row_forward_w(x, w, b, out, r * n, n, nb, eps_b,
+                                                       off, stats, LN_STATS * r)
+            elif has_b:
+                rows_bits.layer_norm_row_forward_b(x, w, b, out, r * n, n, nb, eps_b, off,
+                                                   stats, LN_STATS * r)
+            else:
+                rows_bits.layer_norm_row_forward_plain(x, w, b, out, r * n, n, nb, eps_b,
+                                                       off, stats, LN_STATS * r)
+    suffix = ("w" if has_w else "") + ("b" if has_b else "")
+    return threads.splittable(kernel, name=f"_layer_norm_forward_rows_{suffix or 'plain'}")
 
 
 _layer_norm_forward_rows_plain = _make_layer_norm_forward_rows(False, False)
@@ -104,25 +105,24 @@ _LAYER_NORM_FORWARD = {(False, False): _layer_norm_forward_rows_plain,
 
 
 def _make_layer_norm_backward_rows(exact, has_w):
-    suffix = ("exact" if exact else "approx") + ("_w" if has_w else "")
-    rows4 = getattr(rows_bits, f"layer_norm_rows4_backward_{suffix}")
-    row = getattr(rows_bits, f"layer_norm_row_backward_{suffix}")
-
     def kernel(x, w, g, stats, out, terms, n, nb, off, lo, hi):
         optim_bits.check_offset(off)
-        tmp = np.empty(max(4 * n, 1), np.int32)    # four rows' scratch (y or its gradient)
-        gw = terms if has_w else out               # per-row weight terms (unread without)
-        r = lo
-        while r + 4 <= hi:        # four rows at a time (rows_bits.ROW_GROUP), then one
-            rows4(x[r * n:(r + 4) * n], w, g[r * n:(r + 4) * n], out[r * n:(r + 4) * n],
-                  gw[r * n:(r + 4) * n], tmp, n, nb, off,
-                  stats[LN_STATS * r:LN_STATS * (r + 4)])
-            r += 4
-        while r < hi:
-            row(x[r * n:(r + 1) * n], w, g[r * n:(r + 1) * n], out[r * n:(r + 1) * n],
-                gw[r * n:(r + 1) * n], tmp, 0, n, nb, off,
-                stats[LN_STATS * r:LN_STATS * (r + 1)], 0, 0)
-            r += 1
+        tmp = np.empty(max(n, 1), np.int32)      # one row's scratch (y or its gradient)
+        for r in range(lo, hi):
+            if exact:
+                if has_w:
+                    rows_bits.layer_norm_row_backward_exact_w(x, w, g, out, terms, tmp, r * n, n,
+                                                              nb, off, stats, LN_STATS * r, 0)
+                else:
+                    rows_bits.layer_norm_row_backward_exact(x, w, g, out, terms, tmp, r * n, n,
+                                                            nb, off, stats, LN_STATS * r, 0)
+            elif has_w:
+                rows_bits.layer_norm_row_backward_approx_w(x, w, g, out, terms, tmp, r * n, n, nb,
+                                                           off, stats, LN_STATS * r, 0)
+            else:
+                rows_bits.layer_norm_row_backward_approx(x, w, g, out, terms, tmp, r * n, n, nb,
+                                                         off, stats, LN_STATS * r, 0)
+    suffix = ("exact" if exact else "approx") + ("_w" if has_w else "")
     return threads.splittable(kernel, name=f"_layer_norm_backward_rows_{suffix}")
 
 
