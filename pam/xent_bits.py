@@ -229,3 +229,11 @@ def ce_row_grad(w, target, lp, dl, r, n, ignore, dn, ds, flags, off):
 def ce_needs_log_probs(flags):
     """Whether :func:`ce_row_grad` reads ``lp`` (exact slopes with class weights)."""
     return (flags & CE_EXACT) != 0 and (flags & CE_WEIGHT) != 0
+
+
+@jitable
+def ce_row_log_probs_wanted(target, r, ignore, flags):
+    """Whether the kernels compute row r's log-probabilities: for every row that is not
+    ignored, and for an ignored row too when :func:`ce_row_grad` reads them
+    (:func:`ce_needs_log_probs`), so that it never reads unwritten scratch."""
+    return target[r] != ignore or ce_needs_log_probs(flags)

@@ -207,3 +207,50 @@ def test_cuda_equals_cpu():
             mod.cross_entropy_backward(xb, wb, tg, 4, -100, a_b, s_b, 0, flags, red, g, gx)
         assert np.array_equal(outs[0], outs[1])
         assert np.array_equal(grads[0], grads[1])
+
+
+def test_backward_never_reads_unwritten_scratch(monkeypatch):
+    """Exact slopes with class weights read the rows' log-probabilities, ignored rows
+    included: the kernels must compute them there too. Scratch arrays filled with NaN
+    patterns (CPU: np.empty; CUDA simulator: the device scratch) must not change a bit
+    (an ignored row's gradient was NaN or 0 depending on what the memory held)."""
+    from pam.kernels import cpu_xent, cuda_xent
+    x, target, weight = _case(9, 7, 3)
+    flags, a_b, s_b, _ = fused.cross_entropy_args(weight, 7, "sum", 0.0)
+    flags |= XB.CE_EXACT
+    xb = x.numpy().view(np.int32).ravel()
+    wb = weight.numpy().view(np.int32)
+    tg = target.numpy()
+    g = np.array([1.5], np.float32).view(np.int32)
+    clean = np.zeros(xb.size, np.int32)
+    cpu_xent.cross_entropy_backward(xb, wb, tg, 7, -100, a_b, s_b, 0, flags, XB.REDUCE_SUM,
+                                    g, clean)
+    assert not np.isnan(clean.view(np.float32)[4 * 7:5 * 7]).any()   # row 4 is ignored
+
+    class PoisonedNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(shape, dtype=float):
+            return np.full(shape, 0x7FC00001 if np.dtype(dtype) == np.int32 else np.nan,
+                           dtype)
+
+    monkeypatch.setattr(cpu_xent, "np", PoisonedNumpy())
+    got = np.zeros(xb.size, np.int32)
+    cpu_xent.cross_entropy_backward(xb, wb, tg, 7, -100, a_b, s_b, 0, flags, XB.REDUCE_SUM,
+                                    g, got)
+    np.testing.assert_array_equal(got, clean)
+    if pam.kernels.cuda.available():
+        real = cuda_xent._scratch
+        monkeypatch.setattr(cuda_xent, "_scratch",
+                            lambda like, n: _poison(real(like, n)))
+        got = np.zeros(xb.size, np.int32)
+        cuda_xent.cross_entropy_backward(xb, wb, tg, 7, -100, a_b, s_b, 0, flags,
+                                         XB.REDUCE_SUM, g, got)
+        np.testing.assert_array_equal(got, clean)
+
+
+def _poison(a):
+    a[...] = 0x7FC00001
+    return a

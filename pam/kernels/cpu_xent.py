@@ -29,7 +29,7 @@ __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 def _forward_rows(x, w, target, n, ignore, off, flags, lp, nll, sm, wt, lo, hi):
     optim_bits.check_offset(off)
     for r in range(lo, hi):
-        if target[r] != ignore:
+        if XB.ce_row_log_probs_wanted(target, r, ignore, flags):
             _log_softmax_forward_rows_body(x, lp, n, off, r, r + 1)
         XB.ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
 

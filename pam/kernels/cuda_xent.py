@@ -22,7 +22,7 @@ __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
 def _rows_forward_kernel(x, w, target, n, ignore, off, flags, lp, nll, sm, wt):
     for r in range(cuda.grid(1), target.size, cuda.gridsize(1)):
-        if target[r] != ignore:
+        if XB.ce_row_log_probs_wanted(target, r, ignore, flags):
             rows_bits.log_softmax_row_forward(x, lp, r * n, n, off)
         XB.ce_row_terms(w, target, lp, nll, sm, wt, r, n, ignore, off, flags)
 
