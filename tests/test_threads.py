@@ -19,6 +19,15 @@ def _mark(out, lo, hi):
 
 
 @threads.splittable
+def _mark_sliced(out, lo, hi):
+    """_mark with the chunk taken as a slice of the rebound parameter (the kernel must
+    start every chunk from the argument, not from the previous chunk's slice)."""
+    out = out[lo:hi]
+    for i in range(out.size):
+        out[i] += 1
+
+
+@threads.splittable
 def _meet(flag, spins, out, lo, hi):
     """Chunk 0 waits (at most ``spins`` pause iterations) until a later chunk set flag[0]:
     only another thread can, since the thread in chunk 0 is busy waiting. out[0] = 1 when
@@ -27,7 +36,7 @@ def _meet(flag, spins, out, lo, hi):
         for _ in range(spins):
             if atomics.load(flag, 0) != 0:
                 out[0] = 1
-                return
+                break
             atomics.pause()
     else:
         atomics.store(flag, 0, 1)
@@ -72,10 +81,11 @@ def test_a_job_is_cut_into_at_most_items_chunks(items, count):
     (1, 100, 0, 2), (17, 100, 0, 2), (17, 5, 10, 2), (64, 100, 0, 1), (3, 100, 0, 2),
     (0, 100, 0, 2)])
 def test_every_item_runs_once(items, size, parallel_min, count):
-    out = np.zeros(max(items, 1), np.int64)
-    with _with_threads(count):
-        threads.run(_mark, items, size, parallel_min, out)
-    assert out[:items].tolist() == [1] * items
+    for kernel in (_mark, _mark_sliced):
+        out = np.zeros(max(items, 1), np.int64)
+        with _with_threads(count):
+            threads.run(kernel, items, size, parallel_min, out)
+        assert out[:items].tolist() == [1] * items
 
 
 def test_small_work_and_one_thread_never_use_a_worker(monkeypatch):
@@ -162,6 +172,39 @@ def test_a_failing_chunk_raises_after_every_thread_left_the_job():
         assert np.array_equal(out, seen)                        # nothing ran on
         threads.run(_mark, 4, 100, 10, out)                     # the pool still works
     assert np.array_equal(out, seen + 1)
+
+
+def test_a_kernel_is_its_body_inside_the_claiming_loop():
+    """The kernel runs the body's own statements (its code object is the body's, in the
+    body's file at the body's lines; a factory's closure flags become constants); the
+    body stays callable from other kernels as <name>_body."""
+    code = cpu._grad_range.py_func.__code__
+    assert code.co_filename == cpu.__file__
+    assert code.co_varnames[:3] == ("_pam_work", "_pam_ctl", "_pam_me")
+    with open(cpu.__file__) as f:
+        assert f.readlines()[code.co_firstlineno - 1].startswith("def _grad_range(")
+    assert cpu._grad_range_body.__name__ == "_grad_range_body"
+    assert not code.co_freevars
+    variant = cpu_rows._layer_norm_forward_rows_wb.py_func
+    assert not variant.__code__.co_freevars
+    assert any(name.startswith("_pam__layer_norm_forward_rows_wb_")
+               for name in variant.__code__.co_names)
+
+
+def test_a_body_that_returns_or_uses_reserved_names_is_refused():
+    """A return would end the whole kernel, not the chunk; _pam_ names are the loop's."""
+    def early(out, lo, hi):
+        if lo == 0:
+            return
+        out[lo] = 1
+
+    def reserved(out, lo, hi):
+        _pam_chunk = lo
+        out[_pam_chunk] = 1
+
+    for body in (early, reserved):
+        with pytest.raises(ValueError, match=body.__name__):
+            threads.splittable(body)
 
 
 def test_the_spin_budget_is_calibrated():

@@ -39,10 +39,13 @@ the same process slows down: a small model's float step 50.7 instead of 32.5 ms)
 imported first, the first call that splits its work while torch runs more than one thread
 warns once (:class:`SpinWaitWarning`) naming the fixes.
 """
+import ast
+import inspect
 import itertools
 import os
 import queue
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -169,35 +172,108 @@ def _leave(work, ctl, me):
 
 def splittable(fn=None, *, name=None):
     """Decorator: the kernel that :func:`run` launches, from ``fn(*args, lo, hi)`` (a body
-    over the items ``lo <= item < hi``, compiled in with ``pam.bits.jitable``).
+    over the items ``lo <= item < hi``).
 
     The kernel, named ``name`` (default ``fn.__name__``: factories give each variant its
     own name, which names its cache files and warm-up manifest entry), is a serial nogil
-    cached Numba function ``kernel(work, ctl, me, *args)`` that runs ``fn`` over the chunks
-    of the job ``work`` it claims. ``fn`` is registered with ``jitable`` (other kernels may
-    call it directly, e.g. per chunk of a tensor table) and bound in its module as
-    ``<name>_body``: Numba keys the cached kernel on the pickled body, which must name it
-    (a stable reference) rather than copy it."""
+    cached Numba function ``kernel(work, ctl, me, *args)`` that runs ``fn``'s statements
+    over the chunks of the job ``work`` it claims. ``fn`` itself is registered with
+    ``jitable`` (other kernels may call it directly, e.g. per chunk of a tensor table) and
+    bound in its module as ``<name>_body``.
+
+    The kernel is ``fn``'s own code inside the claiming loop (:func:`_claiming_kernel`),
+    not a loop calling ``fn``: Numba compiles a called function on its own and then, linked
+    into the caller, optimizes it once more, which cost about a quarter of the cold start's
+    compile time (validation/README.md section 9c). ``fn`` must not ``return`` and must not
+    use names starting with ``_pam_``."""
     if fn is None:
         return lambda f: splittable(f, name=name)
     name = name or fn.__name__
     module = sys.modules[fn.__module__]
+    kernel = _claiming_kernel(fn, name)
     fn.__name__ = fn.__qualname__ = f"{name}_body"
     if getattr(module, fn.__name__, None) is not fn:
         setattr(module, fn.__name__, fn)
-    body = jitable(fn)
-
-    def kernel(work, ctl, me, *args):
-        _enter(work, ctl, me)
-        c = _claim(work)
-        while c >= 0:
-            body(*args, _bound(work, c), _bound(work, c + 1))
-            atomics.fetch_add(work, _DONE, 1)
-            c = _claim(work)
-        return _leave(work, ctl, me)
-    kernel.__name__ = kernel.__qualname__ = name
-    kernel.__module__ = fn.__module__
+    jitable(fn)
     return njit(cache=True, nogil=True, no_cfunc_wrapper=True)(kernel)
+
+
+# The claiming loop around a body's statements (the names a body must not use start with
+# _pam_; the helpers are set in the body's module under these names).
+_CLAIMING = """
+_pam_enter(_pam_work, _pam_ctl, _pam_me)
+_pam_chunk = _pam_claim(_pam_work)
+while _pam_chunk >= 0:
+    lo = _pam_bound(_pam_work, _pam_chunk)
+    hi = _pam_bound(_pam_work, _pam_chunk + 1)
+    _pam_fetch_add(_pam_work, _PAM_DONE, 1)
+    _pam_chunk = _pam_claim(_pam_work)
+return _pam_leave(_pam_work, _pam_ctl, _pam_me)
+"""
+_CLAIMING_HELPERS = {"_pam_enter": _enter, "_pam_claim": _claim, "_pam_bound": _bound,
+                     "_pam_leave": _leave, "_pam_fetch_add": atomics.fetch_add,
+                     "_PAM_DONE": _DONE}
+
+
+def _claiming_kernel(fn, name):
+    """The Python function ``name(_pam_work, _pam_ctl, _pam_me, *args)`` whose code is
+    ``fn``'s statements (docstring dropped) inside the loop of :data:`_CLAIMING`, after
+    the two bound assignments.
+
+    It is compiled from ``fn``'s source with ``fn``'s file name and line numbers (Numba's
+    errors and cache files point at ``fn``; pam's kernel files are stamped with the
+    definitions digest, pam.kernels._cache) and runs in ``fn``'s module globals. ``fn``'s
+    closure variables (a factory's flags) become module globals named
+    ``_pam_<name>_<variable>``: constants to Numba, as closure variables are. A parameter
+    that ``fn`` rebinds (``p = p[lo:hi]``) is passed as ``_pam_arg_<parameter>`` and reset
+    from it at the start of every chunk, as a call to ``fn`` per chunk would see it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
+    fdef = tree.body[0]
+    params = [a.arg for a in fdef.args.args]
+    names = [n for n in ast.walk(fdef) if isinstance(n, ast.Name)]
+    if params[-2:] != ["lo", "hi"] \
+            or any(v.lower().startswith("_pam_") for v in params + [n.id for n in names]) \
+            or any(isinstance(n, ast.Return) for n in ast.walk(fdef)):
+        raise ValueError(f"{name}: a splittable body takes (*args, lo, hi), has no return "
+                         f"and no name starting with _pam_")
+    scope = fn.__globals__
+    for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        scope[f"_pam_{name}_{var}"] = cell.cell_contents
+        for node in names:
+            if node.id == var:
+                node.id = f"_pam_{name}_{var}"
+    scope.update(_CLAIMING_HELPERS)
+    args = params[:-2]
+    rebound = [a for a in args
+               if any(n.id == a and isinstance(n.ctx, ast.Store) for n in names)]
+    statements = fdef.body
+    if isinstance(statements[0], ast.Expr) and isinstance(statements[0].value, ast.Constant):
+        statements = statements[1:]                                  # the docstring
+    claiming = _located(ast.parse(_CLAIMING).body, fdef)
+    resets = _located([ast.parse(f"{a} = _pam_arg_{a}").body[0] for a in rebound], fdef)
+    claiming[2].body[2:2] = resets + statements
+    fdef.body = claiming
+    fdef.decorator_list = []
+    fdef.name = name
+    fdef.args.args = [ast.arg(arg=a) for a in ("_pam_work", "_pam_ctl", "_pam_me")] + \
+        [ast.arg(arg=f"_pam_arg_{a}" if a in rebound else a) for a in args]
+    ast.fix_missing_locations(tree)
+    had, saved = name in scope, scope.get(name)
+    exec(compile(tree, inspect.getsourcefile(fn), "exec"), scope)
+    kernel = scope.pop(name)
+    if had:
+        scope[name] = saved
+    return kernel
+
+
+def _located(statements, where):
+    """``statements`` (AST nodes), every node in them given the source location of
+    ``where``."""
+    for statement in statements:
+        for node in ast.walk(statement):
+            ast.copy_location(node, where)
+    return statements
 
 
 @njit(cache=True, nogil=True, no_cfunc_wrapper=True)
