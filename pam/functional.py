@@ -815,10 +815,22 @@ def _causal_keep(Lq, S, device):
 
 def _node_forward(query, key, value, attn_mask, is_causal, sct, off, sm_off, kind):
     """The composite's forward with its kernels called directly: (out, q3, kt3, masked
-    scores, softmax statistics, attention weights (P, L, S), value (P, S, Ev))."""
+    scores, softmax statistics, attention weights (P, L, S), value (P, S, Ev)). Short
+    rows without a mask on CPU run as one launch with the heads in vector lanes
+    (:func:`pam.fused.attention_lanes_forward_kernel`, the same bits), except while
+    torch.compile traces (the kernels' custom ops then)."""
     batch = query.shape[:-2]
     Lq, E = query.shape[-2:]
     S, Ev = value.shape[-2:]
+    if attn_mask is None and kind == "pam" and query.is_cpu and max(Lq, S) <= LANES_MAX_ROWS \
+            and not torch.compiler.is_compiling():
+        k3 = key.reshape(-1, S, E).contiguous()
+        v3 = value.reshape(-1, S, Ev).contiguous()
+        q3, out, scores, attn3, stats = fused.attention_lanes_forward_kernel(
+            query.reshape(-1, Lq, E), k3, v3, is_causal, sct.view(torch.int32).item(), off,
+            sm_off)
+        return (out.view(*batch, Lq, Ev), q3, k3.transpose(1, 2), scores.view(*batch, Lq, S),
+                stats.view(*batch, Lq, 2), attn3, v3)
     q3 = L.binary_map("mul", query, sct, 0).reshape(-1, Lq, E)      # P.mul(query, sc)
     kt3 = key.reshape(-1, S, E).transpose(1, 2)
     scores = L.matmul3(q3, kt3, off, kind).view(*batch, Lq, S)
@@ -834,6 +846,12 @@ def _node_forward(query, key, value, attn_mask, is_causal, sct, off, sm_off, kin
     v3 = value.reshape(-1, S, Ev)
     out = L.matmul3(attn3, v3, off, kind).view(*batch, Lq, Ev)
     return out, q3, kt3, scores, stats, attn3, v3
+
+
+# The longest query or key rows (L, S) that _node_forward runs with the heads in vector
+# lanes; longer ones go through the matmul kernels, faster there (validation/README.md
+# section 9). 0 turns the lane kernel off.
+LANES_MAX_ROWS = 16
 
 
 def _attention_node(query, key, value, attn_mask, is_causal, sc, offset, backward, mult):

@@ -868,6 +868,26 @@ def attention_forward_kernel(q, k, v, mask, causal, mode, scb, off):
     return out.view(f), scores.view(f), probs.view(f), stats.view(f)
 
 
+def attention_lanes_forward_kernel(query, k, v, causal, scb, off, sm_off):
+    """The attention forward of the composite's kernels (:func:`pam.functional._node_forward`
+    without a mask) in one CPU launch over heads in vector lanes
+    (``pam.kernels.cpu_attn.attention_forward_lanes``), for float32 heads query (P, L, E),
+    k (P, S, E), v (P, S, Ev) (any layout: contiguous copies are taken): (q3 = PAM(query,
+    scale), out (P, L, Ev), scores (P, L, S), probabilities (P, L, S), softmax row
+    statistics (P, L, 2)), with the composite's bits."""
+    P, L, E = query.shape
+    S, Ev = v.shape[1:]
+    dev = query.device
+    q3, out, scores, probs, stats = (torch.empty(shape, dtype=torch.int32, device=dev)
+                                     for shape in ((P, L, E), (P, L, Ev), (P, L, S),
+                                                   (P, L, S), (P, L, 2)))
+    D.launch_in("attn", "attention_forward_lanes", dev, _attn_bits(query), _attn_bits(k),
+                _attn_bits(v), L, S, E, Ev, bool(causal), int(scb), int(off), int(sm_off),
+                q3.view(-1), out.view(-1), scores.view(-1), probs.view(-1), stats.view(-1))
+    f = torch.float32
+    return q3.view(f), out.view(f), scores.view(f), probs.view(f), stats.view(f)
+
+
 def attention_backward_kernel(grad, q, k, v, mask, scores, probs, stats, causal, mode, scb,
                               off, exact):
     """Gradients (dq, dk, dv) of :func:`attention_forward_kernel` at q, k, v for output

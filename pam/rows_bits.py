@@ -171,12 +171,36 @@ def softmax_row_shift(x, base, n, off):
     kmax = np.int32(-2147483648)
     nan = np.int32(0)
     for j in range(n):
-        v = np.int32(mul32_bits(x[j], LOG2_E_BITS, off))
-        isnan = np.int32(np.int32(v & np.int32(bits.ABS_MASK)) > np.int32(bits.INF))
-        key = np.int32(v ^ np.int32(np.int32(v >> 31) & np.int32(bits.ABS_MASK)))
-        key = sel(isnan != 0, np.int32(-2147483648), key)
-        kmax = key if key > kmax else kmax
+        v = _shift_product(x[j], off)
+        isnan = _nan_flag(v)
+        kmax = max(kmax, _shift_key(v, isnan))
         nan = nan | isnan
+    return _shift_from_key(kmax, nan, x, 0, 1, n, off)
+
+
+@jitable(forceinline=True)
+def _shift_product(xj, off):
+    """PAM(x_j, log2 e; off), the product whose maximum the softmax shift is."""
+    return np.int32(mul32_bits(xj, LOG2_E_BITS, off))
+
+
+@jitable(forceinline=True)
+def _nan_flag(v):
+    """1 where the int32 pattern v is a NaN, else 0."""
+    return np.int32(np.int32(v & np.int32(bits.ABS_MASK)) > np.int32(bits.INF))
+
+
+@jitable(forceinline=True)
+def _shift_key(v, isnan):
+    """The order-preserving int32 key of the product v (the smallest key for a NaN)."""
+    key = np.int32(v ^ np.int32(np.int32(v >> 31) & np.int32(bits.ABS_MASK)))
+    return sel(isnan != 0, np.int32(-2147483648), key)
+
+
+@jitable
+def _shift_from_key(kmax, nan, x, start, step, n, off):
+    """:func:`softmax_row_shift` from the row's largest key ``kmax`` and NaN flag ``nan``;
+    the row is x[start + step j], j < n (read again only when the maximum is a zero)."""
     if n == 0 or nan != 0:
         return np.float32(0.0)
     mb = np.int32(kmax ^ np.int32(np.int32(kmax >> 31) & np.int32(bits.ABS_MASK)))
@@ -185,7 +209,7 @@ def softmax_row_shift(x, base, n, off):
         return np.float32(0.0)
     if m == np.float32(0.0):
         for j in range(n):
-            v = np.int32(mul32_bits(x[j], LOG2_E_BITS, off))
+            v = _shift_product(x[start + step * j], off)
             if bits.bits_to_f32(v) == np.float32(0.0):
                 return _floor_f32(bits.bits_to_f32(v))
     return _floor_f32(m)
@@ -227,6 +251,44 @@ def softmax_row_forward(x, out, base, n, off, safe, stats, st):
     sb = _b(s)
     for j in range(n):
         out[j] = div0_bits(_softmax_e(x[j], off, m), sb)
+
+
+# Lane form (CPU): SOFTMAX_LANES rows at once, element j of row r at x[SOFTMAX_LANES j + r],
+# so that every pass is a loop over the lanes, which LLVM vectorizes (it skips loops of
+# fewer than 16 iterations, so rows of a few elements, e.g. attention over 5 tokens, get
+# nothing from the row form's vector loops). The per-element functions and the order of
+# every sum are the row form's, so each lane gives softmax_row_forward's bits.
+SOFTMAX_LANES = 16
+
+
+@jitable(forceinline=True)
+def softmax_lanes_forward(x, out, n, off, safe, m, s, kmax, nan, sb):
+    """:func:`softmax_row_forward` of the SOFTMAX_LANES rows of length ``n`` held in lane
+    form in ``x`` (x[SOFTMAX_LANES j + r]: element j of row r) into ``out`` (the same
+    form); each row's statistics go to m[r] (the shift, float32) and s[r] (the sum before
+    the ``safe`` replacement, float32). kmax, nan, sb: int32 scratch of SOFTMAX_LANES."""
+    W = SOFTMAX_LANES
+    for r in range(W):
+        kmax[r] = np.int32(-2147483648)
+        nan[r] = np.int32(0)
+    for j in range(n):
+        for r in range(W):
+            v = _shift_product(x[W * j + r], off)
+            isnan = _nan_flag(v)
+            kmax[r] = max(kmax[r], _shift_key(v, isnan))
+            nan[r] = nan[r] | isnan
+    for r in range(W):
+        m[r] = _shift_from_key(kmax[r], nan[r], x, r, W, n, off)
+        s[r] = np.float32(0.0)
+    for j in range(n):
+        for r in range(W):
+            s[r] += _f(_softmax_e(x[W * j + r], off, m[r]))
+    for r in range(W):
+        sr = s[r]
+        sb[r] = _b(np.float32(1.0) if safe and sr == np.float32(0.0) else sr)
+    for j in range(n):
+        for r in range(W):
+            out[W * j + r] = div0_bits(_softmax_e(x[W * j + r], off, m[r]), sb[r])
 
 
 @jitable(forceinline=True)

@@ -14,7 +14,9 @@ from pam import functional as PF
 from pam.kernels import cpu_attn
 
 NAN, INF = float("nan"), float("inf")
-PATHS = ["fused", "node"]
+# "node": the node's forward in one lane-kernel launch where its rows are short (no mask,
+# CPU); "node_chain": the node with that kernel off (the composite's kernels one by one).
+PATHS = ["fused", "node", "node_chain"]
 
 
 @pytest.fixture
@@ -34,6 +36,9 @@ def _run(path, q, k, v, go, grads=(True, True, True), **kw):
     scaled_dot_product_attention with FUSED_ATTENTION on / off) or "composite"; ``grads``:
     which of q, k, v require grad (a zero tensor stands for a gradient not asked)."""
     saved, PF.FUSED_ATTENTION = PF.FUSED_ATTENTION, path == "fused"
+    saved_lanes = PF.LANES_MAX_ROWS
+    if path == "node_chain":
+        PF.LANES_MAX_ROWS = 0
     try:
         qq, kk, vv = (t.detach().clone().requires_grad_(r) for t, r in zip((q, k, v), grads))
         if path == "composite":
@@ -49,6 +54,7 @@ def _run(path, q, k, v, go, grads=(True, True, True), **kw):
         out.backward(go)
     finally:
         PF.FUSED_ATTENTION = saved
+        PF.LANES_MAX_ROWS = saved_lanes
     return [(torch.zeros(()) if t is None else t).detach().view(torch.int32)
             for t in (out, qq.grad, kk.grad, vv.grad)]
 
@@ -189,8 +195,40 @@ def test_node_gradient_layouts_match_the_composite():
     assert sorted(strides["node"]) == sorted(strides["composite"])
 
 
-def test_node_launches():
-    """One autograd node, launching the composite's kernels, as many times each."""
+@pytest.mark.parametrize("batch,L,S,causal", [((37,), 3, 5, False), ((37,), 5, 5, True),
+                                              ((16,), 16, 16, True), ((3, 7), 1, 9, False)])
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+def test_node_lanes_many_heads(batch, L, S, causal, backward):
+    """The lane kernel over whole groups of heads, a partial last group and the longest
+    rows it takes, against the composite."""
+    q, k, v, go, _ = _inputs(13, batch, L, S, 6, 5, spread=1.5)
+    _same(q, k, v, go, "node", is_causal=causal, backward=backward)
+
+
+def test_node_forward_launch(monkeypatch):
+    """Short rows without a mask on CPU: the node's forward is one launch of the lane
+    kernel; a mask, the L-Mul family or rows longer than LANES_MAX_ROWS take the
+    composite's kernels."""
+    q, k, v, _, g = _inputs(14, (2, 2), 4, 5, 3, 3)
+    mask = torch.rand(4, 5, generator=g) > 0.3
+
+    def forward(q, k, v, **kw):
+        qq = q.clone().requires_grad_(True)
+        with D.recording_launches() as names:
+            PF.scaled_dot_product_attention(qq, k, v, **kw)
+        return names
+
+    assert forward(q, k, v, is_causal=True) == ["attention_forward_lanes"]
+    assert "attention_forward_lanes" not in forward(q, k, v, attn_mask=mask)
+    assert "attention_forward_lanes" not in forward(q, k, v, family="lmul")
+    monkeypatch.setattr(PF, "LANES_MAX_ROWS", 4)
+    assert "attention_forward_lanes" not in forward(q, k, v)
+
+
+def test_node_launches(monkeypatch):
+    """One autograd node, launching the composite's kernels, as many times each (the
+    forward's lane kernel off)."""
+    monkeypatch.setattr(PF, "LANES_MAX_ROWS", 0)
     q, k, v, go, _ = _inputs(11, (2, 2), 4, 4, 3, 3)
     launches = {}
     for path in ("node", "composite"):

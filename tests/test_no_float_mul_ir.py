@@ -166,7 +166,8 @@ def compile_fused_kernels(a, b, out):
 
 def compile_attention_kernels(rng):
     """The fused attention core (pam.kernels.cpu_attn): forward and both backward variants
-    for every mask mode, on a bounded head (zero skipping) and one with inf / NaN."""
+    for every mask mode, on a bounded head (zero skipping) and one with inf / NaN; the
+    node's lane forward."""
     P, L, S, E, Ev = 2, 3, 4, 3, 2
     mask = np.array([1, 0, 1, 1] * L, np.int32)
     for kind in ("zeros", "special"):
@@ -183,6 +184,8 @@ def compile_attention_kernels(rng):
                                             0, True, mode, 0x3F000000, 0, exact,
                                             np.empty_like(q), np.empty_like(k),
                                             np.empty_like(v))
+        cpu_attn.attention_forward_lanes(q, k, v, L, S, E, Ev, True, 0x3F000000, 0, 0,
+                                         np.empty_like(q), out, scores, probs, stats)
 
 
 def compile_all_kernels():
@@ -269,7 +272,8 @@ def test_every_kernel_is_found_and_compiled(compiled):
               "cpu_rows.log_softmax_forward", "cpu_rows.log_softmax_backward",
               "cpu_rows.layer_norm_forward", "cpu_rows.layer_norm_backward",
               "cpu_xent.cross_entropy_forward", "cpu_xent.cross_entropy_backward",
-              "cpu_attn.attention_forward", "cpu_attn.attention_backward"}
+              "cpu_attn.attention_forward", "cpu_attn.attention_backward",
+              "cpu_attn.attention_forward_lanes"}
     # public kernels are dispatchers or, where the path is chosen in Python (matmul and its
     # gradients), plain functions over dispatchers that are all in ``compiled``
     entries = {prefix + name for prefix, module in KERNEL_MODULES.items()

@@ -300,6 +300,55 @@ def test_softmax_stats_are_the_row_shift_and_sum(dim, offset, safe):
         assert _same(with_stats, without)
 
 
+@njit
+def _softmax_both_forms(x, n, off, safe):
+    """(row form out, stats; lane form out, m, s) of SOFTMAX_LANES rows of length n (x is
+    row-major (W, n) int32 bits)."""
+    W = rows_bits.SOFTMAX_LANES
+    row_out = np.empty(W * n, np.int32)
+    row_stats = np.empty(2 * W, np.int32)
+    for r in range(W):
+        rows_bits.softmax_row_forward(x, row_out, r * n, n, off, safe, row_stats, 2 * r)
+    xt = np.empty(W * n, np.int32)
+    for r in range(W):
+        for j in range(n):
+            xt[W * j + r] = x[r * n + j]
+    lane_out = np.empty(W * n, np.int32)
+    m = np.empty(W, np.float32)
+    s = np.empty(W, np.float32)
+    scratch = [np.empty(W, np.int32) for _ in range(3)]
+    rows_bits.softmax_lanes_forward(xt, lane_out, n, off, safe, m, s, scratch[0],
+                                    scratch[1], scratch[2])
+    return row_out, row_stats, lane_out, m, s
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 17])
+@pytest.mark.parametrize("safe", [False, True])
+def test_softmax_lane_form_equals_row_form(n, safe):
+    """rows_bits.softmax_lanes_forward (the attention lane kernel's softmax) gives each
+    lane the bits and statistics of softmax_row_forward: random rows, a fully masked row
+    (-inf: zero sum), rows with a NaN, an inf, zeros of both signs as the maximum (the
+    shift's rescan), subnormals and huge values, with and without an offset."""
+    W = rows_bits.SOFTMAX_LANES
+    g = np.random.default_rng(n)
+    x = (g.standard_normal((W, n)) * 3).astype(np.float32)
+    x[1] = -np.inf
+    x[2, 0] = np.nan
+    x[3, -1] = np.inf
+    x[4] = -np.abs(x[4])
+    x[4, n // 2] = -0.0
+    x[5] = np.where(np.arange(n) % 2 == 0, 0.0, -0.0)
+    x[6] = 1e-40
+    x[7] = x[7] * 1e37
+    x[8, 0] = -np.inf
+    for off in (0, int(np.float32(1.0552).view(np.int32)) - bits.ONE):
+        row_out, row_stats, lane_out, m, s = _softmax_both_forms(
+            x.view(np.int32).reshape(-1), n, off, safe)
+        assert np.array_equal(lane_out.reshape(n, W).T.reshape(-1), row_out)
+        assert np.array_equal(m.view(np.int32), row_stats[0::2])
+        assert np.array_equal(s.view(np.int32), row_stats[1::2])
+
+
 def test_softmax_backward_refuses_mismatched_stats():
     x = torch.randn(4, 7)
     _, stats = fused.softmax_forward(x, stats=True)

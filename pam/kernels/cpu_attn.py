@@ -32,14 +32,15 @@ import numpy as np
 
 from .. import attn_bits as AB
 from .. import bits, optim_bits, rows_bits
-from . import threads
+from . import threads, vec8
 from ..bits import jitable
 from .cpu import FUSED_PARALLEL_MIN
 
 SM_STATS = rows_bits.SOFTMAX_STATS
 ROW_BLOCK = 32                     # query rows per forward work item
 
-__all__ = ["attention_forward", "attention_backward", "ROW_BLOCK"]
+__all__ = ["attention_forward", "attention_backward", "attention_forward_lanes", "ROW_BLOCK",
+           "LANES"]
 
 _f = rows_bits._f
 _b = rows_bits._b
@@ -442,7 +443,7 @@ _attention_backward_range_approx = _make_backward_range(False)
 
 def _check(L, S, E, Ev, mstride, mode, mask, **arrays):
     """Heads P of the flat arrays (ValueError naming the first inconsistent one)."""
-    sizes = {"q": L * E, "k": S * E, "v": S * Ev, "out": L * Ev, "go": L * Ev,
+    sizes = {"q": L * E, "q3": L * E, "k": S * E, "v": S * Ev, "out": L * Ev, "go": L * Ev,
              "dq": L * E, "dk": S * E, "dv": S * Ev, "scores": L * S, "probs": L * S,
              "stats": L * SM_STATS}
     P = None
@@ -489,3 +490,127 @@ def attention_backward(q, k, v, go, mask, scores, probs, stats, L, S, E, Ev, mst
     threads.run(kernel, P, P * L * S * (E + Ev), FUSED_PARALLEL_MIN, q, k, v, go, mask,
                 scores, probs, stats, L, S, E, Ev, mstride, bool(causal), int(mode), int(scb),
                 int(off), dq, dk, dv)
+
+
+# --------------------------------------------------------------------------- head lanes
+# Tiny heads (the digits ViT: 512 heads of 5 x 5 x 16) waste most of the matmul kernels'
+# 4 x 16 tiles and pay a packing task each; here LANES heads share every vector lane by
+# lane: their q, k, v are gathered head-minor (element t of head h at [LANES t + h], 8 x 8
+# block transposes), each score, probability and output element is computed for the
+# LANES heads at once, and the softmax runs in rows_bits' lane form. The products are
+# attn_bits' select forms, each sum in the composite's order, so every head gets the
+# composite's bits.
+LANES = rows_bits.SOFTMAX_LANES
+
+
+@jitable
+def _to_lanes(x, p0, lanes, T, dst):
+    """dst[LANES t + r] = x[(p0 + r') T + t] for t < T, r < LANES, r' = min(r, lanes - 1)
+    (a partial group repeats its last head): LANES heads of T elements each, head-minor."""
+    W = LANES
+    T8 = T - T % 8 if lanes == W else 0
+    for r0 in range(0, W, 8):
+        for t0 in range(0, T8, 8):
+            vec8.transpose8(x, (p0 + r0) * T + t0, T, dst, W * t0 + r0, W)
+    for r in range(W):
+        p = p0 + min(r, lanes - 1)
+        for t in range(T8, T):
+            dst[W * t + r] = x[p * T + t]
+
+
+@jitable
+def _from_lanes(src, T, lanes, x, p0):
+    """x[(p0 + r) T + t] = src[LANES t + r] for t < T, r < lanes: the inverse of
+    :func:`_to_lanes` for the group's heads."""
+    W = LANES
+    T8 = T - T % 8 if lanes == W else 0
+    for r0 in range(0, W, 8):
+        for t0 in range(0, T8, 8):
+            vec8.transpose8(src, W * t0 + r0, W, x, (p0 + r0) * T + t0, T)
+    for r in range(lanes):
+        for t in range(T8, T):
+            x[(p0 + r) * T + t] = src[W * t + r]
+
+
+@threads.splittable
+def _attention_lanes_forward_range(q, k, v, P, L, S, E, Ev, causal, scb, off, sm_off, q3,
+                                   out, scores, probs, stats, lo, hi):
+    """Head groups lo <= group < hi (LANES heads each; a last partial group repeats its
+    last head in the spare lanes and stores nothing of them) of
+    :func:`attention_forward_lanes`."""
+    optim_bits.check_offset(off)
+    optim_bits.check_offset(sm_off)
+    W = LANES
+    qt = np.empty(max(L * E, 1) * W, np.int32)
+    kt = np.empty(max(S * E, 1) * W, np.int32)
+    vt = np.empty(max(S * Ev, 1) * W, np.int32)
+    st = np.empty(max(L * S, 1) * W, np.int32)
+    pt = np.empty(max(L * S, 1) * W, np.int32)
+    ot = np.empty(max(L * Ev, 1) * W, np.int32)
+    mst = np.empty(max(L * SM_STATS, 1) * W, np.int32)
+    acc = np.empty(W, np.float32)
+    m = np.empty(W, np.float32)
+    s = np.empty(W, np.float32)
+    kmax = np.empty(W, np.int32)
+    nan = np.empty(W, np.int32)
+    sb = np.empty(W, np.int32)
+    for g in range(lo, hi):
+        p0 = g * W
+        lanes = min(W, P - p0)
+        _to_lanes(q, p0, lanes, L * E, qt)
+        _to_lanes(k, p0, lanes, S * E, kt)
+        _to_lanes(v, p0, lanes, S * Ev, vt)
+        for t in range(L * E * W):
+            qt[t] = AB.scale_bits(qt[t], scb)
+        for i in range(L):
+            nj = min(i + 1, S) if causal else S
+            ri = W * i * S
+            for j in range(nj):
+                for r in range(W):
+                    acc[r] = np.float32(0.0)
+                for e in range(E):
+                    a = W * (i * E + e)
+                    b = W * (j * E + e)
+                    for r in range(W):
+                        acc[r] += _f(optim_bits.mul32_bits(qt[a + r], kt[b + r], off))
+                for r in range(W):
+                    st[ri + W * j + r] = _b(acc[r])
+            for t in range(ri + W * nj, ri + W * S):     # torch.where's -inf: j > i
+                st[t] = AB.NEG_INF_BITS
+            rows_bits.softmax_lanes_forward(st[ri:ri + W * S], pt[ri:ri + W * S], S, sm_off,
+                                            True, m, s, kmax, nan, sb)
+            for r in range(W):
+                mst[W * SM_STATS * i + r] = _b(m[r])
+                mst[W * (SM_STATS * i + 1) + r] = _b(s[r])
+            for c in range(Ev):
+                for r in range(W):
+                    acc[r] = np.float32(0.0)
+                for j in range(S):
+                    a = ri + W * j
+                    b = W * (j * Ev + c)
+                    for r in range(W):
+                        acc[r] += _f(optim_bits.mul32_bits(pt[a + r], vt[b + r], off))
+                for r in range(W):
+                    ot[W * (i * Ev + c) + r] = _b(acc[r])
+        _from_lanes(qt, L * E, lanes, q3, p0)
+        _from_lanes(ot, L * Ev, lanes, out, p0)
+        _from_lanes(st, L * S, lanes, scores, p0)
+        _from_lanes(pt, L * S, lanes, probs, p0)
+        _from_lanes(mst, L * SM_STATS, lanes, stats, p0)
+
+
+def attention_forward_lanes(q, k, v, L, S, E, Ev, causal, scb, off, sm_off, q3, out, scores,
+                            probs, stats):
+    """The attention forward of ``pam.functional._node_forward`` without a mask for P
+    heads, LANES heads at a time: from the bits of query (P*L*E, unscaled), key (P*S*E)
+    and value (P*S*Ev), flat C int32, it writes q3 = PAM(query, scale) (scale bits
+    ``scb``), the output (P*L*Ev), the scores (P*L*S, -inf above the diagonal when
+    ``causal``), the probabilities (P*L*S) and the softmax row statistics (P*L*2): the
+    bits of the composite's scale product, QK^T matmul (offset constant ``off``), causal
+    mask, softmax (``sm_off``, safe) and PV matmul. Meant for short rows (a few to a few
+    dozen keys); longer ones are faster through the matmul kernels."""
+    P = _check(L, S, E, Ev, 0, AB.MASK_NONE, q, q=q, k=k, v=v, out=out, scores=scores,
+               probs=probs, stats=stats, q3=q3)
+    threads.run(_attention_lanes_forward_range, (P + LANES - 1) // LANES,
+                P * L * S * (E + Ev), FUSED_PARALLEL_MIN, q, k, v, P, L, S, E, Ev,
+                bool(causal), int(scb), int(off), int(sm_off), q3, out, scores, probs, stats)

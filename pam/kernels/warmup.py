@@ -33,10 +33,10 @@ import time
 
 from numba.core import event, types
 
-from . import cpu, cpu_conv, cpu_rows, cpu_xent, threads, warm_worker
+from . import cpu, cpu_attn, cpu_conv, cpu_rows, cpu_xent, threads, warm_worker
 
-MODULES = {"cpu": cpu, "cpu_conv": cpu_conv, "cpu_rows": cpu_rows, "cpu_xent": cpu_xent,
-           "threads": threads}
+MODULES = {"cpu": cpu, "cpu_attn": cpu_attn, "cpu_conv": cpu_conv, "cpu_rows": cpu_rows,
+           "cpu_xent": cpu_xent, "threads": threads}
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_manifest.json")
 PAM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
