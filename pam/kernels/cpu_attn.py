@@ -7,7 +7,9 @@ CUDA kernels of :mod:`pam.kernels.cuda_attn` compile). Both are serial ``nogil``
 kernels split over threads by :func:`pam.kernels.threads.run`: the forward's work items
 are (head, block of ROW_BLOCK query rows), the backward's are heads (dK and dV sum over
 every query row of their head). Every sum runs in increasing index from +0, so the bits
-do not depend on the split.
+do not depend on the split. ``attention_forward_lanes`` (end of this file) is the forward
+of the attention node (pam.functional._node_forward) for short rows without a mask, with
+LANES heads per vector instead of one head per work item.
 
 Loop forms. Each sum's order is fixed, so the inner loops vectorize across independent
 sums: the scores of a query row are accumulated over e with j innermost on K^T (packed
