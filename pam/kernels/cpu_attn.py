@@ -609,8 +609,9 @@ def attention_forward_lanes(q, k, v, L, S, E, Ev, causal, scb, off, sm_off, q3, 
     ``scb``), the output (P*L*Ev), the scores (P*L*S, -inf above the diagonal when
     ``causal``), the probabilities (P*L*S) and the softmax row statistics (P*L*2): the
     bits of the composite's scale product, QK^T matmul (offset constant ``off``), causal
-    mask, softmax (``sm_off``, safe) and PV matmul. Meant for short rows (a few to a few
-    dozen keys); longer ones are faster through the matmul kernels."""
+    mask, softmax (``sm_off``, safe) and PV matmul. Meant for short rows (the node routes
+    rows of at most pam.functional.LANES_MAX_ROWS here); longer ones are faster through
+    the matmul kernels."""
     P = _check(L, S, E, Ev, 0, AB.MASK_NONE, q, q=q, k=k, v=v, out=out, scores=scores,
                probs=probs, stats=stats, q3=q3)
     threads.run(_attention_lanes_forward_range, (P + LANES - 1) // LANES,

@@ -227,14 +227,15 @@ def _claiming_kernel(fn, name):
     ``_pam_<name>_<variable>``: constants to Numba, as closure variables are. A parameter
     that ``fn`` rebinds (``p = p[lo:hi]``) is passed as ``_pam_arg_<parameter>`` and reset
     from it at the start of every chunk, as a call to ``fn`` per chunk would see it."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
+    padding = "\n" * (fn.__code__.co_firstlineno - 1)         # fn's line numbers
+    tree = ast.parse(padding + textwrap.dedent(inspect.getsource(fn)))
     fdef = tree.body[0]
     params = [a.arg for a in fdef.args.args]
-    names = [n for n in ast.walk(fdef) if isinstance(n, ast.Name)]
+    nodes = list(ast.walk(fdef))
+    names = [n for n in nodes if isinstance(n, ast.Name)]
     if params[-2:] != ["lo", "hi"] \
             or any(v.lower().startswith("_pam_") for v in params + [n.id for n in names]) \
-            or any(isinstance(n, ast.Return) for n in ast.walk(fdef)):
+            or any(isinstance(n, ast.Return) for n in nodes):
         raise ValueError(f"{name}: a splittable body takes (*args, lo, hi), has no return "
                          f"and no name starting with _pam_")
     scope = fn.__globals__
@@ -245,8 +246,8 @@ def _claiming_kernel(fn, name):
                 node.id = f"_pam_{name}_{var}"
     scope.update(_CLAIMING_HELPERS)
     args = params[:-2]
-    rebound = [a for a in args
-               if any(n.id == a and isinstance(n.ctx, ast.Store) for n in names)]
+    stored = {n.id for n in names if isinstance(n.ctx, ast.Store)}
+    rebound = [a for a in args if a in stored]
     statements = fdef.body
     if isinstance(statements[0], ast.Expr) and isinstance(statements[0].value, ast.Constant):
         statements = statements[1:]                                  # the docstring
@@ -256,9 +257,9 @@ def _claiming_kernel(fn, name):
     fdef.body = claiming
     fdef.decorator_list = []
     fdef.name = name
-    fdef.args.args = [ast.arg(arg=a) for a in ("_pam_work", "_pam_ctl", "_pam_me")] + \
-        [ast.arg(arg=f"_pam_arg_{a}" if a in rebound else a) for a in args]
-    ast.fix_missing_locations(tree)
+    fdef.args.args = _located(
+        [ast.arg(arg=a) for a in ("_pam_work", "_pam_ctl", "_pam_me")]
+        + [ast.arg(arg=f"_pam_arg_{a}" if a in rebound else a) for a in args], fdef)
     had, saved = name in scope, scope.get(name)
     exec(compile(tree, inspect.getsourcefile(fn), "exec"), scope)
     kernel = scope.pop(name)
